@@ -1,0 +1,183 @@
+"""AgriCLIP model configuration.
+
+Hub custom code: imports only ``transformers`` (and ``huggingface_hub`` through it), so that
+``trust_remote_code=True`` works for people who never installed the package.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig, ResNetConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+IMAGE_EMBEDDINGS = ("aligned", "clip", "fused")
+SUB_CONFIGS = ("text_config", "vision_config", "dino_config")
+
+# The CLIP BPE tokenizer's special tokens (modeling_agriclip.tokenizer); CLIPTextConfig's own pad default (1) differs.
+CLIP_BOS_TOKEN_ID = 49406
+CLIP_EOS_TOKEN_ID = 49407
+
+
+@strict
+class AgriCLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`AgriCLIPModel`]: a CLIP text tower, a CLIP image tower (trained in stage 1), and a
+    fine-grained image backbone (trained with DINO in stage 2) whose features a linear aligner maps into the CLIP
+    embedding space (stage 3).
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`):
+            The CLIP text tower.
+        vision_config (`dict` or `CLIPVisionConfig`):
+            The CLIP image tower. Its `image_size` is the processor's crop size.
+        dino_config (`dict` or `PreTrainedConfig`):
+            The stage-2 backbone: any transformers vision model resolved from `model_type` (`vit` and `dinov2` for
+            DINO ViT weights, `resnet` for the paper's DINO ResNet-50).
+        projection_dim (`int`, defaults to 512):
+            Dimension of the shared image-text embedding space.
+        logit_scale_init_value (`float`, defaults to 2.6592):
+            Initial log temperature (ln(1/0.07), as CLIP).
+        image_embedding (`str`, defaults to `"aligned"`):
+            Which image embedding zero-shot classification compares with text: `"aligned"` (backbone features through
+            the aligner, the paper's AgriCLIP), `"clip"` (the CLIP image tower, stage 1 alone) or `"fused"`
+            (`fusion_weight * clip + (1 - fusion_weight) * aligned`, both L2-normalised first).
+        fusion_weight (`float`, defaults to 0.5):
+            Weight of the CLIP image embedding in the `"fused"` mode.
+        image_mean, image_std (`list[float]`):
+            The normalisation the processor applies to `pixel_values` (ImageNet by default, as the paper's backbone).
+        clip_image_mean, clip_image_std, dino_image_mean, dino_image_std (`list[float]`):
+            The normalisation each image tower was trained with. Where it differs from `image_mean`/`image_std`, the
+            model converts `pixel_values` in-model with a per-channel affine map, so one image processor serves both.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialiser of weights not covered by a sub-model's own scheme.
+    """
+
+    model_type = "agriclip"
+    sub_configs_defaults = {
+        "text_config": CLIPTextConfig,
+        "vision_config": CLIPVisionConfig,
+        "dino_config": SubConfigSpec(AutoConfig, model_type="resnet"),
+    }
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+    dino_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    image_embedding: str = "aligned"
+    fusion_weight: float = 0.5
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    clip_image_mean: list[float] | None = None
+    clip_image_std: list[float] | None = None
+    dino_image_mean: list[float] | None = None
+    dino_image_std: list[float] | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.image_mean = list(self.image_mean or IMAGENET_DEFAULT_MEAN)
+        self.image_std = list(self.image_std or IMAGENET_DEFAULT_STD)
+        self.clip_image_mean = list(self.clip_image_mean or OPENAI_CLIP_MEAN)
+        self.clip_image_std = list(self.clip_image_std or OPENAI_CLIP_STD)
+        self.dino_image_mean = list(self.dino_image_mean or IMAGENET_DEFAULT_MEAN)
+        self.dino_image_std = list(self.dino_image_std or IMAGENET_DEFAULT_STD)
+        super().__post_init__(**kwargs)
+        # A saved folder serves both auto classes through remote code; `custom_object_save` adds the other entries.
+        self.auto_map = {"AutoModelForZeroShotImageClassification": "modeling_agriclip.AgriCLIPModel", **(getattr(self, "auto_map", None) or {})}
+
+    def validate_architecture(self):
+        """Part of the `@strict` validation: fails early, naming the field, on settings the model cannot honour."""
+        if self.image_embedding not in IMAGE_EMBEDDINGS:
+            raise ValueError(f"image_embedding must be one of {IMAGE_EMBEDDINGS}, got {self.image_embedding!r}")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ValueError(f"fusion_weight must lie in [0, 1], got {self.fusion_weight}")
+        for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} must hold 3 per-channel values, got {getattr(self, name)}")
+        self.backbone_hidden_size  # raises on a backbone whose feature size cannot be read
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(
+                f"This is a config of model type {config_dict['model_type']!r}, not {cls.model_type!r}: "
+                "load it with its own class or AutoConfig"
+            )
+        missing = [name for name in SUB_CONFIGS if config_dict.get(name) is None]
+        if missing:
+            raise ValueError(f"The AgriCLIP config is missing the sub-config(s) {missing}; a saved config names all of {SUB_CONFIGS}")
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def backbone_hidden_size(self) -> int:
+        """Size of the pooled backbone feature that the aligner maps (e.g. 2048 for ResNet-50, 768 for ViT-B)."""
+        hidden_sizes = getattr(self.dino_config, "hidden_sizes", None)
+        if hidden_sizes:
+            return hidden_sizes[-1]
+        hidden_size = getattr(self.dino_config, "hidden_size", None)
+        if hidden_size is None:
+            raise ValueError(
+                f"dino_config of model type {self.dino_config.model_type!r} has neither `hidden_size` nor "
+                "`hidden_sizes`: the aligner's input size cannot be derived"
+            )
+        return hidden_size
+
+    @classmethod
+    def paper(cls, **kwargs) -> "AgriCLIPConfig":
+        """The paper's layout: CLIP ViT-B/16 text and image towers, DINO ResNet-50 backbone, aligner 2048 -> 512."""
+        return cls(
+            text_config=_clip_text(),
+            vision_config=CLIPVisionConfig(patch_size=16, projection_dim=512),
+            dino_config=ResNetConfig(
+                layer_type="bottleneck",
+                depths=[3, 4, 6, 3],
+                hidden_sizes=[256, 512, 1024, 2048],
+                embedding_size=64,
+                downsample_in_bottleneck=False,
+            ),
+            **kwargs,
+        )
+
+    @classmethod
+    def vit_b16(cls, **kwargs) -> "AgriCLIPConfig":
+        """CLIP ViT-B/16 towers with a DINO ViT-B/16 backbone (`facebook/dino-vitb16`), aligner 768 -> 512."""
+        return cls(
+            text_config=_clip_text(),
+            vision_config=CLIPVisionConfig(patch_size=16, projection_dim=512),
+            dino_config=ViTConfig(image_size=224, patch_size=16, qkv_bias=True),
+            **kwargs,
+        )
+
+    @classmethod
+    def tiny(cls, backbone: str = "vit", image_size: int = 64, **kwargs) -> "AgriCLIPConfig":
+        """A few-hundred-thousand-parameter layout (plus the real 49,408-token embedding) for tests and the CPU demo.
+
+        `backbone` is `"vit"` or `"resnet"`.
+        """
+        if backbone == "vit":
+            dino_config = ViTConfig(
+                image_size=image_size, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                intermediate_size=96, qkv_bias=True,
+            )
+        elif backbone == "resnet":
+            dino_config = ResNetConfig(
+                layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], embedding_size=16
+            )
+        else:
+            raise ValueError(f"backbone must be 'vit' or 'resnet', got {backbone!r}")
+        return cls(
+            text_config=_clip_text(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+            vision_config=CLIPVisionConfig(
+                image_size=image_size, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, projection_dim=32,
+            ),
+            dino_config=dino_config,
+            projection_dim=32,
+            **kwargs,
+        )
+
+
+def _clip_text(**kwargs) -> CLIPTextConfig:
+    """A CLIP text config whose special-token ids match the real CLIP BPE tokenizer."""
+    return CLIPTextConfig(
+        bos_token_id=CLIP_BOS_TOKEN_ID, eos_token_id=CLIP_EOS_TOKEN_ID, pad_token_id=CLIP_EOS_TOKEN_ID, **kwargs
+    )

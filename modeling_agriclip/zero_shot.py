@@ -1,0 +1,170 @@
+"""Zero-shot image classification with prompt ensembles and cached label embeddings.
+
+Not Hub code: the command line and the evaluation suite use it; `pipeline("zero-shot-image-classification")`
+covers the single-template case without it.
+
+A class is represented by the prompt ensemble of CLIP (Radford et al. 2021): every template is filled with the
+class name, each prompt embedding is L2-normalised, the embeddings are averaged over templates and the mean is
+L2-normalised again. Images are scored by cosine similarity times `exp(model.logit_scale)`.
+
+The classifier works with an AgriCLIP model (any of its image embeddings: aligned backbone, CLIP image tower,
+fusion) and with a plain transformers `CLIPModel`, the baseline.
+"""
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+
+DEFAULT_TEMPLATES = ("a photo of {}.",)
+
+
+def _as_embedding(output) -> torch.Tensor:
+    """The projected embedding of a `get_*_features` call.
+
+    AgriCLIP returns the tensor; transformers 5 `CLIPModel` returns a `BaseModelOutputWithPooling` whose
+    `pooler_output` holds the projected embedding.
+    """
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: the templates of class 0, then those of class 1, ..."""
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"Template {template!r} has no '{{}}' placeholder for the class name.")
+    return [template.format(name) for name in class_names for template in templates]
+
+
+class ZeroShotClassifier:
+    """Scores images against class names through prompt ensembles.
+
+    Args:
+        model: an `AgriCLIPModel` or a transformers `CLIPModel` (anything with `get_text_features`,
+            `get_image_features` and `logit_scale`).
+        processor: the model's processor (tokenizer and image processor).
+        embedding: AgriCLIP's image embedding source (`"aligned"`, `"clip"` or `"fused"`); None uses
+            `config.image_embedding`. Must be None for a model with a single image embedding.
+        batch_size: images and prompts embedded per forward pass.
+        device: where the model runs; None keeps the model where it is.
+
+    Embeddings are returned L2-normalised, in float32, on the CPU. Label embeddings are cached per
+    (class names, templates); the cache is shared by the classifiers `with_embedding` derives from this one,
+    since text embeddings do not depend on the image embedding source.
+    """
+
+    def __init__(self, model, processor, embedding: str | None = None, batch_size: int = 32, device=None):
+        if embedding is not None and "embedding" not in inspect.signature(model.get_image_features).parameters:
+            raise ValueError(
+                f"{type(model).__name__} has a single image embedding; embedding={embedding!r} needs an AgriCLIP model."
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+        self.model = model.eval() if device is None else model.to(device).eval()
+        self.processor = processor
+        self.embedding = embedding
+        self.batch_size = batch_size
+        self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, path, embedding: str | None = None, batch_size: int = 32, device=None, **kwargs):
+        """Loads an AgriCLIP folder or a plain transformers CLIP folder (model and processor) from `path`.
+
+        `kwargs` go to `AutoModel.from_pretrained` (e.g. `dtype`).
+        """
+        # Importing this module imported the package, which registered AgriCLIP with the Auto classes.
+        model = AutoModel.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path)
+        return cls(model, processor, embedding=embedding, batch_size=batch_size, device=device)
+
+    def with_embedding(self, embedding: str | None) -> "ZeroShotClassifier":
+        """A classifier on the same model and label cache that uses another image embedding source."""
+        sibling = type(self)(self.model, self.processor, embedding=embedding, batch_size=self.batch_size)
+        sibling._label_cache = self._label_cache
+        return sibling
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def logit_scale(self) -> float:
+        return self.model.logit_scale.exp().item()
+
+    @torch.inference_mode()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised embeddings (len(texts), D) of `texts`, batched."""
+        embeddings = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.processor(
+                text=list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True, truncation=True
+            )
+            features = self.model.get_text_features(
+                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+            )
+            embeddings.append(F.normalize(_as_embedding(features).float(), dim=-1).cpu())
+        return torch.cat(embeddings)
+
+    @torch.inference_mode()
+    def label_embeddings(self, class_names: Sequence[str], templates: Sequence[str] | str = DEFAULT_TEMPLATES) -> torch.Tensor:
+        """Class embeddings (C, D): per class, the normalised mean of the normalised template embeddings."""
+        templates = (templates,) if isinstance(templates, str) else tuple(templates)
+        key = (tuple(class_names), templates)
+        if key not in self._label_cache:
+            if not class_names or not templates:
+                raise ValueError("label_embeddings needs at least one class name and one template.")
+            prompts = self.text_embeddings(_fill_templates(class_names, templates))
+            prompts = prompts.view(len(class_names), len(templates), -1)
+            self._label_cache[key] = F.normalize(prompts.mean(dim=1), dim=-1)
+        return self._label_cache[key]
+
+    @torch.inference_mode()
+    def image_embeddings(self, images: Sequence[Image.Image] | Image.Image | torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) of PIL images or of pre-computed `pixel_values` (N, 3, H, W)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        image_kwargs = {} if self.embedding is None else {"embedding": self.embedding}
+        embeddings = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            if not isinstance(batch, torch.Tensor):
+                batch = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            features = self.model.get_image_features(
+                pixel_values=batch.to(self.device, self.model.dtype), **image_kwargs
+            )
+            embeddings.append(F.normalize(_as_embedding(features).float(), dim=-1).cpu())
+        return torch.cat(embeddings)
+
+    @torch.inference_mode()
+    def logits(
+        self,
+        images: Sequence[Image.Image] | Image.Image | torch.Tensor,
+        class_names: Sequence[str],
+        templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+    ) -> torch.Tensor:
+        """Cosine similarities (N, C) of images and class embeddings, scaled by `exp(model.logit_scale)`."""
+        return self.logit_scale * self.image_embeddings(images) @ self.label_embeddings(class_names, templates).T
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Sequence[Image.Image] | Image.Image | torch.Tensor,
+        class_names: Sequence[str],
+        templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+        top_k: int = 5,
+    ) -> list[list[dict]]:
+        """The `top_k` labels of each image with softmax scores, best first, as the transformers pipeline gives:
+        ``[[{"label": ..., "score": ...}, ...], ...]``."""
+        probabilities = self.logits(images, class_names, templates).softmax(dim=-1)
+        scores, indices = probabilities.topk(min(top_k, len(class_names)), dim=-1)
+        return [
+            [{"label": class_names[index], "score": score} for score, index in zip(row_scores.tolist(), row_indices.tolist())]
+            for row_scores, row_indices in zip(scores, indices)
+        ]
+
+
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier"]
