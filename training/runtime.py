@@ -1,0 +1,246 @@
+"""What every Accelerate training script of AgriCLIP shares: config files with flag overrides, the Accelerator,
+checkpoints that are never half-written and resume exactly, atomic exports, and the finite-loss guard.
+
+A script builds its own parser (flags with help text), adds `add_runtime_arguments`, and keeps its own loop;
+the loop records where it is in a `TrainingPosition`, which `CheckpointManager` saves with the accelerate state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+logger = get_logger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Reads a YAML or JSON mapping of option names (dashes or underscores) to values."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is neither valid YAML nor JSON: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses flags over the defaults of `--config FILE`: a flag given on the command line wins over the file."""
+    parser.add_argument("--config", help="YAML or JSON file of option values; flags given on the command line override it.")
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        values = load_config_file(config_path)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{config_path}: unknown option(s) {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every training script shares (each script sets its own defaults with `parser.set_defaults`)."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--output-dir", required=True, help="Folder for checkpoints, logs and the exported model.")
+    group.add_argument("--seed", type=int, default=0, help="Seed of every random number generator.")
+    group.add_argument("--epochs", type=int, default=1, help="Passes over the training data.")
+    group.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
+    group.add_argument("--batch-size", type=int, default=32, help="Images per process per forward pass.")
+    group.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1,
+        help="Forward passes per optimizer step; the effective batch is batch size x processes x this.",
+    )
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="Clip the gradient norm to this (0 disables).")
+    group.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+        help="Overrides the launcher's setting; by default `accelerate launch --mixed-precision` (or its config) decides.",
+    )
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    group.add_argument("--checkpoint-every", type=int, default=100, help="Save a resumable checkpoint every N optimizer steps.")
+    group.add_argument("--keep-checkpoints", type=int, default=3, help="Keep only the newest N checkpoints.")
+    group.add_argument(
+        "--resume", nargs="?", const="latest", default=None,
+        help="Resume from the newest intact checkpoint in --output-dir (or from the given checkpoint folder).",
+    )
+    group.add_argument(
+        "--log-with", default="auto",
+        help="Accelerate tracker(s), comma-separated (e.g. tensorboard,wandb); 'auto' = tensorboard when installed; 'none'.",
+    )
+
+
+class JSONLinesTracker(GeneralTracker):
+    """Appends every logged step to `<logging_dir>/<run>/metrics.jsonl`: readable without any tracker installed."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str | os.PathLike):
+        # No process-state access here: the tracker is built before the Accelerator sets up the processes.
+        super().__init__(_blank=True)
+        self.path = Path(logging_dir) / run_name / "metrics.jsonl"
+
+    @property
+    def tracker(self):
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(self.path.with_name("config.json"), values)
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
+    """The Accelerator of a run: launcher precision unless overridden, seedable sampling for exact resume, and
+    trackers (metrics.jsonl always; tensorboard when installed, or those named by --log-with)."""
+    output_dir = Path(args.output_dir)
+    log_with = [JSONLinesTracker(run_name, output_dir / "logs")]
+    if args.log_with == "auto":
+        log_with += ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    elif args.log_with != "none":
+        log_with += args.log_with.split(",")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+@dataclass
+class TrainingPosition:
+    """Where a run stands: optimizer steps done, the current epoch, and the batches of it already consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; no update was applied from it."""
+
+
+def check_finite(loss, position: TrainingPosition, checkpoints: "CheckpointManager") -> None:
+    """Stops the run before a NaN or infinite loss can update the weights, naming the last good checkpoint."""
+    if not loss.isfinite().all():
+        saved = checkpoints.checkpoints()
+        last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at optimizer step {position.step} (epoch {position.epoch}); stopping; {last}. "
+            "Lower the learning rate or check the data, then resume with --resume."
+        )
+
+
+class CheckpointManager:
+    """Resumable checkpoints under `<output_dir>/checkpoints/checkpoint-<step>`.
+
+    A checkpoint is written to a temporary folder and renamed into place only once complete (the rename is
+    atomic), so a crash mid-write leaves the previous checkpoints intact. Objects registered with
+    `accelerator.register_for_checkpointing` (a teacher network, a loss centre) are saved with the model,
+    optimizer and random states.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, keep: int = 3):
+        self.accelerator = accelerator
+        self.directory = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), reverse=True)
+
+    def save(self, position: TrainingPosition) -> Path:
+        final = self.directory / f"{CHECKPOINT_PREFIX}{position.step}"
+        staging = self.directory / f".staging-{CHECKPOINT_PREFIX}{position.step}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        if self.accelerator.is_main_process:
+            write_json_atomically(staging / TRAINER_STATE, asdict(position))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for stale in self.checkpoints()[self.keep :]:
+                shutil.rmtree(stale)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, source: str) -> TrainingPosition:
+        """Loads `source` (a checkpoint folder, or "latest": the newest intact one, falling back past corrupt ones)."""
+        candidates = self.checkpoints() if source == "latest" else [Path(source)]
+        if not candidates:
+            logger.info(f"no checkpoint in {self.directory}: starting from scratch", main_process_only=True)
+            return TrainingPosition()
+        for checkpoint in candidates:
+            try:
+                position = TrainingPosition(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+                self.accelerator.load_state(str(checkpoint))
+            except Exception as error:  # a truncated or corrupt file of any kind: try the next older checkpoint
+                if source != "latest":
+                    raise ValueError(f"checkpoint {checkpoint} cannot be loaded: {error}") from error
+                logger.warning(f"checkpoint {checkpoint} cannot be loaded ({error}); trying an older one", main_process_only=True)
+                continue
+            logger.info(f"resumed from {checkpoint} at step {position.step}", main_process_only=True)
+            return position
+        raise ValueError(f"no loadable checkpoint in {self.directory}: every one failed to load")
+
+
+def write_json_atomically(path: Path, value) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
+def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *savables) -> Path:
+    """Writes `save_pretrained` objects (model, processor, ...) into `output` as a whole or not at all."""
+    output = Path(output)
+    staging = output.with_name(f".staging-{output.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        for savable in savables:
+            savable.save_pretrained(staging)
+        previous = output.with_name(f".previous-{output.name}")
+        if output.exists():
+            os.replace(output, previous)
+        os.replace(staging, output)
+        shutil.rmtree(previous, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return output

@@ -1,0 +1,187 @@
+"""Stage 1 of AgriCLIP: contrastive image-text fine-tuning of the CLIP towers on domain image-caption pairs.
+
+Runs the same under `python` and `accelerate launch` (CPU, one or many GPUs, many nodes):
+
+    python -m training.stage1_contrastive --model tiny --train-data data/pretrain --output-dir runs/stage1
+    accelerate launch -m training.stage1_contrastive --config stage1.yaml
+
+The loss is the symmetric InfoNCE of CLIP on the global batch (features gathered across processes with
+gradients). Only the CLIP towers train: the backbone and the aligner are frozen here (stages 2 and 3).
+Ends by writing a complete AgriCLIP folder (model + processor) to `<output-dir>/final`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from evaluation.retrieval import retrieval_recall
+from training.data import DecodeStats, ImageTextCollator, load_image_text_dataset
+from training.dino import cosine_schedule, param_groups_without_decay
+from training.losses import ContrastiveLoss
+from training.models import load_model_and_processor
+from training.runtime import (
+    CheckpointManager,
+    TrainingPosition,
+    add_runtime_arguments,
+    check_finite,
+    export_atomically,
+    make_accelerator,
+    parse_args,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="AgriCLIP folder or Hub id to start from, or a preset name (tiny, paper, vit_b16).")
+    parser.add_argument("--train-data", required=True, help="Image-caption pairs: image folder with metadata, CSV, datasets folder or Hub id, or WebDataset shards.")
+    parser.add_argument("--train-split", default="train", help="Split of --train-data to train on.")
+    parser.add_argument("--val-data", default=None, help="Held-out image-caption pairs (default: --train-data).")
+    parser.add_argument("--val-split", default="validation", help="Split of --val-data for validation recall.")
+    parser.add_argument("--eval-every", type=int, default=0, help="Validate every N optimizer steps (0: only at the end).")
+    parser.add_argument("--learning-rate", type=float, default=5e-5, help="Peak learning rate (AdamW).")
+    parser.add_argument("--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay.")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="Linear warm-up steps before the cosine decay.")
+    parser.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (none on norms, biases, embeddings, temperature).")
+    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas (CLIP's).")
+    parser.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon (CLIP's for ViT).")
+    parser.add_argument("--freeze-text", action="store_true", help="Keep the text tower and its projection fixed.")
+    parser.add_argument("--freeze-image", action="store_true", help="Keep the CLIP image tower and its projection fixed.")
+    add_runtime_arguments(parser)
+    return parser
+
+
+def trainable_clip(model, freeze_text: bool, freeze_image: bool) -> None:
+    """Freezes everything stage 1 does not train; unused parameters would also break DDP."""
+    model.requires_grad_(False)
+    if not freeze_text:
+        model.text_model.requires_grad_(True)
+        model.text_projection.requires_grad_(True)
+    if not freeze_image:
+        model.vision_model.requires_grad_(True)
+        model.visual_projection.requires_grad_(True)
+    model.logit_scale.requires_grad_(not (freeze_text and freeze_image))
+
+
+def contrastive_forward(model, batch, loss_fn: ContrastiveLoss, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The stage-1 loss of one batch: InfoNCE between CLIP image and text embeddings.
+
+    The towers run through `model.forward` (the DDP wrapper's hooks need it); the global-batch loss is computed
+    outside, on the gathered embeddings.
+    """
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], image_embedding="clip")
+    return loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale)
+
+
+@torch.no_grad()
+def validation_recall(model, loader, accelerator) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@1/5 over the held-out pairs (pair i is image i with caption i)."""
+    model.eval()
+    image_embeds, text_embeds = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images = accelerator.unwrap_model(model).get_clip_image_features(batch["pixel_values"])
+        texts = accelerator.unwrap_model(model).get_text_features(batch["input_ids"], batch["attention_mask"])
+        image_embeds.append(accelerator.gather_for_metrics(images))
+        text_embeds.append(accelerator.gather_for_metrics(texts))
+    model.train()
+    images = torch.nn.functional.normalize(torch.cat(image_embeds).float(), dim=-1)
+    texts = torch.nn.functional.normalize(torch.cat(text_embeds).float(), dim=-1)
+    recall = retrieval_recall(images, texts, torch.arange(len(texts)), ks=(1, 5))
+    return {f"val/{direction}_R@{k}": value for direction, values in recall.items() for k, value in
+            ((key.removeprefix("R@"), v) for key, v in values.items())}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(build_parser(), argv)
+    accelerator = make_accelerator(args, "stage1_contrastive")
+    model, processor = load_model_and_processor(args.model)
+    trainable_clip(model, args.freeze_text, args.freeze_image)
+    model.train()
+
+    decode_stats = DecodeStats()
+    collate = ImageTextCollator(processor, decode_stats)
+    train_data = load_image_text_dataset(args.train_data, split=args.train_split)
+    val_data = load_image_text_dataset(args.val_data or args.train_data, split=args.val_split)
+    # drop_last: every process must hold the same batch size for the global-batch loss.
+    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate, num_workers=args.num_workers)
+    val_loader = DataLoader(val_data, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+
+    optimizer = torch.optim.AdamW(param_groups_without_decay(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=tuple(args.adam_betas), eps=args.adam_eps)
+    loss_fn = ContrastiveLoss()
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    logit_scale = accelerator.unwrap_model(model).logit_scale
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, epochs=max_steps, iters_per_epoch=1,
+                                  warmup_epochs=args.warmup_steps)
+
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
+    position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
+    accelerator.init_trackers("stage1_contrastive", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    accelerator.print(f"stage 1: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
+                      f"x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
+    progress = tqdm(total=max_steps, initial=position.step, desc="stage 1", disable=not accelerator.is_local_main_process)
+    samples, started = 0, time.perf_counter()
+
+    while position.step < max_steps:
+        train_loader.set_epoch(position.epoch)
+        batches = accelerator.skip_first_batches(train_loader, position.batch_in_epoch) if position.batch_in_epoch else train_loader
+        for batch in batches:
+            position.batch_in_epoch += 1
+            if batch is None:
+                continue
+            with accelerator.accumulate(model):
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[position.step])
+                loss = contrastive_forward(model, batch, loss_fn, logit_scale)
+                check_finite(loss, position, checkpoints)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            samples += len(batch["input_ids"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            position.step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
+                    "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
+                    "samples_per_second": samples / (time.perf_counter() - started)}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if args.eval_every and position.step % args.eval_every == 0:
+                logs.update(validation_recall(model, val_loader, accelerator))
+            accelerator.log(logs, step=position.step)
+            if position.step % args.checkpoint_every == 0 or position.step == max_steps:
+                checkpoints.save(position)
+            if position.step >= max_steps:
+                break
+        else:
+            position.next_epoch()
+    progress.close()
+
+    final_metrics = validation_recall(model, val_loader, accelerator)
+    accelerator.log(final_metrics, step=position.step)
+    accelerator.print(" ".join(f"{k}={v:.3f}" for k, v in final_metrics.items()))
+    if decode_stats.num_skipped:
+        accelerator.print(decode_stats.summary())
+    output = export_atomically(accelerator, Path(args.output_dir) / "final", accelerator.unwrap_model(model), processor)
+    accelerator.print(f"stage 1 model written to {output}")
+    accelerator.end_training()
+    return output
+
+
+if __name__ == "__main__":
+    main()
