@@ -124,7 +124,7 @@ def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
     elif args.log_with != "none":
         log_with += args.log_with.split(",")
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

@@ -1,0 +1,65 @@
+"""Stage 3: fitting the aligner from streamed features, on one and two processes, closed form and SGD recipe."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics
+from modeling_agriclip import AgriCLIPModel
+from training.stage3_align import main
+
+
+def run_stage3(model, data, output, *flags):
+    return main(["--model", str(model), "--train-data", str(data), "--output-dir", str(output), "--log-with", "none",
+                 "--batch-size", "5", *flags])
+
+
+def test_closed_form_equals_least_squares_on_the_extracted_features(tiny_checkpoint, caption_folder, tmp_path):
+    cache = tmp_path / "features"
+    final = run_stage3(tiny_checkpoint, caption_folder, tmp_path / "run", "--feature-cache", str(cache))
+    features = load_file(cache / "train-0-of-1.safetensors")
+    x, y = features["x"].double().numpy(), features["y"].double().numpy()
+    assert x.shape == (32, 48) and y.shape == (32, 32)
+    # Reference: ordinary least squares with an intercept column (32 samples, 49 unknowns per output: minimum norm).
+    design = np.hstack([x, np.ones((len(x), 1))])
+    solution = np.linalg.lstsq(design, y, rcond=None)[0]
+    model = AgriCLIPModel.from_pretrained(final)
+    prediction = torch.from_numpy(x).float() @ model.aligner.weight.detach().T + model.aligner.bias.detach()
+    np.testing.assert_allclose(prediction.numpy(), design @ solution, atol=1e-3)
+    metrics = read_metrics(tmp_path / "run", "stage3_align")[0]
+    assert metrics["train/r2"] > 0.99 and 0 < metrics["val/r2"] <= 1
+    # The rest of the model is untouched.
+    original = AgriCLIPModel.from_pretrained(tiny_checkpoint).state_dict()
+    for key, value in model.state_dict().items():
+        if not key.startswith("aligner."):
+            assert torch.equal(value, original[key]), key
+
+
+def test_sgd_recipe_and_legacy_bias_scaling(tiny_checkpoint, caption_folder, tmp_path):
+    flags = ("--method", "sgd", "--sgd-epochs", "5", "--sgd-batch-size", "8", "--feature-cache", str(tmp_path / "cache"))
+    corrected = AgriCLIPModel.from_pretrained(run_stage3(tiny_checkpoint, caption_folder, tmp_path / "a", *flags))
+    legacy = AgriCLIPModel.from_pretrained(run_stage3(tiny_checkpoint, caption_folder, tmp_path / "b", *flags, "--legacy-bias-scaling"))
+    assert torch.equal(corrected.aligner.weight, legacy.aligner.weight)
+    assert not torch.allclose(corrected.aligner.bias, legacy.aligner.bias)
+    assert read_metrics(tmp_path / "a", "stage3_align")[0]["val/r2"] > read_metrics(tmp_path / "b", "stage3_align")[0]["val/r2"]
+
+
+def test_two_processes_equal_one(tiny_checkpoint, caption_folder, tmp_path):
+    common = ["-m", "training.stage3_align", "--model", str(tiny_checkpoint), "--train-data", str(caption_folder),
+              "--log-with", "none", "--batch-size", "5", "--ridge", "0.1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    two = subprocess.run([*launcher, *common, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # 32 images for 49 unknowns per output: the ridge makes the optimum unique, so the two runs can be compared.
+    one = run_stage3(tiny_checkpoint, caption_folder, tmp_path / "one", "--ridge", "0.1")
+    weights_one = AgriCLIPModel.from_pretrained(one).aligner
+    weights_two = AgriCLIPModel.from_pretrained(tmp_path / "two" / "final").aligner
+    torch.testing.assert_close(weights_two.weight, weights_one.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights_two.bias, weights_one.bias, atol=1e-5, rtol=1e-5)
