@@ -22,6 +22,10 @@ from transformers import AutoModel, AutoProcessor
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 
+# What the image methods take: PIL images, one PIL image, or pre-computed `pixel_values` (N, 3, H, W).
+Images = Sequence[Image.Image] | Image.Image | torch.Tensor
+Templates = Sequence[str] | str
+
 
 def _as_embedding(output) -> torch.Tensor:
     """The projected embedding of a `get_*_features` call.
@@ -110,7 +114,7 @@ class ZeroShotClassifier:
         return torch.cat(embeddings)
 
     @torch.inference_mode()
-    def label_embeddings(self, class_names: Sequence[str], templates: Sequence[str] | str = DEFAULT_TEMPLATES) -> torch.Tensor:
+    def label_embeddings(self, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES) -> torch.Tensor:
         """Class embeddings (C, D): per class, the normalised mean of the normalised template embeddings."""
         templates = (templates,) if isinstance(templates, str) else tuple(templates)
         key = (tuple(class_names), templates)
@@ -122,8 +126,12 @@ class ZeroShotClassifier:
             self._label_cache[key] = F.normalize(prompts.mean(dim=1), dim=-1)
         return self._label_cache[key]
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The processor's `pixel_values` (N, 3, H, W) of PIL images, on the CPU."""
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
     @torch.inference_mode()
-    def image_embeddings(self, images: Sequence[Image.Image] | Image.Image | torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, images: Images) -> torch.Tensor:
         """L2-normalised image embeddings (N, D) of PIL images or of pre-computed `pixel_values` (N, 3, H, W)."""
         if isinstance(images, Image.Image):
             images = [images]
@@ -132,7 +140,7 @@ class ZeroShotClassifier:
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             if not isinstance(batch, torch.Tensor):
-                batch = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+                batch = self.pixel_values(batch)
             features = self.model.get_image_features(
                 pixel_values=batch.to(self.device, self.model.dtype), **image_kwargs
             )
@@ -140,30 +148,30 @@ class ZeroShotClassifier:
         return torch.cat(embeddings)
 
     @torch.inference_mode()
+    def embedding_logits(
+        self, image_embeds: torch.Tensor, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
+    ) -> torch.Tensor:
+        """`logits` from image embeddings already computed by `image_embeddings`."""
+        return self.logit_scale * image_embeds @ self.label_embeddings(class_names, templates).T
+
+    @torch.inference_mode()
     def logits(
-        self,
-        images: Sequence[Image.Image] | Image.Image | torch.Tensor,
-        class_names: Sequence[str],
-        templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+        self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
     ) -> torch.Tensor:
         """Cosine similarities (N, C) of images and class embeddings, scaled by `exp(model.logit_scale)`."""
-        return self.logit_scale * self.image_embeddings(images) @ self.label_embeddings(class_names, templates).T
+        return self.embedding_logits(self.image_embeddings(images), class_names, templates)
 
     @torch.inference_mode()
     def predict(
-        self,
-        images: Sequence[Image.Image] | Image.Image | torch.Tensor,
-        class_names: Sequence[str],
-        templates: Sequence[str] | str = DEFAULT_TEMPLATES,
-        top_k: int = 5,
+        self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES, top_k: int = 5
     ) -> list[list[dict]]:
         """The `top_k` labels of each image with softmax scores, best first, as the transformers pipeline gives:
         ``[[{"label": ..., "score": ...}, ...], ...]``."""
         probabilities = self.logits(images, class_names, templates).softmax(dim=-1)
         scores, indices = probabilities.topk(min(top_k, len(class_names)), dim=-1)
         return [
-            [{"label": class_names[index], "score": score} for score, index in zip(row_scores.tolist(), row_indices.tolist())]
-            for row_scores, row_indices in zip(scores, indices)
+            [{"label": class_names[index], "score": score} for score, index in zip(row_scores, row_indices)]
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist())
         ]
 
 

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -145,6 +146,13 @@ class TrainingPosition:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batch_in_epoch = 0
+
+
+def dataloader_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator. Without it each new iterator (every epoch, and a resumed one) draws its
+    worker seed from the global RNG, which the resumed run would then consume at a different point than the
+    uninterrupted run, so augmentations and caption draws would differ after a resume."""
+    return torch.Generator().manual_seed(seed)
 
 
 class NonFiniteLossError(RuntimeError):

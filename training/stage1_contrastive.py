@@ -31,6 +31,7 @@ from training.runtime import (
     TrainingPosition,
     add_runtime_arguments,
     check_finite,
+    dataloader_generator,
     export_atomically,
     make_accelerator,
     parse_args,
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
     val_data = load_image_text_dataset(args.val_data or args.train_data, split=args.val_split)
     # drop_last: every process must hold the same batch size for the global-batch loss.
     train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate, num_workers=args.num_workers)
+                              collate_fn=collate, num_workers=args.num_workers, generator=dataloader_generator(args.seed))
     val_loader = DataLoader(val_data, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
 
     optimizer = torch.optim.AdamW(param_groups_without_decay(model, args.weight_decay), lr=args.learning_rate,

@@ -1,0 +1,92 @@
+"""Image-text retrieval recall@k on caption datasets, both directions.
+
+A caption dataset may hold several captions per image (one row each, as in COCO or Flickr30k). Rows are
+grouped by image (its file path, or its bytes when it has no path), so each image is ranked once:
+
+- image-to-text: an image is a hit at k when any of its captions is among the k best-scoring captions;
+- text-to-image: a caption is a hit at k when its image is among the k best-scoring images.
+
+Ties count in favour of the query (fewer than k strictly better-scoring non-matches), as in the metric
+modules.
+"""
+
+import hashlib
+
+import torch
+
+
+DEFAULT_RECALL_KS = (1, 5, 10)
+
+
+def image_key(image: dict) -> str:
+    """Identity of an undecoded `datasets` image (``{"path", "bytes"}``): the path, else a hash of the bytes."""
+    if image.get("path"):
+        return image["path"]
+    if image.get("bytes") is not None:
+        return hashlib.sha1(image["bytes"]).hexdigest()
+    raise ValueError("An image has neither a path nor bytes.")
+
+
+def group_captions(images: list[dict]) -> tuple[list[int], torch.Tensor]:
+    """Group caption rows by image.
+
+    Returns the row index of each unique image (first occurrence, in order) and, for every row (caption),
+    the position of its image in that list.
+    """
+    position: dict[str, int] = {}
+    unique_rows, caption_to_image = [], []
+    for row, image in enumerate(images):
+        key = image_key(image)
+        if key not in position:
+            position[key] = len(unique_rows)
+            unique_rows.append(row)
+        caption_to_image.append(position[key])
+    return unique_rows, torch.tensor(caption_to_image, dtype=torch.long)
+
+
+def _hits(similarity: torch.Tensor, positive: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
+    """Per query (row), whether a positive column ranks within each k: (n_queries, len(ks)) bool."""
+    best_positive = similarity.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    n_better_negatives = ((similarity > best_positive) & ~positive).sum(dim=1, keepdim=True)
+    return n_better_negatives < torch.tensor(ks, device=similarity.device)
+
+
+def retrieval_recall(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    caption_to_image: torch.Tensor,
+    ks: tuple[int, ...] = DEFAULT_RECALL_KS,
+    chunk_size: int = 1024,
+) -> dict:
+    """Recall@k in both directions from L2-normalised embeddings.
+
+    Args:
+        image_embeds: (n_images, dim), one row per unique image.
+        text_embeds: (n_captions, dim).
+        caption_to_image: (n_captions,) the image of each caption.
+        ks: the k of each recall@k.
+        chunk_size: queries scored at once, bounding memory to chunk_size × max(n_images, n_captions).
+
+    Returns:
+        ``{"image_to_text": {"R@1": ..., ...}, "text_to_image": {...}}`` with recalls in [0, 1].
+    """
+    if len(caption_to_image) != len(text_embeds):
+        raise ValueError(f"caption_to_image has {len(caption_to_image)} entries for {len(text_embeds)} captions.")
+    image_ids = torch.arange(len(image_embeds), device=image_embeds.device)
+    caption_to_image = caption_to_image.to(image_embeds.device)
+    image_hits = torch.cat(
+        [
+            _hits(images @ text_embeds.T, ids[:, None] == caption_to_image[None, :], ks)
+            for images, ids in zip(image_embeds.split(chunk_size), image_ids.split(chunk_size))
+        ]
+    )
+    text_hits = torch.cat(
+        [
+            _hits(texts @ image_embeds.T, owners[:, None] == image_ids[None, :], ks)
+            for texts, owners in zip(text_embeds.split(chunk_size), caption_to_image.split(chunk_size))
+        ]
+    )
+    return {
+        "image_to_text": {f"R@{k}": hits.float().mean().item() for k, hits in zip(ks, image_hits.T)},
+        "text_to_image": {f"R@{k}": hits.float().mean().item() for k, hits in zip(ks, text_hits.T)},
+    }

@@ -1,0 +1,304 @@
+"""DINO building blocks: head, multi-crop wrapper and augmentation, schedules, EMA, parameter groups, collapse watch."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from training.dino import (
+    MULTICROP_PRESETS,
+    CollapseMonitor,
+    DINOHead,
+    MultiCropAugmentation,
+    MultiCropWrapper,
+    cancel_gradients_last_layer,
+    cosine_schedule,
+    param_groups_without_decay,
+    teacher_entropy,
+    update_teacher,
+)
+from training.losses import DINOLoss
+
+GLOBAL_SIZE, LOCAL_SIZE = 32, 16
+
+
+def _dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino utils.cosine_scheduler, verbatim."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+def test_cosine_schedule_matches_dino_with_and_without_warmup():
+    lr = cosine_schedule(5e-4, 1e-6, epochs=4, iters_per_epoch=5, warmup_epochs=1, start_warmup_value=1e-5)
+    assert len(lr) == 20
+    assert lr[0] == pytest.approx(1e-5) and lr[4] == pytest.approx(5e-4) and lr[5] == pytest.approx(5e-4)
+    assert np.all(np.diff(lr[:5]) > 0) and np.all(np.diff(lr[5:]) < 0)
+    np.testing.assert_allclose(lr, _dino_cosine_scheduler(5e-4, 1e-6, 4, 5, 1, 1e-5))
+
+    momentum = cosine_schedule(0.996, 1.0, epochs=3, iters_per_epoch=7)
+    assert len(momentum) == 21 and momentum[0] == pytest.approx(0.996)
+    assert 0.9999 < momentum[-1] < 1.0
+    np.testing.assert_allclose(momentum, _dino_cosine_scheduler(0.996, 1.0, 3, 7))
+
+
+def test_cosine_schedule_rejects_warmup_longer_than_training():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=3, warmup_epochs=3)
+
+
+def test_update_teacher_is_an_ema_of_parameters_and_keeps_teacher_buffers():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    student(torch.randn(8, 4))  # moves the student's BatchNorm running statistics only
+    before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+
+    update_teacher(student, teacher, momentum=0.9)
+
+    for name, parameter in teacher.named_parameters():
+        torch.testing.assert_close(parameter, 0.9 * before[name] + 0.1 * dict(student.named_parameters())[name])
+    for name, buffer in teacher.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    assert not torch.equal(student[1].running_mean, teacher[1].running_mean)
+
+
+def test_update_teacher_rejects_a_wrapped_student():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="update_teacher"):
+        update_teacher(nn.Sequential(model), copy.deepcopy(model), momentum=0.5)
+
+
+@pytest.mark.parametrize("nlayers,use_bn", [(1, False), (3, False), (3, True)])
+def test_dino_head_output_shape(nlayers, use_bn):
+    head = DINOHead(12, 50, use_bn=use_bn, nlayers=nlayers, hidden_dim=20, bottleneck_dim=8)
+    assert head(torch.randn(5, 12)).shape == (5, 50)
+
+
+def _train_step(head, epoch=0, freeze_last_layer_epochs=0):
+    optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=1.0)
+    head(torch.randn(6, 12)).pow(2).sum().backward()
+    cancel_gradients_last_layer(head, epoch, freeze_last_layer_epochs)
+    optimizer.step()
+
+
+def test_norm_last_layer_keeps_unit_row_norms_and_the_option_frees_them():
+    torch.manual_seed(0)
+    head = DINOHead(12, 50, hidden_dim=20, bottleneck_dim=8, norm_last_layer=True)
+    _train_step(head)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(50))
+
+    free = DINOHead(12, 50, hidden_dim=20, bottleneck_dim=8, norm_last_layer=False)
+    _train_step(free)
+    assert not torch.allclose(free.last_layer.weight.norm(dim=1), torch.ones(50))
+
+
+def test_last_layer_is_frozen_during_the_first_epochs_only():
+    torch.manual_seed(0)
+    head = DINOHead(12, 50, hidden_dim=20, bottleneck_dim=8, norm_last_layer=False)
+    wrapped = nn.Sequential(head)
+    last_before = copy.deepcopy(head.last_layer.state_dict())
+    mlp_before = head.mlp[0].weight.clone()
+
+    _train_step(wrapped, epoch=0, freeze_last_layer_epochs=1)
+    for name, tensor in head.last_layer.state_dict().items():
+        assert torch.equal(tensor, last_before[name]), name
+    assert not torch.equal(head.mlp[0].weight, mlp_before)
+
+    _train_step(wrapped, epoch=1, freeze_last_layer_epochs=1)
+    assert not torch.equal(head.last_layer.parametrizations.weight.original1, last_before["parametrizations.weight.original1"])
+
+
+class _CountingBackbone(nn.Module):
+    """Mean-pools pixels through a linear layer and records the batch shapes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 12)
+        self.calls = []
+
+    def forward(self, pixel_values):
+        self.calls.append(tuple(pixel_values.shape))
+        return self.proj(pixel_values.mean(dim=(-2, -1)))
+
+
+def test_multicrop_wrapper_groups_consecutive_resolutions_and_keeps_crop_order():
+    torch.manual_seed(0)
+    backbone = _CountingBackbone()
+    wrapper = MultiCropWrapper(backbone, DINOHead(12, 10, hidden_dim=16, bottleneck_dim=8), lambda model, x: model(x))
+    crops = [torch.randn(2, 3, GLOBAL_SIZE, GLOBAL_SIZE) for _ in range(2)]
+    crops += [torch.randn(2, 3, LOCAL_SIZE, LOCAL_SIZE) for _ in range(3)]
+
+    output = wrapper(crops)
+
+    assert output.shape == (10, 10)
+    assert backbone.calls == [(4, 3, GLOBAL_SIZE, GLOBAL_SIZE), (6, 3, LOCAL_SIZE, LOCAL_SIZE)]
+    torch.testing.assert_close(output, torch.cat([wrapper(crop) for crop in crops]))
+
+
+@pytest.mark.parametrize(
+    "build_backbone",
+    [
+        lambda: ViTModel(
+            ViTConfig(image_size=GLOBAL_SIZE, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+            add_pooling_layer=False,
+        ),
+        lambda: ResNetModel(ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[8, 24], embedding_size=8)),
+    ],
+    ids=["vit", "resnet"],
+)
+def test_multicrop_wrapper_runs_transformers_backbones_on_both_resolutions(build_backbone):
+    wrapper = MultiCropWrapper(build_backbone(), DINOHead(24, 10, hidden_dim=16, bottleneck_dim=8))
+    crops = [torch.randn(2, 3, GLOBAL_SIZE, GLOBAL_SIZE)] * 2 + [torch.randn(2, 3, LOCAL_SIZE, LOCAL_SIZE)] * 3
+    assert wrapper(crops).shape == (10, 10)
+
+
+def _augmentation(preset="vit", num_local_crops=3):
+    return MultiCropAugmentation(preset, num_local_crops=num_local_crops, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE)
+
+
+def test_multicrop_augmentation_shapes_and_normalised_ranges():
+    torch.manual_seed(0)
+    views = _augmentation()(torch.rand(4, 3, 48, 40))
+    assert [tuple(view.shape) for view in views] == [(4, 3, GLOBAL_SIZE, GLOBAL_SIZE)] * 2 + [(4, 3, LOCAL_SIZE, LOCAL_SIZE)] * 3
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    for view in views:
+        pixels = view * std + mean
+        assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+        assert pixels.std() > 0.05  # real image content, not a constant
+
+
+def test_multicrop_augmentation_is_reproducible_under_a_torch_seed():
+    images = torch.rand(3, 3, 48, 48)
+    augmentation = _augmentation()
+    torch.manual_seed(7)
+    first = augmentation(images)
+    torch.manual_seed(7)
+    second = augmentation(images)
+    torch.manual_seed(8)
+    other = augmentation(images)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not any(torch.equal(a, c) for a, c in zip(first, other))
+
+
+def test_multicrop_augmentation_draws_per_image_crops():
+    torch.manual_seed(0)
+    augmentation = _augmentation(num_local_crops=2)
+    views = augmentation(torch.rand(1, 3, 48, 48).expand(6, -1, -1, -1))
+    for view in views:
+        assert len({tuple(row.flatten().tolist()) for row in view}) == 6
+    boxes = augmentation.local_crop._params["src"]
+    assert len({tuple(box.flatten().tolist()) for box in boxes}) == len(boxes)
+
+
+def test_upsampled_crops_keep_flat_regions_flat_up_to_the_border():
+    augmentation = _augmentation()
+    crops = augmentation.global_crop(torch.full((8, 3, 24, 24), 0.5))  # 24 px images upsampled to 32 px crops
+    torch.testing.assert_close(crops, torch.full_like(crops, 0.5))
+
+
+@pytest.mark.parametrize("preset", sorted(MULTICROP_PRESETS))
+def test_multicrop_presets_set_the_crop_areas(preset):
+    torch.manual_seed(0)
+    augmentation = _augmentation(preset, num_local_crops=1)
+    side = 64
+    augmentation(torch.rand(32, 3, side, side))
+    scales = MULTICROP_PRESETS[preset]
+    for crop, (low, high) in [(augmentation.global_crop, scales.global_crops_scale), (augmentation.local_crop, scales.local_crops_scale)]:
+        boxes = crop._params["src"]  # corners (x, y): top-left, top-right, bottom-right, bottom-left (inclusive)
+        widths = boxes[:, 1, 0] - boxes[:, 0, 0] + 1
+        heights = boxes[:, 2, 1] - boxes[:, 1, 1] + 1
+        areas = widths * heights / side**2
+        # Pixel rounding moves an area by at most one row and one column.
+        assert areas.min() >= low - 2 / side and areas.max() <= high + 2 / side
+
+
+def test_multicrop_augmentation_rejects_bad_input_and_presets():
+    with pytest.raises(ValueError, match="MultiCropAugmentation"):
+        _augmentation()(torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="unknown preset"):
+        MultiCropAugmentation("swin")
+
+
+def test_param_groups_skip_decay_on_norms_biases_embeddings_and_scalars(tiny_model):
+    decay, no_decay = param_groups_without_decay(tiny_model, weight_decay=0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    decay_ids, no_decay_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert not decay_ids & no_decay_ids
+    assert decay_ids | no_decay_ids == {id(p) for p in tiny_model.parameters() if p.requires_grad}
+    parameters = dict(tiny_model.named_parameters())
+    for name in [
+        "logit_scale",
+        "aligner.bias",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "vision_model.embeddings.class_embedding",
+        "text_model.final_layer_norm.weight",
+        "dino_model.embeddings.cls_token",
+        "dino_model.embeddings.position_embeddings",
+    ]:
+        assert id(parameters[name]) in no_decay_ids, name
+    for name in [
+        "aligner.weight",
+        "visual_projection.weight",
+        "vision_model.embeddings.patch_embedding.weight",
+        "dino_model.embeddings.patch_embeddings.projection.weight",
+        "dino_model.layers.0.attention.q_proj.weight",
+    ]:
+        assert id(parameters[name]) in decay_ids, name
+
+
+def test_param_groups_leave_out_frozen_parameters():
+    head = DINOHead(12, 50, hidden_dim=20, bottleneck_dim=8, norm_last_layer=True)
+    grouped = [id(p) for group in param_groups_without_decay(head, 0.1) for p in group["params"]]
+    assert id(head.last_layer.parametrizations.weight.original0) not in grouped
+    assert id(head.last_layer.parametrizations.weight.original1) in grouped
+
+
+def _feed(monitor, entropies, kls):
+    return [monitor.update(entropy, kl) for entropy, kl in zip(entropies, kls)]
+
+
+def test_collapse_monitor_reports_one_hot_collapse_after_a_full_window():
+    out_dim = 64
+    one_hot = nn.functional.one_hot(torch.zeros(8, dtype=torch.long), out_dim).float()
+    entropy = teacher_entropy(one_hot).item()
+    assert entropy == 0.0
+    messages = _feed(CollapseMonitor(out_dim, window=5), [entropy] * 5, [0.5] * 5)
+    assert messages[:4] == [None] * 4 and "one-hot" in messages[4]
+
+
+def test_collapse_monitor_reports_uniform_collapse_from_the_dino_loss():
+    out_dim, batch = 64, 4
+    loss_fn = DINOLoss(out_dim, num_crops=4, num_epochs=1)
+    monitor = CollapseMonitor(out_dim, window=3)
+    messages = []
+    for _ in range(3):
+        output = loss_fn(torch.zeros(4 * batch, out_dim), torch.zeros(2 * batch, out_dim), epoch=0)
+        messages.append(monitor.update(output.teacher_entropy, output.teacher_student_kl))
+    assert output.teacher_entropy.item() == pytest.approx(math.log(out_dim), rel=1e-5)
+    assert messages[:2] == [None, None] and "uniform" in messages[2]
+
+
+def test_collapse_monitor_stays_quiet_on_healthy_or_transient_outputs():
+    out_dim = 64
+    torch.manual_seed(0)
+    loss_fn = DINOLoss(out_dim, num_crops=4, num_epochs=1)
+    monitor = CollapseMonitor(out_dim, window=3)
+    for _ in range(6):
+        output = loss_fn(torch.randn(16, out_dim), torch.randn(8, out_dim), epoch=0)
+        assert monitor.update(output.teacher_entropy, output.teacher_student_kl) is None
+    # A one-step dip to a one-hot teacher inside the window is not a collapse.
+    assert _feed(CollapseMonitor(out_dim, window=3), [2.0, 0.0, 0.0, 2.0, 0.0], [0.5] * 5) == [None] * 5

@@ -1,0 +1,362 @@
+"""The evaluation suite end to end, its error handling, and the linear probe, retrieval and report pieces."""
+
+import argparse
+import contextlib
+import io
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from evaluation.linear_probe import (
+    fit_logistic_regression,
+    k_shot_probe,
+    linear_probe,
+    sample_k_shot,
+    select_l2,
+    stratified_split,
+)
+from evaluation.report import render_markdown_table
+from evaluation.retrieval import group_captions, retrieval_recall
+from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument, run_suite
+from modeling_agriclip.zero_shot import ZeroShotClassifier
+from test_zero_shot import tiny_clip_baseline, tiny_clip_checkpoint  # noqa: F401  (session fixtures)
+from training.embedded import build_embedded_dataset
+from training.prompts import get_templates
+
+
+EMBEDDED_TASKS = ("leaf-spot", "fish-species", "cattle-breed")
+
+
+@pytest.fixture(scope="module")
+def embedded_suite(tmp_path_factory):
+    """Three embedded downstream tasks, one unreadable image among them, and their suite YAML."""
+    root = build_embedded_dataset(
+        tmp_path_factory.mktemp("embedded"), image_size=32, pretrain_per_class=1, downstream_per_task=12, num_workers=1
+    )
+    suite = yaml.safe_load((root / "suite.yaml").read_text())
+    suite["datasets"] = [entry for entry in suite["datasets"] if entry["name"] in EMBEDDED_TASKS]
+    config = root / "suite-three.yaml"
+    config.write_text(yaml.safe_dump(suite, sort_keys=False))
+    (root / "downstream" / "fish-species" / "goby" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return config
+
+
+@pytest.fixture(scope="module")
+def suite_run(embedded_suite, tiny_checkpoint, tiny_clip_checkpoint, tmp_path_factory):
+    """The command line over three tasks and two models (AgriCLIP with two embedding sources, a CLIP baseline).
+
+    Returns the results, the output folder and what the command printed.
+    """
+    output = tmp_path_factory.mktemp("report")
+    argv = [
+        "--config", str(embedded_suite),
+        "--model", f"agriclip={tiny_checkpoint}:aligned,clip",
+        "--model", f"clip={tiny_clip_checkpoint}",
+        "--output", str(output),
+        "--batch-size", "4",
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = main(argv)
+    return results, output, printed.getvalue()
+
+
+def test_suite_writes_json_markdown_and_plots(suite_run):
+    results, output, printed = suite_run
+    models = ["agriclip (aligned)", "agriclip (clip)", "clip"]
+    saved = json.loads((output / "results.json").read_text())
+    assert list(saved["datasets"]) == list(EMBEDDED_TASKS)
+    for task in EMBEDDED_TASKS:
+        assert list(saved["datasets"][task]) == models
+        for record in saved["datasets"][task].values():
+            assert 0.0 <= record["top1"] <= 1.0 and 0.0 <= record["mean_per_class"] <= 1.0
+            assert 0.0 <= record["macro_f1"] <= 1.0 and record["empty_classes"] == []
+    assert saved["models"]["agriclip (clip)"]["embedding"] == "clip"
+    assert saved["models"]["clip"]["model_type"] == "clip"
+    # Top-5 only where there are more than five classes: leaf-spot has 3, fish-species 8.
+    assert saved["datasets"]["leaf-spot"]["clip"]["top5"] is None
+    assert saved["datasets"]["fish-species"]["clip"]["top5"] >= saved["datasets"]["fish-species"]["clip"]["top1"]
+    for model in models:
+        top1 = [saved["datasets"][task][model]["top1"] for task in EMBEDDED_TASKS]
+        assert saved["mean"][model]["top1"] == pytest.approx(np.mean(top1))
+        assert saved["mean"][model]["n_datasets"] == 3
+    # The unreadable image is skipped, counted and named.
+    fish = saved["datasets"]["fish-species"]["clip"]
+    assert fish["n_skipped"] == 1 and fish["skipped_files"][0].endswith("goby/broken.png")
+    assert fish["n_images"] == sum(map(sum, fish["confusion_matrix"])) == 8
+    markdown = (output / "results.md").read_text()
+    assert render_markdown_table(saved) in markdown
+    assert "| Model | Leaf spot diseases (fine-grained) | Fish species | Cattle breed | Mean |" in markdown
+    assert "broken.png" in markdown
+    assert render_markdown_table(saved) in printed
+    plots = sorted(path.name for path in (output / "plots").glob("*.png"))
+    assert plots == ["confusion_cattle-breed.png", "confusion_fish-species.png", "confusion_leaf-spot.png", "zero_shot_top1.png"]
+    for name in plots:
+        with Image.open(output / "plots" / name) as image:
+            assert image.format == "PNG" and image.width > 100
+
+
+def _independent_predictions(model, processor, config_path, task, embedding):
+    """Zero-shot predictions from the model's public API alone: cosine of normalised embeddings, argmax."""
+    entry = next(e for e in yaml.safe_load(config_path.read_text())["datasets"] if e["name"] == task)
+    templates = get_templates(entry["templates"])
+    folder = config_path.parent / entry["path"]
+    classes = sorted(path.name for path in folder.iterdir())
+    with torch.no_grad():
+        class_embeddings = []
+        for name in classes:
+            prompts = processor(text=[t.format(entry["class_names"][name]) for t in templates], return_tensors="pt", padding=True)
+            text = model.get_text_features(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"])
+            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+            class_embeddings.append(F.normalize(F.normalize(text, dim=-1).mean(dim=0), dim=-1))
+        labels, images = [], []
+        for index, name in enumerate(classes):
+            for path in sorted((folder / name).iterdir()):
+                try:
+                    images.append(Image.open(path).convert("RGB"))
+                except OSError:
+                    continue
+                labels.append(index)
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        features = model.get_image_features(pixel_values=pixel_values, **({} if embedding is None else {"embedding": embedding}))
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        predictions = (F.normalize(features, dim=-1) @ torch.stack(class_embeddings).T).argmax(dim=1)
+    return np.array(labels), np.array(predictions)
+
+
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
+def test_zero_shot_accuracy_equals_an_independent_computation(
+    suite_run, embedded_suite, tiny_model, tiny_processor, tiny_clip_baseline, task
+):
+    results, _, _ = suite_run
+    distinct_predictions = set()
+    for model_name, (model, processor, embedding) in {
+        "agriclip (aligned)": (tiny_model, tiny_processor, "aligned"),
+        "clip": (*tiny_clip_baseline, None),
+    }.items():
+        labels, predictions = _independent_predictions(model, processor, embedded_suite, task, embedding)
+        distinct_predictions.add(tuple(np.unique(predictions)))
+        record = results["datasets"][task][model_name]
+        assert record["top1"] == pytest.approx(float((labels == predictions).mean()))
+        n_classes = len(record["confusion_matrix"])
+        confusion = np.zeros((n_classes, n_classes), dtype=int)
+        np.add.at(confusion, (labels, predictions), 1)
+        assert record["confusion_matrix"] == confusion.tolist()
+    # The comparison has teeth: the random tiny models do not put every image in one class.
+    assert any(len(classes) > 1 for classes in distinct_predictions)
+
+
+def _write_class_folder(root, counts: dict[str, int], seed=0):
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    return root
+
+
+def _write_yaml(path, datasets_list, retrieval=None):
+    content = {"datasets": datasets_list} | ({"retrieval": retrieval} if retrieval else {})
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def in_memory_model(tiny_model, tiny_processor):
+    return {"agriclip": ZeroShotClassifier(tiny_model, tiny_processor, batch_size=8)}
+
+
+def test_empty_classes_are_reported(tmp_path, in_memory_model):
+    # A saved dataset whose ClassLabel names a class without rows, and an image folder whose only "dry" image is unreadable.
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["dry", "wet", "frozen"])})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(4)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 0, 1, 1]}, features=features).save_to_disk(tmp_path / "saved")
+    _write_class_folder(tmp_path / "folder", {"dry": 0, "wet": 2})
+    (tmp_path / "folder" / "dry" / "0.png").write_bytes(b"")
+    config = _write_yaml(
+        tmp_path / "suite.yaml",
+        [{"name": "saved", "path": "saved", "templates": "generic"}, {"name": "folder", "path": "folder"}],
+    )
+    results = run_suite(config, in_memory_model, tmp_path / "out")
+    assert results["datasets"]["saved"]["agriclip"]["empty_classes"] == ["frozen"]
+    assert results["datasets"]["saved"]["agriclip"]["n_images"] == 4
+    folder = results["datasets"]["folder"]["agriclip"]
+    assert folder["empty_classes"] == ["dry"] and folder["n_skipped"] == 1 and folder["n_images"] == 2
+    # Classes without images stay out of the mean per-class accuracy.
+    assert folder["mean_per_class"] == folder["top1"]
+    assert "classes without images (not in the mean per-class accuracy): frozen" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_class_names_missing_from_the_dataset_are_a_clear_error(tmp_path, in_memory_model):
+    _write_class_folder(tmp_path / "leaves", {"healthy": 1, "rust": 1})
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "leaf blight"}}])
+    with pytest.raises(ValueError, match=r"suite.yaml: dataset 'leaves': class_names maps \['blight'\], which are not classes"):
+        run_suite(config, in_memory_model, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "a", "path": "a", "templates": "no-such-set"}, "dataset 'a': templates: .*unknown template set 'no-such-set'"),
+        ({"name": "a", "path": "a", "templates": ["a photo"]}, "dataset 'a': templates: .*placeholder"),
+        ({"name": "a", "path": "a", "template": "leaf"}, r"datasets\[0\] \('a'\): unknown keys \['template'\]"),
+        ({"name": "a"}, r"datasets\[0\]: missing \['path'\]"),
+        ({"name": "a", "path": "a", "class_names": ["x"]}, "class_names must map"),
+    ],
+)
+def test_suite_config_errors_name_the_file_and_entry(tmp_path, entry, message):
+    config = _write_yaml(tmp_path / "suite.yaml", [entry])
+    with pytest.raises(ValueError, match=f"suite.yaml: .*{message}"):
+        load_suite_config(config)
+
+
+def test_suite_config_defaults_and_duplicates(tmp_path):
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "a", "path": "data/a", "templates": "leaf"}])
+    spec = load_suite_config(config).datasets[0]
+    assert spec.display_name == "a" and spec.path == tmp_path / "data" / "a"
+    assert spec.prompt_names(["fungal_spots", "rust"], "x") == ["fungal spots", "rust"]
+    duplicated = _write_yaml(tmp_path / "dup.yaml", [{"name": "a", "path": "a"}, {"name": "a", "path": "b"}])
+    with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
+        load_suite_config(duplicated)
+
+
+def test_model_arguments(tmp_path):
+    assert parse_model_argument("agri=runs/final") == ("agri", ModelSpec("runs/final"))
+    assert parse_model_argument("agri=runs/final:aligned,fused") == ("agri", ModelSpec("runs/final", ("aligned", "fused")))
+    folder = tmp_path / "odd:name"
+    folder.mkdir()
+    assert ModelSpec.parse(str(folder)) == ModelSpec(str(folder))
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown image embedding"):
+        parse_model_argument("agri=runs/final:dino")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=PATH"):
+        parse_model_argument("runs/final")
+
+
+def test_linear_probe_and_k_shot_through_the_suite(tmp_path, in_memory_model):
+    _write_class_folder(tmp_path / "leaves", {"healthy": 6, "rust": 6, "blight": 6})
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "display_name": "Leaves"}])
+    results = run_suite(config, in_memory_model, tmp_path / "out", linear_probe=True, k_shots=[1, 3], seeds=[0, 1])
+    probe = results["linear_probe"]["datasets"]["leaves"]["agriclip"]
+    assert probe["n_train"] == probe["n_test"] == 9 and 0.0 <= probe["top1"] <= 1.0
+    assert results["linear_probe"]["mean"]["agriclip"]["top1"] == probe["top1"]
+    few_shot = results["few_shot"]["datasets"]["leaves"]["agriclip"]
+    assert few_shot["1"]["n_seeds"] == 2 and few_shot["1"]["top1_std"] >= 0.0
+    assert few_shot["3"] is None  # 3 training images per class leave none to validate 3-shot
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "## Linear probe (top-1)" in markdown and "| Model | 1-shot | 3-shot |" in markdown
+
+
+def test_retrieval_through_the_suite(tmp_path, caption_folder, in_memory_model):
+    config = _write_yaml(tmp_path / "suite.yaml", [], retrieval=[{"name": "colours", "path": str(caption_folder), "split": "validation"}])
+    results = run_suite(config, in_memory_model, tmp_path / "out")
+    record = results["retrieval"]["datasets"]["colours"]["agriclip"]
+    assert record["n_images"] == record["n_captions"] == 16
+    classifier = in_memory_model["agriclip"]
+    rows = datasets.load_dataset("imagefolder", data_dir=str(caption_folder), split="validation")
+    expected = retrieval_recall(
+        classifier.image_embeddings(list(rows["image"])), classifier.text_embeddings(list(rows["caption"])), torch.arange(16)
+    )
+    assert record["image_to_text"] == pytest.approx(expected["image_to_text"])
+    assert record["text_to_image"] == pytest.approx(expected["text_to_image"])
+    assert "## Image-text retrieval (recall@k)" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    # Three images on unit vectors; captions 0-1 belong to image 0, caption 2 to image 1, caption 3 to image 2.
+    images = torch.eye(3)
+    texts = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.05], [0.0, 0.9, 0.1], [0.8, 0.0, 0.3]]), dim=-1)
+    owners = torch.tensor([0, 0, 1, 2])
+    result = retrieval_recall(images, texts, owners, ks=(1, 2))
+    # Image 0 ranks its caption 0 first; image 1 ranks image 0's caption 1 above its own caption 2 (2nd);
+    # image 2 ranks its caption 3 first.
+    assert result["image_to_text"] == pytest.approx({"R@1": 2 / 3, "R@2": 1.0})
+    # Captions 0 and 2 find their image first; caption 1 ranks its image 0 third (behind images 1 and 2);
+    # caption 3 ranks image 0 above its image 2.
+    assert result["text_to_image"] == pytest.approx({"R@1": 2 / 4, "R@2": 3 / 4})
+    chunked = retrieval_recall(images, texts, owners, ks=(1, 2), chunk_size=1)
+    assert chunked == result
+
+
+def test_group_captions_by_image():
+    rows = [{"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}, {"path": "a.png", "bytes": None}, {"path": None, "bytes": b"x"}]
+    unique_rows, owners = group_captions(rows)
+    assert unique_rows == [0, 1, 3] and owners.tolist() == [0, 1, 0, 2]
+
+
+def _clusters(n_per_class=40, n_classes=4, dim=16, spread=0.6, noise_seed=0):
+    """Gaussian clusters around fixed class centres; `noise_seed` draws another sample of the same classes."""
+    centers = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(noise_seed))
+    return centers[labels] + spread * noise, labels
+
+
+def test_logistic_regression_reaches_the_optimum():
+    features, labels = _clusters(spread=2.0)
+    l2 = 1e-2
+    classifier = fit_logistic_regression(features, labels, 4, l2)
+    weight = classifier.weight.detach().clone().requires_grad_(True)
+    bias = classifier.bias.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+def test_linear_probe_chooses_l2_on_validation_and_generalises():
+    features, labels = _clusters()
+    test_features, test_labels = _clusters(noise_seed=1)
+    probe = linear_probe(features, labels, 4, l2_values=(1e-4, 1e-2, 1.0), seed=0)
+    assert probe.l2 in (1e-4, 1e-2, 1.0) and probe.val_accuracy > 0.9
+    assert (probe.scores(test_features).argmax(dim=1) == test_labels).float().mean() > 0.9
+    # select_l2 keeps the L2 strength with the best validation accuracy (ties to the strongest).
+    fit, val = stratified_split(labels, 0.5, seed=0)
+    chosen = select_l2(features[fit], labels[fit], features[val], labels[val], 4, l2_values=(1e-3, 10.0, 1e3))
+    accuracies = {
+        l2: (fit_logistic_regression(features[fit], labels[fit], 4, l2)(features[val]).argmax(1) == labels[val]).float().mean().item()
+        for l2 in (1e-3, 10.0, 1e3)
+    }
+    assert chosen.val_accuracy == max(accuracies.values())
+    assert chosen.l2 == max(l2 for l2, accuracy in accuracies.items() if accuracy == chosen.val_accuracy)
+
+
+def test_stratified_split_and_k_shot_sampling_are_seeded_per_class():
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 1)
+    rest, held_out = stratified_split(labels, 0.5, seed=0)
+    assert sorted(torch.cat([rest, held_out]).tolist()) == list(range(15))
+    assert torch.bincount(labels[held_out], minlength=3).tolist() == [5, 2, 0]
+    train, val = sample_k_shot(labels, 3, seed=0)
+    assert torch.bincount(labels[train], minlength=3).tolist() == [3, 3, 1]
+    assert torch.bincount(labels[val], minlength=3).tolist() == [3, 1, 0]
+    assert not set(train.tolist()) & set(val.tolist())
+    again, _ = sample_k_shot(labels, 3, seed=0)
+    other, _ = sample_k_shot(labels, 3, seed=1)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+
+
+def test_k_shot_probe_fits_on_the_k_shots():
+    features, labels = _clusters()
+    probe = k_shot_probe(features, labels, 4, k=2, seed=0, l2_values=(1e-2,))
+    train, _ = sample_k_shot(labels, 2, seed=0)
+    expected = fit_logistic_regression(features[train], labels[train], 4, 1e-2)
+    torch.testing.assert_close(probe.classifier.weight, expected.weight)
+
+
+def test_markdown_table_layout():
+    results = {
+        "datasets": {"a": {"m1": {"top1": 0.5}, "m2": {"top1": 0.25}}, "b": {"m1": {"top1": 1.0}, "m2": {"top1": None}}},
+        "mean": {"m1": {"top1": 0.75}, "m2": {"top1": 0.25}},
+        "dataset_info": {"a": {"display_name": "Set A"}, "b": {"display_name": "Set B"}},
+    }
+    assert render_markdown_table(results) == (
+        "| Model | Set A | Set B | Mean |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| m1 | 50.0 | 100.0 | 75.0 |\n"
+        "| m2 | 25.0 | – | 25.0 |"
+    )

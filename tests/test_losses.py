@@ -1,0 +1,210 @@
+"""ContrastiveLoss and DINOLoss: hand computations, the temperature clamp, and 2-process (gloo) equivalence."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training.losses import ContrastiveLoss, DINOLoss
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 8
+OUT_DIM = 16
+NUM_CROPS = 4
+
+
+def _reference_clip_loss(image_embeds, text_embeds, logit_scale):
+    """CLIP's loss written out: mean of -log softmax on the diagonal, over rows and over columns."""
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    logits = torch.as_tensor(logit_scale).exp() * image_embeds @ text_embeds.t()
+    diagonal = logits.diagonal()
+    image_to_text = (torch.logsumexp(logits, dim=1) - diagonal).mean()
+    text_to_image = (torch.logsumexp(logits, dim=0) - diagonal).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def _reference_dino_loss(student_output, teacher_output, center, student_temp, teacher_temp, num_crops):
+    """facebookresearch/dino main_dino.DINOLoss.forward, loop over pairs as published."""
+    student_out = (student_output / student_temp).chunk(num_crops)
+    teacher_out = torch.softmax((teacher_output - center) / teacher_temp, dim=-1).chunk(2)
+    total, terms = 0.0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(num_crops):
+            if v == iq:
+                continue
+            total += torch.sum(-q * torch.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+            terms += 1
+    return total / terms
+
+
+def test_contrastive_loss_matches_hand_computation_and_is_symmetric():
+    torch.manual_seed(0)
+    image_embeds, text_embeds = torch.randn(6, 5), torch.randn(6, 5)
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    loss = ContrastiveLoss()(image_embeds, text_embeds, logit_scale)
+    torch.testing.assert_close(loss, _reference_clip_loss(image_embeds, text_embeds, logit_scale))
+    torch.testing.assert_close(ContrastiveLoss()(text_embeds, image_embeds, logit_scale), loss)
+    # Scaling an embedding does not change the loss: it normalises its inputs.
+    torch.testing.assert_close(ContrastiveLoss()(3.0 * image_embeds, text_embeds, logit_scale), loss)
+
+
+def test_contrastive_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="ContrastiveLoss"):
+        ContrastiveLoss()(torch.randn(4, 5), torch.randn(3, 5), torch.tensor(0.0))
+
+
+def test_temperature_is_clamped_at_100_and_gradient_flows_below():
+    torch.manual_seed(0)
+    image_embeds, text_embeds = torch.randn(6, 5), torch.randn(6, 5)
+    above = nn.Parameter(torch.tensor(math.log(500.0)))
+    loss_above = ContrastiveLoss()(image_embeds, text_embeds, above)
+    loss_above.backward()
+    torch.testing.assert_close(loss_above, _reference_clip_loss(image_embeds, text_embeds, torch.tensor(math.log(100.0))))
+    assert above.grad.item() == 0.0
+
+    below = nn.Parameter(torch.tensor(math.log(10.0)))
+    ContrastiveLoss()(image_embeds, text_embeds, below).backward()
+    unclamped = torch.tensor(math.log(10.0), requires_grad=True)
+    _reference_clip_loss(image_embeds, text_embeds, unclamped).backward()
+    assert below.grad.item() != 0.0
+    torch.testing.assert_close(below.grad, unclamped.grad)
+
+
+def test_dino_loss_matches_published_loop_with_centre_and_warmup():
+    torch.manual_seed(0)
+    batch = 3
+    loss_fn = DINOLoss(
+        OUT_DIM, NUM_CROPS, num_epochs=5, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3
+    )
+    np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
+    center = torch.randn(1, OUT_DIM)
+    loss_fn.center.copy_(center)
+    student_output = torch.randn(NUM_CROPS * batch, OUT_DIM, requires_grad=True)
+    teacher_output = torch.randn(2 * batch, OUT_DIM)
+
+    output = loss_fn(student_output, teacher_output, epoch=1)
+
+    expected = _reference_dino_loss(student_output, teacher_output, center, 0.1, 0.055, NUM_CROPS)
+    torch.testing.assert_close(output.loss, expected)
+    output.loss.backward()
+    assert student_output.grad.abs().sum() > 0
+
+    teacher_probs = torch.softmax((teacher_output - center) / 0.055, dim=-1)
+    entropy = -(teacher_probs * teacher_probs.log()).sum(-1).mean()
+    torch.testing.assert_close(output.teacher_entropy, entropy)
+    student_log_probs = torch.log_softmax(student_output.detach() / 0.1, dim=-1).chunk(NUM_CROPS)
+    kls = [
+        (q * (q.log() - student_log_probs[v])).sum(-1).mean()
+        for iq, q in enumerate(teacher_probs.chunk(2))
+        for v in range(NUM_CROPS)
+        if v != iq
+    ]
+    torch.testing.assert_close(output.teacher_student_kl, torch.stack(kls).mean())
+
+
+def test_dino_centre_moves_after_the_loss_with_momentum():
+    torch.manual_seed(0)
+    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1, center_momentum=0.9)
+    initial = torch.randn(1, OUT_DIM)
+    loss_fn.center.copy_(initial)
+    teacher_output = torch.randn(2 * 3, OUT_DIM)
+    loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), teacher_output, epoch=0)
+    torch.testing.assert_close(loss_fn.center, 0.9 * initial + 0.1 * teacher_output.mean(dim=0, keepdim=True))
+    assert not loss_fn.center.requires_grad
+    assert "center" in loss_fn.state_dict()
+
+
+def test_dino_loss_rejects_bad_shapes_and_epochs():
+    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=2)
+    with pytest.raises(ValueError, match="teacher_output"):
+        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(3, OUT_DIM), epoch=0)
+    with pytest.raises(ValueError, match="epoch 2"):
+        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(6, OUT_DIM), epoch=2)
+
+
+class _ToyDualEncoder(nn.Module):
+    """Two linear towers and a learnable log temperature, enough to compare gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_projection = nn.Linear(6, 4)
+        self.text_projection = nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images, texts):
+        return self.image_projection(images), self.text_projection(texts), self.logit_scale
+
+
+def _global_data():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64)
+    texts = torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64)
+    student = torch.randn(NUM_CROPS, GLOBAL_BATCH, OUT_DIM, generator=generator)
+    teacher = torch.randn(2, GLOBAL_BATCH, OUT_DIM, generator=generator)
+    return images, texts, student, teacher
+
+
+def _toy_model():
+    torch.manual_seed(0)
+    return _ToyDualEncoder().double()
+
+
+def _distributed_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    images, texts, student, teacher = _global_data()
+    local = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
+
+    model = DistributedDataParallel(_toy_model())
+    loss = ContrastiveLoss()(*model(images[local], texts[local]))
+    loss.backward()
+
+    dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
+    dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0)
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "grads": {name: p.grad for name, p in model.module.named_parameters()},
+            "dino_loss": dino_output.loss.detach(),
+            "center": dino_loss.center,
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    """Runs `_distributed_worker` in 2 CPU processes (gloo) and returns what each rank saved."""
+    tmp_path = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def test_two_processes_match_single_process_loss_and_gradients(distributed_results):
+    images, texts, _, _ = _global_data()
+    model = _toy_model()
+    loss = ContrastiveLoss()(*model(images, texts))
+    loss.backward()
+    for result in distributed_results:
+        torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-6, rtol=0)
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(result["grads"][name], parameter.grad, atol=1e-6, rtol=0)
+
+
+def test_two_processes_share_the_dino_centre_of_the_global_batch(distributed_results):
+    _, _, student, teacher = _global_data()
+    centre = 0.1 * teacher.flatten(0, 1).mean(dim=0, keepdim=True)
+    for rank, result in enumerate(distributed_results):
+        torch.testing.assert_close(result["center"], centre)
+        # The loss itself stays local: DDP averages its gradients.
+        local = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
+        single = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
+        expected = single(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0).loss
+        torch.testing.assert_close(result["dino_loss"], expected)
+    assert torch.equal(distributed_results[0]["center"], distributed_results[1]["center"])

@@ -1,0 +1,147 @@
+"""ZeroShotClassifier: prompt ensembles, the label cache, batching, AgriCLIP embedding sources and a CLIP baseline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+from modeling_agriclip.zero_shot import ZeroShotClassifier
+
+
+CLASSES = ["leaf rust", "healthy leaf", "powdery mildew"]
+TEMPLATES = ["a photo of {}.", "a close-up photo of {}.", "a field photo showing {}."]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_baseline(clip_tokenizer):
+    """A plain transformers CLIPModel and CLIPProcessor (PIL image backend), tiny and random."""
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(clip_tokenizer)},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory, tiny_clip_baseline):
+    """The baseline saved as a plain transformers CLIP folder."""
+    path = tmp_path_factory.mktemp("clip-tiny")
+    model, processor = tiny_clip_baseline
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def classifier(tiny_model, tiny_processor):
+    return ZeroShotClassifier(tiny_model, tiny_processor, batch_size=2)
+
+
+def _text_features(model, processor, texts):
+    batch = processor(text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        output = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def test_label_embeddings_are_the_normalised_mean_of_normalised_template_embeddings(classifier, tiny_model, tiny_processor):
+    labels = classifier.label_embeddings(CLASSES, TEMPLATES)
+    assert labels.shape == (len(CLASSES), tiny_model.config.projection_dim)
+    for row, name in zip(labels, CLASSES):
+        prompts = F.normalize(_text_features(tiny_model, tiny_processor, [t.format(name) for t in TEMPLATES]), dim=-1)
+        expected = F.normalize(prompts.mean(dim=0), dim=-1)
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
+    # Normalising before averaging matters: the unnormalised mean points elsewhere.
+    raw = _text_features(tiny_model, tiny_processor, [t.format(CLASSES[0]) for t in TEMPLATES])
+    assert not torch.allclose(labels[0], F.normalize(raw.mean(dim=0), dim=-1), atol=1e-4)
+
+
+def test_label_embeddings_are_cached_per_class_names_and_templates(classifier, monkeypatch):
+    calls = []
+    get_text_features = classifier.model.get_text_features
+    monkeypatch.setattr(classifier.model, "get_text_features", lambda **kw: calls.append(1) or get_text_features(**kw))
+    first = classifier.label_embeddings(CLASSES, TEMPLATES)
+    n_calls = len(calls)
+    assert n_calls == 5  # 9 prompts in batches of 2
+    assert classifier.label_embeddings(list(CLASSES), tuple(TEMPLATES)) is first
+    assert len(calls) == n_calls
+    # Another embedding source of the same model shares the cache: text does not depend on it.
+    assert classifier.with_embedding("clip").label_embeddings(CLASSES, TEMPLATES) is first
+    classifier.label_embeddings(CLASSES, TEMPLATES[:1])
+    assert len(calls) > n_calls
+
+
+@pytest.mark.parametrize("embedding", ["aligned", "clip", "fused"])
+def test_image_embeddings_match_the_model_and_are_batched(tiny_model, tiny_processor, sample_images, embedding):
+    classifier = ZeroShotClassifier(tiny_model, tiny_processor, embedding=embedding, batch_size=2)
+    embeds = classifier.image_embeddings(sample_images)
+    pixel_values = tiny_processor(images=sample_images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = F.normalize(tiny_model.get_image_features(pixel_values, embedding=embedding), dim=-1)
+    torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classifier.image_embeddings(pixel_values), embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_sources_differ(tiny_model, tiny_processor, sample_images):
+    aligned = ZeroShotClassifier(tiny_model, tiny_processor, embedding="aligned")
+    assert not torch.allclose(aligned.image_embeddings(sample_images), aligned.with_embedding("clip").image_embeddings(sample_images))
+
+
+def test_logits_are_scaled_cosines(classifier, tiny_model, sample_images):
+    logits = classifier.logits(sample_images, CLASSES, TEMPLATES)
+    cosines = classifier.image_embeddings(sample_images) @ classifier.label_embeddings(CLASSES, TEMPLATES).T
+    torch.testing.assert_close(logits, tiny_model.logit_scale.exp().item() * cosines)
+
+
+def test_predict_returns_sorted_softmax_scores_like_the_pipeline(classifier, sample_images):
+    predictions = classifier.predict(sample_images, CLASSES, TEMPLATES, top_k=2)
+    probabilities = classifier.logits(sample_images, CLASSES, TEMPLATES).softmax(dim=-1)
+    assert len(predictions) == len(sample_images)
+    for row, image_probabilities in zip(predictions, probabilities):
+        assert [set(entry) for entry in row] == [{"label", "score"}] * 2
+        assert row[0]["score"] >= row[1]["score"]
+        assert row[0]["label"] == CLASSES[int(image_probabilities.argmax())]
+        assert row[0]["score"] == pytest.approx(image_probabilities.max().item())
+    full = classifier.predict(sample_images[0], CLASSES, TEMPLATES, top_k=10)
+    assert len(full) == 1 and sorted(entry["label"] for entry in full[0]) == sorted(CLASSES)
+    assert sum(entry["score"] for entry in full[0]) == pytest.approx(1.0)
+
+
+def test_works_under_inference_mode(classifier, sample_images):
+    with torch.inference_mode():
+        logits = classifier.logits(sample_images, CLASSES, "a photo of {}.")
+    assert logits.shape == (len(sample_images), len(CLASSES)) and torch.isfinite(logits).all()
+
+
+def test_bad_templates_are_errors(classifier):
+    with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
+        classifier.label_embeddings(CLASSES, ["a photo of a leaf."])
+
+
+def test_clip_baseline(tiny_clip_baseline, sample_images):
+    model, processor = tiny_clip_baseline
+    classifier = ZeroShotClassifier(model, processor)
+    labels = classifier.label_embeddings(CLASSES, TEMPLATES)
+    prompts = F.normalize(_text_features(model, processor, [t.format(CLASSES[1]) for t in TEMPLATES]), dim=-1)
+    torch.testing.assert_close(labels[1], F.normalize(prompts.mean(dim=0), dim=-1), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        images = model.get_image_features(pixel_values=processor(images=sample_images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        classifier.image_embeddings(sample_images), F.normalize(images.pooler_output, dim=-1), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="CLIPModel has a single image embedding"):
+        ZeroShotClassifier(model, processor, embedding="aligned")
+
+
+def test_from_pretrained_loads_agriclip_and_clip_folders(tiny_checkpoint, tiny_clip_checkpoint, tiny_model, sample_images):
+    agriclip = ZeroShotClassifier.from_pretrained(tiny_checkpoint, embedding="clip", device="cpu")
+    assert agriclip.device.type == "cpu" and agriclip.embedding == "clip"
+    expected = ZeroShotClassifier(tiny_model, agriclip.processor, embedding="clip").image_embeddings(sample_images)
+    torch.testing.assert_close(agriclip.image_embeddings(sample_images), expected, atol=1e-5, rtol=1e-5)
+    baseline = ZeroShotClassifier.from_pretrained(tiny_clip_checkpoint)
+    assert type(baseline.model).__name__ == "CLIPModel"
+    assert baseline.predict(sample_images[:1], CLASSES)[0][0]["label"] in CLASSES

@@ -1,0 +1,140 @@
+"""Training losses: CLIP's symmetric InfoNCE on the global batch (stage 1, LoRA) and the DINO loss (stage 2)."""
+
+from dataclasses import dataclass
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from modeling_agriclip.modeling_agriclip import clip_loss
+from training.dino import teacher_entropy
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE between image and text embeddings, with a learnable temperature, on the global batch.
+
+    The embeddings are L2-normalised here. Under several processes the local embeddings of every process are
+    gathered with gradients, so each process computes the loss of the whole global batch: the value equals
+    the single-process loss on the concatenated batch, and so do the gradients after DDP averages them
+    (see `forward`). Every process must hold the same local batch size (use `drop_last=True`).
+    """
+
+    def __init__(self, max_logit_scale: float = math.log(100.0)):
+        super().__init__()
+        self.max_logit_scale = max_logit_scale
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+            raise ValueError(
+                "ContrastiveLoss: image_embeds and text_embeds must both be (batch, dim), got "
+                f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+            )
+        image_embeds = nn.functional.normalize(image_embeds, dim=-1)
+        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        if _world_size() > 1:
+            # The backward of all_gather sums the gradients that all W processes send to each local slice.
+            # Every process computes the same global loss L, so each local embedding receives W * dL/dx, and
+            # DDP's division by W when it averages the parameter gradients cancels that factor: the result
+            # is exactly dL/dtheta of the single-process loss. logit_scale is not gathered: each process
+            # gets the full dL/ds from its own copy of L, and the average of W equal values is dL/ds.
+            image_embeds = torch.cat(dist_fn.all_gather(image_embeds))
+            text_embeds = torch.cat(dist_fn.all_gather(text_embeds))
+        # clamp keeps the gradient below the bound (CLIP caps the temperature at 100).
+        scale = logit_scale.clamp(max=self.max_logit_scale).exp()
+        logits_per_text = scale * text_embeds @ image_embeds.t()
+        return clip_loss(logits_per_text)
+
+
+@dataclass
+class DINOLossOutput:
+    """DINO loss with the detached collapse indicators of the same step (DINO paper §5.3, Fig. 7).
+
+    teacher_entropy: mean entropy of the teacher's centred, sharpened distributions (nats).
+    teacher_student_kl: mean KL(teacher || student) over the loss's view pairs. The cross-entropy of each
+    pair is the teacher entropy plus this KL, and every teacher view enters the same number of pairs, so it
+    is `loss - teacher_entropy` at no extra cost.
+    """
+
+    loss: torch.Tensor
+    teacher_entropy: torch.Tensor
+    teacher_student_kl: torch.Tensor
+
+
+class DINOLoss(nn.Module):
+    """DINO self-distillation loss with centring and sharpening (facebookresearch/dino main_dino.DINOLoss).
+
+    `student_output` stacks the `num_crops` views by chunks of the batch, the 2 global views first, and
+    `teacher_output` stacks the teacher's outputs on the same 2 global views: (num_crops * B, out_dim) and
+    (2 * B, out_dim). The loss averages, over every pair of teacher global view iq and student view v != iq,
+    the cross-entropy between softmax((teacher - centre) / teacher_temp) and log_softmax(student / student_temp).
+    After the loss, the centre moves towards the mean teacher output of the global batch (all processes).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        num_crops: int,
+        num_epochs: int,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if num_crops < 2:
+            raise ValueError(f"DINOLoss: num_crops must count the 2 global crops, got {num_crops}")
+        if warmup_teacher_temp_epochs > num_epochs:
+            raise ValueError(
+                f"DINOLoss: warmup_teacher_temp_epochs ({warmup_teacher_temp_epochs}) exceeds num_epochs ({num_epochs})"
+            )
+        self.num_crops = num_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.full(num_epochs - warmup_teacher_temp_epochs, teacher_temp),
+            )
+        )
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> DINOLossOutput:
+        if student_output.shape[0] % self.num_crops or teacher_output.shape[0] * self.num_crops != 2 * student_output.shape[0]:
+            raise ValueError(
+                f"DINOLoss: expected student_output ({self.num_crops} * B, out_dim) and teacher_output (2 * B, out_dim), "
+                f"got {tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
+            )
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise ValueError(f"DINOLoss: epoch {epoch} is outside the teacher temperature schedule of {len(self.teacher_temp_schedule)} epochs")
+        # float32 whatever the autocast dtype: sums over 65,536 prototypes lose too much in half precision.
+        student_log_probs = nn.functional.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_log_probs = student_log_probs.unflatten(0, (self.num_crops, -1))
+        teacher_temp = float(self.teacher_temp_schedule[epoch])
+        teacher_probs = nn.functional.softmax((teacher_output.detach().float() - self.center) / teacher_temp, dim=-1)
+        teacher_probs = teacher_probs.unflatten(0, (2, -1))
+        # Sum over student views v != iq of log p_v = (sum over all views) - log p_iq: every pair in two
+        # elementwise products instead of a loop over 2 * (num_crops - 1) pairs.
+        other_views = student_log_probs.sum(dim=0) - student_log_probs[:2]
+        cross_entropy = -(teacher_probs * other_views).sum(dim=-1).mean(dim=-1).sum()
+        loss = cross_entropy / (2 * (self.num_crops - 1))
+        entropy = teacher_entropy(teacher_probs)
+        self.update_center(teacher_output)
+        return DINOLossOutput(loss=loss, teacher_entropy=entropy, teacher_student_kl=loss.detach() - entropy)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the centre towards the mean teacher output over the batches of all processes."""
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        count = teacher_output.shape[0]
+        if _world_size() > 1:
+            dist.all_reduce(batch_center)
+            count *= _world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1.0 - self.center_momentum)

@@ -1,0 +1,286 @@
+"""Stage 2 of AgriCLIP: DINO self-distillation of the fine-grained image backbone, with no labels.
+
+A student (backbone + DINO head) sees 2 global and N local crops of each image; a teacher, the exponential
+moving average of the student, sees the global crops; the student learns to match the teacher's centred,
+sharpened outputs (Caron et al. 2021, as in facebookresearch/dino main_dino.py). Multi-crop augmentation runs
+batched on the training device (kornia). Runs the same under `python` and `accelerate launch`:
+
+    python -m training.stage2_dino --model runs/stage1/final --train-data data/pretrain --output-dir runs/stage2
+
+Writes the trained teacher backbone into the AgriCLIP checkpoint (`<output-dir>/final`) and as a standalone
+transformers model (`<output-dir>/backbone`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel
+
+from evaluation.knn import knn_accuracy
+from modeling_agriclip.modeling_agriclip import backbone_features
+from training.data import DecodeStats, ImageCollator, load_image_text_dataset, load_labelled_dataset
+from training.dino import (
+    CollapseMonitor,
+    DINOHead,
+    MultiCropAugmentation,
+    MultiCropWrapper,
+    cancel_gradients_last_layer,
+    cosine_schedule,
+    param_groups_without_decay,
+    update_teacher,
+)
+from training.losses import DINOLoss
+from training.models import load_model_and_processor
+from training.runtime import (
+    CheckpointManager,
+    TrainingPosition,
+    add_runtime_arguments,
+    check_finite,
+    dataloader_generator,
+    export_atomically,
+    make_accelerator,
+    parse_args,
+)
+
+# The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
+OPTIMIZER_RECIPES = {
+    "adamw": {"learning_rate": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4},
+    "sgd": {"learning_rate": 0.03, "weight_decay": 1e-4, "weight_decay_end": 1e-4},
+}
+
+
+class CollapseError(RuntimeError):
+    """The DINO outputs collapsed (one-hot or uniform); training further would not recover."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="AgriCLIP folder, Hub id or preset whose backbone config (and weights) to train and into which the result is written.")
+    parser.add_argument("--backbone", default=None, help="Start from the weights of this transformers ViT/DINOv2/ResNet checkpoint (folder or Hub id; same architecture as the model's backbone).")
+    parser.add_argument("--random-init", action="store_true", help="Start the backbone from random initialisation.")
+    parser.add_argument("--train-data", required=True, help="Images: any image-caption source (captions are ignored) or image folder with metadata.")
+    parser.add_argument("--train-split", default="train", help="Split of --train-data.")
+    parser.add_argument("--knn-data", default=None, help="Labelled image folder or dataset for the k-NN accuracy of the teacher's features (split in halves).")
+    parser.add_argument("--knn-k", type=int, default=20, help="Neighbours of the k-NN vote.")
+    crops = parser.add_argument_group("multi-crop")
+    crops.add_argument("--crop-recipe", choices=["vit", "resnet"], default=None, help="Crop scales of the published recipe (default: by backbone type).")
+    crops.add_argument("--global-size", type=int, default=None, help="Global crop size (default: the model's image size).")
+    crops.add_argument("--local-size", type=int, default=None, help="Local crop size (default: 3/7 of the global size, 96 for 224).")
+    crops.add_argument("--num-local-crops", type=int, default=8, help="Local crops per image.")
+    head = parser.add_argument_group("DINO head and loss")
+    head.add_argument("--out-dim", type=int, default=65536, help="Prototypes of the DINO head (65,536 published).")
+    head.add_argument("--head-hidden-dim", type=int, default=2048, help="Hidden size of the head's MLP.")
+    head.add_argument("--head-bottleneck-dim", type=int, default=256, help="Bottleneck size before the weight-normalised last layer.")
+    head.add_argument("--no-norm-last-layer", dest="norm_last_layer", action="store_false", help="Let the last layer's weight norm train (DINO's option for stability with ViT-B).")
+    head.add_argument("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the head's last layer stays fixed.")
+    head.add_argument("--student-temp", type=float, default=0.1, help="Student softmax temperature.")
+    head.add_argument("--teacher-temp", type=float, default=0.04, help="Teacher softmax temperature after warm-up.")
+    head.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="Teacher temperature at the start of the warm-up.")
+    head.add_argument("--warmup-teacher-temp-epochs", type=int, default=0, help="Epochs of linear teacher-temperature warm-up.")
+    head.add_argument("--center-momentum", type=float, default=0.9, help="Momentum of the centre of the teacher outputs.")
+    head.add_argument("--momentum-teacher", type=float, default=0.996, help="Teacher EMA momentum at the start; a cosine takes it to 1.")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", choices=sorted(OPTIMIZER_RECIPES), default=None, help="adamw (ViT recipe) or sgd (ResNet-50 recipe); default by backbone type.")
+    optim.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate per 256 images (linearly scaled by the total batch); default from the recipe.")
+    optim.add_argument("--min-learning-rate", type=float, default=1e-6, help="Learning rate at the end of the cosine decay.")
+    optim.add_argument("--warmup-epochs", type=int, default=10, help="Linear learning-rate warm-up epochs (capped at --epochs).")
+    optim.add_argument("--weight-decay", type=float, default=None, help="Weight decay at the start (default from the recipe).")
+    optim.add_argument("--weight-decay-end", type=float, default=None, help="Weight decay at the end, cosine schedule (default from the recipe).")
+    optim.add_argument("--collapse-window", type=int, default=100, help="Stop when the teacher looks collapsed for this many consecutive steps.")
+    add_runtime_arguments(parser)
+    parser.set_defaults(batch_size=64, max_grad_norm=3.0, epochs=100)
+    return parser
+
+
+def resolve_recipe(args, backbone_type: str) -> None:
+    """Fills the options left unset from the published recipe of the backbone type."""
+    is_resnet = backbone_type == "resnet"
+    args.crop_recipe = args.crop_recipe or ("resnet" if is_resnet else "vit")
+    args.optimizer = args.optimizer or ("sgd" if is_resnet else "adamw")
+    for name, value in OPTIMIZER_RECIPES[args.optimizer].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def load_backbone(args, model):
+    """The AgriCLIP model's backbone, re-initialised with --random-init or loaded with --backbone weights."""
+    backbone = model.dino_model
+    if args.random_init:
+        backbone.apply(backbone._init_weights)
+    if args.backbone:
+        pretrained = AutoModel.from_pretrained(args.backbone, dtype=torch.float32)
+        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
+        try:
+            backbone.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{args.backbone} does not fit the backbone of {args.model} ({error.args[0].splitlines()[0]}); build an "
+                "AgriCLIP checkpoint around it first: python -m modeling_agriclip.convert --dino ... --clip ..."
+            ) from None
+    return backbone
+
+
+@torch.no_grad()
+def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
+    """k-NN accuracy of the backbone's features: reference half against query half."""
+    backbone.eval()
+    features = []
+    for loader in knn_sets["loaders"]:
+        chunks, labels = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            chunks.append(backbone_features(backbone, normalise(batch["pixel_values"].to(accelerator.device))))
+            labels.append(batch["labels"])
+        features.append((torch.cat(chunks), torch.cat(labels)))
+    backbone.train()
+    (train_x, train_y), (test_x, test_y) = features
+    return knn_accuracy(train_x, train_y, test_x, test_y, knn_sets["num_classes"], k=k)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(build_parser(), argv)
+    accelerator = make_accelerator(args, "stage2_dino")
+    model, processor = load_model_and_processor(args.model)
+    config = model.config
+    backbone = load_backbone(args, model)
+    resolve_recipe(args, backbone.config.model_type)
+    global_size = args.global_size or config.vision_config.image_size
+    local_size = args.local_size or max(8, global_size * 3 // 7)
+
+    feature_size = backbone_features(backbone.eval(), torch.zeros(1, 3, global_size, global_size)).shape[-1]
+    backbone.train()
+    head = DINOHead(feature_size, args.out_dim, norm_last_layer=args.norm_last_layer,
+                    hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+    student = MultiCropWrapper(backbone, head)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    # The teacher's head always has a normalised last layer (DINO); only the student's may train its norm.
+    augment = MultiCropAugmentation(args.crop_recipe, args.num_local_crops, global_size, local_size,
+                                    mean=config.dino_image_mean, std=config.dino_image_std).to(accelerator.device)
+    num_crops = 2 + args.num_local_crops
+
+    decode_stats = DecodeStats()
+    dataset = load_image_text_dataset(args.train_data, split=args.train_split)
+    collate = ImageCollator(size=math.ceil(global_size * 8 / 7), stats=decode_stats)
+    # drop_last: the centre averages equal-size batches from every process.
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=args.num_workers, generator=dataloader_generator(args.seed))
+
+    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    params = param_groups_without_decay(student, args.weight_decay)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=0)
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    teacher.to(accelerator.device)
+    dino_loss = DINOLoss(args.out_dim, num_crops, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum).to(accelerator.device)
+    accelerator.register_for_checkpointing(teacher, dino_loss)
+
+    iters_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = min(args.max_steps or math.inf, args.epochs * iters_per_epoch)
+    lr_schedule = cosine_schedule(args.learning_rate * total_batch / 256.0, args.min_learning_rate, args.epochs,
+                                  iters_per_epoch, warmup_epochs=min(args.warmup_epochs, args.epochs))
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+
+    knn_sets = None
+    if args.knn_data:
+        labelled, class_names = load_labelled_dataset(args.knn_data)
+        halves = labelled.train_test_split(test_size=0.5, seed=args.seed)
+        knn_collate = ImageCollator(size=global_size, stats=decode_stats)
+        knn_sets = {"num_classes": len(class_names), "loaders": [
+            DataLoader(halves[name], batch_size=args.batch_size, collate_fn=knn_collate) for name in ("train", "test")]}
+
+    def normalise(pixels):
+        return (pixels - augment.mean) / augment.std
+
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
+    position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
+    accelerator.init_trackers("stage2_dino", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    if knn_sets and position.step == 0:
+        initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
+        accelerator.log({"knn_top1": initial_knn}, step=0)
+        accelerator.print(f"k-NN top-1 of the initial backbone: {initial_knn:.3f}")
+    accelerator.print(f"stage 2: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
+                      f"x {args.gradient_accumulation_steps} accumulation, {num_crops} crops ({global_size}/{local_size} px), "
+                      f"{args.optimizer}, on {accelerator.device}")
+    collapse = CollapseMonitor(args.out_dim, window=args.collapse_window)
+    progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
+    samples, started = 0, time.perf_counter()
+
+    while position.step < max_steps:
+        loader.set_epoch(position.epoch)
+        batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
+        for batch in batches:
+            position.batch_in_epoch += 1
+            if batch is None:
+                continue
+            with accelerator.accumulate(student):
+                for index, group in enumerate(optimizer.param_groups):
+                    group["lr"] = float(lr_schedule[position.step])
+                    if index == 0:  # only the first group decays
+                        group["weight_decay"] = float(wd_schedule[position.step])
+                crops = augment(batch["pixel_values"].to(accelerator.device))
+                with torch.no_grad():
+                    teacher_output = teacher(crops[:2])
+                output = dino_loss(student(crops), teacher_output, position.epoch)
+                check_finite(output.loss, position, checkpoints)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs)
+                optimizer.step()
+                optimizer.zero_grad()
+            samples += len(batch["pixel_values"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
+            position.step += 1
+            progress.update(1)
+            logs = {"loss": output.loss.item(), "teacher_entropy": output.teacher_entropy.item(),
+                    "teacher_student_kl": output.teacher_student_kl.item(), "lr": float(lr_schedule[position.step - 1]),
+                    "weight_decay": float(wd_schedule[position.step - 1]),
+                    "teacher_momentum": float(momentum_schedule[position.step - 1]),
+                    "samples_per_second": samples / (time.perf_counter() - started)}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=position.step)
+            message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
+            if message:
+                raise CollapseError(f"{message} (stopped at step {position.step})")
+            if position.step % args.checkpoint_every == 0 or position.step == max_steps:
+                checkpoints.save(position)
+            if position.step >= max_steps:
+                break
+        else:
+            position.next_epoch()
+    progress.close()
+
+    if knn_sets:
+        final_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
+        accelerator.log({"knn_top1": final_knn}, step=position.step)
+        accelerator.print(f"k-NN top-1 of the trained teacher backbone: {final_knn:.3f}")
+    if decode_stats.num_skipped:
+        accelerator.print(decode_stats.summary())
+    model.dino_model.load_state_dict(teacher.backbone.state_dict())
+    output_dir = Path(args.output_dir)
+    backbone_processor = copy.deepcopy(processor.image_processor)
+    backbone_processor.image_mean, backbone_processor.image_std = config.dino_image_mean, config.dino_image_std
+    export_atomically(accelerator, output_dir / "backbone", teacher.backbone, backbone_processor)
+    final = export_atomically(accelerator, output_dir / "final", model, processor)
+    accelerator.print(f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}")
+    accelerator.end_training()
+    return final
+
+
+if __name__ == "__main__":
+    main()
