@@ -1,0 +1,430 @@
+"""Decoding of bad and unusual images, the loaders of every source kind, and the collators."""
+
+import hashlib
+import io
+import json
+import pickle
+import struct
+import tarfile
+import zlib
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training import data
+from training.data import (
+    DecodeStats,
+    ImageCollator,
+    ImageDecodeError,
+    ImageTextCollator,
+    load_image_text_dataset,
+    load_labelled_dataset,
+    open_image,
+    read_image_bytes,
+)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def noisy_rgb(seed: int, size=(48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a huge size but holds almost no data: opening it must not allocate the image."""
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data_chunk = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data_chunk + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------------------- bad files
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF"])
+def test_truncated_file_is_reported_as_truncated(tmp_path, fmt):
+    path = tmp_path / f"cut.{fmt.lower()}"
+    payload = encode(noisy_rgb(0), fmt)
+    path.write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(ImageDecodeError) as error:
+        open_image(path)
+    assert error.value.reason == "truncated" and error.value.path == str(path)
+    assert isinstance(error.value, ValueError) and str(path) in str(error.value)
+
+
+def test_corrupt_zero_byte_and_missing_files(tmp_path):
+    corrupt, empty = tmp_path / "corrupt.jpg", tmp_path / "empty.png"
+    corrupt.write_bytes(b"this is not an image" * 10)
+    empty.write_bytes(b"")
+    cases = {corrupt: "corrupt", empty: "empty file", tmp_path / "missing.jpg": "missing file"}
+    for path, reason in cases.items():
+        with pytest.raises(ImageDecodeError) as error:
+            open_image(path)
+        assert (error.value.reason, error.value.path) == (reason, str(path))
+    broken = bytearray(encode(noisy_rgb(1), "PNG"))
+    broken[60:200] = bytes(140)  # valid signature and header, garbage pixel data
+    with pytest.raises(ImageDecodeError) as error:
+        open_image(bytes(broken))
+    assert error.value.reason in ("corrupt", "truncated")
+
+
+def test_decompression_bomb_limits(monkeypatch):
+    # Past PIL's own hard limit (2x its threshold): PIL raises before anything is decoded.
+    with pytest.raises(ImageDecodeError, match="too large"):
+        open_image(png_header_only(20_000, 20_000))
+    # Past our limit but under PIL's hard one: our explicit check fires, still before decoding.
+    with pytest.raises(ImageDecodeError, match="too large") as error:
+        open_image(png_header_only(10_000, 10_000))
+    assert "10000x10000" in str(error.value)
+    # The module constant, not PIL's global, sets the limit.
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        open_image(encode(Image.new("RGB", (20, 20)), "PNG"))
+    assert open_image(encode(Image.new("RGB", (10, 10)), "PNG")).size == (10, 10)
+
+
+# ------------------------------------------------------------------------------------------------- modes
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image).astype(int)
+
+
+def test_cmyk_palette_and_grayscale_convert_to_rgb():
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red
+    assert (pixels(open_image(encode(cmyk, "TIFF")))[0, 0] == [255, 0, 0]).all()
+    assert np.abs(pixels(open_image(encode(cmyk, "JPEG", quality=100)))[0, 0] - [255, 0, 0]).max() < 8
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert pixels(open_image(encode(palette, "PNG"))).tolist() == [[[10, 20, 30], [200, 100, 50]]]
+    transparent = encode(palette, "PNG", transparency=0)  # index 0 is transparent: white
+    assert pixels(open_image(transparent)).tolist() == [[[255, 255, 255], [200, 100, 50]]]
+
+    gray = Image.fromarray(np.array([[0, 77, 255]], dtype=np.uint8), "L")
+    assert pixels(open_image(encode(gray, "PNG"))).tolist() == [[[0] * 3, [77] * 3, [255] * 3]]
+    assert pixels(open_image(encode(gray.convert("1"), "PNG")))[0, 2].tolist() == [255] * 3
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.fromarray(np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 255, 128]]], dtype=np.uint8), "RGBA")
+    result = pixels(open_image(encode(rgba, "PNG")))[0]
+    assert result[0].tolist() == [255, 255, 255] and result[1].tolist() == [255, 0, 0]
+    assert np.abs(result[2] - [127, 127, 255]).max() <= 1
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], dtype=np.uint8), "LA")
+    assert pixels(open_image(encode(la, "PNG")))[0].tolist() == [[255] * 3, [0] * 3]
+
+
+def test_high_bit_depth_is_scaled_not_clipped():
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    assert pixels(open_image(encode(sixteen, "PNG")))[0, :, 0].tolist() == [0, 128, 255]
+    int32 = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.int32), "I")
+    assert pixels(open_image(encode(int32, "TIFF")))[0, :, 0].tolist() == [0, 100, 255]
+    floating = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    assert pixels(open_image(encode(floating, "TIFF")))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied():
+    photo = Image.new("RGB", (64, 32), (255, 0, 0))
+    photo.paste((0, 0, 255), (32, 0, 64, 32))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    result = open_image(encode(photo, "JPEG", quality=95, exif=exif.tobytes()))
+    assert result.size == (32, 64)
+    top, bottom = pixels(result)[8, 16], pixels(result)[56, 16]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_sources_path_bytes_and_datasets_dict(tmp_path):
+    payload = encode(noisy_rgb(2), "PNG")
+    (tmp_path / "a.png").write_bytes(payload)
+    expected = np.asarray(noisy_rgb(2))
+    for source in (tmp_path / "a.png", str(tmp_path / "a.png"), payload, {"path": "x.png", "bytes": payload},
+                   {"path": str(tmp_path / "a.png"), "bytes": None}):
+        assert (np.asarray(open_image(source)) == expected).all()
+    assert read_image_bytes({"path": "x.png", "bytes": payload}) == ("x.png", payload)
+    with pytest.raises(ImageDecodeError, match="neither path nor bytes"):
+        open_image({"path": None, "bytes": None})
+
+
+# ------------------------------------------------------------------------------------------------- stats
+
+
+def test_decode_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(ImageDecodeError("a.jpg", "truncated", "12 bytes not processed")))
+    assert (error.path, error.reason, error.detail) == ("a.jpg", "truncated", "12 bytes not processed")
+    assert str(error) == "a.jpg: truncated (12 bytes not processed)"
+
+
+def test_decode_stats_merge_roundtrip_and_summary():
+    first, second = DecodeStats(decoded=5), DecodeStats(decoded=2)
+    first.record(ImageDecodeError("a.jpg", "truncated"))
+    second.record(ImageDecodeError("b.png", "corrupt"))
+    second.record(ImageDecodeError("c.png", "truncated"))
+    first += DecodeStats.from_dict(json.loads(json.dumps(second.to_dict())))
+    assert first.decoded == 7 and first.num_skipped == 3
+    assert first.skipped == {"truncated": ["a.jpg", "c.png"], "corrupt": ["b.png"]}
+    summary = first.summary()
+    assert "skipped 3" in summary and "a.jpg, c.png" in summary and "b.png" in summary
+    assert "and 1 more" in first.summary(max_names=1)
+
+
+# ------------------------------------------------------------------------------------------------- collators
+
+
+@pytest.fixture
+def image_rows(tmp_path):
+    """Two good rows (one as a path, one as bytes) and three bad ones."""
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(noisy_rgb(3, (80, 60)), "PNG"))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "bad.jpg").write_bytes(encode(noisy_rgb(4), "JPEG")[:300])
+    return [
+        {"image": {"path": str(good), "bytes": None}, "caption": "a leaf with rust", "label": 0},
+        {"image": {"path": str(tmp_path / "missing.png"), "bytes": None}, "caption": "x", "label": 1},
+        {"image": {"path": str(tmp_path / "empty.jpg"), "bytes": None}, "caption": "x", "label": 1},
+        {"image": {"path": None, "bytes": encode(noisy_rgb(5), "JPEG")}, "caption": "a fish", "label": 2},
+        {"image": {"path": str(tmp_path / "bad.jpg"), "bytes": None}, "caption": "x", "label": 1},
+    ]
+
+
+def test_image_text_collator_skips_and_counts(image_rows, tiny_processor):
+    stats = DecodeStats()
+    batch = ImageTextCollator(tiny_processor, stats)(image_rows)
+    assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 2
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    expected = tiny_processor(text=["a leaf with rust", "a fish"], return_tensors="pt", padding=True)["input_ids"]
+    assert torch.equal(batch["input_ids"], expected)
+    assert stats.decoded == 2 and set(stats.skipped) == {"missing file", "empty file", "truncated"}
+    assert any(path.endswith("bad.jpg") for path in stats.skipped["truncated"])
+    assert ImageTextCollator(tiny_processor, stats)([image_rows[1], image_rows[2]]) is None
+
+
+def test_image_text_collator_draws_a_caption_variant(image_rows):
+    seen = []
+
+    def processor(text, images, **kwargs):
+        seen.extend(text)
+        return {"n": len(images)}
+
+    row = {**image_rows[0], "captions": ["variant one", "variant two"]}
+    torch.manual_seed(0)
+    collator = ImageTextCollator(processor)
+    for _ in range(20):
+        collator([row])
+    assert set(seen) == {"variant one", "variant two"}
+
+
+def test_image_collator_resizes_crops_and_labels(image_rows):
+    stats = DecodeStats()
+    batch = ImageCollator(32, stats)(image_rows)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+    assert batch["labels"].tolist() == [0, 2] and stats.num_skipped == 3
+    unlabelled = ImageCollator(32)([{"image": image_rows[0]["image"], "label": "rust"}])
+    assert set(unlabelled) == {"pixel_values"}
+    # The shorter side is resized, the centre kept: a wide image with a red centre stays red in the middle.
+    wide = Image.new("RGB", (90, 30), (0, 0, 255))
+    wide.paste((255, 0, 0), (30, 0, 60, 30))
+    crop = ImageCollator(16)([{"image": encode(wide, "PNG")}])["pixel_values"][0]
+    assert crop[0].min() > 0.9 and crop[2].max() < 0.1
+    assert ImageCollator(16)([image_rows[1]]) is None
+
+
+# ------------------------------------------------------------------------------------------------- labelled
+
+
+def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path):
+    for name in ("rust", "blight", "healthy"):
+        (tmp_path / "task" / name / "sub").mkdir(parents=True)
+        for index in range(2):
+            (tmp_path / "task" / name / "sub" / f"{index}.png").write_bytes(encode(noisy_rgb(index), "PNG"))
+    (tmp_path / "task" / "rust" / "broken.jpg").write_bytes(b"")
+    (tmp_path / "task" / "rust" / "notes.txt").write_text("not an image")
+    dataset, names = load_labelled_dataset(tmp_path / "task")
+    assert names == ["blight", "healthy", "rust"]
+    assert dataset.features["label"].names == names and not dataset.features["image"].decode
+    assert sorted(dataset["label"]) == [0, 0, 1, 1, 2, 2, 2]
+    rows = list(dataset)  # a broken file does not break iteration: decoding happens in the collator
+    stats = DecodeStats()
+    batch = ImageCollator(16, stats)(rows)
+    assert batch["labels"].tolist() == [0, 0, 1, 1, 2, 2] and stats.skipped["empty file"][0].endswith("broken.jpg")
+
+    (tmp_path / "split" / "test" / "a").mkdir(parents=True)
+    (tmp_path / "split" / "test" / "a" / "0.png").write_bytes(encode(noisy_rgb(0), "PNG"))
+    (tmp_path / "split" / "train").mkdir()
+    with pytest.raises(ValueError, match="split folders"):
+        load_labelled_dataset(tmp_path / "split")
+    assert load_labelled_dataset(tmp_path / "split", split="test")[1] == ["a"]
+    (tmp_path / "task" / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="empty_class"):
+        load_labelled_dataset(tmp_path / "task")
+
+
+def test_labelled_saved_dataset_with_other_column_names(tmp_path):
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["cow", "fish"])})
+    images = [{"bytes": encode(noisy_rgb(i), "PNG"), "path": None} for i in range(3)]
+    saved = datasets.Dataset.from_dict({"img": images, "fine_label": [1, 0, 1]}, features=features)
+    datasets.DatasetDict({"test": saved, "train": saved}).save_to_disk(str(tmp_path / "saved"))
+    dataset, names = load_labelled_dataset(tmp_path / "saved", split="test")
+    assert names == ["cow", "fish"] and dataset.column_names == ["image", "label"]
+    assert dataset["label"] == [1, 0, 1] and not dataset.features["image"].decode
+    assert (np.asarray(open_image(dataset[0]["image"])) == np.asarray(noisy_rgb(0))).all()
+    with pytest.raises(ValueError, match="pass split="):
+        load_labelled_dataset(tmp_path / "saved")
+    datasets.Dataset.from_dict({"img": images, "text": ["a"] * 3}, features=datasets.Features(
+        {"img": datasets.Image(), "text": datasets.Value("string")})).save_to_disk(str(tmp_path / "nolabel"))
+    with pytest.raises(ValueError, match="no ClassLabel column"):
+        load_labelled_dataset(tmp_path / "nolabel")
+
+
+# ------------------------------------------------------------------------------------------------- image-text
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Six image-caption pairs with source and label, as (png bytes, caption, source, label)."""
+    return [
+        (encode(noisy_rgb(10 + i, (24, 24)), "PNG"), f"caption number {i}", f"src{i % 2}", f"cls{i % 3}")
+        for i in range(6)
+    ]
+
+
+def content(dataset) -> list[tuple]:
+    """Order-free content of an image-text dataset: image pixels hash, caption, source, label."""
+    rows = []
+    for row in dataset:
+        digest = hashlib.sha256(open_image(row["image"]).tobytes()).hexdigest()
+        rows.append((digest, row["caption"], row.get("source"), row.get("label")))
+    return sorted(rows)
+
+
+def expected_content(pairs) -> list[tuple]:
+    return sorted(
+        (hashlib.sha256(open_image(png).tobytes()).hexdigest(), caption, source, label)
+        for png, caption, source, label in pairs
+    )
+
+
+def write_image_folder(root, pairs, metadata="metadata.jsonl"):
+    root.mkdir(parents=True)
+    rows = []
+    for index, (png, caption, source, label) in enumerate(pairs):
+        (root / "imgs").mkdir(exist_ok=True)
+        (root / "imgs" / f"{index}.png").write_bytes(png)
+        rows.append({"file_name": f"imgs/{index}.png", "caption": caption, "source": source, "label": label})
+    if metadata.endswith(".jsonl"):
+        (root / metadata).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        lines = ["file_name,caption,source,label"] + [",".join(row.values()) for row in rows]
+        (root / metadata).write_text("\n".join(lines) + "\n")
+
+
+def write_shard(path, pairs):
+    with tarfile.open(path, "w") as shard:
+        for index, (png, caption, source, label) in enumerate(pairs):
+            for name, payload in (
+                (f"{index:04d}.png", png),
+                (f"{index:04d}.txt", caption.encode()),
+                (f"{index:04d}.json", json.dumps({"source": source, "label": label}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                shard.addfile(info, io.BytesIO(payload))
+
+
+def test_image_folder_with_metadata_splits(tmp_path, pairs):
+    write_image_folder(tmp_path / "alive" / "train", pairs[:4])
+    write_image_folder(tmp_path / "alive" / "validation", pairs[4:])
+    train = load_image_text_dataset(tmp_path / "alive", split="train")
+    assert train.column_names == ["image", "caption", "source", "label"]
+    assert not train.features["image"].decode
+    assert content(train) == expected_content(pairs[:4])
+    assert content(load_image_text_dataset(tmp_path / "alive", split="validation")) == expected_content(pairs[4:])
+    streamed = load_image_text_dataset(tmp_path / "alive", split="train", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset) and content(streamed) == expected_content(pairs[:4])
+    with pytest.raises(ValueError, match="alive"):
+        load_image_text_dataset(tmp_path / "alive", split="test")
+    write_image_folder(tmp_path / "csvmeta", pairs, metadata="metadata.csv")
+    assert content(load_image_text_dataset(tmp_path / "csvmeta")) == expected_content(pairs)
+
+
+@pytest.mark.parametrize("separator", [",", "\t"])
+def test_open_clip_csv(tmp_path, pairs, separator):
+    (tmp_path / "images").mkdir()
+    lines = [separator.join(["filepath", "title", "source", "label"])]
+    for index, (png, caption, source, label) in enumerate(pairs):
+        (tmp_path / "images" / f"{index}.png").write_bytes(png)
+        lines.append(separator.join([f"images/{index}.png", caption, source, label]))
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    assert content(load_image_text_dataset(tmp_path / "pairs.csv")) == expected_content(pairs)
+    with pytest.raises(ValueError, match=r"pairs\.csv.*'text'"):
+        load_image_text_dataset(tmp_path / "pairs.csv", caption_column="text")
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text((tmp_path / "pairs.csv").read_text().replace("filepath", "path").replace("title", "text", 1))
+    dataset = load_image_text_dataset(renamed, image_column="path", caption_column="text", separator=separator)
+    assert content(dataset) == expected_content(pairs)
+
+
+def test_saved_dataset_and_hub_layout(tmp_path, pairs):
+    features = datasets.Features(
+        {"picture": datasets.Image(), "text": datasets.Value("string"), "source": datasets.Value("string"),
+         "label": datasets.Value("string"), "extra": datasets.Value("int32")}
+    )
+    columns = {
+        "picture": [{"bytes": png, "path": None} for png, *_ in pairs],
+        "text": [caption for _, caption, _, _ in pairs],
+        "source": [source for *_, source, _ in pairs],
+        "label": [label for *_, label in pairs],
+        "extra": list(range(len(pairs))),
+    }
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_text_dataset(tmp_path / "saved", caption_column="text")
+    assert loaded.column_names == ["image", "caption", "source", "label"]
+    assert content(loaded) == expected_content(pairs)
+    with pytest.raises(ValueError, match="'caption'"):
+        load_image_text_dataset(tmp_path / "saved")
+    # A Hub repository's layout (data/<split>-*.parquet), read by the same code path as a Hub id.
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    dataset.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    hub = load_image_text_dataset(tmp_path / "hub", caption_column="text", streaming=True)
+    assert isinstance(hub, datasets.IterableDataset) and content(hub) == expected_content(pairs)
+
+
+def test_webdataset_shards(tmp_path, pairs):
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    write_shard(tmp_path / "shards" / "train" / "shard-00000.tar", pairs[:3])
+    write_shard(tmp_path / "shards" / "train" / "shard-00001.tar", pairs[3:])
+    files = [str(tmp_path / "shards" / "train" / f"shard-0000{i}.tar") for i in range(2)]
+    for source in (files, str(tmp_path / "shards" / "train" / "*.tar"), tmp_path / "shards"):
+        streamed = load_image_text_dataset(source, streaming=True)
+        assert isinstance(streamed, datasets.IterableDataset)
+        assert list(streamed.features) == ["image", "caption", "source", "label"]
+        assert content(streamed) == expected_content(pairs)
+    assert content(load_image_text_dataset(files[:1])) == expected_content(pairs[:3])
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        load_image_text_dataset([files[0], str(tmp_path / "missing.tar")])
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_image_text_dataset(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_image_text_dataset(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="no WebDataset"):
+        load_image_text_dataset(str(tmp_path / "*.tar"))

@@ -1,0 +1,493 @@
+"""Image decoding, dataset loaders and batch collators shared by the training stages and the evaluation suite.
+
+Images travel through `datasets` UNDECODED (`datasets.Image(decode=False)`, rows hold `{"path", "bytes"}`) and are
+decoded in the collators with `open_image`, so that one corrupt, truncated or missing file is skipped and counted
+instead of crashing an epoch, and the count names the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import struct
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+# PIL's default warning threshold (1024 * 1024 * 1024 // 4 // 3 pixels), enforced here rather than through PIL's
+# process-global `Image.MAX_IMAGE_PIXELS`, which any other library may change.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# File suffixes treated as images in class-per-folder datasets: torchvision's ImageFolder list.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Folder names that `datasets` reads as splits; a labelled image folder whose subfolders are all split names is a
+# split layout, not a class layout.
+SPLIT_NAMES = ("train", "validation", "test")
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+# Columns `load_image_text_dataset` keeps; `captions` holds an image's caption variants where the builder wrote them.
+IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
+
+# Fields of a WebDataset sample's `.json` that become columns.
+WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded. `reason` is one of a few short keys used to count skipped files."""
+
+    def __init__(self, path: str, reason: str, detail: str | None = None):
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{self.path}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses a process boundary (decoding worker pools).
+        return type(self), (self.path, self.reason, self.detail)
+
+
+def read_image_bytes(source) -> tuple[str, bytes]:
+    """Returns (name for messages, raw bytes) of a path, raw bytes, or a `datasets` `{"path", "bytes"}` dict."""
+    if isinstance(source, Mapping):
+        if source.get("bytes") is not None:
+            return source.get("path") or "<bytes>", source["bytes"]
+        if source.get("path") is None:
+            raise ImageDecodeError("<unknown>", "missing file", "row has neither path nor bytes")
+        source = source["path"]
+    if isinstance(source, (bytes, bytearray)):
+        return "<bytes>", bytes(source)
+    path = str(source)
+    try:
+        with open(path, "rb") as handle:
+            return path, handle.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        raise ImageDecodeError(path, "missing file", error.strerror) from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB: transparency composited on white, high bit depths scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples (I is PIL's 32-bit container for 16-bit PNG and TIFF data): 65535 maps to 255.
+        array = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
+        return Image.fromarray(array.round().astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        # Floating-point images follow the [0, 1] convention of the scientific imaging libraries.
+        array = np.clip(np.asarray(image, dtype=np.float64) * 255.0, 0, 255)
+        return Image.fromarray(array.round().astype(np.uint8), "L").convert("RGB")
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB", "1"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source) -> Image.Image:
+    """Decodes an image to RGB with its EXIF orientation applied.
+
+    Args:
+        source: a file path, raw bytes, or a `datasets` image dict `{"path": ..., "bytes": ...}` (bytes win).
+
+    Raises:
+        ImageDecodeError: for a missing, empty, truncated or corrupt file, or one larger than `MAX_IMAGE_PIXELS`.
+    """
+    path, data = read_image_bytes(source)
+    if not data:
+        raise ImageDecodeError(path, "empty file")
+    try:
+        with warnings.catch_warnings():
+            # The size is checked below against MAX_IMAGE_PIXELS; PIL's own warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(path, "too large", str(error)) from error
+    except UnidentifiedImageError as error:
+        raise ImageDecodeError(path, "corrupt", "not a recognised image format") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        reason = "truncated" if "truncated" in str(error).lower() else "corrupt"
+        raise ImageDecodeError(path, reason, str(error)) from error
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(path, "too large", f"{image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    # struct.error escapes from PIL's parser of malformed EXIF blocks.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        reason = "truncated" if "truncated" in str(error).lower() else "corrupt"
+        raise ImageDecodeError(path, reason, str(error)) from error
+
+
+@dataclass
+class DecodeStats:
+    """Counts decoded images and the files skipped per reason.
+
+    Mergeable with `+=`; `to_dict`/`from_dict` carry it across processes (e.g. through `gather_object`).
+    """
+
+    decoded: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def record(self, error: ImageDecodeError) -> None:
+        self.skipped.setdefault(error.reason, []).append(error.path)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(paths) for paths in self.skipped.values())
+
+    def __iadd__(self, other: DecodeStats) -> DecodeStats:
+        self.decoded += other.decoded
+        for reason, paths in other.skipped.items():
+            self.skipped.setdefault(reason, []).extend(paths)
+        return self
+
+    def to_dict(self) -> dict:
+        return {"decoded": self.decoded, "skipped": {reason: list(paths) for reason, paths in self.skipped.items()}}
+
+    @classmethod
+    def from_dict(cls, state: Mapping) -> DecodeStats:
+        return cls(decoded=int(state["decoded"]), skipped={r: list(p) for r, p in state["skipped"].items()})
+
+    def summary(self, max_names: int = 20) -> str:
+        """One line of totals, then one line per reason naming up to `max_names` files."""
+        lines = [f"decoded {self.decoded} images, skipped {self.num_skipped}"]
+        for reason, paths in sorted(self.skipped.items()):
+            names = ", ".join(paths[:max_names])
+            more = f" and {len(paths) - max_names} more" if len(paths) > max_names else ""
+            lines.append(f"  {reason} ({len(paths)}): {names}{more}")
+        return "\n".join(lines)
+
+
+def _decode_rows(rows: Sequence[Mapping], stats: DecodeStats) -> list[tuple[Mapping, Image.Image]]:
+    """Decodes the `image` of each row; bad rows are recorded in `stats` and dropped."""
+    decoded = []
+    for row in rows:
+        try:
+            image = open_image(row["image"])
+        except ImageDecodeError as error:
+            stats.record(error)
+            continue
+        stats.decoded += 1
+        decoded.append((row, image))
+    return decoded
+
+
+class ImageTextCollator:
+    """Collates `{"image", "caption"}` rows into processor inputs (input_ids, attention_mask, pixel_values).
+
+    Undecodable images are skipped and recorded in `stats`. A batch in which every image is bad returns None:
+    training loops skip None batches. Rows that carry `captions` (the caption variants of an image) get one variant
+    drawn with torch's RNG, so each epoch sees a different variant under a fixed seed.
+
+    With DataLoader workers each worker process holds its own copy of `stats`; count with `num_workers=0` or merge
+    worker copies through `DecodeStats.to_dict`.
+    """
+
+    def __init__(self, processor, stats: DecodeStats | None = None):
+        self.processor = processor
+        self.stats = stats if stats is not None else DecodeStats()
+
+    @staticmethod
+    def _caption(row: Mapping) -> str:
+        variants = row.get("captions")
+        if variants:
+            return variants[int(torch.randint(len(variants), ()))]
+        return row["caption"]
+
+    def __call__(self, rows: Sequence[Mapping]):
+        decoded = _decode_rows(rows, self.stats)
+        if not decoded:
+            return None
+        captions = [self._caption(row) for row, _ in decoded]
+        images = [image for _, image in decoded]
+        return self.processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resizes the shorter side to `size` (bicubic) and crops the centre square."""
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+class ImageCollator:
+    """Collates image rows into a float tensor (B, 3, size, size) in [0, 1] for the DINO stage.
+
+    Pixels are not normalised: augmentation and normalisation run batched on the device. Returns
+    `{"pixel_values": ..., "labels": ...}`, with `labels` (int64) only when every row has an integer `label`
+    (labelled datasets, for k-NN evaluation). A batch in which every image is bad returns None.
+    """
+
+    def __init__(self, size: int, stats: DecodeStats | None = None):
+        self.size = size
+        self.stats = stats if stats is not None else DecodeStats()
+
+    def __call__(self, rows: Sequence[Mapping]):
+        decoded = _decode_rows(rows, self.stats)
+        if not decoded:
+            return None
+        arrays = np.stack([np.asarray(resize_center_crop(image, self.size)) for _, image in decoded])
+        batch = {"pixel_values": torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)}
+        labels = [row.get("label") for row, _ in decoded]
+        if all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in labels):
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """True for a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _select_split(dataset, split: str | None, where):
+    """Picks `split` from a DatasetDict; a single Dataset is its own split."""
+    if not isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return dataset
+    if split is None:
+        if len(dataset) == 1:
+            return next(iter(dataset.values()))
+        raise ValueError(f"{where} has splits {sorted(dataset)}; pass split=")
+    if split not in dataset:
+        raise ValueError(f"{where} has no split {split!r}; splits: {sorted(dataset)}")
+    return dataset[split]
+
+
+def _labelled_image_folder(root: Path) -> tuple[datasets.Dataset, list[str]]:
+    """torchvision ImageFolder semantics: one subfolder per class, classes in alphabetical order, files recursive."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such image folder")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders (expected one subfolder of images per class)")
+    if set(classes) <= set(SPLIT_NAMES):
+        raise ValueError(f"{root} holds split folders {classes}, not class folders; pass split=")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(
+            str(path)
+            for path in (root / name).rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        )
+        if not files:
+            raise ValueError(f"{root / name}: class folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [index] * len(files)
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features), classes
+
+
+def _image_column(features, preferred: str | None, where) -> str:
+    if preferred is not None:
+        if preferred not in features:
+            raise ValueError(f"{where}: no image column {preferred!r}; columns: {sorted(features)}")
+        return preferred
+    if "image" in features:
+        return "image"
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ValueError(f"{where}: no image column (a datasets.Image feature); columns: {sorted(features)}")
+
+
+def load_labelled_dataset(source, split: str | None = None) -> tuple[datasets.Dataset, list[str]]:
+    """Loads a labelled image dataset for evaluation.
+
+    Args:
+        source: an image folder with one subfolder per class (alphabetical class order, as torchvision ImageFolder),
+            or a `datasets` dataset with a ClassLabel column: a folder written by `save_to_disk` or a Hub id.
+        split: for an image folder, a subfolder holding the class folders (e.g. "test"); for a saved DatasetDict,
+            the split (optional when there is only one).
+
+    Returns:
+        A dataset with an undecoded `image` column and an int `label` column, and the class names.
+    """
+    path = Path(source)
+    if path.is_dir() and not _is_saved_dataset(path):
+        return _labelled_image_folder(path if split is None else path / split)
+    if _is_saved_dataset(path):
+        dataset = _select_split(datasets.load_from_disk(str(path)), split, path)
+    else:
+        _check_hub_id(source)
+        dataset = _select_split(datasets.load_dataset(str(source), split=split), split, source)
+    image_column = _image_column(dataset.features, None, path)
+    label_column = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
+    label_column = label_column or next(
+        (name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)), None
+    )
+    if label_column is None:
+        raise ValueError(f"{path}: no ClassLabel column; columns: {sorted(dataset.features)}")
+    names = list(dataset.features[label_column].names)
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
+    return dataset.cast_column("image", datasets.Image(decode=False)), names
+
+
+def read_csv_rows(path: str | Path, required: Sequence[str], separator: str | None = None) -> list[dict[str, str]]:
+    """Rows of a CSV/TSV file as dicts; the separator defaults to tab when the header has one, else comma."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = handle.readline()
+        separator = separator or ("\t" if "\t" in header else ",")
+        handle.seek(0)
+        reader = csv.DictReader(handle, delimiter=separator)
+        missing = [name for name in required if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; found {reader.fieldnames} with separator {separator!r}"
+            )
+        return list(reader)
+
+
+def _load_open_clip_csv(path: Path, image_column: str, caption_column: str, separator: str | None) -> datasets.Dataset:
+    """An open_clip-style CSV: one row per pair, image paths relative to the CSV file."""
+    rows = read_csv_rows(path, [image_column, caption_column], separator)
+    extra = [name for name in ("source", "label") if rows and name in rows[0]]
+    columns = {
+        "image": [str(path.parent / row[image_column]) for row in rows],
+        "caption": [row[caption_column] for row in rows],
+    }
+    columns.update({name: [row[name] for row in rows] for name in extra})
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "caption": datasets.Value("string")}
+        | {name: datasets.Value("string") for name in extra}
+    )
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _tar_files(source, split: str) -> list[str]:
+    """Shard paths from a list, a glob, or a folder holding shards directly or in per-split subfolders."""
+    if isinstance(source, (list, tuple)):
+        files = [str(path) for path in source]
+    elif Path(source).is_dir():
+        root = Path(source) / split if (Path(source) / split).is_dir() else Path(source)
+        files = sorted(str(path) for path in root.glob("*.tar"))
+    else:
+        files = sorted(glob.glob(str(source)))
+    if not files:
+        raise FileNotFoundError(f"{source}: no WebDataset .tar shards found")
+    missing = [path for path in files if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"WebDataset shard(s) not found: {missing}")
+    return files
+
+
+def _flatten_webdataset_json(row: Mapping) -> dict:
+    return {name: row["json"][name] for name in WEBDATASET_JSON_FIELDS if name in row["json"]}
+
+
+def _check_hub_id(source) -> None:
+    """A missing local path is an error here, not a Hub lookup: Hub ids are "name" or "org/name"."""
+    text = str(source)
+    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
+        raise FileNotFoundError(f"{text}: no such file or folder")
+
+
+def _matches(folder: Path, pattern: str) -> bool:
+    return next(folder.glob(pattern), None) is not None
+
+
+def _source_kind(source) -> str:
+    if isinstance(source, (list, tuple)):
+        return "webdataset"
+    text = str(source)
+    path = Path(text)
+    if text.endswith(".tar") or (glob.has_magic(text) and ".tar" in text):
+        return "webdataset"
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv"):
+            return "csv"
+        raise ValueError(f"{path}: unsupported file; expected a .csv/.tsv of image paths and captions or .tar shards")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return "disk"
+        if any(_matches(path, pattern) for name in METADATA_FILES for pattern in (name, f"*/{name}")):
+            return "imagefolder"
+        if _matches(path, "*.tar") or _matches(path, "*/*.tar"):
+            return "webdataset"
+        return "hub"
+    _check_hub_id(text)
+    return "hub"
+
+
+def load_image_text_dataset(
+    source,
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    separator: str | None = None,
+):
+    """Loads image-caption pairs for training.
+
+    Args:
+        source: one of
+            - an image folder with `metadata.jsonl`/`metadata.csv` (`file_name` + caption), optionally in split
+              subfolders (`train/`, `validation/`);
+            - an open_clip-style CSV/TSV of image path and caption (paths relative to the CSV; one split);
+            - a folder written by `save_to_disk`;
+            - WebDataset shards: a list of .tar files, a glob, or a folder of shards (optionally in split
+              subfolders), with `jpg`/`png`/... image, `txt` caption and an optional `json` of source and label;
+            - a Hub dataset id (or any folder `datasets.load_dataset` reads).
+        split: the split to load; CSV files and shard lists are one split each.
+        streaming: return an IterableDataset (shards and Hub data are read lazily, nothing is copied to disk).
+        image_column: image column; default: `filepath` for a CSV, else `image` or the first Image feature.
+        caption_column: caption column; default: `title` for a CSV, `txt` for WebDataset shards, else `caption`.
+        separator: CSV separator; default: tab when the header has one, else comma.
+
+    Returns:
+        A Dataset (or IterableDataset) with an undecoded `image` column, `caption`, and `captions`, `source` and
+        `label` where the data has them.
+    """
+    kind = _source_kind(source)
+    where = source
+    if kind == "csv":
+        dataset = _load_open_clip_csv(Path(source), image_column or "filepath", caption_column or "title", separator)
+        image_column, caption_column = "image", "caption"
+    elif kind == "disk":
+        dataset = _select_split(datasets.load_from_disk(str(source)), split, source)
+    elif kind == "webdataset":
+        files = _tar_files(source, split)
+        where = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} shards)"
+        dataset = datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming)
+        metadata = dataset.features.get("json")
+        if isinstance(metadata, dict):
+            # Declared features survive the map, which an IterableDataset would otherwise forget.
+            features = {name: f for name, f in dataset.features.items() if name != "json"}
+            features |= {name: metadata[name] for name in WEBDATASET_JSON_FIELDS if name in metadata}
+            dataset = dataset.map(
+                _flatten_webdataset_json, remove_columns=["json"], features=datasets.Features(features)
+            )
+        caption_column = caption_column or "txt"
+    else:
+        try:
+            if kind == "imagefolder":
+                dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split=split, streaming=streaming)
+            else:
+                dataset = datasets.load_dataset(str(source), split=split, streaming=streaming)
+        except ValueError as error:
+            if "split" in str(error).lower():
+                raise ValueError(f"{source}: {error}") from error
+            raise
+    features = dataset.features
+    if features is None:
+        raise ValueError(f"{where}: the dataset does not declare its features, so its columns cannot be checked")
+    image_column = _image_column(features, image_column, where)
+    caption_column = caption_column or "caption"
+    if caption_column not in features:
+        raise ValueError(f"{where}: no caption column {caption_column!r}; columns: {sorted(features)}")
+    dataset = dataset.rename_columns(
+        {old: new for old, new in ((image_column, "image"), (caption_column, "caption")) if old != new}
+    )
+    dataset = dataset.select_columns([name for name in IMAGE_TEXT_COLUMNS if name in dataset.features])
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    if streaming and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset()
+    return dataset
