@@ -1,0 +1,424 @@
+"""Stage 3 numerical core: the linear aligner from backbone features to the CLIP image-embedding space.
+
+The aligner is an affine map ``y ≈ x Wᵀ + b`` fitted by mean squared error (Text-to-Concept style cross-model
+alignment). Its optimum has a closed form, so the default fit streams sufficient statistics over the data in one
+pass (`AlignerStatistics` + `fit_closed_form`): memory is independent of the number of images and the statistics
+sum across processes. The paper's SGD recipe is kept for parity (`fit_sgd_recipe`), and `load_aligner_file` /
+`save_aligner_file` read and write the official ``{"W", "b"}`` release format.
+"""
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+# Rows per float64 working copy when a function walks over features held in memory.
+_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class AlignerWeights:
+    """
+    A fitted aligner in `nn.Linear` layout: `y = x @ weight.T + bias`.
+
+    Args:
+        weight (`torch.Tensor` of shape `(out_features, in_features)`): float32 linear map.
+        bias (`torch.Tensor` of shape `(out_features,)`): float32 offset.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+class AlignerStatistics:
+    """
+    Streaming sufficient statistics of the least-squares problem `Y ≈ X Wᵀ + b`.
+
+    The statistics are kept centred, in float64: the count `n`, the means `mean_x` (D_in) and `mean_y` (D_out), the
+    centred co-moments `sxx = Σ (x-μx)(x-μx)ᵀ` (D_in x D_in) and `sxy = Σ (x-μx)(y-μy)ᵀ` (D_in x D_out), and the
+    per-dimension centred sum of squares `syy = Σ (y-μy)²` (D_out), which is all that MSE and R² need. Raw sums
+    (`XᵀX = sxx + n μx μxᵀ`, ...) follow from them. Batches are folded in with the pairwise update of Chan, Golub and
+    LeVeque (1979), so no large uncentred sum is ever formed and then cancelled: the fit keeps its precision when the
+    features have a mean that is large against their spread (ReLU features do).
+
+    Multi-process runs accumulate locally and then call `all_reduce` once; `state_dict` / `load_state_dict` make the
+    object checkpointable mid-stream (including through `accelerator.register_for_checkpointing`).
+
+    Args:
+        in_features (`int`): dimension D_in of the source features x.
+        out_features (`int`): dimension D_out of the target features y.
+        device (`torch.device` or `str`, *optional*): where the statistics live; under a multi-process run this must
+            be a device the collective backend supports (e.g. `accelerator.device`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = {"dtype": torch.float64, "device": device}
+        self.n = 0
+        self.mean_x = torch.zeros(in_features, **factory)
+        self.mean_y = torch.zeros(out_features, **factory)
+        self.sxx = torch.zeros(in_features, in_features, **factory)
+        self.sxy = torch.zeros(in_features, out_features, **factory)
+        self.syy = torch.zeros(out_features, **factory)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sxx.device
+
+    def _shift(self, n: int, mean_x: torch.Tensor, mean_y: torch.Tensor) -> None:
+        """
+        Moves count, means and co-moments to those of the union with `n` more samples of means `mean_x`, `mean_y`
+        (Chan et al. pairwise update); the caller adds the new samples' own centred co-moments.
+        """
+        total = self.n + n
+        weight = self.n * n / total
+        delta_x = mean_x - self.mean_x
+        delta_y = mean_y - self.mean_y
+        self.sxx.addr_(delta_x, delta_x, alpha=weight)
+        self.sxy.addr_(delta_x, delta_y, alpha=weight)
+        self.syy.add_(delta_y.square(), alpha=weight)
+        self.mean_x.add_(delta_x, alpha=n / total)
+        self.mean_y.add_(delta_y, alpha=n / total)
+        self.n = total
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "AlignerStatistics":
+        """
+        Adds a batch of paired features.
+
+        Args:
+            x (`torch.Tensor` of shape `(batch, in_features)`): source features (any float dtype; cast to float64).
+            y (`torch.Tensor` of shape `(batch, out_features)`): target features.
+        """
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x: expected shape (batch, {self.in_features}), got {tuple(x.shape)}")
+        if y.ndim != 2 or y.shape[1] != self.out_features:
+            raise ValueError(f"y: expected shape (batch, {self.out_features}), got {tuple(y.shape)}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y: batch sizes differ ({x.shape[0]} vs {y.shape[0]})")
+        if x.shape[0] == 0:
+            return self
+        xc = x.to(self.device, torch.float64, copy=True)
+        yc = y.to(self.device, torch.float64, copy=True)
+        mean_x, mean_y = xc.mean(0), yc.mean(0)
+        xc.sub_(mean_x)
+        yc.sub_(mean_y)
+        # Accumulating in place avoids a D_in x D_in temporary per batch.
+        self.sxx.addmm_(xc.mT, xc)
+        self.sxy.addmm_(xc.mT, yc)
+        self.syy.add_(yc.square().sum(0))
+        self._shift(x.shape[0], mean_x, mean_y)
+        return self
+
+    def merge(self, other: "AlignerStatistics") -> "AlignerStatistics":
+        """Adds the statistics of `other` (e.g. another shard of the data) into these, in place."""
+        if (other.in_features, other.out_features) != (self.in_features, self.out_features):
+            raise ValueError(
+                f"other: dimensions ({other.in_features} -> {other.out_features}) differ from "
+                f"({self.in_features} -> {self.out_features})"
+            )
+        if other.n == 0:
+            return self
+        self.sxx.add_(other.sxx.to(self.device))
+        self.sxy.add_(other.sxy.to(self.device))
+        self.syy.add_(other.syy.to(self.device))
+        self._shift(other.n, other.mean_x.to(self.device), other.mean_y.to(self.device))
+        return self
+
+    def __add__(self, other: "AlignerStatistics") -> "AlignerStatistics":
+        result = AlignerStatistics(self.in_features, self.out_features, device=self.device)
+        return result.merge(self).merge(other)
+
+    @torch.no_grad()
+    def all_reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> "AlignerStatistics":
+        """
+        Replaces the local statistics of every process by the statistics of all processes together, in place.
+
+        Only sums are exchanged. First the counts and the raw sums give the global means; then each process
+        re-centres its co-moments on the global means (adding `n_local · δ δᵀ` with `δ = μ_local − μ_global`, a
+        correction without cancellation) and the re-centred co-moments are summed. A process that saw no data
+        takes part with zeros.
+
+        Args:
+            reduce_fn (`Callable[[torch.Tensor], torch.Tensor]`): returns the element-wise sum of a tensor over all
+                processes, e.g. `lambda t: accelerator.reduce(t, reduction="sum")` or a wrapper around
+                `torch.distributed.all_reduce`. Every process must call `all_reduce` (it is a collective).
+        """
+        count = reduce_fn(torch.tensor([float(self.n)], dtype=torch.float64, device=self.device))
+        total = int(count.item())
+        if total == 0:
+            return self
+        mean_x = reduce_fn(self.mean_x * self.n) / total
+        mean_y = reduce_fn(self.mean_y * self.n) / total
+        delta_x = self.mean_x - mean_x
+        delta_y = self.mean_y - mean_y
+        self.sxx = reduce_fn(self.sxx.addr(delta_x, delta_x, alpha=self.n))
+        self.sxy = reduce_fn(self.sxy.addr(delta_x, delta_y, alpha=self.n))
+        self.syy = reduce_fn(self.syy.add(delta_y.square(), alpha=self.n))
+        self.mean_x, self.mean_y, self.n = mean_x, mean_y, total
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so that `torch.load(weights_only=True)` and safetensors can hold the checkpoint."""
+        return {
+            "n": torch.tensor(self.n, dtype=torch.int64),
+            "mean_x": self.mean_x.clone(),
+            "mean_y": self.mean_y.clone(),
+            "sxx": self.sxx.clone(),
+            "sxy": self.sxy.clone(),
+            "syy": self.syy.clone(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        expected = {
+            "mean_x": (self.in_features,),
+            "mean_y": (self.out_features,),
+            "sxx": (self.in_features, self.in_features),
+            "sxy": (self.in_features, self.out_features),
+            "syy": (self.out_features,),
+        }
+        missing = sorted({"n", *expected} - set(state_dict))
+        if missing:
+            raise ValueError(f"AlignerStatistics state_dict: missing keys {missing}")
+        for key, shape in expected.items():
+            if tuple(state_dict[key].shape) != shape:
+                got = tuple(state_dict[key].shape)
+                raise ValueError(f"AlignerStatistics state_dict[{key!r}]: expected shape {shape}, got {got}")
+        self.n = int(state_dict["n"])
+        for key in expected:
+            setattr(self, key, state_dict[key].to(self.device, torch.float64).clone())
+
+    @torch.no_grad()
+    def metrics(self, weights: AlignerWeights) -> dict[str, float]:
+        """
+        MSE and R² of `weights` on the accumulated data, without the data (see `aligner_metrics` for definitions).
+
+        With residuals `r = y − W x − b` and centred data, `Σ‖r‖² = Σ syy − 2 tr(W sxy) + tr(W sxx Wᵀ)
+        + n ‖μy − W μx − b‖²`.
+        """
+        if self.n == 0:
+            raise ValueError("AlignerStatistics.metrics: no data accumulated")
+        weight = weights.weight.to(self.device, torch.float64)
+        bias = weights.bias.to(self.device, torch.float64)
+        offset = self.mean_y - weight @ self.mean_x - bias
+        sse = (
+            self.syy.sum()
+            - 2 * (weight * self.sxy.mT).sum()
+            + ((weight @ self.sxx) * weight).sum()
+            + self.n * offset.square().sum()
+        )
+        global_sst = self.syy.sum() + self.n * (self.mean_y - self.mean_y.mean()).square().sum()
+        return _metrics_from_sums(sse.item(), self.syy.sum().item(), global_sst.item(), self.n * self.out_features)
+
+
+def _metrics_from_sums(sse: float, sst: float, global_sst: float, num_entries: int) -> dict[str, float]:
+    """The one home of the metric definitions shared by `aligner_metrics` and `AlignerStatistics.metrics`."""
+    return {"mse": sse / num_entries, "r2": 1.0 - sse / sst, "r2_global": 1.0 - sse / global_sst}
+
+
+@torch.no_grad()
+def aligner_metrics(weights: AlignerWeights, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """
+    Fit quality of an aligner on features held in memory (computed in float64).
+
+    Returns:
+        `dict` with
+        - `"mse"`: mean of the squared residuals over all `n x D_out` entries.
+        - `"r2"`: the standard coefficient of determination `1 − SSE/SST`, with `SST = Σ_d Σ_i (y_id − ȳ_d)²` taken
+          around the per-dimension mean of y and pooled over dimensions (scikit-learn's
+          `r2_score(..., multioutput="variance_weighted")`). The mean predictor scores 0.
+        - `"r2_global"`: the definition that Text-to-Concept and AgriCLIP print, `1 − MSE / var(Y)` with `var(Y)`
+          the variance of all entries of Y around their single global mean (their `1 − MSE/var(c2·Y)` in the
+          scaled space is the same number). It is at least `"r2"`, because SST around one scalar mean is larger.
+    """
+    weight, bias = weights.weight.to(x.device, torch.float64), weights.bias.to(x.device, torch.float64)
+    # Row chunks keep the float64 copies small: the features may be most of the memory.
+    mean_y = sum(chunk.sum(0, dtype=torch.float64) for chunk in y.split(_CHUNK_ROWS)) / y.shape[0]
+    sse = sst = global_sst = 0.0
+    for x_chunk, y_chunk in zip(x.split(_CHUNK_ROWS), y.split(_CHUNK_ROWS)):
+        y_chunk = y_chunk.double()
+        sse += (y_chunk - F.linear(x_chunk.double(), weight, bias)).square().sum().item()
+        sst += (y_chunk - mean_y).square().sum().item()
+        global_sst += (y_chunk - mean_y.mean()).square().sum().item()
+    return _metrics_from_sums(sse, sst, global_sst, y.numel())
+
+
+# A feature dimension whose variance the other dimensions explain to all but this fraction (its standard deviation to
+# all but 1e-5) is collinear with them for any purpose: extracted features carry float32 (or bf16) rounding noise far
+# above that, and the float64 normal equations lose about log10(1/fraction) of their 16 digits on such a dimension.
+COLLINEARITY_RTOL = 1e-10
+
+
+@torch.no_grad()
+def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeights:
+    """
+    The exact minimiser of `(1/n) Σ_i ‖y_i − W x_i − b‖² + ridge · ‖W‖²_F` (the bias is not penalised).
+
+    With the centred covariances `Cxx = sxx/n` and `Cxy = sxy/n` of `stats`, and `A = Cxx + ridge · I`:
+
+        Wᵀ = A⁻¹ Cxy,        b = μy − W μx
+
+    solved in float64 by Cholesky on the equilibrated system `(S⁻¹ A S⁻¹)(S Wᵀ) = S⁻¹ Cxy`, `S = sqrt(diag(A))`,
+    so that the result does not depend on the units of each feature dimension. When `A` is singular or numerically
+    so (a Cholesky pivot of the equilibrated matrix at or below `COLLINEARITY_RTOL`: duplicated or constant feature
+    dimensions, e.g. dead ReLU channels, or fewer samples than dimensions), a warning is logged and the
+    pseudo-inverse solution of the equilibrated system is used instead (eigenvalues below `COLLINEARITY_RTOL` times
+    the largest are dropped). It is the minimum-norm solution in standardised units: exactly duplicated dimensions
+    get equal shares and constant ones zero weight.
+
+    Returns:
+        `AlignerWeights` in float32 on the device of `stats`.
+    """
+    if stats.n == 0:
+        raise ValueError("fit_closed_form: the statistics hold no data")
+    if ridge < 0:
+        raise ValueError(f"fit_closed_form: ridge must be >= 0, got {ridge}")
+    equilibrated = stats.sxx / stats.n
+    equilibrated.diagonal().add_(ridge)
+    scale = equilibrated.diagonal().sqrt()
+    scale[scale == 0] = 1.0  # a constant dimension: its row and column are zero, any scale keeps them zero
+    equilibrated.div_(scale[:, None]).div_(scale)  # in place: D_in x D_in float64 matrices dominate the memory
+    rhs = stats.sxy / stats.n / scale[:, None]
+    # Cholesky "succeeds" on a numerically singular matrix with a tiny positive pivot and returns a huge, meaningless
+    # solution; a pivot is the variance of a standardised dimension left unexplained by the previous ones.
+    chol, info = torch.linalg.cholesky_ex(equilibrated)
+    if info.item() == 0 and chol.diagonal().square().min().item() > COLLINEARITY_RTOL:
+        solution = torch.cholesky_solve(rhs, chol)
+    else:
+        logger.warning(
+            "fit_closed_form: the feature covariance (%d dims, ridge=%g) is singular; using the minimum-norm "
+            "pseudo-inverse solution. Constant or collinear feature dimensions cause this; a large enough ridge "
+            "avoids it.",
+            stats.in_features,
+            ridge,
+        )
+        solution = torch.linalg.pinv(equilibrated, rtol=COLLINEARITY_RTOL, hermitian=True) @ rhs
+    weight = (solution / scale[:, None]).mT
+    bias = stats.mean_y - weight @ stats.mean_x
+    return AlignerWeights(weight=weight.float().contiguous(), bias=bias.float())
+
+
+@torch.no_grad()
+def variance_scales(x: torch.Tensor, y: torch.Tensor, target_variance: float = 4.5) -> tuple[float, float]:
+    """
+    The scalar normalisation of the paper's recipe: `c1 = sqrt(τ / var(X))`, `c2 = sqrt(τ / var(Y))`.
+
+    `var` is taken over all entries of the matrix around their single mean (the original `mean(X²) − mean(X)²`),
+    computed here in float64 in two passes over row chunks, so no float64 copy of the features is made.
+    """
+
+    def global_variance(t: torch.Tensor) -> float:
+        chunks = t.split(_CHUNK_ROWS)
+        mean = sum(chunk.sum(dtype=torch.float64) for chunk in chunks) / t.numel()
+        return (sum(chunk.double().sub_(mean).square_().sum() for chunk in chunks) / t.numel()).item()
+
+    return math.sqrt(target_variance / global_variance(x)), math.sqrt(target_variance / global_variance(y))
+
+
+def fit_sgd_recipe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 70,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 100,
+    t_max: int = 200,
+    target_variance: float = 4.5,
+    legacy_bias_scaling: bool = False,
+    seed: int = 0,
+) -> AlignerWeights:
+    """
+    The paper's aligner recipe (AgriCLIP `train_linear_aligner.py` on Text-to-Concept's `LinearAligner`).
+
+    Features are scaled by the scalars of `variance_scales` and an `nn.Linear` (W′, b′) is fitted on
+    `(c1·x) → (c2·y)` with MSE, SGD with momentum and weight decay, shuffled batches (the last one partial) and
+    `CosineAnnealingLR(T_max)` stepped once per epoch. The layer is initialised by `nn.Linear` under
+    `torch.manual_seed(seed)` inside a forked RNG (the global RNG is left untouched) and each epoch's order is
+    `torch.randperm` from a CPU `torch.Generator` seeded with `seed`. Training runs on the device of `x`.
+
+    The scaling fixes the variance, not the mean, and the mean direction dominates the curvature: with the defaults,
+    SGD diverges once `mean(X)/std(X)` (over all entries) exceeds about `sqrt(42 · D_out / D_in)`, ≈ 3 for
+    2048 → 512 (`lr · λ_max` passes `2 (1 + momentum)`). The closed form has no such failure.
+
+    Export: the exact inverse of the scaling, `ŷ = (c2⁻¹)·(W′(c1·x) + b′)`, i.e. `W = W′·c1/c2` and `b = b′/c2`.
+
+    `legacy_bias_scaling=True` exports `b = b′·c1/c2` as the original code does, only to reproduce the released
+    aligners. It is wrong: the prediction becomes `c2⁻¹·(W′(c1·x) + c1·b′)`, so the bias is weighted `c1` times too
+    much against the linear term, and after L2 normalisation the direction changes unless `c1 = 1` (i.e. unless
+    `var(X)` happens to equal `target_variance`).
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x, y: expected shapes (n, D_in) and (n, D_out) with equal n, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    c1, c2 = variance_scales(x, y, target_variance)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = nn.Linear(x.shape[1], y.shape[1])
+    linear.to(x.device)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        epoch_loss = torch.zeros((), device=x.device)
+        batches = torch.randperm(x.shape[0], generator=generator).to(x.device).split(batch_size)
+        for indices in batches:
+            loss = F.mse_loss(linear(x[indices] * c1), y[indices] * c2)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.detach()
+        scheduler.step()
+        logger.info("aligner SGD epoch %d: mean batch MSE (scaled) %.4f", epoch, epoch_loss.item() / len(batches))
+    bias_scale = c1 / c2 if legacy_bias_scaling else 1 / c2
+    return AlignerWeights(
+        weight=(linear.weight.detach() * (c1 / c2)).contiguous(), bias=linear.bias.detach() * bias_scale
+    )
+
+
+def load_aligner_file(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None) -> AlignerWeights:
+    """
+    Reads an aligner in the official AgriCLIP / Text-to-Concept release format: a `torch.save`d dict with tensors
+    `W` of shape `(D_out, D_in)` and `b` of shape `(D_out,)` (`y = x Wᵀ + b`).
+
+    The format has one home, `modeling_agriclip.convert.load_official_aligner`: it reads with
+    `torch.load(weights_only=True)` (a file that needs pickled code is refused, never executed) and raises a
+    `ValueError` naming the file for missing keys or mismatched shapes.
+
+    Args:
+        path (`str` or `os.PathLike`): the `.pth` file.
+        expected_shape (`tuple[int, int]`, *optional*): the `(D_out, D_in)` that `W` must have, e.g. `(512, 2048)`
+            for the released DINO ResNet-50 → CLIP ViT-B aligners.
+    """
+    # Imported here: modeling_agriclip.convert pulls in transformers, and the numerical core above needs only torch
+    # (every process of a multi-process fit, and each spawned test worker, imports this module).
+    from modeling_agriclip.convert import load_official_aligner
+
+    out_features, in_features = expected_shape if expected_shape is not None else (None, None)
+    weight, bias = load_official_aligner(path, in_features=in_features, out_features=out_features)
+    return AlignerWeights(weight=weight.contiguous(), bias=bias.contiguous())
+
+
+def save_aligner_file(weights: AlignerWeights, path: str | os.PathLike) -> None:
+    """Writes `weights` in the official `{"W", "b"}` format, atomically (a temporary file renamed over `path`)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"W": weights.weight.detach().cpu().float(), "b": weights.bias.detach().cpu().float()}, handle)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
