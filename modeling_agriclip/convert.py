@@ -30,7 +30,12 @@ from .configuration_agriclip import AgriCLIPConfig
 from .modeling_agriclip import AgriCLIPModel
 from .processing_agriclip import AgriCLIPProcessor
 
-PRESETS = {"tiny": AgriCLIPConfig.tiny, "paper": AgriCLIPConfig.paper, "vit_b16": AgriCLIPConfig.vit_b16}
+PRESETS = {
+    "tiny": AgriCLIPConfig.tiny,
+    "tiny_resnet": lambda: AgriCLIPConfig.tiny(backbone="resnet"),
+    "paper": AgriCLIPConfig.paper,
+    "vit_b16": AgriCLIPConfig.vit_b16,
+}
 
 
 def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionConfig, ResNetConfig, ResNetModel, ViTConfig, ViTModel
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transformers.image_utils import PILImageResampling
 
 from modeling_agriclip import AgriCLIPModel

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import logging
 import pickle
 import struct
 import tarfile
@@ -247,7 +248,7 @@ def test_image_collator_resizes_crops_and_labels(image_rows):
 # ------------------------------------------------------------------------------------------------- labelled
 
 
-def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path):
+def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path, caplog):
     for name in ("rust", "blight", "healthy"):
         (tmp_path / "task" / name / "sub").mkdir(parents=True)
         for index in range(2):
@@ -270,8 +271,10 @@ def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path):
         load_labelled_dataset(tmp_path / "split")
     assert load_labelled_dataset(tmp_path / "split", split="test")[1] == ["a"]
     (tmp_path / "task" / "empty_class").mkdir()
-    with pytest.raises(ValueError, match="empty_class"):
-        load_labelled_dataset(tmp_path / "task")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset, names = load_labelled_dataset(tmp_path / "task")
+    assert "empty_class" in names and "empty_class" in caplog.text
+    assert names.index("empty_class") not in dataset["label"]
 
 
 def test_labelled_saved_dataset_with_other_column_names(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import logging
 import os
 import struct
 import warnings
@@ -41,6 +42,9 @@ IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
 
 # Fields of a WebDataset sample's `.json` that become columns.
 WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
+
+
+logger = logging.getLogger(__name__)
 
 
 class ImageDecodeError(ValueError):
@@ -278,7 +282,8 @@ def _labelled_image_folder(root: Path) -> tuple[datasets.Dataset, list[str]]:
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
         )
         if not files:
-            raise ValueError(f"{root / name}: class folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+            # Kept as a class (zero-shot still scores it); evaluation reports it among the empty classes.
+            logger.warning(f"{root / name}: class folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
         paths += files
         labels += [index] * len(files)
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=classes)})
