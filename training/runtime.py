@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,11 +149,63 @@ class TrainingPosition:
         self.batch_in_epoch = 0
 
 
+def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int):
+    """The batches of a run from `position` on, epoch after epoch, until `max_steps` optimizer steps are done.
+
+    Counts the batches of the current epoch in `position` (the loop counts optimizer steps); a resumed run skips
+    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw.
+    """
+    while position.step < max_steps:
+        loader.set_epoch(position.epoch)
+        batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
+        for batch in batches:
+            position.batch_in_epoch += 1
+            yield batch
+            if position.step >= max_steps:
+                return
+        position.next_epoch()
+
+
 def dataloader_generator(seed: int) -> torch.Generator:
     """The DataLoader's own generator. Without it each new iterator (every epoch, and a resumed one) draws its
     worker seed from the global RNG, which the resumed run would then consume at a different point than the
     uninterrupted run, so augmentations and caption draws would differ after a resume."""
     return torch.Generator().manual_seed(seed)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a cluster preempting or cancelling the job) into a checkpoint at the next optimizer step.
+
+    The handler only records the request: the loop asks `requested()` after each optimizer step, saves a
+    checkpoint and exits, so no state is written halfway through a step. Under several processes a request seen
+    by any process stops all of them at the same step.
+    """
+
+    EXIT_CODE = 128 + signal.SIGTERM
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self._received = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._received = True
+
+    def requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self._received
+        flag = torch.tensor([float(self._received)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def stop(self, checkpoints: "CheckpointManager", position: "TrainingPosition") -> None:
+        """Saves a checkpoint of `position`, says where, and exits with 128 + SIGTERM."""
+        saved = checkpoints.save(position)
+        self.accelerator.print(
+            f"SIGTERM received: checkpoint of step {position.step} written to {saved}; "
+            "run the same command with --resume to continue"
+        )
+        self.accelerator.end_training()
+        raise SystemExit(self.EXIT_CODE)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -207,6 +260,13 @@ class CheckpointManager:
                 shutil.rmtree(stale)
         self.accelerator.wait_for_everyone()
         return final
+
+    def after_step(self, position: TrainingPosition, every: int, max_steps: int, preemption: "PreemptionGuard") -> None:
+        """Checkpoints every `every` optimizer steps and at the last one; on SIGTERM, checkpoints and exits."""
+        if preemption.requested():
+            preemption.stop(self, position)
+        if position.step % every == 0 or position.step == max_steps:
+            self.save(position)
 
     def resume(self, source: str) -> TrainingPosition:
         """Loads `source` (a checkpoint folder, or "latest": the newest intact one, falling back past corrupt ones)."""

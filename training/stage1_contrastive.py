@@ -28,6 +28,7 @@ from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
 from training.runtime import (
     CheckpointManager,
+    PreemptionGuard,
     TrainingPosition,
     add_runtime_arguments,
     check_finite,
@@ -35,6 +36,7 @@ from training.runtime import (
     export_atomically,
     make_accelerator,
     parse_args,
+    resumable_batches,
 )
 
 
@@ -130,47 +132,39 @@ def main(argv: list[str] | None = None) -> Path:
 
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
     position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
+    preemption = PreemptionGuard(accelerator)
     accelerator.init_trackers("stage1_contrastive", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     accelerator.print(f"stage 1: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 1", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
-    while position.step < max_steps:
-        train_loader.set_epoch(position.epoch)
-        batches = accelerator.skip_first_batches(train_loader, position.batch_in_epoch) if position.batch_in_epoch else train_loader
-        for batch in batches:
-            position.batch_in_epoch += 1
-            if batch is None:
-                continue
-            with accelerator.accumulate(model):
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr_schedule[position.step])
-                loss = contrastive_forward(model, batch, loss_fn, logit_scale)
-                check_finite(loss, position, checkpoints)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            samples += len(batch["input_ids"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            position.step += 1
-            progress.update(1)
-            logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
-                    "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
-                    "samples_per_second": samples / (time.perf_counter() - started)}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            if args.eval_every and position.step % args.eval_every == 0:
-                logs.update(validation_recall(model, val_loader, accelerator))
-            accelerator.log(logs, step=position.step)
-            if position.step % args.checkpoint_every == 0 or position.step == max_steps:
-                checkpoints.save(position)
-            if position.step >= max_steps:
-                break
-        else:
-            position.next_epoch()
+    for batch in resumable_batches(train_loader, accelerator, position, max_steps):
+        if batch is None:
+            continue
+        with accelerator.accumulate(model):
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_schedule[position.step])
+            loss = contrastive_forward(model, batch, loss_fn, logit_scale)
+            check_finite(loss, position, checkpoints)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        samples += len(batch["input_ids"]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        position.step += 1
+        progress.update(1)
+        logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
+                "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
+                "samples_per_second": samples / (time.perf_counter() - started)}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        if args.eval_every and position.step % args.eval_every == 0:
+            logs.update(validation_recall(model, val_loader, accelerator))
+        accelerator.log(logs, step=position.step)
+        checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
     final_metrics = validation_recall(model, val_loader, accelerator)

@@ -41,6 +41,7 @@ from training.losses import DINOLoss
 from training.models import load_model_and_processor
 from training.runtime import (
     CheckpointManager,
+    PreemptionGuard,
     TrainingPosition,
     add_runtime_arguments,
     check_finite,
@@ -48,6 +49,7 @@ from training.runtime import (
     export_atomically,
     make_accelerator,
     parse_args,
+    resumable_batches,
 )
 
 # The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
     position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
+    preemption = PreemptionGuard(accelerator)
     accelerator.init_trackers("stage2_dino", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     if knn_sets and position.step == 0:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
@@ -218,51 +221,42 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
-    while position.step < max_steps:
-        loader.set_epoch(position.epoch)
-        batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
-        for batch in batches:
-            position.batch_in_epoch += 1
-            if batch is None:
-                continue
-            with accelerator.accumulate(student):
-                for index, group in enumerate(optimizer.param_groups):
-                    group["lr"] = float(lr_schedule[position.step])
-                    if index == 0:  # only the first group decays
-                        group["weight_decay"] = float(wd_schedule[position.step])
-                crops = augment(batch["pixel_values"].to(accelerator.device))
-                with torch.no_grad():
-                    teacher_output = teacher(crops[:2])
-                output = dino_loss(student(crops), teacher_output, position.epoch)
-                check_finite(output.loss, position, checkpoints)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs)
-                optimizer.step()
-                optimizer.zero_grad()
-            samples += len(batch["pixel_values"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
-            position.step += 1
-            progress.update(1)
-            logs = {"loss": output.loss.item(), "teacher_entropy": output.teacher_entropy.item(),
-                    "teacher_student_kl": output.teacher_student_kl.item(), "lr": float(lr_schedule[position.step - 1]),
-                    "weight_decay": float(wd_schedule[position.step - 1]),
-                    "teacher_momentum": float(momentum_schedule[position.step - 1]),
-                    "samples_per_second": samples / (time.perf_counter() - started)}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=position.step)
-            message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
-            if message:
-                raise CollapseError(f"{message} (stopped at step {position.step})")
-            if position.step % args.checkpoint_every == 0 or position.step == max_steps:
-                checkpoints.save(position)
-            if position.step >= max_steps:
-                break
-        else:
-            position.next_epoch()
+    for batch in resumable_batches(loader, accelerator, position, max_steps):
+        if batch is None:
+            continue
+        with accelerator.accumulate(student):
+            for index, group in enumerate(optimizer.param_groups):
+                group["lr"] = float(lr_schedule[position.step])
+                if index == 0:  # only the first group decays
+                    group["weight_decay"] = float(wd_schedule[position.step])
+            crops = augment(batch["pixel_values"].to(accelerator.device))
+            with torch.no_grad():
+                teacher_output = teacher(crops[:2])
+            output = dino_loss(student(crops), teacher_output, position.epoch)
+            check_finite(output.loss, position, checkpoints)
+            accelerator.backward(output.loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs)
+            optimizer.step()
+            optimizer.zero_grad()
+        samples += len(batch["pixel_values"]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
+        position.step += 1
+        progress.update(1)
+        logs = {"loss": output.loss.item(), "teacher_entropy": output.teacher_entropy.item(),
+                "teacher_student_kl": output.teacher_student_kl.item(), "lr": float(lr_schedule[position.step - 1]),
+                "weight_decay": float(wd_schedule[position.step - 1]),
+                "teacher_momentum": float(momentum_schedule[position.step - 1]),
+                "samples_per_second": samples / (time.perf_counter() - started)}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=position.step)
+        message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
+        if message:
+            raise CollapseError(f"{message} (stopped at step {position.step})")
+        checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
     if knn_sets:
