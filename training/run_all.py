@@ -1,0 +1,139 @@
+"""The end-to-end AgriCLIP run: stages 1, 2 and 3 from one config file into one Hub-ready folder.
+
+    python -m training.run_all                              # the demo: training/configs/demo.yaml
+    python -m training.run_all --config my_run.yaml         # your data and settings
+
+Each stage writes `<output_dir>/stageN/final`; a stage whose output exists is skipped, and an interrupted
+stage resumes from its newest checkpoint, so running the same command again continues where it stopped.
+The result, `<output_dir>/agriclip` (model, processor, custom-code files, evaluation results, model card), is
+evaluated zero-shot with each image embedding side by side, and classifies one photo through the transformers
+pipeline. `python -m model_card.publish <output_dir>/agriclip --repo-id org/name` puts it on the Hub.
+Under `accelerate launch` the training stages use every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from model_card.card import describe_caption_data, read_training_info, write_model_card
+from training import stage1_contrastive, stage2_dino, stage3_align
+from training.runtime import load_config_file
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
+
+
+def as_flags(options: dict) -> list[str]:
+    """`{"batch_size": 64, "freeze_text": True}` -> `["--batch-size", "64", "--freeze-text"]`."""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+def prepare_data(config: dict, output_dir: Path) -> dict:
+    """Training and validation sources and the evaluation suite: given, or the embedded dataset built once."""
+    data = dict(config.get("data") or {})
+    embedded = data.pop("embedded", None)
+    if embedded is not None:
+        from training.embedded import build_embedded_dataset
+
+        root = output_dir / "data"
+        if not (root / "suite.yaml").is_file():
+            build_embedded_dataset(root, progress=True, **embedded)
+        data = {"train_data": str(root / "pretrain"), "suite": str(root / "suite.yaml"), "name": "ALive-mini (embedded)",
+                "knn_data": str(root / "downstream" / "leaf-condition"), **data}
+    if "train_data" not in data:
+        raise ValueError("the run config's `data` section needs `embedded` or `train_data`")
+    return data
+
+
+def run_stages(config: dict, data: dict, output_dir: Path) -> Path:
+    model = config.get("model", "tiny")
+    source = {"train_data": data["train_data"], **({"val_data": data["val_data"]} if data.get("val_data") else {})}
+    for name, script in STAGES:
+        stage_dir = output_dir / name
+        final = stage_dir / "final"
+        if final.is_dir():
+            print(f"{name}: done already ({final}), skipped")
+        else:
+            options = {**source, **(config.get(name) or {}), "model": model, "output_dir": str(stage_dir)}
+            if name == "stage2" and data.get("knn_data"):
+                options.setdefault("knn_data", data["knn_data"])
+            if name != "stage3":
+                options["resume"] = True  # continues an interrupted run; starts fresh when there is no checkpoint
+            script.main(as_flags(options))
+        model = str(final)
+    return Path(model)
+
+
+def classify_demo_photo(checkpoint: Path, suite_path: Path) -> None:
+    """One photo of the first downstream task through `pipeline("zero-shot-image-classification")`."""
+    from transformers import pipeline
+
+    from evaluation.suite import load_suite_config
+
+    task = load_suite_config(suite_path).datasets[0]
+    classes = sorted(p.name for p in task.path.iterdir() if p.is_dir())
+    labels = [task.class_names.get(c, c.replace("_", " ")) for c in classes]
+    photo = sorted((task.path / classes[0]).iterdir())[0]
+    classifier = pipeline("zero-shot-image-classification", model=str(checkpoint))
+    results = classifier(str(photo), candidate_labels=labels, hypothesis_template=task.templates[0])
+    print(f"\nclassified {photo} (true class: {labels[0]}) with {task.templates[0]!r}:")
+    for row in results[:3]:
+        print(f"  {row['score']:.3f}  {row['label']}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="Run config (YAML or JSON); default: the demo.")
+    parser.add_argument("--output-dir", default=None, help="Overrides the config's output_dir.")
+    args = parser.parse_args(argv)
+    config = load_config_file(args.config)
+    output_dir = Path(args.output_dir or config.get("output_dir", "runs/agriclip"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run_config.yaml").write_text(yaml.safe_dump(config))
+
+    data = prepare_data(config, output_dir)
+    trained = run_stages(config, data, output_dir)
+    checkpoint = output_dir / "agriclip"
+    staging = output_dir / ".staging-agriclip"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trained, staging)
+
+    results = None
+    if data.get("suite"):
+        from evaluation.report import render_markdown_table
+        from evaluation.suite import run_suite
+
+        evaluation = config.get("evaluation") or {}
+        embeddings = ",".join(evaluation.get("embeddings", ["aligned", "clip", "fused"]))
+        results = run_suite(data["suite"], {"agriclip": f"{trained}:{embeddings}"}, output_dir / "evaluation",
+                            batch_size=evaluation.get("batch_size", 32))
+        print("\nzero-shot top-1 on the downstream tasks:\n" + render_markdown_table(results))
+        (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
+    training_info = {**read_training_info(output_dir), "data": describe_caption_data(data["train_data"], name=data.get("name"))}
+    write_model_card(staging, eval_results=results, training_info=training_info, repo_id=config.get("repo_id"))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    staging.rename(checkpoint)
+
+    if data.get("suite"):
+        classify_demo_photo(checkpoint, Path(data["suite"]))
+    print(f"\nHub-ready checkpoint: {checkpoint}\nevaluation report: {output_dir / 'evaluation'}\n"
+          f"stage logs: {output_dir}/stage*/logs")
+    return checkpoint
+
+
+if __name__ == "__main__":
+    main()
