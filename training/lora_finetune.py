@@ -75,12 +75,12 @@ from training.runtime import (
     PreemptionGuard,
     TrainingPosition,
     add_runtime_arguments,
-    check_finite,
     dataloader_generator,
     export_atomically,
     make_accelerator,
     parse_args,
     resumable_batches,
+    train_step,
     write_json_atomically,
 )
 
@@ -613,16 +613,8 @@ def main(argv: list[str] | None = None) -> Path:
     for batch in resumable_batches(train_loader, accelerator, position, max_steps):
         if batch is None:
             continue
-        with accelerator.accumulate(objective):
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[position.step])
-            loss = compute_loss(batch)
-            check_finite(loss, position, checkpoints)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        loss = train_step(accelerator, objective, optimizer, lambda: compute_loss(batch), float(lr_schedule[position.step]),
+                          args.max_grad_norm, position, checkpoints)
         samples += len(batch["pixel_values"]) * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, load, set_seed
+from safetensors import safe_open
 
 logger = get_logger(__name__)
 
@@ -149,6 +151,31 @@ class TrainingPosition:
         self.batch_in_epoch = 0
 
 
+def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learning_rate: float, max_grad_norm: float,
+               position: TrainingPosition, checkpoints: "CheckpointManager", before_optimizer_step=None):
+    """One forward/backward pass under gradient accumulation; the optimizer steps when gradients are in sync.
+
+    `compute_loss()` returns the loss, or an output that holds it as `.loss`; either is returned. The loss is
+    checked before backward, so a NaN or infinite loss never reaches the weights. Gradients are clipped to
+    `max_grad_norm` (0 disables); `before_optimizer_step()` runs between clipping and the step (DINO cancels the
+    last layer's gradients there).
+    """
+    with accelerator.accumulate(model):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        outcome = compute_loss()
+        loss = outcome if isinstance(outcome, torch.Tensor) else outcome.loss
+        check_finite(loss, position, checkpoints)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if before_optimizer_step is not None:
+            before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+    return outcome
+
+
 def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int):
     """The batches of a run from `position` on, epoch after epoch, until `max_steps` optimizer steps are done.
 
@@ -227,7 +254,7 @@ class CheckpointManager:
     """Resumable checkpoints under `<output_dir>/checkpoints/checkpoint-<step>`.
 
     A checkpoint is written to a temporary folder and renamed into place only once complete (the rename is
-    atomic), so a crash mid-write leaves the previous checkpoints intact. Objects registered with
+    atomic), so a crash or a failed write (disk full) leaves the previous checkpoints intact. Objects registered with
     `accelerator.register_for_checkpointing` (a teacher network, a loss centre) are saved with the model,
     optimizer and random states.
     """
@@ -251,9 +278,13 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
+        intact = self.checkpoints()
+        kept = f"the newest intact checkpoint is still {intact[0]}" if intact else "no earlier checkpoint exists"
+        with staged_write(staging, final, kept):
+            self.accelerator.save_state(str(staging))
+            if self.accelerator.is_main_process:
+                write_json_atomically(staging / TRAINER_STATE, asdict(position))
         if self.accelerator.is_main_process:
-            write_json_atomically(staging / TRAINER_STATE, asdict(position))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
             for stale in self.checkpoints()[self.keep :]:
@@ -277,15 +308,50 @@ class CheckpointManager:
         for checkpoint in candidates:
             try:
                 position = TrainingPosition(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+                check_checkpoint_files(checkpoint)
                 self.accelerator.load_state(str(checkpoint))
             except Exception as error:  # a truncated or corrupt file of any kind: try the next older checkpoint
                 if source != "latest":
                     raise ValueError(f"checkpoint {checkpoint} cannot be loaded: {error}") from error
                 logger.warning(f"checkpoint {checkpoint} cannot be loaded ({error}); trying an older one", main_process_only=True)
                 continue
-            logger.info(f"resumed from {checkpoint} at step {position.step}", main_process_only=True)
+            self.accelerator.print(f"resumed from {checkpoint} at step {position.step}")
             return position
         raise ValueError(f"no loadable checkpoint in {self.directory}: every one failed to load")
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Opens every weights and state file of a checkpoint without running pickled code, before accelerate loads it.
+
+    Accelerate unpickles the state of objects registered for checkpointing (a DINO teacher, a loss centre) with
+    `weights_only=False`; reading each pickle here first with `weights_only=True` is what keeps a tampered checkpoint
+    from running code. It also names the file that a half-copied checkpoint truncated.
+
+    Raises:
+        ValueError: naming the first file that is truncated, corrupt, or holds pickled objects beyond tensors.
+    """
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):  # checks the header and that the data covers it
+                    pass
+            elif path.suffix in (".bin", ".pkl"):
+                # accelerate's torch.load: weights_only=True, with the numpy types of its RNG states allowed.
+                load(path, map_location="cpu", mmap=True)
+        except Exception as error:
+            raise ValueError(f"{path} is truncated, corrupt, or holds more than tensors: {error}") from None
+
+
+@contextmanager
+def staged_write(staging: Path, target: Path, kept: str):
+    """Removes the staging folder of a failed write (it may have filled the disk) and re-raises the error as an
+    OSError naming `target` and saying what `kept` intact."""
+    try:
+        yield
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise OSError(getattr(error, "errno", None), f"writing {target} failed ({reason}); {kept}") from error
 
 
 def write_json_atomically(path: Path, value) -> None:
@@ -303,9 +369,13 @@ def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *sava
     staging = output.with_name(f".staging-{output.name}")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        for savable in savables:
-            savable.save_pretrained(staging)
+        kept = f"the previous {output} is untouched" if output.exists() else f"nothing was written to {output}"
+        with staged_write(staging, output, kept):
+            for savable in savables:
+                savable.save_pretrained(staging)
         previous = output.with_name(f".previous-{output.name}")
+        # Left behind by a run killed between the two renames below; os.replace cannot overwrite a folder.
+        shutil.rmtree(previous, ignore_errors=True)
         if output.exists():
             os.replace(output, previous)
         os.replace(staging, output)

@@ -44,12 +44,12 @@ from training.runtime import (
     PreemptionGuard,
     TrainingPosition,
     add_runtime_arguments,
-    check_finite,
     dataloader_generator,
     export_atomically,
     make_accelerator,
     parse_args,
     resumable_batches,
+    train_step,
 )
 
 # The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
@@ -224,22 +224,15 @@ def main(argv: list[str] | None = None) -> Path:
     for batch in resumable_batches(loader, accelerator, position, max_steps):
         if batch is None:
             continue
-        with accelerator.accumulate(student):
-            for index, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(lr_schedule[position.step])
-                if index == 0:  # only the first group decays
-                    group["weight_decay"] = float(wd_schedule[position.step])
-            crops = augment(batch["pixel_values"].to(accelerator.device))
-            with torch.no_grad():
-                teacher_output = teacher(crops[:2])
-            output = dino_loss(student(crops), teacher_output, position.epoch)
-            check_finite(output.loss, position, checkpoints)
-            accelerator.backward(output.loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-            cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs)
-            optimizer.step()
-            optimizer.zero_grad()
+        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])  # only the first group decays
+        crops = augment(batch["pixel_values"].to(accelerator.device))
+        with torch.no_grad():
+            teacher_output = teacher(crops[:2])
+        output = train_step(
+            accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.epoch),
+            float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
+            before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs),
+        )
         samples += len(batch["pixel_values"]) * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
