@@ -73,7 +73,8 @@ from tqdm.auto import tqdm
 
 from modeling_agriclip.configuration_agriclip import IMAGE_EMBEDDINGS
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from training.data import DecodeStats, _decode_rows, load_image_text_dataset, load_labelled_dataset
+from modeling_agriclip.images import DecodeStats, decode_rows
+from training.data import load_image_text_dataset, load_labelled_dataset
 from training.prompts import get_templates
 
 from .linear_probe import k_shot_probe, stratified_split
@@ -268,7 +269,7 @@ def embed_images(dataset, classifiers: Mapping[str, ZeroShotClassifier], batch_s
     kept = []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
         images = dataset[start : start + batch_size]["image"]
-        decoded = _decode_rows([{"image": image, "index": start + i} for i, image in enumerate(images)], stats)
+        decoded = decode_rows([{"image": image, "index": start + i} for i, image in enumerate(images)], stats)
         if not decoded:
             continue
         kept += [row["index"] for row, _ in decoded]

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from training.alive import BuildConfig, build_alive, main
-from training.data import ImageTextCollator, load_image_text_dataset, open_image
+from modeling_agriclip.images import open_image
+from training.data import ImageTextCollator, load_image_text_dataset
 from training.embedded import pretraining_sources, render_cattle, render_fish, render_leaf
 
 

@@ -15,17 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training import data
-from training.data import (
-    DecodeStats,
-    ImageCollator,
-    ImageDecodeError,
-    ImageTextCollator,
-    load_image_text_dataset,
-    load_labelled_dataset,
-    open_image,
-    read_image_bytes,
-)
+from modeling_agriclip import images
+from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
+from training.data import ImageCollator, ImageTextCollator, load_image_text_dataset, load_labelled_dataset
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -89,7 +81,7 @@ def test_decompression_bomb_limits(monkeypatch):
         open_image(png_header_only(10_000, 10_000))
     assert "10000x10000" in str(error.value)
     # The module constant, not PIL's global, sets the limit.
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageDecodeError, match="too large"):
         open_image(encode(Image.new("RGB", (20, 20)), "PNG"))
     assert open_image(encode(Image.new("RGB", (10, 10)), "PNG")).size == (10, 10)

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from training.data import load_image_text_dataset, load_labelled_dataset, open_image
+from modeling_agriclip.images import open_image
+from training.data import load_image_text_dataset, load_labelled_dataset
 from training.embedded import (
     CONDITIONS,
     HELD_OUT_PAIRS,

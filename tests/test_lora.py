@@ -18,7 +18,7 @@ from transformers import pipeline
 from conftest import COLOURS, read_metrics
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from training.data import open_image
+from modeling_agriclip.images import open_image
 from training.lora_finetune import (
     RUN,
     PromptClassifier,

@@ -61,7 +61,9 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import DecodeStats, ImageDecodeError, load_labelled_dataset, open_image, read_csv_rows, read_image_bytes
+from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
+
+from .data import load_labelled_dataset, read_csv_rows
 from .prompts import CaptionGenerator, DatasetMetadata, TransformersParaphraser
 
 

@@ -1,4 +1,4 @@
-"""Image decoding, dataset loaders and batch collators shared by the training stages and the evaluation suite.
+"""Dataset loaders and batch collators shared by the training stages and the evaluation suite.
 
 Images travel through `datasets` UNDECODED (`datasets.Image(decode=False)`, rows hold `{"path", "bytes"}`) and are
 decoded in the collators with `open_image`, so that one corrupt, truncated or missing file is skipped and counted
@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import logging
 import os
-import struct
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from modeling_agriclip.images import DecodeStats, decode_rows
 
 
-# PIL's default warning threshold (1024 * 1024 * 1024 // 4 // 3 pixels), enforced here rather than through PIL's
-# process-global `Image.MAX_IMAGE_PIXELS`, which any other library may change.
-MAX_IMAGE_PIXELS = 89_478_485
+logger = logging.getLogger(__name__)
 
 # File suffixes treated as images in class-per-folder datasets: torchvision's ImageFolder list.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -42,149 +38,6 @@ IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
 
 # Fields of a WebDataset sample's `.json` that become columns.
 WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
-
-
-logger = logging.getLogger(__name__)
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be decoded. `reason` is one of a few short keys used to count skipped files."""
-
-    def __init__(self, path: str, reason: str, detail: str | None = None):
-        self.path = str(path)
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{self.path}: {reason}" + (f" ({detail})" if detail else ""))
-
-    def __reduce__(self):
-        # Rebuilt from its fields when it crosses a process boundary (decoding worker pools).
-        return type(self), (self.path, self.reason, self.detail)
-
-
-def read_image_bytes(source) -> tuple[str, bytes]:
-    """Returns (name for messages, raw bytes) of a path, raw bytes, or a `datasets` `{"path", "bytes"}` dict."""
-    if isinstance(source, Mapping):
-        if source.get("bytes") is not None:
-            return source.get("path") or "<bytes>", source["bytes"]
-        if source.get("path") is None:
-            raise ImageDecodeError("<unknown>", "missing file", "row has neither path nor bytes")
-        source = source["path"]
-    if isinstance(source, (bytes, bytearray)):
-        return "<bytes>", bytes(source)
-    path = str(source)
-    try:
-        with open(path, "rb") as handle:
-            return path, handle.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
-        raise ImageDecodeError(path, "missing file", error.strerror) from error
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to 8-bit RGB: transparency composited on white, high bit depths scaled, not clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit samples (I is PIL's 32-bit container for 16-bit PNG and TIFF data): 65535 maps to 255.
-        array = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
-        return Image.fromarray(array.round().astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
-        # Floating-point images follow the [0, 1] convention of the scientific imaging libraries.
-        array = np.clip(np.asarray(image, dtype=np.float64) * 255.0, 0, 255)
-        return Image.fromarray(array.round().astype(np.uint8), "L").convert("RGB")
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB", "1"):
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_image(source) -> Image.Image:
-    """Decodes an image to RGB with its EXIF orientation applied.
-
-    Args:
-        source: a file path, raw bytes, or a `datasets` image dict `{"path": ..., "bytes": ...}` (bytes win).
-
-    Raises:
-        ImageDecodeError: for a missing, empty, truncated or corrupt file, or one larger than `MAX_IMAGE_PIXELS`.
-    """
-    path, data = read_image_bytes(source)
-    if not data:
-        raise ImageDecodeError(path, "empty file")
-    try:
-        with warnings.catch_warnings():
-            # The size is checked below against MAX_IMAGE_PIXELS; PIL's own warning would only repeat it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
-        raise ImageDecodeError(path, "too large", str(error)) from error
-    except UnidentifiedImageError as error:
-        raise ImageDecodeError(path, "corrupt", "not a recognised image format") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        reason = "truncated" if "truncated" in str(error).lower() else "corrupt"
-        raise ImageDecodeError(path, reason, str(error)) from error
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ImageDecodeError(path, "too large", f"{image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    # struct.error escapes from PIL's parser of malformed EXIF blocks.
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
-        reason = "truncated" if "truncated" in str(error).lower() else "corrupt"
-        raise ImageDecodeError(path, reason, str(error)) from error
-
-
-@dataclass
-class DecodeStats:
-    """Counts decoded images and the files skipped per reason.
-
-    Mergeable with `+=`; `to_dict`/`from_dict` carry it across processes (e.g. through `gather_object`).
-    """
-
-    decoded: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)
-
-    def record(self, error: ImageDecodeError) -> None:
-        self.skipped.setdefault(error.reason, []).append(error.path)
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(len(paths) for paths in self.skipped.values())
-
-    def __iadd__(self, other: DecodeStats) -> DecodeStats:
-        self.decoded += other.decoded
-        for reason, paths in other.skipped.items():
-            self.skipped.setdefault(reason, []).extend(paths)
-        return self
-
-    def to_dict(self) -> dict:
-        return {"decoded": self.decoded, "skipped": {reason: list(paths) for reason, paths in self.skipped.items()}}
-
-    @classmethod
-    def from_dict(cls, state: Mapping) -> DecodeStats:
-        return cls(decoded=int(state["decoded"]), skipped={r: list(p) for r, p in state["skipped"].items()})
-
-    def summary(self, max_names: int = 20) -> str:
-        """One line of totals, then one line per reason naming up to `max_names` files."""
-        lines = [f"decoded {self.decoded} images, skipped {self.num_skipped}"]
-        for reason, paths in sorted(self.skipped.items()):
-            names = ", ".join(paths[:max_names])
-            more = f" and {len(paths) - max_names} more" if len(paths) > max_names else ""
-            lines.append(f"  {reason} ({len(paths)}): {names}{more}")
-        return "\n".join(lines)
-
-
-def _decode_rows(rows: Sequence[Mapping], stats: DecodeStats) -> list[tuple[Mapping, Image.Image]]:
-    """Decodes the `image` of each row; bad rows are recorded in `stats` and dropped."""
-    decoded = []
-    for row in rows:
-        try:
-            image = open_image(row["image"])
-        except ImageDecodeError as error:
-            stats.record(error)
-            continue
-        stats.decoded += 1
-        decoded.append((row, image))
-    return decoded
 
 
 class ImageTextCollator:
@@ -210,7 +63,7 @@ class ImageTextCollator:
         return row["caption"]
 
     def __call__(self, rows: Sequence[Mapping]):
-        decoded = _decode_rows(rows, self.stats)
+        decoded = decode_rows(rows, self.stats)
         if not decoded:
             return None
         captions = [self._caption(row) for row, _ in decoded]
@@ -236,7 +89,7 @@ class ImageCollator:
         self.stats = stats if stats is not None else DecodeStats()
 
     def __call__(self, rows: Sequence[Mapping]):
-        decoded = _decode_rows(rows, self.stats)
+        decoded = decode_rows(rows, self.stats)
         if not decoded:
             return None
         arrays = np.stack([np.asarray(resize_center_crop(image, self.size)) for _, image in decoded])
@@ -321,7 +174,7 @@ def load_labelled_dataset(source, split: str | None = None) -> tuple[datasets.Da
     if _is_saved_dataset(path):
         dataset = _select_split(datasets.load_from_disk(str(path)), split, path)
     else:
-        _check_hub_id(source)
+        check_hub_id(source)
         dataset = _select_split(datasets.load_dataset(str(source), split=split), split, source)
     image_column = _image_column(dataset.features, None, path)
     label_column = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
@@ -388,7 +241,7 @@ def _flatten_webdataset_json(row: Mapping) -> dict:
     return {name: row["json"][name] for name in WEBDATASET_JSON_FIELDS if name in row["json"]}
 
 
-def _check_hub_id(source) -> None:
+def check_hub_id(source) -> None:
     """A missing local path is an error here, not a Hub lookup: Hub ids are "name" or "org/name"."""
     text = str(source)
     if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
@@ -418,7 +271,7 @@ def _source_kind(source) -> str:
         if _matches(path, "*.tar") or _matches(path, "*/*.tar"):
             return "webdataset"
         return "hub"
-    _check_hub_id(text)
+    check_hub_id(text)
     return "hub"
 
 

@@ -65,7 +65,8 @@ from evaluation.suite import PROBE_TEST_FRACTION, DatasetSpec, load_suite_config
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.zero_shot import ZeroShotClassifier, _fill_templates
 from training.aligner import AlignerStatistics, fit_closed_form
-from training.data import DecodeStats, ImageTextCollator, _decode_rows, load_image_text_dataset, load_labelled_dataset
+from modeling_agriclip.images import DecodeStats, decode_rows
+from training.data import ImageTextCollator, load_image_text_dataset, load_labelled_dataset
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
@@ -372,7 +373,7 @@ class LabelledImageCollator:
         self.stats = stats if stats is not None else DecodeStats()
 
     def __call__(self, rows):
-        decoded = _decode_rows(rows, self.stats)
+        decoded = decode_rows(rows, self.stats)
         if not decoded:
             return None
         pixel_values = self.processor(images=[image for _, image in decoded], return_tensors="pt")["pixel_values"]

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from evaluation.retrieval import retrieval_recall
-from training.data import DecodeStats, ImageTextCollator, load_image_text_dataset
+from modeling_agriclip.images import DecodeStats
+from training.data import ImageTextCollator, load_image_text_dataset
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor

@@ -26,7 +26,8 @@ from transformers import AutoModel
 
 from evaluation.knn import knn_accuracy
 from modeling_agriclip.modeling_agriclip import backbone_features
-from training.data import DecodeStats, ImageCollator, load_image_text_dataset, load_labelled_dataset
+from modeling_agriclip.images import DecodeStats
+from training.data import ImageCollator, load_image_text_dataset, load_labelled_dataset
 from training.dino import (
     CollapseMonitor,
     DINOHead,
