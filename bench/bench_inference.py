@@ -1,0 +1,303 @@
+"""Zero-shot inference throughput: `agriclip classify-folder` against the transformers pipeline, printed as ratios.
+
+Same model, images and labels on every side, measured in one run: a model of a preset layout (random weights, built
+locally, nothing downloaded) saved once to a temporary folder, `--images` generated PNG photos of `--size` pixels, and
+`--labels` class names with the one template "a photo of {}.".
+
+Sides:
+
+- `agriclip classify-folder`: the command (model loading, label embeddings computed once, images decoded and
+  preprocessed by the DataLoader, in decoding workers where the machine has cores to spare, batched forward of the
+  image tower alone, CSV written); steady state: the same inference through `classify_files` with the model loaded
+  and the label embeddings cached;
+- the `zero-shot-image-classification` pipeline on the same AgriCLIP folder, as usually called (one image per
+  forward, the label prompts re-encoded for every image), and with `batch_size=--batch-size`;
+- the same pipeline on a transformers `CLIPModel` with the same text and image tower sizes: what the pipeline costs
+  without AgriCLIP.
+
+Measures:
+
+- "cold img/s": loading plus one pass over the photos, each side in its own fresh process (the command-line
+  experience; loading is a fixed cost, so the cold ratio grows with `--images` towards the warm one);
+- "warm img/s": models loaded once in this process, then `--repeats` rounds that run every side in turn (interleaved,
+  so that a change of load on a shared machine hits every side alike); the fastest pass of each side counts;
+- "CPU ms/img": CPU time of the warm passes (all threads and DataLoader workers) per image, steadier than wall time
+  on a shared machine;
+- peak memory of each cold process: `resource.getrusage(RUSAGE_SELF).ru_maxrss` (resident set: Python, torch, the
+  model, activations; tracemalloc does not see torch allocations), the same after imports alone (the baseline every
+  side pays), the largest DataLoader worker (`RUSAGE_CHILDREN`; workers share their parent's pages copy-on-write, so
+  this overstates what they add), and on CUDA `torch.cuda.max_memory_allocated`.
+
+The top-1 agreement of the command and the pipeline on the same model is printed as a check that both compute the
+same predictions.
+
+    python bench/bench_inference.py [--preset tiny|vit_b16|paper] [--images 64] [--labels 20] [--batch-size 32]
+        [--num-workers N] [--device cpu|cuda] [--threads N] [--repeats 3]
+"""
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+# Run as a plain script from anywhere: the repository root holds the packages.
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TEMPLATE = "a photo of {}."
+LABELS = (
+    "leaf rust", "powdery mildew", "early blight", "late blight", "bacterial spot", "leaf mold", "septoria leaf spot",
+    "spider mites", "mosaic virus", "healthy leaf", "nitrogen deficiency", "potassium deficiency", "weeds",
+    "tilapia", "salmon", "catfish", "Holstein cow", "Jersey cow", "Angus cattle", "chicken droppings",
+    "yellow leaf curl", "target spot", "anthracnose", "scab", "black rot", "canker", "downy mildew", "fresh fish",
+    "stale fish", "goat",
+)
+SIDES = ("agriclip classify-folder", "pipeline (AgriCLIP)", "pipeline (AgriCLIP), batched", "pipeline (CLIPModel)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--preset", choices=("tiny", "vit_b16", "paper"), default="tiny", help="AgriCLIPConfig preset of the model."
+    )
+    parser.add_argument("--images", type=int, default=64, help="Number of generated photos.")
+    parser.add_argument("--size", type=int, default=256, help="Side of the generated photos in pixels.")
+    parser.add_argument("--labels", type=int, default=20, help=f"Number of class names (at most {len(LABELS)}).")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="Images per forward of the command and of the batched pipeline."
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="Decoding workers of the command (default: the command's own)."
+    )
+    parser.add_argument("--device", default="cpu", help="Device of every side.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of every side (default: torch's). On a machine shared with other jobs, 1 keeps "
+        "the many small operations of the per-image pipeline from waiting on descheduled threads.",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Interleaved warm rounds; the fastest pass of each side counts."
+    )
+    # Internal: the child processes that build the models and photos, and that run one side cold.
+    parser.add_argument("--task", choices=("prepare", *SIDES), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def prepare(workdir: Path, args) -> None:
+    """Saves the AgriCLIP model, a CLIPModel of the same tower sizes, both processors, and the photos."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+
+    torch.manual_seed(0)
+    config = getattr(AgriCLIPConfig, args.preset)()
+    processor = AgriCLIPProcessor.from_config(config)
+    AgriCLIPModel(config).save_pretrained(workdir / "agriclip")
+    processor.save_pretrained(workdir / "agriclip")
+    clip_config = CLIPConfig(
+        text_config=config.text_config.to_dict(),
+        vision_config=config.vision_config.to_dict(),
+        projection_dim=config.projection_dim,
+    )
+    CLIPModel(clip_config).save_pretrained(workdir / "clip")
+    clip_processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    clip_processor.save_pretrained(workdir / "clip")
+
+    # Smooth colour fields with noise: photo-like PNG sizes, unlike pure noise.
+    rng = np.random.default_rng(0)
+    images = workdir / "photos"
+    images.mkdir()
+    ramp = np.linspace(0, 1, args.size)[None, :, None]
+    for index in range(args.images):
+        base = rng.uniform(0, 255, 3) * ramp + rng.uniform(0, 255, 3) * (1 - ramp.transpose(1, 0, 2))
+        pixels = np.clip(base / 2 + rng.normal(0, 12, (args.size, args.size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{index:04d}.png")
+
+
+def max_rss_mib(who=resource.RUSAGE_SELF) -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (DataLoader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _pipeline(side: str, args):
+    """The pipeline of a pipeline side and the keyword arguments of its calls."""
+    from transformers import pipeline
+
+    model = args.workdir / ("clip" if side == "pipeline (CLIPModel)" else "agriclip")
+    classifier = pipeline("zero-shot-image-classification", model=str(model), device=args.device)
+    batch = {"batch_size": args.batch_size} if side.endswith("batched") else {}
+    return classifier, {"candidate_labels": list(LABELS[: args.labels]), "hypothesis_template": TEMPLATE, **batch}
+
+
+def set_threads(args) -> None:
+    """Applies `--threads` to this process."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def cold_pass(side: str, args, files: list[str]) -> list[str]:
+    """Loads the side's model and classifies every photo once, as a user would; returns the top-1 labels."""
+    from modeling_agriclip.cli import main
+
+    if side == "agriclip classify-folder":
+        output = args.workdir / "predictions.csv"
+        argv = ["classify-folder", str(args.workdir / "photos"), "--labels", ",".join(LABELS[: args.labels])]
+        argv += ["--template", TEMPLATE, "--model", str(args.workdir / "agriclip"), "--output", str(output)]
+        argv += ["--device", args.device, "--batch-size", str(args.batch_size)]
+        argv += [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
+        if main(argv) != 0:
+            raise RuntimeError(f"agriclip {' '.join(argv)} failed")
+        with open(output, newline="") as handle:
+            return [row["label"] for row in csv.DictReader(handle)]
+    classifier, kwargs = _pipeline(side, args)
+    return [ranked[0]["label"] for ranked in classifier(files, **kwargs)]
+
+
+def warm_runner(side: str, args, files: list[str]):
+    """Loads the side's model; returns a function that classifies every photo."""
+    import torch
+
+    from modeling_agriclip.cli import classify_files, load_classifier
+
+    if side == "agriclip classify-folder":
+        classifier = load_classifier(str(args.workdir / "agriclip"), torch.device(args.device), args.batch_size)
+        labels = list(LABELS[: args.labels])
+        return lambda: classify_files(classifier, files, labels, [TEMPLATE], 1, args.batch_size, args.num_workers)
+    classifier, kwargs = _pipeline(side, args)
+    return lambda: classifier(files, **kwargs)
+
+
+def measure_cold(args) -> dict:
+    """One side in its own process: cold images per second, top-1 labels and peak memory."""
+    import torch
+
+    from modeling_agriclip.cli import find_images
+
+    import_rss, import_children_rss = max_rss_mib(), max_rss_mib(resource.RUSAGE_CHILDREN)
+    set_threads(args)
+    files, _ = find_images([str(args.workdir / "photos")])
+    start = time.perf_counter()
+    top1 = cold_pass(args.task, args, files)
+    seconds = time.perf_counter() - start
+    # transformers starts a helper process at import: only a larger child is a DataLoader worker.
+    children_rss = max_rss_mib(resource.RUSAGE_CHILDREN)
+    return {
+        "cold_images_per_s": len(files) / seconds,
+        "top1": top1,
+        "peak_rss_mib": max_rss_mib(),
+        "import_rss_mib": import_rss,
+        "worker_peak_rss_mib": children_rss if children_rss > import_children_rss else None,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
+    }
+
+
+def run_task(task: str, workdir: Path, argv: list[str]) -> dict | None:
+    """Runs `task` in a child process; returns what it printed as JSON (None for `prepare`).
+
+    Linux keeps a process's peak RSS across fork and exec, so a child of a process holding models would start with
+    its parent's peak: children are started before this process imports torch.
+    """
+    command = [sys.executable, __file__, *argv, "--task", task, "--workdir", str(workdir)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1]) if task != "prepare" else None
+
+
+def measure_warm(args) -> dict[str, dict]:
+    """Every side loaded in this process; `--repeats` interleaved rounds after one warm-up pass each."""
+    from modeling_agriclip.cli import find_images
+
+    set_threads(args)
+    files, _ = find_images([str(args.workdir / "photos")])
+    runners = {side: warm_runner(side, args, files) for side in SIDES}
+    for run in runners.values():
+        run()
+    seconds = {side: [] for side in SIDES}
+    cpu = dict.fromkeys(SIDES, 0.0)
+    for _ in range(args.repeats):
+        for side, run in runners.items():
+            start_cpu, start = cpu_seconds(), time.perf_counter()
+            run()
+            seconds[side].append(time.perf_counter() - start)
+            cpu[side] += cpu_seconds() - start_cpu
+    return {
+        side: {
+            "warm_images_per_s": len(files) / min(seconds[side]),
+            "warm_cpu_ms_per_image": 1000 * cpu[side] / (args.repeats * len(files)),
+        }
+        for side in SIDES
+    }
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.task == "prepare":
+        prepare(args.workdir, args)
+        return
+    if args.task is not None:
+        print(json.dumps(measure_cold(args)))
+        return
+    if not 1 <= args.labels <= len(LABELS):
+        raise SystemExit(f"--labels must lie in [1, {len(LABELS)}]")
+    with tempfile.TemporaryDirectory() as scratch:
+        args.workdir = Path(scratch)
+        run_task("prepare", args.workdir, argv)
+        launcher_rss = max_rss_mib()
+        results = {side: run_task(side, args.workdir, argv) for side in SIDES}
+        for side, warm in measure_warm(args).items():
+            results[side].update(warm)
+
+    print(
+        f"{args.images} PNG photos {args.size}x{args.size}, {args.labels} labels, template {TEMPLATE!r}, preset "
+        f"{args.preset}, device {args.device}, {args.threads or 'default'} threads, batch {args.batch_size}; cold = loading + one pass in a fresh process, "
+        f"warm = fastest of {args.repeats} interleaved passes with the models loaded"
+    )
+    header = ("cold img/s", "warm img/s", "CPU ms/img", "peak RSS", "after imports", "worker")
+    print(f"{'side':<32}" + "".join(f"{name:>14}" for name in header))
+    for side, result in results.items():
+        cells = [f"{result[key]:.1f}" for key in ("cold_images_per_s", "warm_images_per_s", "warm_cpu_ms_per_image")]
+        cells += [f"{result[key]:.0f} MiB" for key in ("peak_rss_mib", "import_rss_mib")]
+        cells.append("-" if result["worker_peak_rss_mib"] is None else f"{result['worker_peak_rss_mib']:.0f} MiB")
+        cuda = "" if result["cuda_peak_mib"] is None else f"  cuda peak {result['cuda_peak_mib']:.0f} MiB"
+        print(f"{side:<32}" + "".join(f"{cell:>14}" for cell in cells) + cuda)
+    cli = results[SIDES[0]]
+    for side in SIDES[1:]:
+        other = results[side]
+        print(
+            f"ratio classify-folder / {side}: cold {cli['cold_images_per_s'] / other['cold_images_per_s']:.1f}x, "
+            f"warm {cli['warm_images_per_s'] / other['warm_images_per_s']:.1f}x, "
+            f"CPU time per image {other['warm_cpu_ms_per_image'] / cli['warm_cpu_ms_per_image']:.1f}x less"
+        )
+    agree = sum(a == b for a, b in zip(cli["top1"], results[SIDES[1]]["top1"]))
+    print(f"top-1 agreement of classify-folder and the pipeline on the same model: {agree}/{len(cli['top1'])}")
+    print(
+        "Memory: peak resident set (ru_maxrss) of each side's cold process; 'after imports' is its baseline before "
+        "any model is loaded; 'worker' is the largest DataLoader worker (shares pages with its parent; '-' when none "
+        f"ran). The processes were started from a launcher of {launcher_rss:.0f} MiB (Linux carries the peak over)."
+    )
+
+
+if __name__ == "__main__":
+    main()

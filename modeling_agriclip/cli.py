@@ -1,0 +1,809 @@
+"""The `agriclip` command: zero-shot classification and embeddings of field photos from a terminal.
+
+Commands::
+
+    agriclip predict IMAGE... --labels "leaf rust,healthy leaf" [--template T ... | --dataset-template NAME]
+                              [--top-k 5] [--format table|csv|json]
+    agriclip classify-folder DIR --labels-file labels.txt --output predictions.csv [--top-k 1]
+    agriclip embed IMAGE... [--labels ...] --output embeddings.safetensors|embeddings.npy
+    agriclip info MODEL [--format table|json]
+
+Also runnable as ``python -m modeling_agriclip.cli``. Common options: ``--model`` (an AgriCLIP or transformers CLIP
+folder, or a Hub id; default: the ``AGRICLIP_MODEL`` environment variable), ``--embedding`` (AgriCLIP's image
+embedding: aligned, clip or fused; default: the checkpoint's), ``--batch-size``, ``--num-workers`` (decoding
+processes) and ``--device`` (default: cuda, then mps, else cpu).
+
+Images are files, folders (walked recursively; files with an image suffix PIL can open, hidden entries skipped) and
+glob patterns (expanded here too, for shells that do not). A file named explicitly is always read; a path that does
+not exist is reported and left out. Unreadable images (corrupt, truncated, empty, too large) are listed on stderr and
+skipped; the others are still classified.
+
+Labels: ``--labels`` takes a comma-separated list, ``--labels-file`` one label per line (blank lines ignored). Each
+label is put into every template (default ``"a photo of {}."``); several templates form a prompt ensemble (the mean of
+the normalised prompt embeddings), computed once per run.
+
+Outputs of ``predict`` and ``classify-folder``:
+
+- ``table``: one line per image and rank, aligned for reading; unreadable files appear on stderr only;
+- ``csv``: columns ``image,rank,label,score,error``, one row per image and rank (best first), then one row per
+  unreadable file with empty rank, label and score and the reason in ``error`` (e.g. ``corrupt``, ``truncated``);
+- ``json``: ``{"model", "embedding", "labels", "templates", "results": [{"image", "predictions": [{"label",
+  "score"}]}], "skipped": [{"image", "error"}]}``.
+
+Scores are softmax probabilities over the labels, as in the transformers pipeline. ``classify-folder`` writes the
+file named by ``--output`` (format from ``--format`` or the suffix: ``.json`` is JSON, anything else CSV).
+
+``embed`` writes L2-normalised embeddings: ``image_embeds`` (one row per readable image, in the order of the
+``files`` list) and, with labels, ``label_embeds`` (one row per label). A ``.safetensors`` file holds both tensors and
+its metadata holds ``model``, ``embedding``, ``files``, ``skipped``, ``labels`` and ``templates`` (JSON-encoded
+where not a string); a ``.npy`` file holds one array, and the same metadata goes to ``<output>.json`` beside it.
+
+The same batched inference from Python: `load_classifier`, `find_images`, then `classify_files` or `embed_files`
+(label embeddings cached by the `ZeroShotClassifier` across calls, images decoded by a DataLoader).
+
+Exit codes:
+
+- 0: success (unreadable images may have been skipped; they are listed on stderr);
+- 1: an unexpected error (a bug: please report it with the traceback);
+- 2: usage error (bad or missing arguments, e.g. no ``--model`` and no ``AGRICLIP_MODEL``);
+- 3: the model cannot be loaded (no such folder, not a model folder, Hub id not reachable);
+- 4: no images found;
+- 5: images found, but none could be read;
+- 6: the device is unknown or not available;
+- 7: empty or invalid labels or templates (empty list, duplicate label, unreadable labels file, template without
+  ``{}``, unknown template set);
+- 8: the output file cannot be written;
+- 130: interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoConfig
+from transformers.utils import logging as transformers_logging
+
+from modeling_agriclip.images import DecodeStats, decode_rows
+from training.data import check_hub_id
+from training.prompts import ZERO_SHOT_TEMPLATES, get_templates
+
+from .configuration_agriclip import IMAGE_EMBEDDINGS
+from .zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
+
+
+MODEL_ENV = "AGRICLIP_MODEL"
+FORMATS = ("table", "csv", "json")
+CSV_COLUMNS = ("image", "rank", "label", "score", "error")
+EMBEDDING_SUFFIXES = (".safetensors", ".npy")
+
+
+class ExitCode(IntEnum):
+    """The process exit status of each failure (documented in the module docstring)."""
+
+    OK = 0
+    USAGE = 2
+    MODEL = 3
+    NO_IMAGES = 4
+    UNREADABLE = 5
+    DEVICE = 6
+    LABELS = 7
+    OUTPUT = 8
+    INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A failure reported as one `agriclip: error: ...` message and its exit code, without a traceback."""
+
+    def __init__(self, code: ExitCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _warn(message: str) -> None:
+    print(f"agriclip: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: images, labels, templates, device, model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def image_suffixes() -> frozenset[str]:
+    """The file suffixes of the formats PIL can open (not the save-only ones such as .pdf)."""
+    Image.init()
+    return frozenset(suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN)
+
+
+def _walk(folder: str, suffixes: frozenset[str]) -> Iterator[str]:
+    """Image files under `folder`, recursively, in sorted order; hidden files and folders (e.g. macOS `._` files)
+    are skipped."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
+                yield os.path.join(root, name)
+
+
+def _expand(argument: str, suffixes: frozenset[str]) -> list[str]:
+    """The image files one argument names: itself, the images under a folder, or the images a glob matches."""
+    if os.path.isfile(argument):
+        return [argument]
+    if os.path.isdir(argument):
+        return list(_walk(argument, suffixes))
+    if not glob.has_magic(argument):
+        return []
+    files = []
+    for match in sorted(glob.glob(argument, recursive=True)):
+        if os.path.isdir(match):
+            files += _walk(match, suffixes)
+        elif os.path.splitext(match)[1].lower() in suffixes:
+            files.append(match)
+    return files
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Expands image arguments into files, in argument order, without duplicates.
+
+    Files named explicitly are kept whatever their suffix (decoding decides); folders are walked recursively and glob
+    patterns expanded, keeping files with an image suffix. Returns (files, the inputs that name no file or folder).
+    """
+    suffixes = image_suffixes()
+    files, unmatched, seen = [], [], set()
+    for argument in map(os.path.expanduser, inputs):
+        found = _expand(argument, suffixes)
+        if not found and not os.path.isdir(argument):
+            unmatched.append(argument)
+        for path in found:
+            if os.path.normpath(path) not in seen:
+                seen.add(os.path.normpath(path))
+                files.append(path)
+    return files, unmatched
+
+
+def collect_images(inputs: Sequence[str]) -> list[str]:
+    """`find_images`, reporting inputs that matched nothing on stderr; fails when no file is left."""
+    files, unmatched = find_images(inputs)
+    for argument in unmatched:
+        _warn(f"{argument}: no such file or folder, or no image matches it")
+    if not files:
+        raise CLIError(ExitCode.NO_IMAGES, f"no images found in {' '.join(inputs)}")
+    return files
+
+
+def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
+    """The class names of `--labels "a,b,c"` or `--labels-file` (one per line); fails on an empty list or a
+    duplicate."""
+    if labels_file is not None:
+        try:
+            text = Path(labels_file).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CLIError(ExitCode.LABELS, f"cannot read the labels file {labels_file}: {error}") from error
+        names, source = [line.strip() for line in text.splitlines()], f"the labels file {labels_file}"
+    else:
+        names, source = [name.strip() for name in labels.split(",")], "--labels"
+    names = [name for name in names if name]
+    if not names:
+        raise CLIError(
+            ExitCode.LABELS, f"{source} holds no label; give at least one, e.g. --labels 'leaf rust,healthy leaf'"
+        )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise CLIError(ExitCode.LABELS, f"{source} repeats the label(s) {', '.join(map(repr, duplicates))}")
+    return names
+
+
+def resolve_templates(templates: Sequence[str] | None, dataset_template: str | None) -> list[str]:
+    """The prompt templates of `--template` (repeatable: an ensemble) or `--dataset-template NAME`."""
+    try:
+        if dataset_template is not None:
+            return get_templates(dataset_template)
+        return get_templates(list(templates or DEFAULT_TEMPLATES))
+    except KeyError as error:
+        raise CLIError(ExitCode.LABELS, f"--dataset-template: {error.args[0]}") from error
+    except ValueError as error:
+        raise CLIError(ExitCode.LABELS, f"--template: {error}") from error
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device to run on: `name`, checked by allocating on it, or the best one available."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        available = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+        available += ["mps"] if torch.backends.mps.is_available() else []
+        raise CLIError(
+            ExitCode.DEVICE,
+            f"--device {name!r} is not usable here ({_first_line(error)}); available: {', '.join(available)}",
+        ) from error
+    return device
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _cannot_load(model: str, reason: str) -> CLIError:
+    return CLIError(
+        ExitCode.MODEL,
+        f"cannot load the model {model!r}: {reason}. Pass a local folder with --model PATH (a saved AgriCLIP or "
+        f"transformers CLIP folder) or set {MODEL_ENV}; Hub ids need network access or the Hugging Face cache",
+    )
+
+
+def _check_model_path(model: str) -> None:
+    """A path-like model that does not exist fails here, before transformers tries it as a Hub id."""
+    try:
+        check_hub_id(model)
+    except FileNotFoundError as error:
+        raise _cannot_load(model, "no such folder") from error
+
+
+def load_classifier(
+    model: str, device: torch.device, batch_size: int, embedding: str | None = None
+) -> ZeroShotClassifier:
+    """A `ZeroShotClassifier` on `model` (an AgriCLIP or CLIP folder, or a Hub id), failing with exit code 3."""
+    _check_model_path(model)
+    try:
+        classifier = ZeroShotClassifier.from_pretrained(model, batch_size=batch_size, device=device)
+    except (OSError, ValueError) as error:
+        raise _cannot_load(model, _first_line(error)) from error
+    if embedding is None:
+        return classifier
+    try:
+        return classifier.with_embedding(embedding)
+    except ValueError as error:
+        raise CLIError(ExitCode.USAGE, f"--embedding {embedding}: {error}") from error
+
+
+def embedding_name(classifier: ZeroShotClassifier) -> str | None:
+    """The image embedding a classifier uses: its own, else the checkpoint's (None for a single-embedding CLIP)."""
+    return classifier.embedding or getattr(classifier.model.config, "image_embedding", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched inference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DecodeAndPreprocess:
+    """DataLoader collate function: file paths to `(readable paths, pixel_values or None, DecodeStats)`.
+
+    Runs in the DataLoader worker processes, if any, so that decoding and resizing overlap with the forward passes.
+    It holds only the image processor (the one `ZeroShotClassifier.pixel_values` applies), which is cheap to send to
+    workers; each batch carries its own decode counts because worker processes do not share memory.
+    """
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, paths: Sequence[str]) -> tuple[list[str], torch.Tensor | None, DecodeStats]:
+        stats = DecodeStats()
+        decoded = decode_rows([{"image": path} for path in paths], stats)
+        if not decoded:
+            return [], None, stats
+        images = [image for _, image in decoded]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return [row["image"] for row, _ in decoded], pixel_values, stats
+
+
+def default_num_workers(num_files: int, batch_size: int) -> int:
+    """Decoding processes: up to 4, leaving two cores to the forward pass; none for a single batch (starting a worker
+    costs more than it saves) or on a machine with two cores or fewer (a worker would compete with the forward)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_files <= batch_size:
+        return 0
+    return max(0, min(4, cores - 2))
+
+
+def image_batches(
+    classifier: ZeroShotClassifier,
+    files: Sequence[str],
+    stats: DecodeStats,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Yields (readable paths, pixel_values) batches of `files` in order, decoded and preprocessed by the DataLoader
+    (in `num_workers` processes; None: `default_num_workers`). Unreadable files are skipped and recorded in
+    `stats`."""
+    if num_workers is None:
+        num_workers = default_num_workers(len(files), batch_size)
+    loader = DataLoader(
+        list(files),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=DecodeAndPreprocess(classifier.processor.image_processor),
+        pin_memory=classifier.device.type == "cuda",
+    )
+    # disable=None hides the bar when stderr is not a terminal (logs, pipes).
+    with tqdm(total=len(files), unit="img", disable=None if progress else True, file=sys.stderr) as bar:
+        for paths, pixel_values, batch_stats in loader:
+            stats += batch_stats
+            bar.update(len(paths) + batch_stats.num_skipped)
+            if pixel_values is not None:
+                yield paths, pixel_values
+
+
+@dataclass
+class Classification:
+    """Predictions of `classify_files`: `predictions[i]` is the top-k `{"label", "score"}` of `files[i]`, best first;
+    `stats` counts the decoded images and names the skipped files per reason."""
+
+    files: list[str] = field(default_factory=list)
+    predictions: list[list[dict]] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def classify_files(
+    classifier: ZeroShotClassifier,
+    files: Sequence[str],
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    top_k: int = 5,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Classification:
+    """Zero-shot classifies image files in batches: the label embeddings are computed once (the classifier caches
+    them across calls too), images are decoded and preprocessed by the DataLoader, and only the image tower runs per
+    batch."""
+    result = Classification()
+    for paths, pixel_values in image_batches(classifier, files, result.stats, batch_size, num_workers, progress):
+        result.files += paths
+        result.predictions += classifier.predict(pixel_values, class_names, templates, top_k=top_k)
+    return result
+
+
+def embed_files(
+    classifier: ZeroShotClassifier,
+    files: Sequence[str],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> tuple[list[str], torch.Tensor, DecodeStats]:
+    """L2-normalised image embeddings (N, D) of the readable `files`, with those files in row order and the decode
+    counts."""
+    stats, kept, chunks = DecodeStats(), [], []
+    for paths, pixel_values in image_batches(classifier, files, stats, batch_size, num_workers, progress):
+        kept += paths
+        chunks.append(classifier.image_embeddings(pixel_values))
+    embeddings = torch.cat(chunks) if chunks else torch.empty(0, classifier.model.config.projection_dim)
+    return kept, embeddings, stats
+
+
+def skipped_files(files: Sequence[str], stats: DecodeStats) -> list[tuple[str, str]]:
+    """(path, reason) of each skipped file, in input order."""
+    reasons = {path: reason for reason, paths in stats.skipped.items() for path in paths}
+    return [(path, reasons[path]) for path in files if path in reasons]
+
+
+def _report_skipped(stats: DecodeStats) -> None:
+    if stats.num_skipped:
+        _warn(f"unreadable images were skipped: {stats.summary()}")
+
+
+def _require_readable(stats: DecodeStats) -> None:
+    if not stats.decoded:
+        raise CLIError(ExitCode.UNREADABLE, f"none of the images could be read: {stats.summary()}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output formats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def format_table(result: Classification) -> str:
+    rows = [("image", "rank", "label", "score")]
+    rows += [
+        (path, str(rank), prediction["label"], f"{prediction['score']:.4f}")
+        for path, predictions in zip(result.files, result.predictions)
+        for rank, prediction in enumerate(predictions, start=1)
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip() for row in rows
+    ) + "\n"
+
+
+def format_csv(result: Classification, skipped: Sequence[tuple[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for path, predictions in zip(result.files, result.predictions):
+        for rank, prediction in enumerate(predictions, start=1):
+            writer.writerow((path, rank, prediction["label"], repr(prediction["score"]), ""))
+    for path, reason in skipped:
+        writer.writerow((path, "", "", "", reason))
+    return buffer.getvalue()
+
+
+def format_json(result: Classification, skipped, header: dict) -> str:
+    document = {
+        **header,
+        "results": [
+            {"image": path, "predictions": predictions} for path, predictions in zip(result.files, result.predictions)
+        ],
+        "skipped": [{"image": path, "error": reason} for path, reason in skipped],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def render(result: Classification, files: Sequence[str], output_format: str, header: dict) -> str:
+    skipped = skipped_files(files, result.stats)
+    if output_format == "table":
+        return format_table(result)
+    if output_format == "csv":
+        return format_csv(result, skipped)
+    return format_json(result, skipped, header)
+
+
+def _write(path: Path, write) -> None:
+    """Runs `write(path)` after creating the parent folder; fails with exit code 8."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as error:
+        raise CLIError(ExitCode.OUTPUT, f"cannot write {path}: {error.strerror or error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(args, images: Sequence[str]) -> tuple[ZeroShotClassifier, list[str], list[str], list[str]]:
+    """Checks the cheap arguments first (labels, templates, images, device), then loads the model."""
+    class_names = parse_labels(args.labels, args.labels_file)
+    templates = resolve_templates(args.template, args.dataset_template)
+    files = collect_images(images)
+    device = resolve_device(args.device)
+    classifier = load_classifier(args.model, device, args.batch_size, args.embedding)
+    return classifier, class_names, templates, files
+
+
+def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classification, list[str], dict]:
+    classifier, class_names, templates, files = _prepare(args, images)
+    result = classify_files(
+        classifier, files, class_names, templates, args.top_k, args.batch_size, args.num_workers, progress
+    )
+    _report_skipped(result.stats)
+    _require_readable(result.stats)
+    header = {
+        "model": args.model, "embedding": embedding_name(classifier), "labels": class_names, "templates": templates
+    }
+    return result, files, header
+
+
+def run_predict(args) -> ExitCode:
+    result, files, header = _classify(args, args.images, progress=False)
+    sys.stdout.write(render(result, files, args.format, header))
+    return ExitCode.OK
+
+
+def run_classify_folder(args) -> ExitCode:
+    if not os.path.isdir(args.folder):
+        raise CLIError(ExitCode.NO_IMAGES, f"{args.folder} is not a folder")
+    output_format = args.format or ("json" if args.output.suffix.lower() == ".json" else "csv")
+    result, files, header = _classify(args, [args.folder], progress=True)
+    text = render(result, files, output_format, header)
+    _write(args.output, lambda path: path.write_text(text, encoding="utf-8"))
+    print(
+        f"classified {len(result.files)} images, skipped {result.stats.num_skipped} unreadable; wrote {args.output}",
+        file=sys.stderr,
+    )
+    return ExitCode.OK
+
+
+def run_embed(args) -> ExitCode:
+    suffix = args.output.suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise CLIError(
+            ExitCode.USAGE, f"--output {args.output}: the suffix must be one of {', '.join(EMBEDDING_SUFFIXES)}"
+        )
+    wants_labels = args.labels is not None or args.labels_file is not None
+    if not args.images and not wants_labels:
+        raise CLIError(ExitCode.USAGE, "nothing to embed: give images, --labels or --labels-file")
+    if suffix == ".npy" and args.images and wants_labels:
+        raise CLIError(
+            ExitCode.USAGE,
+            "a .npy file holds one array: embed images and labels into separate files, or write .safetensors",
+        )
+    class_names = parse_labels(args.labels, args.labels_file) if wants_labels else []
+    templates = resolve_templates(args.template, args.dataset_template)
+    files = collect_images(args.images) if args.images else []
+    classifier = load_classifier(args.model, resolve_device(args.device), args.batch_size, args.embedding)
+
+    tensors, metadata = {}, {"model": args.model, "embedding": embedding_name(classifier)}
+    if files:
+        kept, embeddings, stats = embed_files(classifier, files, args.batch_size, args.num_workers, progress=True)
+        _report_skipped(stats)
+        _require_readable(stats)
+        tensors["image_embeds"] = embeddings
+        metadata["files"] = kept
+        metadata["skipped"] = [{"image": path, "error": reason} for path, reason in skipped_files(files, stats)]
+    if class_names:
+        tensors["label_embeds"] = classifier.label_embeddings(class_names, templates)
+        metadata["labels"] = class_names
+        metadata["templates"] = templates
+
+    if suffix == ".safetensors":
+        header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+        tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        _write(args.output, lambda path: save_file(tensors, path, metadata=header))
+        written = [args.output]
+    else:
+        (array,) = tensors.values()
+        sidecar = args.output.with_name(args.output.name + ".json")
+        _write(args.output, lambda path: np.save(path, array.numpy()))
+        text = json.dumps(metadata, indent=2, ensure_ascii=False) + "\n"
+        _write(sidecar, lambda path: path.write_text(text, encoding="utf-8"))
+        written = [args.output, sidecar]
+    shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
+    print(f"wrote {shapes} to {' and '.join(map(str, written))}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _tower(config, *fields: str) -> dict:
+    """The `fields` a sub-config has, plus its model type."""
+    sizes = {name: getattr(config, name) for name in fields if hasattr(config, name)}
+    return {"model_type": config.model_type} | sizes
+
+
+def model_info(model: str) -> dict:
+    """Towers, sizes, parameter counts, embedding mode and model card summary of a checkpoint folder (or Hub id),
+    read from config.json, the safetensors headers and README.md, without loading the weights."""
+    from huggingface_hub import ModelCard
+
+    from model_card.card import CARD_NAME, parameter_counts
+
+    _check_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise _cannot_load(model, _first_line(error)) from error
+    layers = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    towers = {"text": _tower(config.text_config, *layers, "max_position_embeddings")}
+    if getattr(config, "vision_config", None) is not None:
+        towers["vision"] = _tower(config.vision_config, *layers, "image_size", "patch_size")
+    if getattr(config, "dino_config", None) is not None:
+        towers["backbone"] = _tower(config.dino_config, *layers, "hidden_sizes", "depths", "image_size", "patch_size")
+        towers["aligner"] = {"in_features": config.backbone_hidden_size, "out_features": config.projection_dim}
+    info = {
+        "model": model,
+        "model_type": config.model_type,
+        "architectures": list(getattr(config, "architectures", None) or []),
+        "projection_dim": config.projection_dim,
+        "image_embedding": getattr(config, "image_embedding", None),
+        "towers": towers,
+        "parameters": None,
+        "card": None,
+    }
+    if info["image_embedding"] == "fused":
+        info["fusion_weight"] = config.fusion_weight
+    folder = Path(model)
+    if folder.is_dir():
+        try:
+            counts = parameter_counts(folder)
+        except FileNotFoundError:
+            counts = None  # config-only folder, or weights not in safetensors
+        if counts:
+            info["parameters"] = {"total": sum(counts.values()), **dict(sorted(counts.items()))}
+        if (folder / CARD_NAME).is_file():
+            card = ModelCard.load(folder / CARD_NAME)
+            data = card.data.to_dict()
+            info["card"] = {
+                key: data[key]
+                for key in ("model_name", "license", "pipeline_tag", "library_name", "base_model", "datasets", "tags")
+                if data.get(key)
+            }
+            results = card.data.eval_results or []
+            info["card"]["eval_results"] = [
+                {
+                    "dataset": result.dataset_name,
+                    "metric": result.metric_name or result.metric_type,
+                    "value": result.metric_value,
+                }
+                for result in results
+            ]
+    return info
+
+
+def _tower_line(name: str, tower: dict, counts: dict | None, *prefixes: str) -> str:
+    sizes = ", ".join(f"{key} {value}" for key, value in tower.items() if key != "model_type")
+    line = f"{name:<10} {tower['model_type']}: {sizes}"
+    if counts:
+        line += f"; {sum(counts.get(prefix, 0) for prefix in prefixes) / 1e6:.2f} M parameters"
+    return line
+
+
+def format_info(info: dict) -> str:
+    towers, counts = info["towers"], info["parameters"]
+    lines = [f"model      {info['model']} ({info['model_type']}: {', '.join(info['architectures']) or '-'})"]
+    lines.append(_tower_line("text", towers["text"], counts, "text_model", "text_projection"))
+    if "vision" in towers:
+        lines.append(_tower_line("vision", towers["vision"], counts, "vision_model", "visual_projection"))
+    if "backbone" in towers:
+        lines.append(_tower_line("backbone", towers["backbone"], counts, "dino_model"))
+        aligner = towers["aligner"]
+        lines.append(f"aligner    linear {aligner['in_features']} -> {aligner['out_features']}, with bias")
+    embedding = info["image_embedding"] or "clip (a single image tower)"
+    if "fusion_weight" in info:
+        embedding += f" (fusion weight {info['fusion_weight']})"
+    lines.append(f"embedding  {info['projection_dim']} dimensions; zero-shot image embedding: {embedding}")
+    lines.append(
+        f"parameters {counts['total'] / 1e6:.2f} M in all" if counts else "parameters unknown (no safetensors weights)"
+    )
+    card = info["card"]
+    if card is None:
+        lines.append("card       none (no README.md)")
+    else:
+        fields = [
+            f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+            for key, value in card.items()
+            if key != "eval_results"
+        ]
+        lines.append(f"card       {'; '.join(fields) or 'no metadata'}")
+        results = card["eval_results"]
+        if results:
+            shown = "; ".join(f"{r['dataset']} {r['metric']} {r['value']:.4g}" for r in results[:4])
+            more = f" and {len(results) - 4} more" if len(results) > 4 else ""
+            lines.append(f"evaluation {len(results)} results: {shown}{more}")
+    return "\n".join(lines) + "\n"
+
+
+def run_info(args) -> ExitCode:
+    info = model_info(args.model)
+    sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.format == "json" else format_info(info))
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"AgriCLIP or transformers CLIP folder, or a Hub id (default: ${MODEL_ENV}).",
+    )
+    parser.add_argument(
+        "--embedding",
+        choices=IMAGE_EMBEDDINGS,
+        default=None,
+        help="AgriCLIP image embedding: the aligned backbone, the CLIP image tower, or their fusion "
+        "(default: the checkpoint's image_embedding).",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Images per forward pass (default: 32).")
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=None,
+        help="Processes decoding images (default: up to 4, two cores spared; 0 for a single batch).",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
+    )
+
+
+def _add_label_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    labels = parser.add_mutually_exclusive_group(required=required)
+    labels.add_argument("--labels", help='Comma-separated class names, e.g. "leaf rust,healthy leaf".')
+    labels.add_argument("--labels-file", help="Text file of class names, one per line.")
+    templates = parser.add_mutually_exclusive_group()
+    templates.add_argument(
+        "--template",
+        action="append",
+        help="Prompt template with {} for the label; repeat for a prompt ensemble "
+        f"(default: {DEFAULT_TEMPLATES[0]!r}).",
+    )
+    templates.add_argument(
+        "--dataset-template",
+        metavar="NAME",
+        help=f"A registered template set: {', '.join(sorted(ZERO_SHOT_TEMPLATES))}.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agriclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser("predict", help="Zero-shot classify images; print the top labels.")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
+    _add_label_options(predict, required=True)
+    predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
+    predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
+    _add_model_options(predict)
+    predict.set_defaults(run=run_predict)
+
+    folder = commands.add_parser("classify-folder", help="Zero-shot classify every image under a folder into a file.")
+    folder.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
+    _add_label_options(folder, required=True)
+    folder.add_argument("--output", type=Path, required=True, help="Predictions file (.csv or .json).")
+    folder.add_argument("--top-k", type=_positive_int, default=1, help="Labels kept per image (default: 1).")
+    folder.add_argument(
+        "--format", choices=FORMATS, default=None, help="Output format (default: from the --output suffix, else csv)."
+    )
+    _add_model_options(folder)
+    folder.set_defaults(run=run_classify_folder)
+
+    embed = commands.add_parser("embed", help="Write image and/or label embeddings to .safetensors or .npy.")
+    embed.add_argument("images", nargs="*", metavar="IMAGE", help="Image files, folders or glob patterns.")
+    _add_label_options(embed, required=False)
+    embed.add_argument("--output", type=Path, required=True, help="Embeddings file (.safetensors or .npy).")
+    _add_model_options(embed)
+    embed.set_defaults(run=run_embed)
+
+    info = commands.add_parser("info", help="Describe a checkpoint: towers, sizes, embedding mode, model card.")
+    info.add_argument(
+        "model",
+        nargs="?",
+        default=os.environ.get(MODEL_ENV),
+        metavar="MODEL",
+        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
+    )
+    info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (argparse exits with 2 on usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error(f"no model given: pass --model PATH (or MODEL for info), or set {MODEL_ENV}")
+    transformers_logging.disable_progress_bar()
+    try:
+        return int(args.run(args))
+    except CLIError as error:
+        print(f"agriclip: error: {error}", file=sys.stderr)
+        return int(error.code)
+    except KeyboardInterrupt:
+        print("agriclip: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
