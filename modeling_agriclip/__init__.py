@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassif
 from .configuration_agriclip import AgriCLIPConfig
 from .modeling_agriclip import AgriCLIPModel, AgriCLIPOutput, AgriCLIPPreTrainedModel
 from .processing_agriclip import AgriCLIPProcessor
+from .zero_shot import ZeroShotClassifier
 
 AutoConfig.register(AgriCLIPConfig.model_type, AgriCLIPConfig)
 AutoModel.register(AgriCLIPConfig, AgriCLIPModel)
@@ -24,4 +25,11 @@ AgriCLIPConfig.register_for_auto_class()
 AgriCLIPModel.register_for_auto_class("AutoModel")
 AgriCLIPProcessor.register_for_auto_class()
 
-__all__ = ["AgriCLIPConfig", "AgriCLIPModel", "AgriCLIPOutput", "AgriCLIPPreTrainedModel", "AgriCLIPProcessor"]
+__all__ = [
+    "AgriCLIPConfig",
+    "AgriCLIPModel",
+    "AgriCLIPOutput",
+    "AgriCLIPPreTrainedModel",
+    "AgriCLIPProcessor",
+    "ZeroShotClassifier",
+]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.tokenizer import build_clip_tokenizer
@@ -41,6 +42,30 @@ def tiny_checkpoint(tmp_path_factory, tiny_model, tiny_processor):
     path = tmp_path_factory.mktemp("agriclip-tiny")
     tiny_model.save_pretrained(path)
     tiny_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_baseline(clip_tokenizer):
+    """A plain transformers CLIPModel and CLIPProcessor (PIL image backend), tiny and random."""
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(clip_tokenizer)},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory, tiny_clip_baseline):
+    """The baseline saved as a plain transformers CLIP folder."""
+    path = tmp_path_factory.mktemp("clip-tiny")
+    model, processor = tiny_clip_baseline
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -83,3 +108,18 @@ def read_metrics(run_dir, run_name):
     import json
 
     return [json.loads(line) for line in (run_dir / "logs" / run_name / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_script(module_args, processes=1, timeout=300):
+    """Runs `python -m <module> ...` in a subprocess; with processes > 1 under `accelerate launch` on CPU processes
+    (ACCELERATE_USE_CPU=1 with the multi-process launcher: `--cpu` alone starts a single process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    return subprocess.run([*command, "-m", *module_args], env=env, capture_output=True, text=True, timeout=timeout)

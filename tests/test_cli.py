@@ -21,7 +21,6 @@ from safetensors import safe_open
 from modeling_agriclip import cli
 from modeling_agriclip.cli import ExitCode, classify_files, find_images, main
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from test_zero_shot import tiny_clip_baseline, tiny_clip_checkpoint  # noqa: F401  (session fixtures)
 from modeling_agriclip.images import open_image
 
 

@@ -25,7 +25,6 @@ from evaluation.report import render_markdown_table
 from evaluation.retrieval import group_captions, retrieval_recall
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument, run_suite
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from test_zero_shot import tiny_clip_baseline, tiny_clip_checkpoint  # noqa: F401  (session fixtures)
 from training.embedded import build_embedded_dataset
 from training.prompts import get_templates
 

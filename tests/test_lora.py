@@ -1,10 +1,7 @@
 """LoRA adaptation (PEFT): targeting, objectives, save/load/merge, both pipeline paths, exact resume, k-shot gains."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from conftest import COLOURS, read_metrics
+from conftest import COLOURS, read_metrics, run_script
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from modeling_agriclip.images import open_image
@@ -361,16 +358,11 @@ def test_k_shot_lora_beats_zero_shot_on_an_embedded_task(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8 (cross-entropy is a batch mean)."""
-    common = ["-m", "training.lora_finetune", "--model", str(tiny_checkpoint), *classification_flags(labelled_folder),
+    common = ["training.lora_finetune", "--model", str(tiny_checkpoint), *classification_flags(labelled_folder),
               "--shots", "4", "--max-steps", "2", "--log-with", "none"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    two = subprocess.run([*launcher, *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert "8 x 1 process(es)" in one.stdout, one.stderr[-3000:]
     weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two")}
     for key in weights["one"]:

@@ -1,15 +1,12 @@
 """Stage 1: contrastive training with Accelerate — learning, exact resume, multi-process parity, guards."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics
+from conftest import read_metrics, run_script
 from training.runtime import NonFiniteLossError
 from training.stage1_contrastive import main
 
@@ -83,16 +80,11 @@ def test_config_file_values_are_overridden_by_flags(caption_folder, tmp_path):
 
 def test_two_processes_match_one_on_the_same_global_batch(caption_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8: losses and final weights."""
-    common = ["-m", "training.stage1_contrastive", "--model", "tiny", "--train-data", str(caption_folder),
+    common = ["training.stage1_contrastive", "--model", "tiny", "--train-data", str(caption_folder),
               "--max-steps", "2", "--log-with", "none", "--learning-rate", "1e-3"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    two = subprocess.run([*launcher, *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert "8 x 1 process(es)" in one.stdout, one.stderr[-3000:]
     losses = {name: [row["loss"] for row in read_metrics(tmp_path / name, RUN) if "loss" in row] for name in ("one", "two")}
     assert losses["one"] == pytest.approx(losses["two"], abs=1e-5)

@@ -1,16 +1,13 @@
 """Stage 2: DINO training with Accelerate — exports, exact resume, multi-process parity, collapse guard, k-NN."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import read_metrics
+from conftest import read_metrics, run_script
 from modeling_agriclip import AgriCLIPModel
 from training.stage2_dino import CollapseError, main
 
@@ -60,16 +57,11 @@ def test_collapse_stops_the_run(caption_folder, tmp_path):
 
 def test_two_processes_match_one_on_the_same_global_batch(caption_folder, tmp_path):
     """2 CPU processes x 4 images equal 1 process x 8: losses, centre and weights (ViT backbone: no BatchNorm)."""
-    common = ["-m", "training.stage2_dino", "--model", "tiny", "--train-data", str(caption_folder), "--max-steps", "2",
+    common = ["training.stage2_dino", "--model", "tiny", "--train-data", str(caption_folder), "--max-steps", "2",
               "--epochs", "2", "--checkpoint-every", "2", *SMALL_HEAD]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    two = subprocess.run([*launcher, *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     # Each process draws its own crops (as DINO's per-GPU data loaders do), so the two runs see the same images
     # under different crops: the schedules, computed from the global batch, agree exactly; the losses agree in

@@ -1,14 +1,10 @@
 """Stage 3: fitting the aligner from streamed features, on one and two processes, closed form and SGD recipe."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics
+from conftest import read_metrics, run_script
 from modeling_agriclip import AgriCLIPModel
 from training.stage3_align import main
 
@@ -49,12 +45,9 @@ def test_sgd_recipe_and_legacy_bias_scaling(tiny_checkpoint, caption_folder, tmp
 
 
 def test_two_processes_equal_one(tiny_checkpoint, caption_folder, tmp_path):
-    common = ["-m", "training.stage3_align", "--model", str(tiny_checkpoint), "--train-data", str(caption_folder),
+    common = ["training.stage3_align", "--model", str(tiny_checkpoint), "--train-data", str(caption_folder),
               "--log-with", "none", "--batch-size", "5", "--ridge", "0.1"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    two = subprocess.run([*launcher, *common, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    two = run_script([*common, "--output-dir", str(tmp_path / "two")], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     # 32 images for 49 unknowns per output: the ridge makes the optimum unique, so the two runs can be compared.
     one = run_stage3(tiny_checkpoint, caption_folder, tmp_path / "one", "--ridge", "0.1")

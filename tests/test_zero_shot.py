@@ -3,37 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 
 
 CLASSES = ["leaf rust", "healthy leaf", "powdery mildew"]
 TEMPLATES = ["a photo of {}.", "a close-up photo of {}.", "a field photo showing {}."]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_baseline(clip_tokenizer):
-    """A plain transformers CLIPModel and CLIPProcessor (PIL image backend), tiny and random."""
-    torch.manual_seed(0)
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config={**tower, "vocab_size": len(clip_tokenizer)},
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_checkpoint(tmp_path_factory, tiny_clip_baseline):
-    """The baseline saved as a plain transformers CLIP folder."""
-    path = tmp_path_factory.mktemp("clip-tiny")
-    model, processor = tiny_clip_baseline
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
