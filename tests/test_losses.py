@@ -163,6 +163,11 @@ def _distributed_worker(rank, init_file, out_dir):
     model = DistributedDataParallel(_toy_model())
     loss = ContrastiveLoss()(*model(images[local], texts[local]))
     loss.backward()
+    # Uneven local batches (one process lost images to decoding errors): 1 row on rank 0, the rest on rank 1.
+    uneven = slice(0, 1) if rank == 0 else slice(1, GLOBAL_BATCH)
+    uneven_model = DistributedDataParallel(_toy_model())
+    uneven_loss = ContrastiveLoss()(*uneven_model(images[uneven], texts[uneven]))
+    uneven_loss.backward()
 
     dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
     dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0)
@@ -170,6 +175,8 @@ def _distributed_worker(rank, init_file, out_dir):
         {
             "loss": loss.detach(),
             "grads": {name: p.grad for name, p in model.module.named_parameters()},
+            "uneven_loss": uneven_loss.detach(),
+            "uneven_grads": {name: p.grad for name, p in uneven_model.module.named_parameters()},
             "dino_loss": dino_output.loss.detach(),
             "center": dino_loss.center,
         },
@@ -192,9 +199,10 @@ def test_two_processes_match_single_process_loss_and_gradients(distributed_resul
     loss = ContrastiveLoss()(*model(images, texts))
     loss.backward()
     for result in distributed_results:
-        torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-6, rtol=0)
-        for name, parameter in model.named_parameters():
-            torch.testing.assert_close(result["grads"][name], parameter.grad, atol=1e-6, rtol=0)
+        for prefix in ("", "uneven_"):
+            torch.testing.assert_close(result[prefix + "loss"], loss.detach(), atol=1e-6, rtol=0)
+            for name, parameter in model.named_parameters():
+                torch.testing.assert_close(result[prefix + "grads"][name], parameter.grad, atol=1e-6, rtol=0)
 
 
 def test_two_processes_share_the_dino_centre_of_the_global_batch(distributed_results):

@@ -17,13 +17,27 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Concatenates every process's rows in process order, keeping the autograd graph to the local rows.
+
+    Processes may hold different numbers of rows (a batch that lost unreadable images): rows are padded to the
+    largest count for the collective and the padding is dropped afterwards.
+    """
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    counts = [int(count) for count in counts]
+    padded = nn.functional.pad(local, (0, 0, 0, max(counts) - len(local)))
+    gathered = dist_fn.all_gather(padded)
+    return torch.cat([rows[:count] for rows, count in zip(gathered, counts)])
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE between image and text embeddings, with a learnable temperature, on the global batch.
 
     The embeddings are L2-normalised here. Under several processes the local embeddings of every process are
     gathered with gradients, so each process computes the loss of the whole global batch: the value equals
     the single-process loss on the concatenated batch, and so do the gradients after DDP averages them
-    (see `forward`). Every process must hold the same local batch size (use `drop_last=True`).
+    (see `forward`). Local batch sizes may differ between processes (e.g. after unreadable images were skipped).
     """
 
     def __init__(self, max_logit_scale: float = math.log(100.0)):
@@ -44,8 +58,8 @@ class ContrastiveLoss(nn.Module):
             # DDP's division by W when it averages the parameter gradients cancels that factor: the result
             # is exactly dL/dtheta of the single-process loss. logit_scale is not gathered: each process
             # gets the full dL/ds from its own copy of L, and the average of W equal values is dL/ds.
-            image_embeds = torch.cat(dist_fn.all_gather(image_embeds))
-            text_embeds = torch.cat(dist_fn.all_gather(text_embeds))
+            image_embeds = gather_with_grad(image_embeds)
+            text_embeds = gather_with_grad(text_embeds)
         # clamp keeps the gradient below the bound (CLIP caps the temperature at 100).
         scale = logit_scale.clamp(max=self.max_logit_scale).exp()
         logits_per_text = scale * text_embeds @ image_embeds.t()
