@@ -53,7 +53,7 @@ def prepare_data(config: dict, output_dir: Path) -> dict:
         if not (root / "suite.yaml").is_file():
             build_embedded_dataset(root, progress=True, **embedded)
         data = {"train_data": str(root / "pretrain"), "suite": str(root / "suite.yaml"), "name": "ALive-mini (embedded)",
-                "knn_data": str(root / "downstream" / "leaf-condition"), **data}
+                "knn_data": str(root / "downstream" / "cattle-breed"), **data}
     if "train_data" not in data:
         raise ValueError("the run config's `data` section needs `embedded` or `train_data`")
     return data
