@@ -5,12 +5,14 @@ Hub custom code: imports only ``torch``, ``transformers`` and its sibling ``conf
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, CLIPTextModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
 from .configuration_agriclip import AgriCLIPConfig
@@ -44,6 +46,17 @@ def backbone_features(backbone: PreTrainedModel, pixel_values: torch.Tensor) -> 
 
 def _pair(size) -> tuple[int, int]:
     return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _unreadable_weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a folder whose header is unreadable or whose data does not cover it (truncated)."""
+    unreadable = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            load_state_dict(path, map_location="meta")  # reads the header only
+        except Exception:
+            unreadable.append(str(path))
+    return unreadable
 
 
 class PixelRenormalization(nn.Module):
@@ -114,6 +127,19 @@ class AgriCLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, whose error names the weights file when one in a local folder is truncated
+        or corrupt: safetensors' own message does not say which file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            folder = Path(pretrained_model_name_or_path or "", kwargs.get("subfolder", ""))
+            unreadable = _unreadable_weight_files(folder) if pretrained_model_name_or_path and folder.is_dir() else []
+            if not unreadable:
+                raise
+            raise OSError(f"{', '.join(unreadable)}: truncated or corrupt weights file, cannot be loaded ({error})") from error
 
     def _init_weights(self, module):
         super()._init_weights(module)

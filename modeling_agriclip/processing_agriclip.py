@@ -3,6 +3,10 @@
 Hub custom code: imports only ``transformers`` and its siblings.
 """
 
+import json
+import math
+from pathlib import Path
+
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import PILImageResampling
 from transformers.utils import is_torchvision_available
@@ -34,6 +38,52 @@ class AgriCLIPProcessor(ProcessorMixin):
         if images is not None:
             encoding.update(self.image_processor(images=images, return_tensors=return_tensors))
         return BatchFeature(data=encoding, tensor_type=return_tensors)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, whose error names the file when a JSON file of a local folder is truncated
+        or corrupt: the tokenizer's JSON parser does not say which file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            unreadable = []
+            for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                try:
+                    json.loads(path.read_text(encoding="utf-8"))
+                except ValueError:
+                    unreadable.append(str(path))
+            if not unreadable:
+                raise
+            raise OSError(f"{', '.join(unreadable)}: truncated or corrupt file, cannot be loaded ({error})") from error
+
+    def check_fits(self, config) -> None:
+        """Checks, before any computation, that this processor feeds a model of `config` what it expects.
+
+        Raises:
+            ValueError: naming the fields, for token ids beyond the text tower's embedding table, images of another
+                size than `vision_config.image_size`, or another normalisation than `config.image_mean`/`image_std`
+                (say, a processor taken from another checkpoint).
+        """
+        problems = []
+        vocab_size = config.text_config.vocab_size
+        if len(self.tokenizer) > vocab_size:
+            problems.append(f"the tokenizer has {len(self.tokenizer)} tokens but text_config.vocab_size is {vocab_size}")
+        image_processor = self.image_processor
+        size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+        produced = (size.height, size.width)
+        expected = config.vision_config.image_size
+        if produced != (expected, expected):
+            problems.append(f"the image processor makes {produced[0]}x{produced[1]} images but vision_config.image_size is {expected}")
+        if not image_processor.do_normalize:
+            problems.append(f"the image processor does not normalise pixels; the model expects image_mean {config.image_mean}")
+        else:
+            for name in ("image_mean", "image_std"):
+                given, wanted = list(getattr(image_processor, name)), list(getattr(config, name))
+                if not all(map(math.isclose, given, wanted)):
+                    problems.append(f"the image processor's {name} {given} differs from the config's {wanted}")
+        if problems:
+            raise ValueError("the processor does not fit the model: " + "; ".join(problems))
 
     @classmethod
     def from_config(cls, config, tokenizer=None) -> "AgriCLIPProcessor":

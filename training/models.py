@@ -17,4 +17,9 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
         config = PRESETS[name_or_path]()
         return AgriCLIPModel(config), AgriCLIPProcessor.from_config(config)
     model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
-    return model, AgriCLIPProcessor.from_pretrained(name_or_path)
+    processor = AgriCLIPProcessor.from_pretrained(name_or_path)
+    try:
+        processor.check_fits(model.config)
+    except ValueError as error:
+        raise ValueError(f"{name_or_path}: {error}") from None
+    return model, processor

@@ -19,14 +19,18 @@ import argparse
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form, fit_sgd_recipe
-from training.data import DecodeStats, ImageTextCollator, load_image_text_dataset
+from modeling_agriclip.images import DecodeStats
+from training.data import ImageTextCollator, load_image_text_dataset
 from training.models import load_model_and_processor
 from training.runtime import export_atomically, make_accelerator, parse_args
+
+logger = get_logger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +85,18 @@ def process_shard_loader(dataset, collate, args, accelerator) -> DataLoader:
 
 
 def cached_features(model, loader, accelerator, cache: Path | None, name: str):
-    """All features of a shard in memory, read from or written to `cache` when given."""
+    """All features of a shard in memory, read from or written to `cache` when given.
+
+    A cache file is written under a temporary name and renamed once complete; one that cannot be read all the same
+    (copied half-way, say) is extracted again.
+    """
     path = cache / f"{name}-{accelerator.process_index}-of-{accelerator.num_processes}.safetensors" if cache else None
     if path is not None and path.is_file():
-        tensors = load_file(path)
-        return tensors["x"], tensors["y"]
+        try:
+            tensors = load_file(path)
+            return tensors["x"], tensors["y"]
+        except Exception as error:  # truncated, corrupt, or not a feature file: it is only a cache
+            logger.warning(f"feature cache {path} cannot be read ({error}); extracting the features again")
     pairs = list(extract_features(model, loader, accelerator, f"features ({name})"))
     x = torch.cat([p[0] for p in pairs]).cpu()
     y = torch.cat([p[1] for p in pairs]).cpu()
