@@ -190,7 +190,7 @@ def distributed_results(tmp_path_factory):
     """Runs `_distributed_worker` in 2 CPU processes (gloo) and returns what each rank saved."""
     tmp_path = tmp_path_factory.mktemp("gloo")
     mp.spawn(_distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 def test_two_processes_match_single_process_loss_and_gradients(distributed_results):
