@@ -36,12 +36,19 @@ def _as_embedding(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
     """All prompts, class-major: the templates of class 0, then those of class 1, ..."""
     for template in templates:
         if "{}" not in template:
             raise ValueError(f"Template {template!r} has no '{{}}' placeholder for the class name.")
     return [template.format(name) for name in class_names for template in templates]
+
+
+def ensemble_prompt_embeddings(prompt_embeds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class embeddings (C, D) from prompt embeddings in `fill_templates` order (class-major): per class the
+    L2-normalised mean of the L2-normalised template embeddings. Differentiable, for an adapted text tower too."""
+    prompts = F.normalize(prompt_embeds, dim=-1).unflatten(0, (num_classes, -1))
+    return F.normalize(prompts.mean(dim=1), dim=-1)
 
 
 class ZeroShotClassifier:
@@ -121,9 +128,8 @@ class ZeroShotClassifier:
         if key not in self._label_cache:
             if not class_names or not templates:
                 raise ValueError("label_embeddings needs at least one class name and one template.")
-            prompts = self.text_embeddings(_fill_templates(class_names, templates))
-            prompts = prompts.view(len(class_names), len(templates), -1)
-            self._label_cache[key] = F.normalize(prompts.mean(dim=1), dim=-1)
+            prompts = self.text_embeddings(fill_templates(class_names, templates))
+            self._label_cache[key] = ensemble_prompt_embeddings(prompts, len(class_names))
         return self._label_cache[key]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -175,4 +181,4 @@ class ZeroShotClassifier:
         ]
 
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier"]
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier", "ensemble_prompt_embeddings", "fill_templates"]

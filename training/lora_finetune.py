@@ -63,7 +63,7 @@ from evaluation.linear_probe import sample_k_shot, stratified_split
 from evaluation.metrics import classification_metrics
 from evaluation.suite import PROBE_TEST_FRACTION, DatasetSpec, load_suite_config
 from modeling_agriclip.convert import PRESETS
-from modeling_agriclip.zero_shot import ZeroShotClassifier, _fill_templates
+from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings, fill_templates
 from training.aligner import AlignerStatistics, fit_closed_form
 from modeling_agriclip.images import DecodeStats, decode_rows
 from training.data import ImageTextCollator, load_image_text_dataset, load_labelled_dataset
@@ -78,6 +78,7 @@ from training.runtime import (
     add_runtime_arguments,
     dataloader_generator,
     export_atomically,
+    init_run_trackers,
     make_accelerator,
     parse_args,
     resumable_batches,
@@ -443,14 +444,6 @@ def load_labelled_task(spec: DatasetSpec, train: bool, shots: int | None = None,
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def ensemble_prompt_embeddings(text_embeds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class embeddings (C, D) from prompt embeddings in `_fill_templates` order (class-major): per class the
-    L2-normalised mean of the L2-normalised template embeddings, the rule of `ZeroShotClassifier.label_embeddings`,
-    here with gradients for an adapted text tower."""
-    prompts = F.normalize(text_embeds, dim=-1).unflatten(0, (num_classes, -1))
-    return F.normalize(prompts.mean(dim=1), dim=-1)
-
-
 class PromptClassifier(nn.Module):
     """Scaled cosine similarities `(batch, num_classes)` of images and class-prompt embeddings: the classification
     objective's logits.
@@ -467,7 +460,7 @@ class PromptClassifier(nn.Module):
         self.num_classes = len(prompt_names)
         class_embeds, input_ids, attention_mask = None, None, None
         if text_adapted:
-            prompts = processor(text=_fill_templates(prompt_names, templates), return_tensors="pt")
+            prompts = processor(text=fill_templates(prompt_names, templates), return_tensors="pt")
             input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
         else:
             # A clone: the classifier's inference-mode tensors cannot enter a graph that autograd records.
@@ -604,7 +597,7 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
     position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
     preemption = PreemptionGuard(accelerator)
-    accelerator.init_trackers(RUN, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, RUN, args)
     accelerator.print(f"LoRA ({args.objective}, {embedding_name} image embedding): "
                       f"{len(train_data)} training examples, {max_steps} optimizer steps of {args.batch_size} x "
                       f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")

@@ -138,6 +138,12 @@ def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
     return accelerator
 
 
+def init_run_trackers(accelerator: Accelerator, run_name: str, args: argparse.Namespace) -> None:
+    """Starts the run's trackers with its scalar options as the run configuration."""
+    config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+    accelerator.init_trackers(run_name, config=config)
+
+
 @dataclass
 class TrainingPosition:
     """Where a run stands: optimizer steps done, the current epoch, and the batches of it already consumed."""

@@ -34,6 +34,7 @@ from training.runtime import (
     add_runtime_arguments,
     dataloader_generator,
     export_atomically,
+    init_run_trackers,
     make_accelerator,
     parse_args,
     resumable_batches,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
     position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
     preemption = PreemptionGuard(accelerator)
-    accelerator.init_trackers("stage1_contrastive", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, "stage1_contrastive", args)
     accelerator.print(f"stage 1: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 1", disable=not accelerator.is_local_main_process)

@@ -47,6 +47,7 @@ from training.runtime import (
     add_runtime_arguments,
     dataloader_generator,
     export_atomically,
+    init_run_trackers,
     make_accelerator,
     parse_args,
     resumable_batches,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
     position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
     preemption = PreemptionGuard(accelerator)
-    accelerator.init_trackers("stage2_dino", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, "stage2_dino", args)
     if knn_sets and position.step == 0:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": initial_knn}, step=0)

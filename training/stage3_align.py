@@ -28,7 +28,7 @@ from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form
 from modeling_agriclip.images import DecodeStats
 from training.data import ImageTextCollator, load_image_text_dataset
 from training.models import load_model_and_processor
-from training.runtime import export_atomically, make_accelerator, parse_args
+from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args
 
 logger = get_logger(__name__)
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
     val_loader = process_shard_loader(
         load_image_text_dataset(args.val_data or args.train_data, split=args.val_split), collate, args, accelerator
     )
-    accelerator.init_trackers("stage3_align", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, "stage3_align", args)
 
     if args.method == "closed-form":
         train_stats = streamed_statistics(model, train_loader, accelerator, args, "train")
