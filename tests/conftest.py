@@ -1,6 +1,10 @@
 """Shared fixtures: tiny AgriCLIP models built from configs (nothing is downloaded)."""
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -110,16 +114,33 @@ def read_metrics(run_dir, run_name):
     return [json.loads(line) for line in (run_dir / "logs" / run_name / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_subprocess(command, *, timeout, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)` that cannot hang the suite.
+
+    On timeout the whole process group is killed: `subprocess.run` kills only the direct child, then waits for
+    the pipes to close, which the grandchildren (the workers of `accelerate launch`, a tokenizer's threads)
+    keep open forever.
+    """
+    with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} ran past {timeout} s and was killed\n{stderr[-3000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # workers left behind by a launcher that already exited
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_script(module_args, processes=1, timeout=300):
     """Runs `python -m <module> ...` in a subprocess; with processes > 1 under `accelerate launch` on CPU processes
     (ACCELERATE_USE_CPU=1 with the multi-process launcher: `--cpu` alone starts a single process)."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    return subprocess.run([*command, "-m", *module_args], env=env, capture_output=True, text=True, timeout=timeout)
+    return run_subprocess([*command, "-m", *module_args], env=env, timeout=timeout)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from PIL import Image
 from safetensors import safe_open
 
+from conftest import run_subprocess
 from modeling_agriclip import cli
 from modeling_agriclip.cli import ExitCode, classify_files, find_images, main
 from modeling_agriclip.zero_shot import ZeroShotClassifier
@@ -433,6 +433,6 @@ def test_module_entry_point_exit_code(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     command = [sys.executable, "-m", "modeling_agriclip.cli", "info", str(tmp_path / "missing-model")]
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120)
+    completed = run_subprocess(command, env=environment, cwd=tmp_path, timeout=120)
     assert completed.returncode == ExitCode.MODEL
     assert f"agriclip: error: cannot load the model '{tmp_path / 'missing-model'}': no such folder" in completed.stderr

@@ -203,6 +203,26 @@ def test_multicrop_augmentation_draws_per_image_crops():
     assert len({tuple(box.flatten().tolist()) for box in boxes}) == len(boxes)
 
 
+def test_processes_applying_their_rows_of_the_global_draw_see_the_single_process_crops():
+    images = torch.rand(6, 3, 48, 48)
+    augmentation = _augmentation(num_local_crops=2)
+    torch.manual_seed(3)
+    whole = augmentation(images)
+    shards = []
+    for first in (0, 2, 4):  # 3 processes of 2 images, each from the same RNG state
+        torch.manual_seed(3)
+        shards.append(augmentation(images[first:first + 2], rows=torch.arange(first, first + 2), global_batch_size=6))
+    for view, expected in enumerate(whole):
+        assert torch.equal(torch.cat([shard[view] for shard in shards]), expected)
+
+
+def test_multicrop_augmentation_rejects_rows_outside_the_global_batch():
+    images = torch.rand(2, 3, 48, 48)
+    for rows, total in [(torch.arange(2), None), (torch.arange(3), 4), (torch.tensor([3, 4]), 4), (torch.tensor([-1, 0]), 4)]:
+        with pytest.raises(ValueError, match="rows must give the place of each"):
+            _augmentation()(images, rows=rows, global_batch_size=total)
+
+
 def test_upsampled_crops_keep_flat_regions_flat_up_to_the_border():
     augmentation = _augmentation()
     crops = augmentation.global_crop(torch.full((8, 3, 24, 24), 0.5))  # 24 px images upsampled to 32 px crops

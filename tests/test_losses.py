@@ -1,6 +1,9 @@
 """ContrastiveLoss and DINOLoss: hand computations, the temperature clamp, and 2-process (gloo) equivalence."""
 
+from datetime import timedelta
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from training.losses import ContrastiveLoss, DINOLoss
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
+WORKER_TIMEOUT_S = 120  # a collective that waits longer has lost its peer
 OUT_DIM = 16
 NUM_CROPS = 4
 
@@ -156,7 +160,8 @@ def _toy_model():
 
 
 def _distributed_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=WORKER_TIMEOUT_S))
     images, texts, student, teacher = _global_data()
     local = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
 
@@ -171,26 +176,40 @@ def _distributed_worker(rank, init_file, out_dir):
 
     dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
     dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0)
-    torch.save(
-        {
-            "loss": loss.detach(),
-            "grads": {name: p.grad for name, p in model.module.named_parameters()},
-            "uneven_loss": uneven_loss.detach(),
-            "uneven_grads": {name: p.grad for name, p in uneven_model.module.named_parameters()},
-            "dino_loss": dino_output.loss.detach(),
-            "center": dino_loss.center,
-        },
-        f"{out_dir}/rank{rank}.pt",
-    )
-    dist.destroy_process_group()
+    results = {
+        "loss": loss.detach(),
+        "grads": {name: p.grad for name, p in model.module.named_parameters()},
+        "uneven_loss": uneven_loss.detach(),
+        "uneven_grads": {name: p.grad for name, p in uneven_model.module.named_parameters()},
+        "dino_loss": dino_output.loss.detach(),
+        "center": dino_loss.center,
+    }
+    torch.save(results, f"{out_dir}/rank{rank}.pt.tmp")
+    os.replace(f"{out_dir}/rank{rank}.pt.tmp", f"{out_dir}/rank{rank}.pt")  # whole or absent
+    dist.barrier()
+    # Leave without the process-group teardown: freeing the DDP reducer can deadlock in torch (the main thread
+    # holds the GIL while ~ProcessGroupGloo waits for a gloo worker thread that needs the GIL to free a tensor),
+    # seen here once in 6 runs.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     """Runs `_distributed_worker` in 2 CPU processes (gloo) and returns what each rank saved."""
     tmp_path = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    results = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
+    workers = mp.start_processes(_distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
+                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    deadline = time.monotonic() + 2 * WORKER_TIMEOUT_S
+    try:
+        while not workers.join(timeout=1):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD_SIZE} gloo workers did not finish within {2 * WORKER_TIMEOUT_S} s")
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(path, weights_only=True) for path in results]
 
 
 def test_two_processes_match_single_process_loss_and_gradients(distributed_results):

@@ -1,7 +1,6 @@
 """AgriCLIP as a transformers model: outputs, embedding modes, save/load, Auto classes, pipeline, remote code."""
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -17,6 +16,7 @@ from transformers import (
     pipeline,
 )
 
+from conftest import run_subprocess
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.modeling_agriclip import clip_loss
 
@@ -169,7 +169,7 @@ def test_remote_code_in_a_fresh_process(tiny_checkpoint, tmp_path):
         """
     )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = run_subprocess([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300)
     assert "REMOTE-OK AgriCLIPModel" in done.stdout, done.stderr[-3000:]
 
 

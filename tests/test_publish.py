@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from transformers import pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+from conftest import run_subprocess
 from hub_server import FAKE_TOKEN, FakeHub, fake_hub  # noqa: F401  (fake_hub is a fixture)
 from model_card.card import write_dataset_card, write_model_card
 from model_card.publish import PublishError, main, publish, validate_adapter, validate_checkpoint
@@ -253,9 +253,9 @@ def test_command_line_push_and_remote_code_from_the_repo_in_fresh_processes(card
     with FakeHub() as hub:
         env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-        pushed = subprocess.run(
+        pushed = run_subprocess(
             [sys.executable, "-m", "model_card.publish", str(carded_checkpoint), "--repo-id", "agri/fresh", "--revision", "v1"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+            cwd=REPO_ROOT, env=env, timeout=600,
         )
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         assert FAKE_TOKEN not in pushed.stdout + pushed.stderr
@@ -273,7 +273,7 @@ def test_command_line_push_and_remote_code_from_the_repo_in_fresh_processes(card
             print("RESULT" + json.dumps(classifier(image, candidate_labels={LABELS!r})))
             """
         )
-        pulled = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "HF_TOKEN": ""}, capture_output=True, text=True, timeout=600)
+        pulled = run_subprocess([sys.executable, "-c", script], cwd=tmp_path, env={**env, "HF_TOKEN": ""}, timeout=600)
     assert "RESULT" in pulled.stdout, pulled.stderr[-3000:]
     remote = json.loads(pulled.stdout.split("RESULT")[1])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8))

@@ -1,5 +1,8 @@
 """Stage 3: fitting the aligner from streamed features, on one and two processes, closed form and SGD recipe."""
 
+import logging
+import shutil
+
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -33,6 +36,30 @@ def test_closed_form_equals_least_squares_on_the_extracted_features(tiny_checkpo
     for key, value in model.state_dict().items():
         if not key.startswith("aligner."):
             assert torch.equal(value, original[key]), key
+
+
+def test_feature_cache_is_reused_for_the_same_model_and_data_only(tiny_checkpoint, caption_folder, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    run_stage3(tiny_checkpoint, caption_folder, tmp_path / "first", "--feature-cache", str(cache))
+    cached = cache / "train-0-of-1.safetensors"
+    written = cached.stat().st_mtime_ns
+    run_stage3(tiny_checkpoint, caption_folder, tmp_path / "again", "--feature-cache", str(cache))
+    assert cached.stat().st_mtime_ns == written  # read, not extracted again
+
+    other = tmp_path / "other-backbone"
+    shutil.copytree(tiny_checkpoint, other)
+    model = AgriCLIPModel.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        for parameter in model.dino_model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(other)
+    with caplog.at_level(logging.WARNING):
+        from_cache = load_file(run_stage3(other, caption_folder, tmp_path / "other", "--feature-cache", str(cache)) / "model.safetensors")
+    assert f"feature cache {cached} was extracted from another model, processor or data" in caplog.text
+    fresh = load_file(run_stage3(other, caption_folder, tmp_path / "fresh", "--feature-cache", str(tmp_path / "new-cache"))
+                      / "model.safetensors")
+    assert torch.equal(from_cache["aligner.weight"], fresh["aligner.weight"])
+    assert torch.equal(from_cache["aligner.bias"], fresh["aligner.bias"])
 
 
 def test_sgd_recipe_and_legacy_bias_scaling(tiny_checkpoint, caption_folder, tmp_path):

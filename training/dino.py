@@ -13,6 +13,7 @@ from itertools import groupby
 import math
 
 import kornia.augmentation as K
+from kornia.augmentation.container.params import ParamItem
 import numpy as np
 import torch
 from torch import nn
@@ -150,6 +151,11 @@ class MultiCropAugmentation(nn.Module):
     parameter is drawn per image (kornia's `same_on_batch=False`) from torch's global RNG, so
     `torch.manual_seed` makes the crops reproducible.
 
+    Under several processes, pass `rows`, the indices of this process's images in the global batch, and
+    `global_batch_size`: the parameters are drawn for the whole global batch on every process (which all hold
+    the same RNG state) and each process applies those of its own rows. An image's crops then depend on its
+    place in the global batch only, not on how the batch is split between processes.
+
     Per view, as in DINO: bicubic random resized crop, horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
     p=0.8, grayscale p=0.2, Gaussian blur sigma in (0.1, 2) with p=1.0 (global 1), 0.1 (global 2), 0.5 (local),
     solarisation p=0.2 on global 2 only. Unlike PIL, the bicubic resize does not antialias: feed images
@@ -203,29 +209,75 @@ class MultiCropAugmentation(nn.Module):
     def _blur(size: int, p: float) -> nn.Module:
         return K.RandomGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0), p=p)
 
-    def _crops(self, images: torch.Tensor, crop: nn.Module, count: int) -> torch.Tensor:
+    def _crops(self, images: torch.Tensor, crop: nn.Module, count: int, rows: torch.Tensor, total: int) -> torch.Tensor:
         # Crop each view from the full images, then run the photometric ops once on all views of this size:
         # one batched call instead of one per view, and no copy of the full-resolution batch per view.
         # Bicubic overshoots [0, 1]; PIL clips it when it writes uint8.
-        return torch.cat([crop(images) for _ in range(count)]).clamp_(0.0, 1.0)
+        return torch.cat([_apply_rows(crop, images, rows, total) for _ in range(count)]).clamp_(0.0, 1.0)
 
     def _normalize(self, views: torch.Tensor) -> torch.Tensor:
         return (views - self.mean) / self.std
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, rows: torch.Tensor | None = None, global_batch_size: int | None = None
+    ) -> list[torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(
                 f"MultiCropAugmentation: images must be a float batch (B, 3, H, W) in [0, 1], "
                 f"got dtype {images.dtype} and shape {tuple(images.shape)}"
             )
-        global_1, global_2 = self.global_color(self._crops(images, self.global_crop, 2)).chunk(2)
-        global_views = [self.global_1_blur(global_1), self.global_2_blur(global_2)]
-        views = [self._normalize(view) for view in global_views]
+        if rows is None:
+            rows, global_batch_size = torch.arange(len(images)), len(images)
+        elif global_batch_size is None or len(rows) != len(images) or rows.min() < 0 or rows.max() >= global_batch_size:
+            raise ValueError(
+                f"MultiCropAugmentation: rows must give the place of each of the {len(images)} images in a global "
+                f"batch of global_batch_size images, got rows {rows.tolist()} and global_batch_size {global_batch_size}"
+            )
+        global_views = self._crops(images, self.global_crop, 2, rows, global_batch_size)
+        global_1, global_2 = _apply_rows(self.global_color, global_views, _view_rows(rows, global_batch_size, 2),
+                                         2 * global_batch_size).chunk(2)
+        views = [self._normalize(_apply_rows(self.global_1_blur, global_1, rows, global_batch_size)),
+                 self._normalize(_apply_rows(self.global_2_blur, global_2, rows, global_batch_size))]
         if self.num_local_crops > 0:
-            local_views = self.local_blur(self.local_color(self._crops(images, self.local_crop, self.num_local_crops)))
+            local_rows = _view_rows(rows, global_batch_size, self.num_local_crops)
+            local_total = self.num_local_crops * global_batch_size
+            local_views = self._crops(images, self.local_crop, self.num_local_crops, rows, global_batch_size)
+            local_views = _apply_rows(self.local_color, local_views, local_rows, local_total)
+            local_views = _apply_rows(self.local_blur, local_views, local_rows, local_total)
             views.extend(self._normalize(local_views).chunk(self.num_local_crops))
         return views
+
+
+# kornia parameters that describe the whole call rather than one image each.
+_BATCH_PARAMS = {"order"}
+
+
+def _apply_rows(augmentation: nn.Module, images: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """`augmentation` on `images` with parameters drawn for a batch of `total` images, of which `images` are `rows`."""
+    params = augmentation.forward_parameters(torch.Size((total, *images.shape[1:])))
+    return augmentation(images, params=_select_rows(params, rows, total, images.shape))
+
+
+def _select_rows(params, rows: torch.Tensor, total: int, shape: torch.Size):
+    if isinstance(params, list):  # an ImageSequential: one ParamItem per augmentation
+        return [ParamItem(item.name, _select_rows(item.data, rows, total, shape)) for item in params]
+    selected = {}
+    for name, value in params.items():
+        if name == "forward_input_shape":
+            selected[name] = torch.tensor(shape)
+        elif name in _BATCH_PARAMS:
+            selected[name] = value
+        elif isinstance(value, torch.Tensor) and value.shape[:1] == (total,):
+            selected[name] = value[rows.to(value.device)]
+        else:
+            raise ValueError(f"MultiCropAugmentation: kornia parameter {name!r} is not one value per image; cannot split it")
+    return selected
+
+
+def _view_rows(rows: torch.Tensor, total: int, count: int) -> torch.Tensor:
+    """Rows of this process's images in `count` views of the global batch stacked view after view."""
+    return torch.cat([rows + view * total for view in range(count)])
 
 
 def cosine_schedule(

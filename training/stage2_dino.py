@@ -150,6 +150,13 @@ def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
     return knn_accuracy(train_x, train_y, test_x, test_y, knn_sets["num_classes"], k=k)
 
 
+def process_rows(accelerator, batch_size: int) -> torch.Tensor:
+    """Where this process's images sit in the global batch: the prepared DataLoader hands process p the p-th of
+    every `num_processes` consecutive batches of the sampler, as one process with a batch `num_processes` times
+    larger would see them concatenated."""
+    return torch.arange(batch_size) + accelerator.process_index * batch_size
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(build_parser(), argv)
     accelerator = make_accelerator(args, "stage2_dino")
@@ -227,7 +234,9 @@ def main(argv: list[str] | None = None) -> Path:
         if batch is None:
             continue
         optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])  # only the first group decays
-        crops = augment(batch["pixel_values"].to(accelerator.device))
+        pixels = batch["pixel_values"].to(accelerator.device)
+        crops = augment(pixels, rows=process_rows(accelerator, len(pixels)),
+                        global_batch_size=len(pixels) * accelerator.num_processes)
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
         output = train_step(
@@ -241,8 +250,11 @@ def main(argv: list[str] | None = None) -> Path:
         update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
         position.step += 1
         progress.update(1)
-        logs = {"loss": output.loss.item(), "teacher_entropy": output.teacher_entropy.item(),
-                "teacher_student_kl": output.teacher_student_kl.item(), "lr": float(lr_schedule[position.step - 1]),
+        # Means over the global batch, so every process logs and judges collapse on the same numbers.
+        loss, entropy, kl = accelerator.reduce(
+            torch.stack([output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]), reduction="mean"
+        ).tolist()
+        logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl, "lr": float(lr_schedule[position.step - 1]),
                 "weight_decay": float(wd_schedule[position.step - 1]),
                 "teacher_momentum": float(momentum_schedule[position.step - 1]),
                 "samples_per_second": samples / (time.perf_counter() - started)}

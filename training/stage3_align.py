@@ -16,11 +16,13 @@ Reports MSE and R² on a held-out split and writes the aligner into a complete A
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -84,17 +86,38 @@ def process_shard_loader(dataset, collate, args, accelerator) -> DataLoader:
     return DataLoader(shard, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
 
 
-def cached_features(model, loader, accelerator, cache: Path | None, name: str):
+def feature_cache_key(model, processor, loader, accelerator) -> str:
+    """Hash of everything the cached features depend on: the weights and buffers of both image towers and of
+    their input renormalisation, the image processor, the images of this shard (the `datasets` fingerprint,
+    which follows the data files) and the precision of the extraction."""
+    digest = hashlib.sha256()
+    for module in (model.dino_pixel_renorm, model.dino_model, model.clip_pixel_renorm, model.vision_model,
+                   model.visual_projection):
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(processor.image_processor.to_json_string().encode())
+    digest.update(loader.dataset._fingerprint.encode())
+    digest.update(str(accelerator.mixed_precision).encode())
+    return digest.hexdigest()
+
+
+def cached_features(model, processor, loader, accelerator, cache: Path | None, name: str):
     """All features of a shard in memory, read from or written to `cache` when given.
 
-    A cache file is written under a temporary name and renamed once complete; one that cannot be read all the same
-    (copied half-way, say) is extracted again.
+    A cache file records the `feature_cache_key` it was extracted under and is used only under the same key, so
+    a cache left by another model, processor or data set is extracted again rather than silently reused. It is
+    written under a temporary name and renamed once complete; one that cannot be read (copied half-way, say) is
+    extracted again.
     """
     path = cache / f"{name}-{accelerator.process_index}-of-{accelerator.num_processes}.safetensors" if cache else None
+    key = feature_cache_key(model, processor, loader, accelerator) if cache else None
     if path is not None and path.is_file():
         try:
-            tensors = load_file(path)
-            return tensors["x"], tensors["y"]
+            with safe_open(path, framework="pt") as cached:
+                if (cached.metadata() or {}).get("key") == key:
+                    return cached.get_tensor("x"), cached.get_tensor("y")
+            logger.warning(f"feature cache {path} was extracted from another model, processor or data; extracting again")
         except Exception as error:  # truncated, corrupt, or not a feature file: it is only a cache
             logger.warning(f"feature cache {path} cannot be read ({error}); extracting the features again")
     pairs = list(extract_features(model, loader, accelerator, f"features ({name})"))
@@ -103,17 +126,17 @@ def cached_features(model, loader, accelerator, cache: Path | None, name: str):
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp")
-        save_file({"x": x.contiguous(), "y": y.contiguous()}, staging)
+        save_file({"x": x.contiguous(), "y": y.contiguous()}, staging, metadata={"key": key})
         staging.replace(path)
     return x, y
 
 
-def streamed_statistics(model, loader, accelerator, args, name: str) -> AlignerStatistics:
+def streamed_statistics(model, processor, loader, accelerator, args, name: str) -> AlignerStatistics:
     """Sufficient statistics of a split over all processes, from the feature cache or one pass over the images."""
     config = model.config
     stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
     if args.feature_cache:
-        x, y = cached_features(model, loader, accelerator, Path(args.feature_cache), name)
+        x, y = cached_features(model, processor, loader, accelerator, Path(args.feature_cache), name)
         stats.update(x, y)
     else:
         for x, y in extract_features(model, loader, accelerator, f"statistics ({name})"):
@@ -137,11 +160,12 @@ def main(argv: list[str] | None = None) -> Path:
     init_run_trackers(accelerator, "stage3_align", args)
 
     if args.method == "closed-form":
-        train_stats = streamed_statistics(model, train_loader, accelerator, args, "train")
+        train_stats = streamed_statistics(model, processor, train_loader, accelerator, args, "train")
         weights = fit_closed_form(train_stats, ridge=args.ridge)
         train_metrics = train_stats.metrics(weights)
     else:
-        x, y = cached_features(model, train_loader, accelerator, Path(args.feature_cache) if args.feature_cache else None, "train")
+        cache = Path(args.feature_cache) if args.feature_cache else None
+        x, y = cached_features(model, processor, train_loader, accelerator, cache, "train")
         if accelerator.num_processes > 1:
             x, y = accelerator.gather(x.to(accelerator.device)).cpu(), accelerator.gather(y.to(accelerator.device)).cpu()
         weights = fit_sgd_recipe(
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
             legacy_bias_scaling=args.legacy_bias_scaling, seed=args.seed,
         )
         train_metrics = aligner_metrics(weights, x, y)
-    val_metrics = streamed_statistics(model, val_loader, accelerator, args, "validation").metrics(weights)
+    val_metrics = streamed_statistics(model, processor, val_loader, accelerator, args, "validation").metrics(weights)
 
     metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **{f"val/{k}": v for k, v in val_metrics.items()}}
     accelerator.log(metrics, step=0)
