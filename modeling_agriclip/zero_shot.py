@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
+from .processing_agriclip import AgriCLIPProcessor
+
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 
@@ -57,7 +59,9 @@ class ZeroShotClassifier:
     Args:
         model: an `AgriCLIPModel` or a transformers `CLIPModel` (anything with `get_text_features`,
             `get_image_features` and `logit_scale`).
-        processor: the model's processor (tokenizer and image processor).
+        processor: the model's processor (tokenizer and image processor). An AgriCLIP processor that does not fit
+            the model (another checkpoint's normalisation, image size or vocabulary) is refused here, before any
+            image is scored.
         embedding: AgriCLIP's image embedding source (`"aligned"`, `"clip"` or `"fused"`); None uses
             `config.image_embedding`. Must be None for a model with a single image embedding.
         batch_size: images and prompts embedded per forward pass.
@@ -75,6 +79,8 @@ class ZeroShotClassifier:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+        if isinstance(processor, AgriCLIPProcessor):
+            processor.check_fits(model.config)
         self.model = model.eval() if device is None else model.to(device).eval()
         self.processor = processor
         self.embedding = embedding

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from transformers import AutoModel, CLIPConfig
 
 import kill_matrix
-from conftest import read_metrics, write_caption_folder
+from conftest import read_metrics, run_script, write_caption_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.models import load_model_and_processor
 from training.runtime import CheckpointManager, check_checkpoint_files, export_atomically
 from training.stage1_contrastive import main as stage1
@@ -286,6 +287,20 @@ def test_images_deleted_or_corrupted_mid_run_are_skipped_and_counted(tmp_path, m
     assert (final / "model.safetensors").is_file()
 
 
+def test_a_batch_unreadable_on_one_process_only_is_skipped_by_every_process(tmp_path):
+    """With one image per process, a corrupt image leaves one process an empty batch. The other process must skip
+    that step too: otherwise the processes pair different steps in the all-reduce and the feature gather, and an
+    epoch ends earlier on one than on the other. The summary counts the files skipped by every process."""
+    data = write_caption_folder(tmp_path / "data")
+    corrupted = data / "train" / "5.png"
+    corrupted.write_bytes(corrupted.read_bytes()[:100])
+    run = run_script(["training.stage1_contrastive", "--model", "tiny", "--train-data", str(data), "--batch-size", "1",
+                      "--max-steps", "16", "--output-dir", str(tmp_path / "run"), "--log-with", "none"], processes=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"truncated (1): {corrupted}" in run.stdout or f"truncated (2): {corrupted}, {corrupted}" in run.stdout, run.stdout
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Mismatched parts
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,8 +319,8 @@ def test_a_config_of_another_model_type_is_refused(tiny_checkpoint, tmp_path):
     ("normalisation", r"image_mean \[0.481.*\] differs from the config's \[0.485"),
     ("vocabulary", r"the tokenizer has 49409 tokens but text_config.vocab_size is 49408"),
 ])
-def test_a_processor_that_does_not_fit_the_model_is_refused_before_training(mismatch, message, tiny_checkpoint,
-                                                                             tiny_processor, caption_folder, tmp_path):
+def test_a_processor_that_does_not_fit_the_model_is_refused_before_training_or_inference(
+        mismatch, message, tiny_checkpoint, tiny_processor, caption_folder, tmp_path):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     folder = tmp_path / "mismatched"
@@ -322,6 +337,8 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_before_training(mism
     processor.save_pretrained(folder)
     with pytest.raises(ValueError, match=f"{folder}: the processor does not fit the model: .*{message}"):
         load_model_and_processor(str(folder))
+    with pytest.raises(ValueError, match=f"the processor does not fit the model: .*{message}"):
+        ZeroShotClassifier.from_pretrained(folder)
     if mismatch == "vocabulary":
         with pytest.raises(ValueError, match=message):
             stage1(["--model", str(folder), "--train-data", str(caption_folder), "--output-dir", str(tmp_path / "run"),

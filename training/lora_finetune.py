@@ -81,6 +81,8 @@ from training.runtime import (
     init_run_trackers,
     make_accelerator,
     parse_args,
+    readable_on_every_process,
+    report_decode_stats,
     resumable_batches,
     train_step,
     write_json_atomically,
@@ -499,7 +501,7 @@ def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embeddin
     classifier = ZeroShotClassifier(peft_model, processor, embedding=embedding)
     scores, labels = [], []
     for batch in loader:
-        if batch is None:
+        if not readable_on_every_process(batch, accelerator):
             continue
         image_embeds = classifier.image_embeddings(batch["pixel_values"])
         logits = classifier.embedding_logits(image_embeds, task.prompt_names, task.templates)
@@ -605,8 +607,6 @@ def main(argv: list[str] | None = None) -> Path:
     samples, started = 0, time.perf_counter()
 
     for batch in resumable_batches(train_loader, accelerator, position, max_steps):
-        if batch is None:
-            continue
         loss = train_step(accelerator, objective, optimizer, lambda: compute_loss(batch), float(lr_schedule[position.step]),
                           args.max_grad_norm, position, checkpoints)
         samples += len(batch["pixel_values"]) * accelerator.num_processes
@@ -644,8 +644,7 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.log(final, step=position.step)
         accelerator.print(f"held-out top-1 on {results['adapted']['n_images']} images: zero-shot {results['zero_shot']['top1']:.4f} -> "
                           f"adapted {results['adapted']['top1']:.4f}")
-    if decode_stats.num_skipped:
-        accelerator.print(decode_stats.summary())
+    report_decode_stats(accelerator, decode_stats)
 
     output_dir = Path(args.output_dir)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference

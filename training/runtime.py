@@ -22,8 +22,10 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, load, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, load, set_seed
 from safetensors import safe_open
+
+from modeling_agriclip.images import DecodeStats
 
 logger = get_logger(__name__)
 
@@ -182,17 +184,42 @@ def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learnin
     return outcome
 
 
+def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
+    """False when a collator found no readable image in this batch (it returns None) on any process.
+
+    All processes must skip such a batch together: one that went on would wait forever in a collective (the
+    gradient all-reduce, a gather) that the skipping process never joins.
+    """
+    unreadable = batch is None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(unreadable)], device=accelerator.device)
+        unreadable = accelerator.reduce(flag, reduction="sum").item() > 0
+    return not unreadable
+
+
+def report_decode_stats(accelerator: Accelerator, stats: DecodeStats) -> None:
+    """Prints, on the main process, the images decoded and skipped by all processes together."""
+    total = DecodeStats()
+    for state in gather_object([stats.to_dict()]) if accelerator.num_processes > 1 else [stats.to_dict()]:
+        total += DecodeStats.from_dict(state)
+    if total.num_skipped:
+        accelerator.print(total.summary())
+
+
 def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int):
     """The batches of a run from `position` on, epoch after epoch, until `max_steps` optimizer steps are done.
 
     Counts the batches of the current epoch in `position` (the loop counts optimizer steps); a resumed run skips
-    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw.
+    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. A batch with
+    no readable image on some process is skipped by every process.
     """
     while position.step < max_steps:
         loader.set_epoch(position.epoch)
         batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
         for batch in batches:
             position.batch_in_epoch += 1
+            if not readable_on_every_process(batch, accelerator):
+                continue
             yield batch
             if position.step >= max_steps:
                 return

@@ -37,6 +37,8 @@ from training.runtime import (
     init_run_trackers,
     make_accelerator,
     parse_args,
+    readable_on_every_process,
+    report_decode_stats,
     resumable_batches,
     train_step,
 )
@@ -91,7 +93,7 @@ def validation_recall(model, loader, accelerator) -> dict[str, float]:
     model.eval()
     image_embeds, text_embeds = [], []
     for batch in loader:
-        if batch is None:
+        if not readable_on_every_process(batch, accelerator):
             continue
         images = accelerator.unwrap_model(model).get_clip_image_features(batch["pixel_values"])
         texts = accelerator.unwrap_model(model).get_text_features(batch["input_ids"], batch["attention_mask"])
@@ -142,8 +144,6 @@ def main(argv: list[str] | None = None) -> Path:
     samples, started = 0, time.perf_counter()
 
     for batch in resumable_batches(train_loader, accelerator, position, max_steps):
-        if batch is None:
-            continue
         loss = train_step(accelerator, model, optimizer, lambda: contrastive_forward(model, batch, loss_fn, logit_scale),
                           float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
         samples += len(batch["input_ids"]) * accelerator.num_processes
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> Path:
     final_metrics = validation_recall(model, val_loader, accelerator)
     accelerator.log(final_metrics, step=position.step)
     accelerator.print(" ".join(f"{k}={v:.3f}" for k, v in final_metrics.items()))
-    if decode_stats.num_skipped:
-        accelerator.print(decode_stats.summary())
+    report_decode_stats(accelerator, decode_stats)
     output = export_atomically(accelerator, Path(args.output_dir) / "final", accelerator.unwrap_model(model), processor)
     accelerator.print(f"stage 1 model written to {output}")
     accelerator.end_training()

@@ -50,6 +50,7 @@ from training.runtime import (
     init_run_trackers,
     make_accelerator,
     parse_args,
+    report_decode_stats,
     resumable_batches,
     train_step,
 )
@@ -231,8 +232,6 @@ def main(argv: list[str] | None = None) -> Path:
     samples, started = 0, time.perf_counter()
 
     for batch in resumable_batches(loader, accelerator, position, max_steps):
-        if batch is None:
-            continue
         optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])  # only the first group decays
         pixels = batch["pixel_values"].to(accelerator.device)
         crops = augment(pixels, rows=process_rows(accelerator, len(pixels)),
@@ -270,8 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
         final_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": final_knn}, step=position.step)
         accelerator.print(f"k-NN top-1 of the trained teacher backbone: {final_knn:.3f}")
-    if decode_stats.num_skipped:
-        accelerator.print(decode_stats.summary())
+    report_decode_stats(accelerator, decode_stats)
     model.dino_model.load_state_dict(teacher.backbone.state_dict())
     output_dir = Path(args.output_dir)
     backbone_processor = copy.deepcopy(processor.image_processor)

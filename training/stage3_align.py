@@ -30,7 +30,7 @@ from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form
 from modeling_agriclip.images import DecodeStats
 from training.data import ImageTextCollator, load_image_text_dataset
 from training.models import load_model_and_processor
-from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args
+from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args, report_decode_stats
 
 logger = get_logger(__name__)
 
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **{f"val/{k}": v for k, v in val_metrics.items()}}
     accelerator.log(metrics, step=0)
     accelerator.print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if decode_stats.num_skipped:
-        accelerator.print(decode_stats.summary())
+    report_decode_stats(accelerator, decode_stats)
 
     model.aligner.weight.copy_(weights.weight)
     model.aligner.bias.copy_(weights.bias)
