@@ -12,7 +12,7 @@ from PIL import Image
 
 from training.alive import BuildConfig, build_alive, main
 from modeling_agriclip.images import open_image
-from training.data import ImageTextCollator, load_image_text_dataset
+from training.data import DECODE_REPORT, ImageTextCollator, load_image_text_dataset
 from training.embedded import pretraining_sources, render_cattle, render_fish, render_leaf
 
 
@@ -148,10 +148,9 @@ def test_captions_mention_class_details_and_images_are_clean(built, sources):
 
 def test_training_collator_reads_the_build(built, sources, tiny_processor):
     dataset = load_image_text_dataset(sources / "out" / "webdataset", split="train", streaming=True)
-    collator = ImageTextCollator(tiny_processor)
-    batch = collator(list(dataset.take(4)))
+    batch = ImageTextCollator(tiny_processor)(list(dataset.take(4)))
     assert batch["pixel_values"].shape[0] == 4 and batch["input_ids"].shape[0] == 4
-    assert collator.stats.decoded == 4 and collator.stats.num_skipped == 0
+    assert batch[DECODE_REPORT].decoded == 4 and batch[DECODE_REPORT].num_skipped == 0
 
 
 def test_jpeg_output_copies_rgb_jpegs_unchanged(sources, tmp_path):

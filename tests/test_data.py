@@ -14,10 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from modeling_agriclip import images
 from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
-from training.data import ImageCollator, ImageTextCollator, load_image_text_dataset, load_labelled_dataset
+from training.data import (
+    DECODE_REPORT,
+    ImageCollator,
+    ImageTextCollator,
+    counted,
+    load_image_text_dataset,
+    load_labelled_dataset,
+)
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -194,16 +202,31 @@ def image_rows(tmp_path):
     ]
 
 
-def test_image_text_collator_skips_and_counts(image_rows, tiny_processor):
+def test_image_text_collator_skips_and_reports_with_the_batch(image_rows, tiny_processor):
     stats = DecodeStats()
     batch = ImageTextCollator(tiny_processor, stats)(image_rows)
     assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 2
     assert batch["attention_mask"].shape == batch["input_ids"].shape
     expected = tiny_processor(text=["a leaf with rust", "a fish"], return_tensors="pt", padding=True)["input_ids"]
     assert torch.equal(batch["input_ids"], expected)
-    assert stats.decoded == 2 and set(stats.skipped) == {"missing file", "empty file", "truncated"}
+    report = batch[DECODE_REPORT]
+    assert report.decoded == 2 and set(report.skipped) == {"missing file", "empty file", "truncated"}
+    assert any(path.endswith("bad.jpg") for path in report.skipped["truncated"])
+    assert stats.decoded == 0  # counted where the batch is consumed, not where it is collated
+
+
+def test_skipped_images_are_counted_across_dataloader_workers(image_rows, tiny_processor):
+    stats = DecodeStats()
+    collator = ImageTextCollator(tiny_processor, stats)
+    # The first batch (a missing and an empty file) has no image and comes out as None; the others hold one image
+    # each, beside an unreadable one in the second.
+    rows = [image_rows[1], image_rows[2], image_rows[0], image_rows[4], image_rows[3]]
+    loader = DataLoader(rows, batch_size=2, collate_fn=collator, num_workers=2)
+    batches = list(counted(loader))
+    assert batches[0] is None and [len(batch["input_ids"]) for batch in batches[1:]] == [1, 1]
+    assert DECODE_REPORT not in batches[1]
+    assert stats.decoded == 2 and stats.num_skipped == 3
     assert any(path.endswith("bad.jpg") for path in stats.skipped["truncated"])
-    assert ImageTextCollator(tiny_processor, stats)([image_rows[1], image_rows[2]]) is None
 
 
 def test_image_text_collator_draws_a_caption_variant(image_rows):
@@ -222,19 +245,18 @@ def test_image_text_collator_draws_a_caption_variant(image_rows):
 
 
 def test_image_collator_resizes_crops_and_labels(image_rows):
-    stats = DecodeStats()
-    batch = ImageCollator(32, stats)(image_rows)
+    batch = ImageCollator(32)(image_rows)
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
-    assert batch["labels"].tolist() == [0, 2] and stats.num_skipped == 3
+    assert batch["labels"].tolist() == [0, 2] and batch[DECODE_REPORT].num_skipped == 3
     unlabelled = ImageCollator(32)([{"image": image_rows[0]["image"], "label": "rust"}])
-    assert set(unlabelled) == {"pixel_values"}
+    assert set(unlabelled) == {"pixel_values", DECODE_REPORT}
     # The shorter side is resized, the centre kept: a wide image with a red centre stays red in the middle.
     wide = Image.new("RGB", (90, 30), (0, 0, 255))
     wide.paste((255, 0, 0), (30, 0, 60, 30))
     crop = ImageCollator(16)([{"image": encode(wide, "PNG")}])["pixel_values"][0]
     assert crop[0].min() > 0.9 and crop[2].max() < 0.1
-    assert ImageCollator(16)([image_rows[1]]) is None
+    assert set(ImageCollator(16)([image_rows[1]])) == {DECODE_REPORT}
 
 
 # ------------------------------------------------------------------------------------------------- labelled
@@ -252,9 +274,9 @@ def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path, caplog):
     assert dataset.features["label"].names == names and not dataset.features["image"].decode
     assert sorted(dataset["label"]) == [0, 0, 1, 1, 2, 2, 2]
     rows = list(dataset)  # a broken file does not break iteration: decoding happens in the collator
-    stats = DecodeStats()
-    batch = ImageCollator(16, stats)(rows)
-    assert batch["labels"].tolist() == [0, 0, 1, 1, 2, 2] and stats.skipped["empty file"][0].endswith("broken.jpg")
+    batch = ImageCollator(16)(rows)
+    assert batch["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch[DECODE_REPORT].skipped["empty file"][0].endswith("broken.jpg")
 
     (tmp_path / "split" / "test" / "a").mkdir(parents=True)
     (tmp_path / "split" / "test" / "a" / "0.png").write_bytes(encode(noisy_rgb(0), "PNG"))

@@ -39,21 +39,52 @@ IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
 # Fields of a WebDataset sample's `.json` that become columns.
 WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
 
+# Key of the batch entry that carries the `DecodeStats` of the batch's rows (see `DecodingCollator`).
+DECODE_REPORT = "decode_report"
 
-class ImageTextCollator:
+
+class DecodingCollator:
+    """Base of the collators: decodes the rows' images, skipping those that cannot be read, and collates the rest.
+
+    Each batch carries the `DecodeStats` of its own rows under `DECODE_REPORT` instead of counting in `stats`
+    directly: in a DataLoader worker, `stats` is the worker's copy, which never comes back. `counted(loader)`
+    merges the reports into `stats` in the process that consumes the batches. A batch in which no image could be
+    read holds only its report and comes out of `counted` as None.
+    """
+
+    def __init__(self, stats: DecodeStats | None = None):
+        self.stats = stats if stats is not None else DecodeStats()
+
+    def collate(self, decoded: list[tuple[Mapping, Image.Image]]) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        report = DecodeStats()
+        decoded = decode_rows(rows, report)
+        batch = self.collate(decoded) if decoded else {}
+        batch[DECODE_REPORT] = report
+        return batch
+
+
+def counted(loader):
+    """The batches of a DataLoader over a `DecodingCollator`, with each batch's decode report merged into the
+    collator's `stats`; None for a batch in which no image could be read."""
+    stats = loader.collate_fn.stats
+    for batch in loader:
+        stats += batch.pop(DECODE_REPORT)
+        yield batch or None
+
+
+class ImageTextCollator(DecodingCollator):
     """Collates `{"image", "caption"}` rows into processor inputs (input_ids, attention_mask, pixel_values).
 
-    Undecodable images are skipped and recorded in `stats`. A batch in which every image is bad returns None:
-    training loops skip None batches. Rows that carry `captions` (the caption variants of an image) get one variant
-    drawn with torch's RNG, so each epoch sees a different variant under a fixed seed.
-
-    With DataLoader workers each worker process holds its own copy of `stats`; count with `num_workers=0` or merge
-    worker copies through `DecodeStats.to_dict`.
+    Rows that carry `captions` (the caption variants of an image) get one variant drawn with torch's RNG, so each
+    epoch sees a different variant under a fixed seed.
     """
 
     def __init__(self, processor, stats: DecodeStats | None = None):
+        super().__init__(stats)
         self.processor = processor
-        self.stats = stats if stats is not None else DecodeStats()
 
     @staticmethod
     def _caption(row: Mapping) -> str:
@@ -62,13 +93,22 @@ class ImageTextCollator:
             return variants[int(torch.randint(len(variants), ()))]
         return row["caption"]
 
-    def __call__(self, rows: Sequence[Mapping]):
-        decoded = decode_rows(rows, self.stats)
-        if not decoded:
-            return None
+    def collate(self, decoded):
         captions = [self._caption(row) for row, _ in decoded]
         images = [image for _, image in decoded]
         return self.processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+
+
+class LabelledImageCollator(DecodingCollator):
+    """Collates `{"image", "label"}` rows into the processor's `pixel_values` and int64 `labels`."""
+
+    def __init__(self, processor, stats: DecodeStats | None = None):
+        super().__init__(stats)
+        self.processor = processor
+
+    def collate(self, decoded):
+        pixel_values = self.processor(images=[image for _, image in decoded], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor([row["label"] for row, _ in decoded], dtype=torch.long)}
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -76,22 +116,19 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
-class ImageCollator:
+class ImageCollator(DecodingCollator):
     """Collates image rows into a float tensor (B, 3, size, size) in [0, 1] for the DINO stage.
 
     Pixels are not normalised: augmentation and normalisation run batched on the device. Returns
     `{"pixel_values": ..., "labels": ...}`, with `labels` (int64) only when every row has an integer `label`
-    (labelled datasets, for k-NN evaluation). A batch in which every image is bad returns None.
+    (labelled datasets, for k-NN evaluation).
     """
 
     def __init__(self, size: int, stats: DecodeStats | None = None):
+        super().__init__(stats)
         self.size = size
-        self.stats = stats if stats is not None else DecodeStats()
 
-    def __call__(self, rows: Sequence[Mapping]):
-        decoded = decode_rows(rows, self.stats)
-        if not decoded:
-            return None
+    def collate(self, decoded):
         arrays = np.stack([np.asarray(resize_center_crop(image, self.size)) for _, image in decoded])
         batch = {"pixel_values": torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)}
         labels = [row.get("label") for row, _ in decoded]

@@ -63,10 +63,16 @@ from evaluation.linear_probe import sample_k_shot, stratified_split
 from evaluation.metrics import classification_metrics
 from evaluation.suite import PROBE_TEST_FRACTION, DatasetSpec, load_suite_config
 from modeling_agriclip.convert import PRESETS
+from modeling_agriclip.images import DecodeStats
 from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings, fill_templates
 from training.aligner import AlignerStatistics, fit_closed_form
-from modeling_agriclip.images import DecodeStats, decode_rows
-from training.data import ImageTextCollator, load_image_text_dataset, load_labelled_dataset
+from training.data import (
+    ImageTextCollator,
+    LabelledImageCollator,
+    counted,
+    load_image_text_dataset,
+    load_labelled_dataset,
+)
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
@@ -365,24 +371,6 @@ def base_model_reference(model_argument: str, base_model_id: str | None, publish
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class LabelledImageCollator:
-    """Collates `{"image", "label"}` rows into the processor's `pixel_values` and int64 `labels`.
-
-    Undecodable images are skipped and recorded in `stats`; a batch in which every image is bad returns None.
-    """
-
-    def __init__(self, processor, stats: DecodeStats | None = None):
-        self.processor = processor
-        self.stats = stats if stats is not None else DecodeStats()
-
-    def __call__(self, rows):
-        decoded = decode_rows(rows, self.stats)
-        if not decoded:
-            return None
-        pixel_values = self.processor(images=[image for _, image in decoded], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor([row["label"] for row, _ in decoded], dtype=torch.long)}
-
-
 @dataclass
 class LabelledTask:
     """Labelled images with the prompts of their classes: what to train on (classification) and to hold out."""
@@ -500,7 +488,7 @@ def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embeddin
     """Zero-shot classification metrics of the model as it is (adapters on, or off inside `disable_adapter`)."""
     classifier = ZeroShotClassifier(peft_model, processor, embedding=embedding)
     scores, labels = [], []
-    for batch in loader:
+    for batch in counted(loader):
         if not readable_on_every_process(batch, accelerator):
             continue
         image_embeds = classifier.image_embeddings(batch["pixel_values"])
@@ -522,7 +510,7 @@ def refit_aligner(peft_model: PeftModel, loader, accelerator, ridge: float = 0.0
     model = peft_model.get_base_model()
     config = model.config
     stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
-    for batch in loader:
+    for batch in counted(loader):
         if batch is None:
             continue
         pixel_values = batch["pixel_values"]
@@ -582,7 +570,7 @@ def main(argv: list[str] | None = None) -> Path:
     held_out_loader = refit_loader = None
     if task is not None:
         held_out_loader = accelerator.prepare(DataLoader(task.held_out, batch_size=args.batch_size, num_workers=args.num_workers,
-                                                         collate_fn=LabelledImageCollator(processor)))
+                                                         collate_fn=LabelledImageCollator(processor, decode_stats)))
     if args.refit_aligner:
         refit_loader = accelerator.prepare(DataLoader(train_data, batch_size=args.batch_size, collate_fn=collate,
                                                       num_workers=args.num_workers))

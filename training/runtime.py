@@ -26,6 +26,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gath
 from safetensors import safe_open
 
 from modeling_agriclip.images import DecodeStats
+from training.data import counted
 
 logger = get_logger(__name__)
 
@@ -185,7 +186,7 @@ def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learnin
 
 
 def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
-    """False when a collator found no readable image in this batch (it returns None) on any process.
+    """False when no image of this batch could be read (`training.data.counted` yields None) on any process.
 
     All processes must skip such a batch together: one that went on would wait forever in a collective (the
     gradient all-reduce, a gather) that the skipping process never joins.
@@ -210,13 +211,14 @@ def resumable_batches(loader, accelerator: Accelerator, position: TrainingPositi
     """The batches of a run from `position` on, epoch after epoch, until `max_steps` optimizer steps are done.
 
     Counts the batches of the current epoch in `position` (the loop counts optimizer steps); a resumed run skips
-    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. A batch with
-    no readable image on some process is skipped by every process.
+    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. The loader's
+    collator counts the unreadable images (`training.data.counted`); a batch with no readable image on some
+    process is skipped by every process.
     """
     while position.step < max_steps:
         loader.set_epoch(position.epoch)
         batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
-        for batch in batches:
+        for batch in counted(batches):
             position.batch_in_epoch += 1
             if not readable_on_every_process(batch, accelerator):
                 continue

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from evaluation.retrieval import retrieval_recall
 from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, load_image_text_dataset
+from training.data import ImageTextCollator, counted, load_image_text_dataset
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
@@ -92,7 +92,7 @@ def validation_recall(model, loader, accelerator) -> dict[str, float]:
     """Image-to-text and text-to-image recall@1/5 over the held-out pairs (pair i is image i with caption i)."""
     model.eval()
     image_embeds, text_embeds = [], []
-    for batch in loader:
+    for batch in counted(loader):
         if not readable_on_every_process(batch, accelerator):
             continue
         images = accelerator.unwrap_model(model).get_clip_image_features(batch["pixel_values"])

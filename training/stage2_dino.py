@@ -27,7 +27,7 @@ from transformers import AutoModel
 from evaluation.knn import knn_accuracy
 from modeling_agriclip.modeling_agriclip import backbone_features
 from modeling_agriclip.images import DecodeStats
-from training.data import ImageCollator, load_image_text_dataset, load_labelled_dataset
+from training.data import ImageCollator, counted, load_image_text_dataset, load_labelled_dataset
 from training.dino import (
     CollapseMonitor,
     DINOHead,
@@ -140,7 +140,7 @@ def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
     features = []
     for loader in knn_sets["loaders"]:
         chunks, labels = [], []
-        for batch in loader:
+        for batch in counted(loader):
             if batch is None:
                 continue
             chunks.append(backbone_features(backbone, normalise(batch["pixel_values"].to(accelerator.device))))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form, fit_sgd_recipe
 from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, load_image_text_dataset
+from training.data import ImageTextCollator, counted, load_image_text_dataset
 from training.models import load_model_and_processor
 from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args, report_decode_stats
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def extract_features(model, loader, accelerator, description: str):
     """Yields (backbone features, CLIP image embeddings) per batch of this process's shard, in float32."""
-    for batch in tqdm(loader, desc=description, disable=not accelerator.is_local_main_process):
+    for batch in tqdm(counted(loader), desc=description, total=len(loader), disable=not accelerator.is_local_main_process):
         if batch is None:
             continue
         pixel_values = batch["pixel_values"].to(accelerator.device)
