@@ -22,7 +22,14 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, load, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    gather_object,
+    load,
+    set_seed,
+)
 from safetensors import safe_open
 
 from modeling_agriclip.images import DecodeStats
@@ -177,7 +184,14 @@ def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learnin
         check_finite(loss, position, checkpoints)
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            # The optimizer's parameters rather than model.parameters(): walking the whole module tree every step,
+            # frozen towers included, cost stage 1 2% of its throughput. Accelerate recognises an FSDP model by
+            # its full parameter list.
+            if accelerator.distributed_type == DistributedType.FSDP:
+                parameters = model.parameters()
+            else:
+                parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+            accelerator.clip_grad_norm_(parameters, max_grad_norm)
         if before_optimizer_step is not None:
             before_optimizer_step()
         optimizer.step()
