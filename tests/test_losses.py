@@ -176,6 +176,8 @@ def _distributed_worker(rank, init_file, out_dir):
 
     dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
     dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0)
+    uneven_dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
+    uneven_dino_output = uneven_dino_loss(student[:, uneven].flatten(0, 1), teacher[:, uneven].flatten(0, 1), epoch=0)
     results = {
         "loss": loss.detach(),
         "grads": {name: p.grad for name, p in model.module.named_parameters()},
@@ -183,6 +185,9 @@ def _distributed_worker(rank, init_file, out_dir):
         "uneven_grads": {name: p.grad for name, p in uneven_model.module.named_parameters()},
         "dino_loss": dino_output.loss.detach(),
         "center": dino_loss.center,
+        "uneven_dino": [uneven_dino_output.loss.detach(), uneven_dino_output.teacher_entropy,
+                        uneven_dino_output.teacher_student_kl],
+        "uneven_center": uneven_dino_loss.center,
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt.tmp")
     os.replace(f"{out_dir}/rank{rank}.pt.tmp", f"{out_dir}/rank{rank}.pt")  # whole or absent
@@ -235,3 +240,16 @@ def test_two_processes_share_the_dino_centre_of_the_global_batch(distributed_res
         expected = single(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0).loss
         torch.testing.assert_close(result["dino_loss"], expected)
     assert torch.equal(distributed_results[0]["center"], distributed_results[1]["center"])
+
+
+def test_uneven_dino_batches_average_to_the_global_batch(distributed_results):
+    """1 image on rank 0, 7 on rank 1: the centre is the global mean, and the mean over processes of the loss,
+    entropy and KL (what DDP does to the gradients, what stage 2 logs) is the single-process value."""
+    _, _, student, teacher = _global_data()
+    single = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
+    expected = single(student.flatten(0, 1), teacher.flatten(0, 1), epoch=0)
+    for index, value in enumerate((expected.loss, expected.teacher_entropy, expected.teacher_student_kl)):
+        averaged = torch.stack([result["uneven_dino"][index] for result in distributed_results]).mean()
+        torch.testing.assert_close(averaged, value.detach())
+    for result in distributed_results:
+        torch.testing.assert_close(result["uneven_center"], single.center)

@@ -55,13 +55,21 @@ def test_collapse_stops_the_run(caption_folder, tmp_path):
                    "--student-temp", "1000", "--collapse-window", "2")
 
 
-def test_two_processes_match_one_on_the_same_global_batch(caption_folder, tmp_path):
+@pytest.mark.parametrize("corrupt_image", [False, True], ids=["even", "uneven"])
+def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption_folder, tmp_path):
     """2 CPU processes x 4 images equal 1 process x 8: losses, centre and weights (ViT backbone: no BatchNorm).
 
     Each process draws the crop parameters of the whole global batch and applies those of its own images, so
-    the two runs see identical crops; only the order of floating-point sums differs.
+    the two runs see identical crops; only the order of floating-point sums differs. With an unreadable image
+    the local batches differ in size (3 and 4), and the loss weights each process by its share.
     """
-    common = ["training.stage2_dino", "--model", "tiny", "--train-data", str(caption_folder), "--max-steps", "2",
+    data = caption_folder
+    if corrupt_image:
+        data = tmp_path / "data"
+        shutil.copytree(caption_folder, data)
+        corrupted = data / "train" / "25.png"  # in the first global batch under seed 0, on process 0
+        corrupted.write_bytes(corrupted.read_bytes()[:100])
+    common = ["training.stage2_dino", "--model", "tiny", "--train-data", str(data), "--max-steps", "2",
               "--epochs", "2", "--checkpoint-every", "2", *SMALL_HEAD]
     two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
@@ -76,6 +84,8 @@ def test_two_processes_match_one_on_the_same_global_batch(caption_folder, tmp_pa
                           weights_only=True)["center"] for name in ("one", "two")]
     torch.testing.assert_close(centres[1], centres[0], rtol=1e-5, atol=1e-6)
     assert centres[0].abs().sum() > 0
+    if corrupt_image:
+        assert "truncated (1)" in one.stdout and "truncated (1)" in two.stdout, one.stdout + two.stdout
     weights = [load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two")]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:

@@ -89,6 +89,8 @@ class DINOLoss(nn.Module):
     (2 * B, out_dim). The loss averages, over every pair of teacher global view iq and student view v != iq,
     the cross-entropy between softmax((teacher - centre) / teacher_temp) and log_softmax(student / student_temp).
     After the loss, the centre moves towards the mean teacher output of the global batch (all processes).
+    Under several processes each returned value is weighted by the process's share of the global batch, so that
+    the mean over processes (DDP's gradient average, a logged mean) is that of the global batch.
     """
 
     def __init__(
@@ -140,15 +142,22 @@ class DINOLoss(nn.Module):
         cross_entropy = -(teacher_probs * other_views).sum(dim=-1).mean(dim=-1).sum()
         loss = cross_entropy / (2 * (self.num_crops - 1))
         entropy = teacher_entropy(teacher_probs)
-        self.update_center(teacher_output)
-        return DINOLossOutput(loss=loss, teacher_entropy=entropy, teacher_student_kl=loss.detach() - entropy)
+        global_rows = self.update_center(teacher_output)
+        # DDP averages the processes' gradients. Weighting each process's mean by its share of the global batch
+        # makes that average the gradient of the global-batch mean even when local batches differ in size
+        # (images skipped as unreadable); with equal batches the share is exactly 1.
+        share = teacher_output.shape[0] * _world_size() / global_rows
+        return DINOLossOutput(loss=loss * share, teacher_entropy=entropy * share,
+                              teacher_student_kl=(loss.detach() - entropy) * share)
 
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA of the centre towards the mean teacher output over the batches of all processes."""
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        count = teacher_output.shape[0]
+    def update_center(self, teacher_output: torch.Tensor) -> int:
+        """EMA of the centre towards the mean teacher output over the batches of all processes; returns the
+        number of teacher rows of all processes."""
+        rows = teacher_output.new_tensor([teacher_output.shape[0]], dtype=torch.float32)
+        total = torch.cat([teacher_output.float().sum(dim=0), rows])
         if _world_size() > 1:
-            dist.all_reduce(batch_center)
-            count *= _world_size()
+            dist.all_reduce(total)
+        batch_center, count = total[:-1].unsqueeze(0), total[-1]
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1.0 - self.center_momentum)
+        return int(count.item())

@@ -151,11 +151,18 @@ def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
     return knn_accuracy(train_x, train_y, test_x, test_y, knn_sets["num_classes"], k=k)
 
 
-def process_rows(accelerator, batch_size: int) -> torch.Tensor:
-    """Where this process's images sit in the global batch: the prepared DataLoader hands process p the p-th of
-    every `num_processes` consecutive batches of the sampler, as one process with a batch `num_processes` times
-    larger would see them concatenated."""
-    return torch.arange(batch_size) + accelerator.process_index * batch_size
+def process_rows(accelerator, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Where this process's images sit in the global batch, and the global batch size.
+
+    The prepared DataLoader hands process p the p-th of every `num_processes` consecutive batches of the sampler,
+    so the global batch is the processes' batches in process order, as one process with a batch `num_processes`
+    times larger would see it. Local sizes can differ once unreadable images were skipped.
+    """
+    if accelerator.num_processes == 1:
+        return torch.arange(batch_size), batch_size
+    sizes = accelerator.gather(torch.tensor([batch_size], device=accelerator.device)).tolist()
+    first = sum(sizes[:accelerator.process_index])
+    return torch.arange(first, first + batch_size), sum(sizes)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -234,8 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
     for batch in resumable_batches(loader, accelerator, position, max_steps):
         optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])  # only the first group decays
         pixels = batch["pixel_values"].to(accelerator.device)
-        crops = augment(pixels, rows=process_rows(accelerator, len(pixels)),
-                        global_batch_size=len(pixels) * accelerator.num_processes)
+        rows, global_batch_size = process_rows(accelerator, len(pixels))
+        crops = augment(pixels, rows=rows, global_batch_size=global_batch_size)
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
         output = train_step(
