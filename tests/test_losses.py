@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training.losses import ContrastiveLoss, DINOLoss
+from training.losses import ContrastiveLoss, DINOLoss, share_of_global_batch
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -188,6 +188,7 @@ def _distributed_worker(rank, init_file, out_dir):
         "uneven_dino": [uneven_dino_output.loss.detach(), uneven_dino_output.teacher_entropy,
                         uneven_dino_output.teacher_student_kl],
         "uneven_center": uneven_dino_loss.center,
+        "uneven_share": share_of_global_batch(len(images[uneven])),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt.tmp")
     os.replace(f"{out_dir}/rank{rank}.pt.tmp", f"{out_dir}/rank{rank}.pt")  # whole or absent
@@ -253,3 +254,12 @@ def test_uneven_dino_batches_average_to_the_global_batch(distributed_results):
         torch.testing.assert_close(averaged, value.detach())
     for result in distributed_results:
         torch.testing.assert_close(result["uneven_center"], single.center)
+
+
+def test_share_of_global_batch_is_one_without_a_process_group():
+    assert share_of_global_batch(5) == 1.0 and share_of_global_batch(1, global_count=8) == 1.0
+
+
+def test_share_of_global_batch_across_two_processes(distributed_results):
+    # 1 and 7 rows of 8: the mean of 0.25 * mean(rank 0) and 1.75 * mean(rank 1) is the global mean.
+    assert [result["uneven_share"] for result in distributed_results] == [0.25, 1.75]

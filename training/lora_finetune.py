@@ -74,7 +74,7 @@ from training.data import (
     load_labelled_dataset,
 )
 from training.dino import cosine_schedule, param_groups_without_decay
-from training.losses import ContrastiveLoss
+from training.losses import ContrastiveLoss, share_of_global_batch
 from training.models import load_model_and_processor
 from training.prompts import get_templates
 from training.runtime import (
@@ -577,7 +577,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     def compute_loss(batch) -> torch.Tensor:
         if args.objective == "classification":
-            return F.cross_entropy(objective(batch["pixel_values"]), batch["labels"])
+            labels = batch["labels"]
+            share = share_of_global_batch(len(labels), device=labels.device)
+            return F.cross_entropy(objective(batch["pixel_values"]), labels) * share
         return contrastive_loss(objective, batch, loss_fn, embedding, logit_scale)
 
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)

@@ -17,6 +17,20 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def share_of_global_batch(local_count: int, global_count: int | None = None, device=None) -> float:
+    """`world_size * local_count / global_count`: the weight of this process's mean loss that makes DDP's average of
+    the processes' gradients the gradient of the global-batch mean when local batches differ in size (images
+    skipped as unreadable). 1 with one process or equal batches. `global_count` is summed over the processes
+    (on `device`) when not given."""
+    if _world_size() == 1:
+        return 1.0
+    if global_count is None:
+        total = torch.tensor([float(local_count)], device=device)
+        dist.all_reduce(total)
+        global_count = total.item()
+    return local_count * _world_size() / global_count
+
+
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Concatenates every process's rows in process order, keeping the autograd graph to the local rows.
 
@@ -142,11 +156,7 @@ class DINOLoss(nn.Module):
         cross_entropy = -(teacher_probs * other_views).sum(dim=-1).mean(dim=-1).sum()
         loss = cross_entropy / (2 * (self.num_crops - 1))
         entropy = teacher_entropy(teacher_probs)
-        global_rows = self.update_center(teacher_output)
-        # DDP averages the processes' gradients. Weighting each process's mean by its share of the global batch
-        # makes that average the gradient of the global-batch mean even when local batches differ in size
-        # (images skipped as unreadable); with equal batches the share is exactly 1.
-        share = teacher_output.shape[0] * _world_size() / global_rows
+        share = share_of_global_batch(teacher_output.shape[0], global_count=self.update_center(teacher_output))
         return DINOLossOutput(loss=loss * share, teacher_entropy=entropy * share,
                               teacher_student_kl=(loss.detach() - entropy) * share)
 
