@@ -79,8 +79,8 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
-from modeling_agriclip.images import DecodeStats, decode_rows
-from training.data import check_hub_id
+from modeling_agriclip.images import DecodeStats
+from training.data import DecodingCollator, check_hub_id, counted
 from training.prompts import ZERO_SHOT_TEMPLATES, get_templates
 
 from .configuration_agriclip import IMAGE_EMBEDDINGS
@@ -289,25 +289,24 @@ def embedding_name(classifier: ZeroShotClassifier) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class DecodeAndPreprocess:
-    """DataLoader collate function: file paths to `(readable paths, pixel_values or None, DecodeStats)`.
+class DecodeAndPreprocess(DecodingCollator):
+    """DataLoader collate function: file paths to `{"paths": readable paths, "pixel_values": ...}`.
 
     Runs in the DataLoader worker processes, if any, so that decoding and resizing overlap with the forward passes.
     It holds only the image processor (the one `ZeroShotClassifier.pixel_values` applies), which is cheap to send to
-    workers; each batch carries its own decode counts because worker processes do not share memory.
+    workers; the skipped files reach `stats` through `training.data.counted`.
     """
 
-    def __init__(self, image_processor):
+    def __init__(self, image_processor, stats: DecodeStats | None = None):
+        super().__init__(stats)
         self.image_processor = image_processor
 
-    def __call__(self, paths: Sequence[str]) -> tuple[list[str], torch.Tensor | None, DecodeStats]:
-        stats = DecodeStats()
-        decoded = decode_rows([{"image": path} for path in paths], stats)
-        if not decoded:
-            return [], None, stats
-        images = [image for _, image in decoded]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return [row["image"] for row, _ in decoded], pixel_values, stats
+    def __call__(self, paths: Sequence[str]) -> dict:
+        return super().__call__([{"image": path} for path in paths])
+
+    def collate(self, decoded) -> dict:
+        pixel_values = self.image_processor(images=[image for _, image in decoded], return_tensors="pt")["pixel_values"]
+        return {"paths": [row["image"] for row, _ in decoded], "pixel_values": pixel_values}
 
 
 def default_num_workers(num_files: int, batch_size: int) -> int:
@@ -336,16 +335,17 @@ def image_batches(
         list(files),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=DecodeAndPreprocess(classifier.processor.image_processor),
+        collate_fn=DecodeAndPreprocess(classifier.processor.image_processor, stats),
         pin_memory=classifier.device.type == "cuda",
     )
     # disable=None hides the bar when stderr is not a terminal (logs, pipes).
+    seen = stats.decoded + stats.num_skipped
     with tqdm(total=len(files), unit="img", disable=None if progress else True, file=sys.stderr) as bar:
-        for paths, pixel_values, batch_stats in loader:
-            stats += batch_stats
-            bar.update(len(paths) + batch_stats.num_skipped)
-            if pixel_values is not None:
-                yield paths, pixel_values
+        for batch in counted(loader):
+            bar.update(stats.decoded + stats.num_skipped - seen)
+            seen = stats.decoded + stats.num_skipped
+            if batch is not None:
+                yield batch["paths"], batch["pixel_values"]
 
 
 @dataclass
