@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, CLIPModel, ResNetConfig
 
 from .configuration_agriclip import AgriCLIPConfig
-from .modeling_agriclip import AgriCLIPModel
+from .modeling_agriclip import AgriCLIPModel, unreadable_weights_named
 from .processing_agriclip import AgriCLIPProcessor
 
 PRESETS = {
@@ -143,7 +143,8 @@ def convert(
     }
     clip_model = dino_state = None
     if clip:
-        clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32)
+        with unreadable_weights_named(clip):
+            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32)
         config_kwargs.update(
             text_config=clip_model.config.text_config,
             vision_config=clip_model.config.vision_config,
@@ -151,7 +152,8 @@ def convert(
             logit_scale_init_value=clip_model.config.logit_scale_init_value,
         )
     if dino:
-        dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32)
+        with unreadable_weights_named(dino):
+            dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32)
         config_kwargs["dino_config"] = dino_model.config
         dino_state = {k: v for k, v in dino_model.state_dict().items() if not k.startswith("pooler.")}
     if official_dino:

@@ -4,6 +4,7 @@ Hub custom code: imports only ``torch``, ``transformers`` and its sibling ``conf
 ``trust_remote_code=True`` works for people who never installed the package.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,21 @@ def _unreadable_weight_files(folder: Path) -> list[str]:
         except Exception:
             unreadable.append(str(path))
     return unreadable
+
+
+@contextmanager
+def unreadable_weights_named(pretrained_model_name_or_path, subfolder: str = ""):
+    """Around a `from_pretrained` of any model: a failure caused by a truncated or corrupt safetensors file of a
+    local folder is re-raised as an OSError naming that file, which safetensors' own message does not. Other
+    failures pass through unchanged."""
+    try:
+        yield
+    except Exception as error:
+        folder = Path(pretrained_model_name_or_path or "", subfolder)
+        unreadable = _unreadable_weight_files(folder) if pretrained_model_name_or_path and folder.is_dir() else []
+        if not unreadable:
+            raise
+        raise OSError(f"{', '.join(unreadable)}: truncated or corrupt weights file, cannot be loaded ({error})") from error
 
 
 class PixelRenormalization(nn.Module):
@@ -131,15 +147,9 @@ class AgriCLIPPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, whose error names the weights file when one in a local folder is truncated
-        or corrupt: safetensors' own message does not say which file."""
-        try:
+        or corrupt (see `unreadable_weights_named`)."""
+        with unreadable_weights_named(pretrained_model_name_or_path, kwargs.get("subfolder", "")):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except Exception as error:
-            folder = Path(pretrained_model_name_or_path or "", kwargs.get("subfolder", ""))
-            unreadable = _unreadable_weight_files(folder) if pretrained_model_name_or_path and folder.is_dir() else []
-            if not unreadable:
-                raise
-            raise OSError(f"{', '.join(unreadable)}: truncated or corrupt weights file, cannot be loaded ({error})") from error
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -266,4 +276,11 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         )
 
 
-__all__ = ["AgriCLIPModel", "AgriCLIPOutput", "AgriCLIPPreTrainedModel", "backbone_features", "clip_loss"]
+__all__ = [
+    "AgriCLIPModel",
+    "AgriCLIPOutput",
+    "AgriCLIPPreTrainedModel",
+    "backbone_features",
+    "clip_loss",
+    "unreadable_weights_named",
+]

@@ -22,10 +22,12 @@ from transformers import AutoModel, CLIPConfig
 import kill_matrix
 from conftest import read_metrics, run_script, write_caption_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+from modeling_agriclip.convert import convert
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.models import load_model_and_processor
 from training.runtime import CheckpointManager, check_checkpoint_files, export_atomically
 from training.stage1_contrastive import main as stage1
+from training.stage2_dino import load_backbone
 from training.stage3_align import main as stage3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +181,22 @@ def test_truncated_model_and_processor_files_are_named(tiny_checkpoint, tmp_path
     # The Auto classes (and so the zero-shot pipeline) load through the same class.
     with pytest.raises(OSError, match=f"{tmp_path / 'model.safetensors' / 'model.safetensors'}: truncated or corrupt"):
         AutoModel.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_truncated_backbone_and_clip_folders_are_named_by_stage_2_and_convert(tiny_model, tiny_clip_checkpoint, tmp_path):
+    backbone = tmp_path / "backbone"
+    tiny_model.dino_model.save_pretrained(backbone)
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_checkpoint, clip)
+    for folder in (backbone, clip):
+        truncate(folder / "model.safetensors")
+    with pytest.raises(OSError, match=f"{backbone / 'model.safetensors'}: truncated or corrupt"):
+        load_backbone(SimpleNamespace(random_init=False, backbone=str(backbone), model="tiny"),
+                      AgriCLIPModel(AgriCLIPConfig.tiny()))
+    with pytest.raises(OSError, match=f"{backbone / 'model.safetensors'}: truncated or corrupt"):
+        convert(dino=str(backbone), preset="tiny")
+    with pytest.raises(OSError, match=f"{clip / 'model.safetensors'}: truncated or corrupt"):
+        convert(clip=str(clip), preset="tiny")
 
 
 def test_a_truncated_feature_cache_is_extracted_again(tiny_checkpoint, caption_folder, tmp_path, caplog):

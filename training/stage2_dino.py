@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from evaluation.knn import knn_accuracy
-from modeling_agriclip.modeling_agriclip import backbone_features
+from modeling_agriclip.modeling_agriclip import backbone_features, unreadable_weights_named
 from modeling_agriclip.images import DecodeStats
 from training.data import ImageCollator, counted, load_image_text_dataset, load_labelled_dataset
 from training.dino import (
@@ -121,7 +121,8 @@ def load_backbone(args, model):
     if args.random_init:
         backbone.apply(backbone._init_weights)
     if args.backbone:
-        pretrained = AutoModel.from_pretrained(args.backbone, dtype=torch.float32)
+        with unreadable_weights_named(args.backbone):
+            pretrained = AutoModel.from_pretrained(args.backbone, dtype=torch.float32)
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         try:
             backbone.load_state_dict(state)
