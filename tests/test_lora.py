@@ -355,11 +355,12 @@ def test_k_shot_lora_beats_zero_shot_on_an_embedded_task(tmp_path):
     assert results["adapted"]["top1"] >= results["zero_shot"]["top1"] + 0.1, results
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
-    """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8 (cross-entropy is a batch mean)."""
+    """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8 (cross-entropy is a batch mean),
+    the aligner re-fit over the 12 training images included: each process reads its own shard (6 + 6), where a
+    prepared loader would pad the second global batch with 4 repeated images."""
     common = ["training.lora_finetune", "--model", str(tiny_checkpoint), *classification_flags(labelled_folder),
-              "--shots", "4", "--max-steps", "2", "--log-with", "none"]
+              "--shots", "3", "--max-steps", "1", "--refit-aligner", "--aligner-ridge", "0.1", "--log-with", "none"]
     two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
     one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])

@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
 
 from modeling_agriclip.images import DecodeStats, decode_rows
 
@@ -109,6 +110,13 @@ class LabelledImageCollator(DecodingCollator):
     def collate(self, decoded):
         pixel_values = self.processor(images=[image for _, image in decoded], return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": torch.tensor([row["label"] for row, _ in decoded], dtype=torch.long)}
+
+
+def process_shard_loader(dataset, accelerator, batch_size: int, collate_fn, num_workers: int = 0) -> DataLoader:
+    """This process's contiguous share of `dataset`, with no sample padded in or repeated (unlike a prepared
+    DataLoader with even batches): statistics from several processes then sum to exactly those of one."""
+    shard = dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
+    return DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -72,6 +72,7 @@ from training.data import (
     counted,
     load_image_text_dataset,
     load_labelled_dataset,
+    process_shard_loader,
 )
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss, share_of_global_batch
@@ -503,7 +504,8 @@ def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embeddin
 @torch.no_grad()
 def refit_aligner(peft_model: PeftModel, loader, accelerator, ridge: float = 0.0) -> dict:
     """Stage 3 again on the adapted backbone: the closed-form least-squares aligner from its features of the
-    training images to their CLIP image embeddings, written into the aligner the adapter carries.
+    training images to their CLIP image embeddings, written into the aligner the adapter carries. `loader` holds
+    this process's shard (`process_shard_loader`), so that the statistics of all processes sum to one pass.
 
     Returns the fit's MSE and R² on those images.
     """
@@ -513,7 +515,7 @@ def refit_aligner(peft_model: PeftModel, loader, accelerator, ridge: float = 0.0
     for batch in counted(loader):
         if batch is None:
             continue
-        pixel_values = batch["pixel_values"]
+        pixel_values = batch["pixel_values"].to(accelerator.device)
         stats.update(model.get_backbone_features(pixel_values), model.get_clip_image_features(pixel_values))
     stats.all_reduce(lambda tensor: accelerator.reduce(tensor, reduction="sum"))
     weights = fit_closed_form(stats, ridge)
@@ -572,8 +574,7 @@ def main(argv: list[str] | None = None) -> Path:
         held_out_loader = accelerator.prepare(DataLoader(task.held_out, batch_size=args.batch_size, num_workers=args.num_workers,
                                                          collate_fn=LabelledImageCollator(processor, decode_stats)))
     if args.refit_aligner:
-        refit_loader = accelerator.prepare(DataLoader(train_data, batch_size=args.batch_size, collate_fn=collate,
-                                                      num_workers=args.num_workers))
+        refit_loader = process_shard_loader(train_data, accelerator, args.batch_size, collate, args.num_workers)
 
     def compute_loss(batch) -> torch.Tensor:
         if args.objective == "classification":

@@ -23,12 +23,11 @@ import torch
 from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form, fit_sgd_recipe
 from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, counted, load_image_text_dataset
+from training.data import ImageTextCollator, counted, load_image_text_dataset, process_shard_loader
 from training.models import load_model_and_processor
 from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args, report_decode_stats
 
@@ -77,13 +76,6 @@ def extract_features(model, loader, accelerator, description: str):
             x = model.get_backbone_features(pixel_values)
             y = model.get_clip_image_features(pixel_values)
         yield x.float(), y.float()
-
-
-def process_shard_loader(dataset, collate, args, accelerator) -> DataLoader:
-    """This process's contiguous share of the images, with no sample padded in or repeated (unlike a prepared
-    DataLoader with even batches): statistics from several processes must sum to exactly those of one."""
-    shard = dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
-    return DataLoader(shard, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
 
 
 def feature_cache_key(model, processor, loader, accelerator) -> str:
@@ -153,10 +145,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     decode_stats = DecodeStats()
     collate = ImageTextCollator(processor, decode_stats)
-    train_loader = process_shard_loader(load_image_text_dataset(args.train_data, split=args.train_split), collate, args, accelerator)
-    val_loader = process_shard_loader(
-        load_image_text_dataset(args.val_data or args.train_data, split=args.val_split), collate, args, accelerator
-    )
+    train_loader = process_shard_loader(load_image_text_dataset(args.train_data, split=args.train_split), accelerator,
+                                        args.batch_size, collate, args.num_workers)
+    val_loader = process_shard_loader(load_image_text_dataset(args.val_data or args.train_data, split=args.val_split),
+                                      accelerator, args.batch_size, collate, args.num_workers)
     init_run_trackers(accelerator, "stage3_align", args)
 
     if args.method == "closed-form":
