@@ -316,6 +316,7 @@ def test_a_batch_unreadable_on_one_process_only_is_skipped_by_every_process(tmp_
                       "--max-steps", "16", "--output-dir", str(tmp_path / "run"), "--log-with", "none"], processes=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"truncated (1): {corrupted}" in run.stdout or f"truncated (2): {corrupted}, {corrupted}" in run.stdout, run.stdout
+    assert "a batch is skipped on all 2 processes: 1 of them could read none of its images" in run.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 

@@ -205,11 +205,14 @@ def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
     All processes must skip such a batch together: one that went on would wait forever in a collective (the
     gradient all-reduce, a gather) that the skipping process never joins.
     """
-    unreadable = batch is None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(unreadable)], device=accelerator.device)
-        unreadable = accelerator.reduce(flag, reduction="sum").item() > 0
-    return not unreadable
+    if accelerator.num_processes == 1:
+        return batch is not None
+    flag = torch.tensor([float(batch is None)], device=accelerator.device)
+    unreadable_on = int(accelerator.reduce(flag, reduction="sum").item())
+    if unreadable_on:
+        logger.warning(f"a batch is skipped on all {accelerator.num_processes} processes: {unreadable_on} of them could "
+                       "read none of its images, so the readable images of the others are left out of this step")
+    return not unreadable_on
 
 
 def report_decode_stats(accelerator: Accelerator, stats: DecodeStats) -> None:
