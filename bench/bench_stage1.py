@@ -40,9 +40,10 @@ def make_batches(config, batch_size: int, count: int) -> list[dict]:
     ]
 
 
-def time_alternating(steps: dict, batches: list[dict], rounds: int) -> dict[str, list[float]]:
-    """Seconds of every step of each contender, the contenders alternating step by step so that load from other
-    processes (and the CPU's clock) hits both alike."""
+def alternating_rates(steps: dict, batches: list, rounds: int, batch_size: int) -> dict[str, float]:
+    """Samples per second of each contender from its median step. The contenders alternate step by step, so that
+    load from other processes (and the CPU's clock) hits both alike, and a step slowed by another process does
+    not count against either side."""
     seconds = {name: [] for name in steps}
     for _ in range(rounds):
         for batch in batches:
@@ -50,7 +51,16 @@ def time_alternating(steps: dict, batches: list[dict], rounds: int) -> dict[str,
                 started = time.perf_counter()
                 step(batch)
                 seconds[name].append(time.perf_counter() - started)
-    return seconds
+    return {name: batch_size / statistics.median(values) for name, values in seconds.items()}
+
+
+def print_rates(rates: dict[str, float], timed_steps: int, unit: str, note: str = "") -> None:
+    """One line per contender, then the ratio of the first (ours) to the second (the reference)."""
+    width = max(map(len, rates))
+    for name, rate in rates.items():
+        print(f"  {name:{width}s} {rate:8.1f} {unit} (median of {timed_steps} steps)")
+    (ours, ours_rate), (reference, reference_rate) = rates.items()
+    print(f"  ratio {ours} / {reference}: {ours_rate / reference_rate:.3f}{note}")
 
 
 def main() -> None:
@@ -91,14 +101,12 @@ def main() -> None:
     for step in (ours_step, reference_step):  # warm-up
         for batch in batches[:3]:
             step(batch)
-    seconds = time_alternating({"agriclip stage 1": ours_step, "reference CLIPModel loop": reference_step}, batches, args.rounds)
-    # The median step: a step slowed by another process does not count against either side.
-    rates = {name: args.batch_size / statistics.median(values) for name, values in seconds.items()}
+    rates = alternating_rates({"agriclip stage 1": ours_step, "reference CLIPModel loop": reference_step}, batches,
+                              args.rounds, args.batch_size)
     print(f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, {accelerator.device}")
-    for name, rate in rates.items():
-        print(f"  {name:26s} {rate:8.1f} samples/s (median step of {len(seconds[name])})")
-    print(f"  ratio agriclip / reference: {rates['agriclip stage 1'] / rates['reference CLIPModel loop']:.3f} (target >= 0.95)")
+    print_rates(rates, args.steps * args.rounds, "samples/s", " (target >= 0.95)")
+
 
 if __name__ == "__main__":
     main()

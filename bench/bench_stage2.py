@@ -14,7 +14,6 @@ hits both alike. Prints training samples per second of each and the ratio. Run f
 import argparse
 import copy
 import math
-import statistics
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from bench.bench_multicrop import PILMultiCrop
-from bench.bench_stage1 import time_alternating
+from bench.bench_stage1 import alternating_rates, print_rates
 from modeling_agriclip import AgriCLIPModel
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.modeling_agriclip import backbone_features
@@ -85,14 +84,11 @@ def main() -> None:
 
     for step in (ours, reference):  # warm-up
         step(batches[0])
-    seconds = time_alternating({"kornia multi-crop": ours, "PIL multi-crop": reference}, batches, args.rounds)
-    rates = {name: args.batch_size / statistics.median(values) for name, values in seconds.items()}
+    rates = alternating_rates({"kornia multi-crop": ours, "PIL multi-crop": reference}, batches, args.rounds, args.batch_size)
     print(f"preset {args.preset} ({backbone.config.model_type} backbone), batch {args.batch_size}, 2 x {global_size}px + "
           f"{args.num_local_crops} x {local_size}px views, {args.steps} steps x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, {accelerator.device}")
-    for name, rate in rates.items():
-        print(f"  {name:18s} {rate:8.1f} training samples/s (median step of {len(seconds[name])})")
-    print(f"  ratio kornia / PIL: {rates['kornia multi-crop'] / rates['PIL multi-crop']:.3f}")
+    print_rates(rates, args.steps * args.rounds, "training samples/s")
 
 
 if __name__ == "__main__":
