@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,10 +79,18 @@ def extract_features(model, loader, accelerator, description: str):
         yield x.float(), y.float()
 
 
-def feature_cache_key(model, processor, loader, accelerator) -> str:
-    """Hash of everything the cached features depend on: the weights and buffers of both image towers and of
-    their input renormalisation, the image processor, the images of this shard (the `datasets` fingerprint,
-    which follows the data files) and the precision of the extraction."""
+@dataclass(frozen=True)
+class FeatureCache:
+    """A folder of extracted features, one safetensors file per split and process, and `towers_key`: the hash of
+    what the features depend on besides the images (see `towers_key`)."""
+
+    folder: Path
+    towers_key: str
+
+
+def towers_key(model, processor, accelerator) -> str:
+    """Hash of the weights and buffers of both image towers and of their input renormalisation, of the image
+    processor, and of the precision of the extraction: computed once per run, not per split."""
     digest = hashlib.sha256()
     for module in (model.dino_pixel_renorm, model.dino_model, model.clip_pixel_renorm, model.vision_model,
                    model.visual_projection):
@@ -89,21 +98,22 @@ def feature_cache_key(model, processor, loader, accelerator) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(processor.image_processor.to_json_string().encode())
-    digest.update(loader.dataset._fingerprint.encode())
     digest.update(str(accelerator.mixed_precision).encode())
     return digest.hexdigest()
 
 
-def cached_features(model, processor, loader, accelerator, cache: Path | None, name: str):
+def cached_features(model, loader, accelerator, cache: FeatureCache | None, name: str):
     """All features of a shard in memory, read from or written to `cache` when given.
 
-    A cache file records the `feature_cache_key` it was extracted under and is used only under the same key, so
-    a cache left by another model, processor or data set is extracted again rather than silently reused. It is
-    written under a temporary name and renamed once complete; one that cannot be read (copied half-way, say) is
-    extracted again.
+    A cache file records the key it was extracted under (the towers' key and the images of the shard: the
+    `datasets` fingerprint, which follows the data files) and is used only under the same key, so a cache left by
+    another model, processor or data set is extracted again rather than silently reused. It is written under a
+    temporary name and renamed once complete; one that cannot be read (copied half-way, say) is extracted again.
     """
-    path = cache / f"{name}-{accelerator.process_index}-of-{accelerator.num_processes}.safetensors" if cache else None
-    key = feature_cache_key(model, processor, loader, accelerator) if cache else None
+    path = key = None
+    if cache is not None:
+        path = cache.folder / f"{name}-{accelerator.process_index}-of-{accelerator.num_processes}.safetensors"
+        key = hashlib.sha256(f"{cache.towers_key} {loader.dataset._fingerprint}".encode()).hexdigest()
     if path is not None and path.is_file():
         try:
             with safe_open(path, framework="pt") as cached:
@@ -123,13 +133,12 @@ def cached_features(model, processor, loader, accelerator, cache: Path | None, n
     return x, y
 
 
-def streamed_statistics(model, processor, loader, accelerator, args, name: str) -> AlignerStatistics:
+def streamed_statistics(model, loader, accelerator, cache: FeatureCache | None, name: str) -> AlignerStatistics:
     """Sufficient statistics of a split over all processes, from the feature cache or one pass over the images."""
     config = model.config
     stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
-    if args.feature_cache:
-        x, y = cached_features(model, processor, loader, accelerator, Path(args.feature_cache), name)
-        stats.update(x, y)
+    if cache is not None:
+        stats.update(*cached_features(model, loader, accelerator, cache, name))
     else:
         for x, y in extract_features(model, loader, accelerator, f"statistics ({name})"):
             stats.update(x, y)
@@ -150,14 +159,16 @@ def main(argv: list[str] | None = None) -> Path:
     val_loader = process_shard_loader(load_image_text_dataset(args.val_data or args.train_data, split=args.val_split),
                                       accelerator, args.batch_size, collate, args.num_workers)
     init_run_trackers(accelerator, "stage3_align", args)
+    cache = None
+    if args.feature_cache:
+        cache = FeatureCache(Path(args.feature_cache), towers_key(model, processor, accelerator))
 
     if args.method == "closed-form":
-        train_stats = streamed_statistics(model, processor, train_loader, accelerator, args, "train")
+        train_stats = streamed_statistics(model, train_loader, accelerator, cache, "train")
         weights = fit_closed_form(train_stats, ridge=args.ridge)
         train_metrics = train_stats.metrics(weights)
     else:
-        cache = Path(args.feature_cache) if args.feature_cache else None
-        x, y = cached_features(model, processor, train_loader, accelerator, cache, "train")
+        x, y = cached_features(model, train_loader, accelerator, cache, "train")
         if accelerator.num_processes > 1:
             x, y = accelerator.gather(x.to(accelerator.device)).cpu(), accelerator.gather(y.to(accelerator.device)).cpu()
         weights = fit_sgd_recipe(
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
             legacy_bias_scaling=args.legacy_bias_scaling, seed=args.seed,
         )
         train_metrics = aligner_metrics(weights, x, y)
-    val_metrics = streamed_statistics(model, processor, val_loader, accelerator, args, "validation").metrics(weights)
+    val_metrics = streamed_statistics(model, val_loader, accelerator, cache, "validation").metrics(weights)
 
     metrics = {**{f"train/{k}": v for k, v in train_metrics.items()}, **{f"val/{k}": v for k, v in val_metrics.items()}}
     accelerator.log(metrics, step=0)
