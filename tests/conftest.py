@@ -135,6 +135,19 @@ def run_subprocess(command, *, timeout, env=None, cwd=None) -> subprocess.Comple
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def finish_distributed_worker(results, path) -> None:
+    """Ends a test's spawned gloo worker: writes `results` to `path` whole or not at all, waits for the other
+    ranks, and leaves without the process-group teardown. That teardown can deadlock in torch (the main thread
+    holds the GIL while ~ProcessGroupGloo waits for a gloo worker thread that needs the GIL to free a tensor);
+    it was seen here once in 6 runs."""
+    import torch.distributed as dist
+
+    torch.save(results, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    dist.barrier()
+    os._exit(0)
+
+
 def run_script(module_args, processes=1, timeout=300):
     """Runs `python -m <module> ...` in a subprocess; with processes > 1 under `accelerate launch` on CPU processes
     (ACCELERATE_USE_CPU=1 with the multi-process launcher: `--cpu` alone starts a single process)."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from conftest import finish_distributed_worker
 from training.aligner import (
     AlignerStatistics,
     AlignerWeights,
@@ -124,10 +125,7 @@ def _two_process_worker(rank, port, sizes, out_path):
     stats = AlignerStatistics(D_IN, D_OUT, device=accelerator.device)
     stats.update(x[start : start + sizes[rank]], y[start : start + sizes[rank]])
     stats.all_reduce(lambda tensor: accelerator.reduce(tensor, reduction="sum"))
-    torch.save(stats.state_dict(), f"{out_path}.{rank}.tmp")
-    os.replace(f"{out_path}.{rank}.tmp", f"{out_path}.{rank}")
-    accelerator.wait_for_everyone()
-    os._exit(0)  # no process-group teardown: it can deadlock in torch (see tests/test_losses.py's worker)
+    finish_distributed_worker(stats.state_dict(), f"{out_path}.{rank}")
 
 
 def test_two_processes_equal_one(tmp_path):

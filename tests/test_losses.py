@@ -2,7 +2,6 @@
 
 from datetime import timedelta
 import math
-import os
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import finish_distributed_worker
 from training.losses import ContrastiveLoss, DINOLoss, share_of_global_batch
 
 WORLD_SIZE = 2
@@ -190,13 +190,7 @@ def _distributed_worker(rank, init_file, out_dir):
         "uneven_center": uneven_dino_loss.center,
         "uneven_share": share_of_global_batch(len(images[uneven])),
     }
-    torch.save(results, f"{out_dir}/rank{rank}.pt.tmp")
-    os.replace(f"{out_dir}/rank{rank}.pt.tmp", f"{out_dir}/rank{rank}.pt")  # whole or absent
-    dist.barrier()
-    # Leave without the process-group teardown: freeing the DDP reducer can deadlock in torch (the main thread
-    # holds the GIL while ~ProcessGroupGloo waits for a gloo worker thread that needs the GIL to free a tensor),
-    # seen here once in 6 runs.
-    os._exit(0)
+    finish_distributed_worker(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
