@@ -78,6 +78,7 @@ from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss, share_of_global_batch
 from training.models import load_model_and_processor
 from training.prompts import get_templates
+from modeling_agriclip.atomic import write_json_atomically
 from training.runtime import (
     CheckpointManager,
     PreemptionGuard,
@@ -92,7 +93,6 @@ from training.runtime import (
     report_decode_stats,
     resumable_batches,
     train_step,
-    write_json_atomically,
 )
 
 logger = logging.getLogger(__name__)

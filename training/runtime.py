@@ -32,6 +32,7 @@ from accelerate.utils import (
 )
 from safetensors import safe_open
 
+from modeling_agriclip.atomic import write_json_atomically
 from modeling_agriclip.images import DecodeStats
 from training.data import counted
 
@@ -404,15 +405,6 @@ def staged_write(staging: Path, target: Path, kept: str):
         shutil.rmtree(staging, ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise OSError(getattr(error, "errno", None), f"writing {target} failed ({reason}); {kept}") from error
-
-
-def write_json_atomically(path: Path, value) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w") as handle:
-        json.dump(value, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
 
 
 def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *savables) -> Path:
