@@ -1,15 +1,19 @@
 """Reports of evaluation results: a JSON file, markdown tables and matplotlib plots.
 
 Everything here reads the results dictionary of `evaluation.suite.run_suite` (its schema is documented
-there), so a report can be re-rendered from a saved ``results.json`` alone.
+there), so a report can be re-rendered from a saved ``results.json`` alone. `write_report` replaces a previous
+report whole or not at all.
 """
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from modeling_agriclip.atomic import atomic_path
 
 
 ZERO_SHOT_METRICS = {
@@ -23,6 +27,7 @@ RECALL_DIRECTIONS = {"image_to_text": "I→T", "text_to_image": "T→I"}
 MAX_LISTED_FILES = 10
 # Confusion-matrix panels per row: one per model, wrapped so many models stay legible.
 CONFUSION_COLUMNS = 3
+PLOT_DPI = 120
 
 
 def _percent(value) -> str:
@@ -66,11 +71,14 @@ def render_markdown_table(results: dict, metric: str = "top1", section: dict | N
 
 
 def _data_notes(results: dict) -> list[str]:
-    """One line per dataset with skipped images or classes without images."""
+    """One line per dataset warning (e.g. classes with identical prompts), skipped images or classes without images."""
     notes = []
     for dataset, models in results["datasets"].items():
         record = next(iter(models.values()))
         name = _display_name(results, dataset)
+        # `warnings` is absent from reports written before it existed.
+        for warning in results.get("dataset_info", {}).get(dataset, {}).get("warnings", []):
+            notes.append(f"- {name}: warning: {warning}.")
         if record["n_skipped"]:
             files = ", ".join(record["skipped_files"][:MAX_LISTED_FILES])
             more = " …" if record["n_skipped"] > MAX_LISTED_FILES else ""
@@ -123,7 +131,7 @@ def render_markdown_report(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def plot_grouped_bars(results: dict, path, metric: str = "top1") -> Path:
+def grouped_bars_figure(results: dict, metric: str = "top1") -> Figure:
     """Grouped bar chart of a zero-shot metric: one group per dataset (and the mean), one bar per model."""
     per_dataset = results["datasets"]
     models = model_names(per_dataset)
@@ -141,12 +149,10 @@ def plot_grouped_bars(results: dict, path, metric: str = "top1") -> Path:
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
     axes.grid(axis="y", alpha=0.3)
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return figure
 
 
-def plot_confusion_matrix(results: dict, dataset: str, path) -> Path:
+def confusion_matrix_figure(results: dict, dataset: str) -> Figure:
     """Row-normalised confusion matrices of one dataset, one panel per model (counts printed for small ones)."""
     per_model = results["datasets"][dataset]
     class_names = results["dataset_info"][dataset]["class_names"]
@@ -174,9 +180,7 @@ def plot_confusion_matrix(results: dict, dataset: str, path) -> Path:
         axes.set_title(f"{model}: top-1 {_percent(record['top1'])}%", fontsize="medium")
     figure.colorbar(image, ax=list(panels[: len(per_model)]), shrink=0.8, label="Fraction of the true class")
     figure.suptitle(_display_name(results, dataset))
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return figure
 
 
 def _file_stem(name: str) -> str:
@@ -184,17 +188,34 @@ def _file_stem(name: str) -> str:
 
 
 def write_report(results: dict, output_dir) -> dict[str, Path]:
-    """Writes ``results.json``, ``results.md`` and ``plots/*.png`` into `output_dir`; returns their paths."""
+    """Writes ``results.json``, ``results.md`` and ``plots/*.png`` into `output_dir`; returns their paths.
+
+    The previous report is replaced whole or not at all: the texts and figures are built first, every file is then
+    written under a temporary name beside its target (`modeling_agriclip.atomic.atomic_path`), and the renames
+    follow only once all are written, ``results.json`` last. A failure (a full disk, a value JSON cannot hold)
+    leaves the previous files as they were and no temporary file behind.
+    """
     output_dir = Path(output_dir)
     plots_dir = output_dir / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown_report(results), encoding="utf-8")
+    texts = {
+        # `allow_nan=False`: a NaN would be written as the non-JSON `NaN`; it is an error, not a number.
+        paths["json"]: json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+        paths["markdown"]: render_markdown_report(results),
+    }
+    figures = {}
     if results.get("datasets"):
-        paths["bars"] = plot_grouped_bars(results, plots_dir / "zero_shot_top1.png")
+        figures["bars"] = (plots_dir / "zero_shot_top1.png", grouped_bars_figure(results))
         for dataset in results["datasets"]:
-            paths[f"confusion/{dataset}"] = plot_confusion_matrix(
-                results, dataset, plots_dir / f"confusion_{_file_stem(dataset)}.png"
+            figures[f"confusion/{dataset}"] = (
+                plots_dir / f"confusion_{_file_stem(dataset)}.png",
+                confusion_matrix_figure(results, dataset),
             )
+    with ExitStack() as renames:
+        # Each temporary file is renamed over its target when the stack unwinds, in reverse order of entry.
+        for path, text in texts.items():
+            renames.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")
+        for key, (path, figure) in figures.items():
+            figure.savefig(renames.enter_context(atomic_path(path)), dpi=PLOT_DPI)
+            paths[key] = path
     return paths

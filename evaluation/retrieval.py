@@ -6,13 +6,17 @@ grouped by image (its file path, or its bytes when it has no path), so each imag
 - image-to-text: an image is a hit at k when any of its captions is among the k best-scoring captions;
 - text-to-image: a caption is a hit at k when its image is among the k best-scoring images.
 
-Ties count in favour of the query (fewer than k strictly better-scoring non-matches), as in the metric
-modules.
+Ties are broken as in the metric modules (`evaluation.metrics`), the way `argmax` breaks them: among equal
+scores the lowest index ranks first. A query is a hit at k when fewer than k non-matches rank above its
+first-ranked match, so a model whose similarities all tie does not score recall 1. NaN and infinite
+similarities are an error (`NonFiniteError`).
 """
 
 import hashlib
 
 import torch
+
+from .metrics import NonFiniteError, count_nonfinite_rows
 
 
 DEFAULT_RECALL_KS = (1, 5, 10)
@@ -46,9 +50,13 @@ def group_captions(images: list[dict]) -> tuple[list[int], torch.Tensor]:
 
 def _hits(similarity: torch.Tensor, positive: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
     """Per query (row), whether a positive column ranks within each k: (n_queries, len(ks)) bool."""
+    columns = torch.arange(similarity.shape[1], device=similarity.device)
     best_positive = similarity.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    n_better_negatives = ((similarity > best_positive) & ~positive).sum(dim=1, keepdim=True)
-    return n_better_negatives < torch.tensor(ks, device=similarity.device)
+    # The first-ranked match: the lowest-index positive column that scores `best_positive`.
+    first_match = torch.where(positive & (similarity == best_positive), columns, len(columns)).amin(dim=1, keepdim=True)
+    # Only non-matches rank above the first-ranked match: a higher score, or the same score and a lower index.
+    above = (similarity > best_positive) | ((similarity == best_positive) & (columns < first_match))
+    return above.sum(dim=1, keepdim=True) < torch.tensor(ks, device=similarity.device)
 
 
 def retrieval_recall(
@@ -57,6 +65,7 @@ def retrieval_recall(
     caption_to_image: torch.Tensor,
     ks: tuple[int, ...] = DEFAULT_RECALL_KS,
     chunk_size: int = 1024,
+    source: str = "the model",
 ) -> dict:
     """Recall@k in both directions from L2-normalised embeddings.
 
@@ -66,20 +75,27 @@ def retrieval_recall(
         caption_to_image: (n_captions,) the image of each caption.
         ks: the k of each recall@k.
         chunk_size: queries scored at once, bounding memory to chunk_size × max(n_images, n_captions).
+        source: who gave the embeddings, for the error on non-finite similarities (e.g. the model and dataset).
 
     Returns:
         ``{"image_to_text": {"R@1": ..., ...}, "text_to_image": {...}}`` with recalls in [0, 1].
+
+    Raises:
+        NonFiniteError: when a similarity is NaN or infinite, counting the images affected.
     """
     if len(caption_to_image) != len(text_embeds):
         raise ValueError(f"caption_to_image has {len(caption_to_image)} entries for {len(text_embeds)} captions.")
     image_ids = torch.arange(len(image_embeds), device=image_embeds.device)
     caption_to_image = caption_to_image.to(image_embeds.device)
-    image_hits = torch.cat(
-        [
-            _hits(images @ text_embeds.T, ids[:, None] == caption_to_image[None, :], ks)
-            for images, ids in zip(image_embeds.split(chunk_size), image_ids.split(chunk_size))
-        ]
-    )
+    image_hits, n_nonfinite = [], 0
+    for images, ids in zip(image_embeds.split(chunk_size), image_ids.split(chunk_size)):
+        similarity = images @ text_embeds.T
+        # Image-to-text rows hold every similarity, so they alone show whether any is non-finite.
+        n_nonfinite += count_nonfinite_rows(similarity)
+        image_hits.append(_hits(similarity, ids[:, None] == caption_to_image[None, :], ks))
+    if n_nonfinite:
+        raise NonFiniteError(source, n_nonfinite, len(image_embeds), "images")
+    image_hits = torch.cat(image_hits)
     text_hits = torch.cat(
         [
             _hits(texts @ image_embeds.T, owners[:, None] == image_ids[None, :], ks)

@@ -51,13 +51,20 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
                    "mean": {MODEL: {K: {"top1", "mean_per_class", "n_datasets"}}}},          # with --k-shot
       "retrieval": {"datasets": {DATASET: {MODEL: {"image_to_text": {"R@1", "R@5", "R@10"},
                     "text_to_image": {...}, "n_images", "n_captions", "n_skipped", "skipped_files"}}}},
-      "dataset_info": {DATASET: {"display_name", "path", "split", "class_names", "prompt_names", "templates"}},
+      "dataset_info": {DATASET: {"display_name", "path", "split", "class_names", "prompt_names", "templates",
+                                 "warnings": [str]}},   # e.g. classes whose prompts are identical
       "models": {MODEL: {"path", "embedding", "model_type"}},
       "settings": {"config", "batch_size", "device", "linear_probe", "k_shots", "seeds"}
     }
 
 K keys are strings (JSON object keys). A k-shot entry is null when no class has more than K training
-images, so no validation shots are left to choose the regularisation.
+images, so no validation shots are left to choose the regularisation. Retrieval datasets' `dataset_info` holds
+only "display_name", "path" and "split".
+
+Every metric breaks ties as `argmax` does, the lowest class index first (see `evaluation.metrics`), so a model
+whose scores tie is scored as always predicting the first of the tied classes. A NaN or infinite image embedding
+or score is an error naming the model, its image embedding and the dataset (`evaluation.metrics.NonFiniteError`),
+never a number in the results.
 """
 
 import argparse
@@ -72,14 +79,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from modeling_agriclip.configuration_agriclip import IMAGE_EMBEDDINGS
-from modeling_agriclip.zero_shot import ZeroShotClassifier
+from modeling_agriclip.zero_shot import ZeroShotClassifier, fill_templates
 from modeling_agriclip.images import DecodeStats, decode_rows
 from training.data import load_image_text_dataset, load_labelled_dataset
 from training.prompts import get_templates
 
 from .linear_probe import k_shot_probe, stratified_split
 from .linear_probe import linear_probe as fit_linear_probe
-from .metrics import classification_metrics
+from .metrics import check_finite, classification_metrics, confusion_matrix
 from .report import model_names, render_markdown_table, write_report
 from .retrieval import group_captions, retrieval_recall
 
@@ -258,11 +265,18 @@ def load_classifiers(
     return classifiers, info
 
 
+def _scored_by(name: str, classifier: ZeroShotClassifier, dataset: str) -> str:
+    """Who gave an embedding or score, for errors: the model's display name, its image embedding, the dataset."""
+    # A plain CLIP model has no `image_embedding`: its one embedding is its CLIP image tower.
+    embedding = classifier.embedding or getattr(classifier.model.config, "image_embedding", "clip")
+    return f"model {name!r} (image embedding {embedding!r}) on dataset {dataset!r}"
+
+
 def embed_images(dataset, classifiers: Mapping[str, ZeroShotClassifier], batch_size: int, desc: str):
     """Decodes the undecoded `image` column once per batch and embeds it with every classifier.
 
-    Unreadable images are skipped and recorded. Returns (embeddings by classifier name, the indices of the
-    rows kept, `DecodeStats`).
+    Unreadable images are skipped and recorded. A NaN or infinite embedding is an error naming the classifier
+    and `desc`. Returns (embeddings by classifier name, the indices of the rows kept, `DecodeStats`).
     """
     stats = DecodeStats()
     chunks = {name: [] for name in classifiers}
@@ -285,7 +299,10 @@ def embed_images(dataset, classifiers: Mapping[str, ZeroShotClassifier], batch_s
         raise ValueError(f"{desc}: no readable image\n{stats.summary()}")
     if stats.num_skipped:
         logger.warning("%s: %s", desc, stats.summary())
-    return {name: torch.cat(parts) for name, parts in chunks.items()}, torch.tensor(kept), stats
+    embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
+    for name, classifier in classifiers.items():
+        check_finite(embeddings[name], _scored_by(name, classifier, desc), "images", "image embeddings")
+    return embeddings, torch.tensor(kept), stats
 
 
 def _skipped_files(stats: DecodeStats) -> list[str]:
@@ -318,16 +335,36 @@ def _zero_shot(spec: DatasetSpec, class_names, prompt_names, features, labels, s
     records = {}
     for name, classifier in classifiers.items():
         scores = classifier.embedding_logits(features[name], prompt_names, spec.templates)
-        confusion = torch.bincount(labels * n_classes + scores.argmax(dim=1), minlength=n_classes**2)
+        check_finite(scores, _scored_by(name, classifier, spec.name), "images")
         records[name] = {
             **classification_metrics(scores, labels, n_classes),
             "n_images": len(labels),
             "n_skipped": stats.num_skipped,
             "skipped_files": _skipped_files(stats),
             "empty_classes": empty_classes,
-            "confusion_matrix": confusion.view(n_classes, n_classes).tolist(),
+            "confusion_matrix": confusion_matrix(scores, labels, n_classes),
         }
     return records
+
+
+def _identical_prompt_warnings(spec: DatasetSpec, class_names, prompt_names) -> list[str]:
+    """One warning (also logged) per group of classes whose prompts are identical once the templates are filled.
+
+    Their class embeddings are equal, so their scores tie on every image and the first of them wins every tie:
+    the others can never be predicted.
+    """
+    classes_by_prompts = {}
+    for class_name, prompt_name in zip(class_names, prompt_names):
+        classes_by_prompts.setdefault(tuple(fill_templates([prompt_name], spec.templates)), []).append(class_name)
+    warnings = [
+        f"classes {', '.join(map(repr, classes))} have identical prompts, e.g. {prompts[0]!r}: the model cannot tell "
+        f"them apart, and their ties go to {classes[0]!r}"
+        for prompts, classes in classes_by_prompts.items()
+        if len(classes) > 1
+    ]
+    for warning in warnings:
+        logger.warning("%s: %s", spec.name, warning)
+    return warnings
 
 
 @dataclass
@@ -363,12 +400,14 @@ def _probe_data(spec: DatasetSpec, class_names, features, labels, classifiers, b
     return ProbeData(train_features, _labels(train_dataset, kept), features, labels, len(class_names))
 
 
-def _linear_probe(data: ProbeData, classifiers, seed: int) -> dict:
+def _linear_probe(spec: DatasetSpec, data: ProbeData, classifiers, seed: int) -> dict:
     records = {}
-    for name in classifiers:
+    for name, classifier in classifiers.items():
         probe = fit_linear_probe(data.train_features[name], data.train_labels, data.num_classes, seed=seed)
+        scores = probe.scores(data.test_features[name])
+        check_finite(scores, f"the linear probe of {_scored_by(name, classifier, spec.name)}", "images")
         records[name] = {
-            **classification_metrics(probe.scores(data.test_features[name]), data.test_labels, data.num_classes),
+            **classification_metrics(scores, data.test_labels, data.num_classes),
             "l2": probe.l2,
             "val_top1": probe.val_accuracy,
             "n_train": len(data.train_labels),
@@ -386,11 +425,13 @@ def _few_shot(spec: DatasetSpec, data: ProbeData, classifiers, k_shots: Sequence
             for name in classifiers:
                 records[name][str(k)] = None
             continue
-        for name in classifiers:
+        for name, classifier in classifiers.items():
             runs = []
             for seed in seeds:
                 probe = k_shot_probe(data.train_features[name], data.train_labels, data.num_classes, k, seed)
                 scores = probe.scores(data.test_features[name])
+                source = f"the {k}-shot probe (seed {seed}) of {_scored_by(name, classifier, spec.name)}"
+                check_finite(scores, source, "images")
                 runs.append(classification_metrics(scores, data.test_labels, data.num_classes))
             top1 = [run["top1"] for run in runs]
             records[name][str(k)] = {
@@ -439,7 +480,9 @@ def _retrieval(spec: RetrievalSpec, classifiers, batch_size: int) -> dict:
         if key not in text_features:
             text_features[key] = classifier.text_embeddings(texts)
         records[name] = {
-            **retrieval_recall(image_features[name], text_features[key], owners),
+            **retrieval_recall(
+                image_features[name], text_features[key], owners, source=_scored_by(name, classifier, spec.name)
+            ),
             "n_images": len(kept),
             "n_captions": len(texts),
             "n_skipped": stats.num_skipped,
@@ -486,6 +529,7 @@ def run_suite(
     for spec in config.datasets:
         dataset, class_names = load_labelled_dataset(spec.path, spec.split)
         prompt_names = spec.prompt_names(class_names, f"{config.path}: dataset {spec.name!r}")
+        warnings = _identical_prompt_warnings(spec, class_names, prompt_names)
         features, kept, stats = embed_images(dataset, classifiers, batch_size, spec.name)
         labels = _labels(dataset, kept)
         dataset_info[spec.name] = {
@@ -495,6 +539,7 @@ def run_suite(
             "class_names": list(class_names),
             "prompt_names": prompt_names,
             "templates": spec.templates,
+            "warnings": warnings,
         }
         results["datasets"][spec.name] = _zero_shot(
             spec, class_names, prompt_names, features, labels, stats, classifiers
@@ -502,7 +547,7 @@ def run_suite(
         if linear_probe or k_shots:
             data = _probe_data(spec, class_names, features, labels, classifiers, batch_size, seeds[0])
             if linear_probe:
-                probe_results[spec.name] = _linear_probe(data, classifiers, seeds[0])
+                probe_results[spec.name] = _linear_probe(spec, data, classifiers, seeds[0])
             if k_shots:
                 few_shot_results[spec.name] = _few_shot(spec, data, classifiers, k_shots, seeds)
     results["mean"] = _mean_over_datasets(results["datasets"], ZERO_SHOT_KEYS)

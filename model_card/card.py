@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from evaluation.report import ZERO_SHOT_METRICS, render_markdown_table
 from modeling_agriclip import AgriCLIPConfig
+from modeling_agriclip.atomic import atomic_path
+from modeling_agriclip.files import parameter_counts
 from training.lora_finetune import default_target_modules
 
 MODEL_TEMPLATE = Path(__file__).with_name("template.md")
@@ -201,7 +199,7 @@ def build_model_card(
         eval_model: the name of this checkpoint in `eval_results` (default: found from its image embedding).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    config = AgriCLIPConfig.from_pretrained(checkpoint_dir)
+    config = AgriCLIPConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
     training_info = dict(training_info or {})
     data = dict(training_info.get("data") or {})
     model_name = (repo_id or checkpoint_dir.resolve().name).split("/")[-1]
@@ -255,22 +253,8 @@ def write_model_card(
     """Builds the model card (see `build_model_card`) and saves it as `checkpoint_dir/README.md`; returns its path."""
     card = build_model_card(checkpoint_dir, eval_results, training_info, repo_id, eval_model)
     path = Path(checkpoint_dir) / CARD_NAME
-    card.save(path)
+    _save_card(card, path)
     return path
-
-
-def parameter_counts(checkpoint_dir: str | Path) -> Counter:
-    """Parameters per top-level module (`text_model`, `dino_model`, `aligner`, ...) read from the safetensors
-    headers, without loading the weights."""
-    checkpoint_dir = Path(checkpoint_dir)
-    index = checkpoint_dir / SAFE_WEIGHTS_INDEX_NAME
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else [SAFE_WEIGHTS_NAME]
-    counts = Counter()
-    for name in files:
-        with safe_open(checkpoint_dir / name, framework="pt") as weights:
-            for key in weights.keys():
-                counts[key.split(".")[0]] += math.prod(weights.get_slice(key).get_shape())
-    return counts
 
 
 def _architecture(config: AgriCLIPConfig, checkpoint_dir: Path) -> list[tuple[str, str]]:
@@ -456,8 +440,14 @@ def build_dataset_card(
 def write_dataset_card(dataset_dir: str | Path, **kwargs) -> Path:
     """Builds the dataset card (see `build_dataset_card`) and saves it as `dataset_dir/README.md`; returns its path."""
     path = Path(dataset_dir) / CARD_NAME
-    build_dataset_card(dataset_dir, **kwargs).save(path)
+    _save_card(build_dataset_card(dataset_dir, **kwargs), path)
     return path
+
+
+def _save_card(card: ModelCard | DatasetCard, path: Path) -> None:
+    """Saves `card` whole or not at all: a full disk or a crash leaves the previous README as it was."""
+    with atomic_path(path) as staging:
+        card.save(staging)
 
 
 def _size_category(count: int) -> str:

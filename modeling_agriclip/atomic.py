@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,4 +78,41 @@ def write_json_atomically(path: str | os.PathLike, value, indent: int | None = 2
     write_text_atomically(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
-__all__ = ["atomic_open", "atomic_path", "write_bytes_atomically", "write_json_atomically", "write_text_atomically"]
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Puts the complete folder `staging` in the place of `target` (which need not exist) by two renames.
+
+    `os.replace` cannot rename a folder over another, so `target` is first moved aside to `.previous-<name>` and
+    removed once `staging` is in place. A process killed between the two renames leaves the previous folder there
+    and no `target`; the next call removes it.
+    """
+    target = Path(target)
+    previous = target.with_name(f".previous-{target.name}")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def replace_entries(staging: str | os.PathLike, folder: str | os.PathLike, owned) -> None:
+    """Moves every entry of the complete folder `staging` into `folder`, in the place of the entries named `owned`
+    there (those of a previous build, also the ones this build did not make), then removes `staging`.
+
+    For builders that write into a folder the user may keep other files in: those stay. The previous entries are
+    first moved into `folder/.previous` and removed only once the new ones are in; all renames stay inside
+    `folder`. A process killed in between leaves the previous entries in `.previous`, which the next call removes.
+    """
+    staging, folder = Path(staging), Path(folder)
+    previous = folder / ".previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for name in owned:
+        if os.path.lexists(folder / name):
+            os.replace(folder / name, previous / name)
+    for entry in sorted(staging.iterdir()):
+        os.replace(entry, folder / entry.name)
+    shutil.rmtree(previous)
+    shutil.rmtree(staging)
+
+
+__all__ = ["atomic_open", "atomic_path", "replace_entries", "replace_folder", "write_bytes_atomically", "write_json_atomically", "write_text_atomically"]

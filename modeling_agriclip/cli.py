@@ -33,10 +33,19 @@ Outputs of ``predict`` and ``classify-folder``:
 Scores are softmax probabilities over the labels, as in the transformers pipeline. ``classify-folder`` writes the
 file named by ``--output`` (format from ``--format`` or the suffix: ``.json`` is JSON, anything else CSV).
 
+Every file a command writes is written whole or not at all (`modeling_agriclip.atomic`: a temporary file beside it,
+renamed over it when complete): when writing fails (a full disk), the previous file is left exactly as it was.
+
 ``embed`` writes L2-normalised embeddings: ``image_embeds`` (one row per readable image, in the order of the
 ``files`` list) and, with labels, ``label_embeds`` (one row per label). A ``.safetensors`` file holds both tensors and
 its metadata holds ``model``, ``embedding``, ``files``, ``skipped``, ``labels`` and ``templates`` (JSON-encoded
 where not a string); a ``.npy`` file holds one array, and the same metadata goes to ``<output>.json`` beside it.
+
+``info`` reads config.json, the safetensors headers and README.md without loading the weights. A model card that does
+not parse is reported (``card unreadable: ...`` and a warning) rather than an error.
+
+No command runs code from a model folder or asks on stdin whether to: a checkpoint whose config, processor or
+tokenizer files name classes that only the folder's own Python files provide is refused (exit code 3).
 
 The same batched inference from Python: `load_classifier`, `find_images`, then `classify_files` or `embed_files`
 (label embeddings cached by the `ZeroShotClassifier` across calls, images decoded by a DataLoader).
@@ -46,45 +55,52 @@ Exit codes:
 - 0: success (unreadable images may have been skipped; they are listed on stderr);
 - 1: an unexpected error (a bug: please report it with the traceback);
 - 2: usage error (bad or missing arguments, e.g. no ``--model`` and no ``AGRICLIP_MODEL``);
-- 3: the model cannot be loaded (no such folder, not a model folder, Hub id not reachable);
+- 3: the model cannot be loaded (no such folder, not a model folder, Hub id not reachable, a folder that would run
+  its own code, weights missing, unexpected or of another shape, a corrupt or forged safetensors header, a FIFO or
+  device in the folder);
 - 4: no images found;
 - 5: images found, but none could be read;
 - 6: the device is unknown or not available;
-- 7: empty or invalid labels or templates (empty list, duplicate label, unreadable labels file, template without
-  ``{}``, unknown template set);
-- 8: the output file cannot be written;
+- 7: empty or invalid labels or templates (empty list, duplicate label, unreadable labels file, a template that
+  is not exactly one ``{}`` and text, e.g. ``"{} with {}"`` or ``"{name}"``, unknown template set), found before the
+  model loads;
+- 8: the output file cannot be written (the previous file is left as it was);
 - 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from huggingface_hub.constants import REPOCARD_NAME
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
 from modeling_agriclip.images import DecodeStats
 from training.data import DecodingCollator, check_hub_id, counted
 from training.prompts import ZERO_SHOT_TEMPLATES, get_templates
 
+from .atomic import atomic_open
 from .configuration_agriclip import IMAGE_EMBEDDINGS
-from .zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
+from .files import check_folder_files, parameter_counts
+from .zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier, load_config
 
 
 MODEL_ENV = "AGRICLIP_MODEL"
@@ -246,7 +262,8 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _cannot_load(model: str, reason: str) -> CLIError:
+def _cannot_load(model: str, error: BaseException | str) -> CLIError:
+    reason = _first_line(error) if isinstance(error, BaseException) else error
     return CLIError(
         ExitCode.MODEL,
         f"cannot load the model {model!r}: {reason}. Pass a local folder with --model PATH (a saved AgriCLIP or "
@@ -270,7 +287,7 @@ def load_classifier(
     try:
         classifier = ZeroShotClassifier.from_pretrained(model, batch_size=batch_size, device=device)
     except (OSError, ValueError) as error:
-        raise _cannot_load(model, _first_line(error)) from error
+        raise _cannot_load(model, error) from error
     if embedding is None:
         return classifier
     try:
@@ -461,13 +478,21 @@ def render(result: Classification, files: Sequence[str], output_format: str, hea
     return format_json(result, skipped, header)
 
 
-def _write(path: Path, write) -> None:
-    """Runs `write(path)` after creating the parent folder; fails with exit code 8."""
+def _write(writers: Mapping[Path, Callable[[io.BufferedWriter], object]]) -> None:
+    """Writes each file by `writer(binary handle)`, whole or not at all (`modeling_agriclip.atomic`).
+
+    All the files are written to their temporary names before any replaces its target, so that a failure (a full
+    disk) leaves every previous file as it was, and no temporary file; it fails with exit code 8.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        with contextlib.ExitStack() as stack:
+            for path, write in writers.items():
+                write(stack.enter_context(atomic_open(path, "wb")))
     except OSError as error:
-        raise CLIError(ExitCode.OUTPUT, f"cannot write {path}: {error.strerror or error}") from error
+        names = " and ".join(map(str, writers))
+        raise CLIError(
+            ExitCode.OUTPUT, f"cannot write {names}: {error.strerror or error}; any previous file is left as it was"
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +535,7 @@ def run_classify_folder(args) -> ExitCode:
     output_format = args.format or ("json" if args.output.suffix.lower() == ".json" else "csv")
     result, files, header = _classify(args, [args.folder], progress=True)
     text = render(result, files, output_format, header)
-    _write(args.output, lambda path: path.write_text(text, encoding="utf-8"))
+    _write({args.output: lambda handle: handle.write(text.encode("utf-8"))})
     print(
         f"classified {len(result.files)} images, skipped {result.stats.num_skipped} unreadable; wrote {args.output}",
         file=sys.stderr,
@@ -552,16 +577,17 @@ def run_embed(args) -> ExitCode:
 
     if suffix == ".safetensors":
         header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-        tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-        _write(args.output, lambda path: save_file(tensors, path, metadata=header))
-        written = [args.output]
+        data = save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=header)
+        written = {args.output: lambda handle: handle.write(data)}
     else:
         (array,) = tensors.values()
-        sidecar = args.output.with_name(args.output.name + ".json")
-        _write(args.output, lambda path: np.save(path, array.numpy()))
         text = json.dumps(metadata, indent=2, ensure_ascii=False) + "\n"
-        _write(sidecar, lambda path: path.write_text(text, encoding="utf-8"))
-        written = [args.output, sidecar]
+        # Through a handle: np.save would add ".npy" to the temporary name.
+        written = {
+            args.output: lambda handle: np.save(handle, array.numpy()),
+            args.output.with_name(args.output.name + ".json"): lambda handle: handle.write(text.encode("utf-8")),
+        }
+    _write(written)
     shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
     print(f"wrote {shapes} to {' and '.join(map(str, written))}", file=sys.stderr)
     return ExitCode.OK
@@ -573,18 +599,59 @@ def _tower(config, *fields: str) -> dict:
     return {"model_type": config.model_type} | sizes
 
 
-def model_info(model: str) -> dict:
-    """Towers, sizes, parameter counts, embedding mode and model card summary of a checkpoint folder (or Hub id),
-    read from config.json, the safetensors headers and README.md, without loading the weights."""
+def _read_parameter_counts(folder: Path) -> dict | None:
+    """Parameters per module and in total from the safetensors headers; None for a folder without them."""
+    try:
+        counts = parameter_counts(folder)
+    except FileNotFoundError:
+        return None  # config-only folder, or weights not in safetensors
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.MODEL, f"cannot read the weights of {str(folder)!r}: {error}") from error
+    return {"total": sum(counts.values()), **dict(sorted(counts.items()))} if counts else None
+
+
+def _card_summary(path: Path) -> dict:
+    """The metadata and evaluation results of a model card; `{"unreadable": reason}` for a card that does not parse
+    (bad YAML, bad model-index, not UTF-8), which `info` reports without failing."""
     from huggingface_hub import ModelCard
 
-    from model_card.card import CARD_NAME, parameter_counts
-
-    _check_model_path(model)
     try:
-        config = AutoConfig.from_pretrained(model)
+        card = ModelCard.load(path)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        reason = _first_line(error)
+        _warn(f"{path}: the model card does not parse, so its metadata is not shown: {reason}")
+        return {"unreadable": reason}
+    data = card.data.to_dict()
+    summary = {
+        key: data[key]
+        for key in ("model_name", "license", "pipeline_tag", "library_name", "base_model", "datasets", "tags")
+        if data.get(key)
+    }
+    summary["eval_results"] = [
+        {
+            "dataset": result.dataset_name,
+            "metric": result.metric_name or result.metric_type,
+            "value": result.metric_value,
+        }
+        for result in card.data.eval_results or []
+    ]
+    return summary
+
+
+def model_info(model: str) -> dict:
+    """Towers, sizes, parameter counts, embedding mode and model card summary of a checkpoint folder (or Hub id),
+    read from config.json, the safetensors headers and README.md, without loading the weights or running the
+    folder's code."""
+    _check_model_path(model)
+    folder = Path(model)
+    try:
+        if folder.is_dir():
+            check_folder_files(folder)
+        config = load_config(model)
     except (OSError, ValueError) as error:
-        raise _cannot_load(model, _first_line(error)) from error
+        raise _cannot_load(model, error) from error
+    if getattr(config, "text_config", None) is None:
+        raise _cannot_load(model, f"its config.json is a {config.model_type!r} config, not an AgriCLIP or CLIP one")
     layers = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     towers = {"text": _tower(config.text_config, *layers, "max_position_embeddings")}
     if getattr(config, "vision_config", None) is not None:
@@ -604,31 +671,10 @@ def model_info(model: str) -> dict:
     }
     if info["image_embedding"] == "fused":
         info["fusion_weight"] = config.fusion_weight
-    folder = Path(model)
     if folder.is_dir():
-        try:
-            counts = parameter_counts(folder)
-        except FileNotFoundError:
-            counts = None  # config-only folder, or weights not in safetensors
-        if counts:
-            info["parameters"] = {"total": sum(counts.values()), **dict(sorted(counts.items()))}
-        if (folder / CARD_NAME).is_file():
-            card = ModelCard.load(folder / CARD_NAME)
-            data = card.data.to_dict()
-            info["card"] = {
-                key: data[key]
-                for key in ("model_name", "license", "pipeline_tag", "library_name", "base_model", "datasets", "tags")
-                if data.get(key)
-            }
-            results = card.data.eval_results or []
-            info["card"]["eval_results"] = [
-                {
-                    "dataset": result.dataset_name,
-                    "metric": result.metric_name or result.metric_type,
-                    "value": result.metric_value,
-                }
-                for result in results
-            ]
+        info["parameters"] = _read_parameter_counts(folder)
+        if os.path.lexists(folder / REPOCARD_NAME):
+            info["card"] = _card_summary(folder / REPOCARD_NAME)
     return info
 
 
@@ -660,6 +706,8 @@ def format_info(info: dict) -> str:
     card = info["card"]
     if card is None:
         lines.append("card       none (no README.md)")
+    elif "unreadable" in card:
+        lines.append(f"card       unreadable: {card['unreadable']}")
     else:
         fields = [
             f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"

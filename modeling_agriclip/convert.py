@@ -144,7 +144,7 @@ def convert(
     clip_model = dino_state = None
     if clip:
         with unreadable_weights_named(clip):
-            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32)
+            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32, trust_remote_code=False)
         config_kwargs.update(
             text_config=clip_model.config.text_config,
             vision_config=clip_model.config.vision_config,
@@ -153,7 +153,7 @@ def convert(
         )
     if dino:
         with unreadable_weights_named(dino):
-            dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32)
+            dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32, trust_remote_code=False)
         config_kwargs["dino_config"] = dino_model.config
         dino_state = {k: v for k, v in dino_model.state_dict().items() if not k.startswith("pooler.")}
     if official_dino:
@@ -181,7 +181,7 @@ def convert(
         model.aligner.weight.data.copy_(weight)
         model.aligner.bias.data.copy_(bias)
 
-    tokenizer = AutoTokenizer.from_pretrained(clip) if clip else None
+    tokenizer = AutoTokenizer.from_pretrained(clip, trust_remote_code=False) if clip else None
     processor = AgriCLIPProcessor.from_config(model.config, tokenizer=tokenizer)
     if output is not None:
         model.save_pretrained(output)

@@ -9,16 +9,23 @@ L2-normalised again. Images are scored by cosine similarity times `exp(model.log
 
 The classifier works with an AgriCLIP model (any of its image embeddings: aligned backbone, CLIP image tower,
 fusion) and with a plain transformers `CLIPModel`, the baseline.
+
+Loading never runs code from the checkpoint folder unless the caller passes `trust_remote_code=True`: every
+transformers load gets `trust_remote_code=False`, so transformers refuses instead of asking on stdin.
 """
 
 import inspect
+import os
+import string
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .files import check_folder_files, weight_files
 from .processing_agriclip import AgriCLIPProcessor
 
 
@@ -38,12 +45,120 @@ def _as_embedding(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def check_template(template) -> str:
+    """Returns `template` if it is a prompt template: a string with exactly one `{}` (the class name) and no other
+    format field. Literal braces are written `{{` and `}}`, as in `str.format`.
+
+    Raises:
+        ValueError: saying what is wrong, e.g. for "a photo", "{} with {}", "{name}" or "a {} }".
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"template {template!r} is not a string; give text with '{{}}' for the class name")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise ValueError(
+            f"template {template!r} is not a format string ({error}); write '{{{{' and '}}}}' for literal braces"
+        ) from None
+    if not fields:
+        raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+    others = [("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+              for name, spec, conversion in fields if (name, spec, conversion) != ("", "", None)]
+    if others:
+        raise ValueError(
+            f"template {template!r} has the format field(s) {', '.join(others)}; the only field allowed is one '{{}}' "
+            "for the class name (write '{{' and '}}' for literal braces)"
+        )
+    if len(fields) > 1:
+        raise ValueError(
+            f"template {template!r} has {len(fields)} '{{}}' placeholders; give exactly one, for the class name"
+        )
+    return template
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """`check_template` on each of a non-empty list of templates; returns them as a list."""
+    templates = list(templates)
+    if not templates:
+        raise ValueError("empty template list; give at least one template with '{}' for the class name")
+    return [check_template(template) for template in templates]
+
+
 def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
     """All prompts, class-major: the templates of class 0, then those of class 1, ..."""
     for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"Template {template!r} has no '{{}}' placeholder for the class name.")
+        check_template(template)
     return [template.format(name) for name in class_names for template in templates]
+
+
+def _code_files(auto_map) -> list[str]:
+    """The Python files an `auto_map` points at ("module.Class", "repo--module.Class" or a list of those)."""
+    references = []
+    for value in (auto_map or {}).values() if isinstance(auto_map, dict) else []:
+        references += value if isinstance(value, (list, tuple)) else [value]
+    return sorted({str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in references if ref})
+
+
+def load_config(path, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """`AutoConfig.from_pretrained(path)` that never runs the checkpoint's code unless `trust_remote_code=True`.
+
+    Transformers runs a folder's code when its config.json names a model type that nothing registered provides and
+    an `auto_map` points at the folder's Python files; with `trust_remote_code` unset it asks on stdin first, so
+    `echo y | ...` ran it. Such a config is refused here with a message that says so.
+
+    Raises:
+        ValueError: for a model type that neither transformers nor AgriCLIP provides.
+        OSError: when there is no config to read.
+    """
+    if not trust_remote_code:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path)
+        model_type = config_dict.get("model_type")
+        code = _code_files(config_dict.get("auto_map"))
+        # Without a model type transformers guesses from the name, and refuses by itself when nothing matches.
+        if model_type not in CONFIG_MAPPING and (model_type is not None or code):
+            runs = (
+                f"; its auto_map would run the folder's own code ({', '.join(code)}), which is never run unless "
+                "trust_remote_code=True is passed"
+                if code
+                else ""
+            )
+            raise ValueError(
+                f"{path}: config.json names the model type {model_type!r}, which neither AgriCLIP nor transformers "
+                f"provides{runs}: use a checkpoint saved by AgriCLIP (model type 'agriclip') or a transformers CLIP "
+                "checkpoint"
+            )
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _some(names, shown: int = 5) -> str:
+    names = sorted(map(str, names))
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_loading_info(path, model, loading_info: dict) -> None:
+    """Refuses a checkpoint whose tensors do not cover the model exactly: transformers only logs missing and
+    unexpected tensors (a model with 79 of 118 tensors missing would run on random weights).
+
+    Raises:
+        ValueError: naming the missing, unexpected and reshaped tensors.
+    """
+    missing, unexpected = loading_info["missing_keys"], loading_info["unexpected_keys"]
+    mismatched = loading_info["mismatched_keys"]
+    problems = []
+    if missing:
+        total = len(model.state_dict())
+        problems.append(f"{len(missing)} of the model's {total} tensors are missing ({_some(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors are not in the model ({_some(unexpected)})")
+    if mismatched:
+        shapes = [f"{key} {tuple(saved)} instead of {tuple(expected)}" for key, saved, expected in mismatched]
+        problems.append(f"{len(mismatched)} tensors have another shape ({_some(shapes)})")
+    if problems:
+        raise ValueError(
+            f"{path}: the weights do not fit the model: {'; '.join(problems)}. The checkpoint is incomplete or of "
+            "another model; export it again with save_pretrained"
+        )
 
 
 def ensemble_prompt_embeddings(prompt_embeds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -88,14 +203,52 @@ class ZeroShotClassifier:
         self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, path, embedding: str | None = None, batch_size: int = 32, device=None, **kwargs):
+    def from_pretrained(
+        cls,
+        path,
+        embedding: str | None = None,
+        batch_size: int = 32,
+        device=None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ):
         """Loads an AgriCLIP folder or a plain transformers CLIP folder (model and processor) from `path`.
 
-        `kwargs` go to `AutoModel.from_pretrained` (e.g. `dtype`).
+        The checkpoint's own code runs only with `trust_remote_code=True` (see `load_config`). The weights must fit
+        the model exactly (`check_loading_info`). In a local folder, FIFOs and devices are refused before anything
+        is opened. `kwargs` go to `AutoModel.from_pretrained` (e.g. `dtype`).
+
+        Raises:
+            ValueError: for a folder that would run its own code, weights that do not fit, or a processor that does
+                not fit the model.
+            OSError: for a folder or Hub id that holds no model.
         """
+        if os.path.isdir(path):
+            check_folder_files(path)
+            try:
+                weight_files(path)
+            except FileNotFoundError:
+                pass  # weights in another format: transformers finds them or says what is missing
         # Importing this module imported the package, which registered AgriCLIP with the Auto classes.
-        model = AutoModel.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path)
+        config = load_config(path, trust_remote_code=trust_remote_code)
+        # Tensors of another shape are left for `check_loading_info` to name, instead of transformers' RuntimeError.
+        model, loading_info = AutoModel.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **{"ignore_mismatched_sizes": True, **kwargs},
+        )
+        check_loading_info(path, model, loading_info)
+        try:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except ValueError as error:
+            if trust_remote_code or "trust_remote_code" not in str(error):
+                raise
+            # Transformers' refusal: a processor, tokenizer or image processor file names a class that only the
+            # folder's code provides.
+            raise ValueError(
+                f"{path}: its processor files name a processor, tokenizer or image processor class that only the "
+                "folder's own code provides (auto_map), which is never run unless trust_remote_code=True is passed: "
+                "use a checkpoint saved by AgriCLIP or a transformers CLIP checkpoint"
+            ) from error
         return cls(model, processor, embedding=embedding, batch_size=batch_size, device=device)
 
     def with_embedding(self, embedding: str | None) -> "ZeroShotClassifier":
@@ -187,4 +340,13 @@ class ZeroShotClassifier:
         ]
 
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier", "ensemble_prompt_embeddings", "fill_templates"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "ZeroShotClassifier",
+    "check_loading_info",
+    "check_template",
+    "check_templates",
+    "ensemble_prompt_embeddings",
+    "fill_templates",
+    "load_config",
+]

@@ -1,10 +1,14 @@
 """Shared fixtures: tiny AgriCLIP models built from configs (nothing is downloaded)."""
 
+import builtins
 import contextlib
+import errno
+import io
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,9 +106,52 @@ def write_caption_folder(root, n_train=32, n_validation=16, seed=0):
     return root
 
 
+def write_labelled_folder(root, per_class=8, seed=0):
+    """One subfolder per colour of noisy solid-colour leaves."""
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def caption_folder(tmp_path_factory):
     return write_caption_folder(tmp_path_factory.mktemp("captions"))
+
+
+@pytest.fixture(scope="session")
+def variant_caption_folder(tmp_path_factory):
+    """The caption folder with 3 caption variants per image, as the embedded dataset and the ALive builder write
+    them: a `captions` list whose first entry is also `caption`."""
+    import json
+
+    root = write_caption_folder(tmp_path_factory.mktemp("caption-variants"))
+    for metadata in root.glob("*/metadata.jsonl"):
+        rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+        for row in rows:
+            colour = row["caption"].removeprefix("a photo of a ").removesuffix(" leaf")
+            row["captions"] = [row["caption"], f"a {colour} leaf on a plant in the field",
+                               f"close up of one leaf that is {colour} all over"]
+        metadata.write_text("\n".join(json.dumps(row) for row in rows))
+    return root
+
+
+@pytest.fixture
+def sigterm_fallback():
+    """For tests that send SIGTERM to their own process: the handler in place before the code under test runs.
+
+    Should that code leave SIGTERM to this handler, the test fails (instead of pytest being killed by the default
+    action); a test can also check that the code restored it. Restores the handler pytest had afterwards."""
+
+    def fallback(signum, frame):
+        pytest.fail("SIGTERM reached the test's fallback handler: the code under test did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    yield fallback
+    signal.signal(signal.SIGTERM, previous)
 
 
 def read_metrics(run_dir, run_name):
@@ -157,3 +204,38 @@ def run_script(module_args, processes=1, timeout=300):
         command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     return run_subprocess([*command, "-m", *module_args], env=env, timeout=timeout)
+
+
+def full_disk(monkeypatch, folder, room=10):
+    """Files opened for writing in `folder` sit on a disk that fills after `room` bytes: a write beyond it stores
+    what fits, then fails with ENOSPC, as a full disk does."""
+    real_open = io.open
+
+    class FullDiskFile:
+        def __init__(self, handle):
+            self.handle, self.room = handle, room
+
+        def write(self, data):
+            if len(data) > self.room:
+                self.handle.write(data[: self.room])
+                self.room = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.handle.close()
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        writing = any(flag in mode for flag in "wax+")
+        return FullDiskFile(handle) if writing and Path(os.fsdecode(file)).parent == folder else handle
+
+    monkeypatch.setattr(io, "open", open_on_a_full_disk)
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)

@@ -10,11 +10,12 @@ reference. Each trial then starts the same command as a subprocess and interrupt
   `save_state`, an export's `save_pretrained`, stage 3's feature cache), after truncating the file just written
   to half its size, as a kill in the middle of writing it would leave it;
 - sigterm:    SIGTERM (cluster preemption) once a drawn checkpoint is written, so during training: the run must
-  write a checkpoint, say where, and exit with 143 (or finish, had it done its last step). Stage 3, which has no
-  checkpoints, gets it at a drawn moment instead, and dies as from a kill.
+  write a checkpoint, say where, and exit with 143 (or finish, had it done its last step; or, past its training
+  steps, stop with 143 naming its newest checkpoint). Stage 3, which has no checkpoints, gets it at a drawn
+  moment instead, and must stop with 143 saying so (or finish).
 
 A trial survives when, after the interruption, every checkpoint left is loadable and every export present is
-whole (stage 3 has no checkpoints: its previous export must still be there, old or new, never partial), and the
+whole (the run lock a killed run leaves is stale: the rerun takes it over) (stage 3 has no checkpoints: its previous export must still be there, old or new, never partial), and the
 rerun (`--resume` for stages 1, 2 and LoRA, the same command for stage 3) exits cleanly with exported weights equal,
 tensor for tensor, to the reference's. Prints the trials and survived/total per stage; exits 1 if any trial failed.
 
@@ -44,13 +45,13 @@ for _path in (str(REPO_ROOT), str(TESTS_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from training.runtime import CheckpointManager, PreemptionGuard, check_checkpoint_files  # noqa: E402 (needs the path)
+from training.runtime import SIGTERM_EXIT_CODE, CheckpointManager, check_checkpoint_files  # noqa: E402 (needs the path)
 
 KILL_AT_WRITE = "AGRICLIP_KILL_AT_WRITE"  # k: the child SIGKILLs itself inside its k-th write
 READY_FILE = "AGRICLIP_READY_FILE"  # the child writes its start time here once imports are done
 WRITES_FILE = "AGRICLIP_WRITES_FILE"  # the child records its writes and end time here when main() returns
 MODES = ("kill-time", "kill-write", "sigterm")
-SIGTERM_MESSAGE = "SIGTERM received: checkpoint of step"
+SIGTERM_MESSAGE = "SIGTERM received"
 TIMEOUT_S = 600
 
 
@@ -340,18 +341,20 @@ def interrupt(workspace: Path, stage: Stage, reference: Reference, output_dir: P
     process.send_signal(signal.SIGKILL if mode == "kill-time" else signal.SIGTERM)
     status = process.wait(timeout=TIMEOUT_S)
     happened = f"exit {status}"
-    if mode == "kill-time" or not stage.resumable:
-        return drawn, happened, None if status in (0, -signal.SIGKILL, -signal.SIGTERM) else happened
+    if mode == "kill-time":
+        return drawn, happened, None if status in (0, -signal.SIGKILL) else happened
     stdout = Path(f"{log}.out").read_text()
-    if status == PreemptionGuard.EXIT_CODE:
+    if status == SIGTERM_EXIT_CODE:
         line = next((line for line in stdout.splitlines() if SIGTERM_MESSAGE in line), None)
         if line is None:
-            return drawn, happened, "exit 143 without saying where the checkpoint went"
+            return drawn, happened, "exit 143 without saying what was saved"
+        if " written to " not in line:  # stopped outside the training steps: names what it leaves
+            return drawn, f"{happened}: {line}", None
         saved = Path(line.split(" written to ")[1].split(";")[0])
         return drawn, f"{happened}: {line.split(';')[0]}", None if saved.is_dir() else f"the checkpoint {saved} it announced is missing"
     if status == -signal.SIGTERM and all((output_dir / export).is_dir() for export in stage.exports):
         return drawn, f"{happened} once everything was written (Python restores the default handler on exit)", None
-    return drawn, happened, None if status == 0 else f"{happened} on SIGTERM during training, without a checkpoint"
+    return drawn, happened, None if status == 0 else f"{happened} on SIGTERM, without a checkpoint or a message"
 
 
 def run_trial(workspace: Path, stage: Stage, reference: Reference, index: int, mode: str, rng: random.Random) -> Trial:

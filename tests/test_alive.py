@@ -1,8 +1,12 @@
 """The ALive builder over three sources of different kinds, each output format read back by the training loader."""
 
+import errno
 import hashlib
 import io
 import json
+import os
+import re
+import shutil
 
 import datasets
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from training import alive
 from training.alive import BuildConfig, build_alive, main
 from modeling_agriclip.images import open_image
 from training.data import DECODE_REPORT, ImageTextCollator, load_image_text_dataset
@@ -174,8 +179,14 @@ def test_empty_caption_is_a_build_error(sources, tmp_path):
         build_alive(config, progress=False)
 
 
+def absolute_sources(config, sources):
+    """`config` with its source paths made absolute, for a copy of the config written elsewhere."""
+    return {**config, "sources": [{**s, "path": str(sources / s["path"]), "metadata": str(sources / s["metadata"])}
+                                  for s in config["sources"]]}
+
+
 def test_config_errors_name_the_field(sources, tmp_path):
-    config = yaml.safe_load((sources / "build.yaml").read_text())
+    config = absolute_sources(yaml.safe_load((sources / "build.yaml").read_text()), sources)
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**config, "shards": 3}))
     with pytest.raises(ValueError, match=r"typo\.yaml.*shards"):
         BuildConfig.from_file(tmp_path / "typo.yaml")
@@ -185,11 +196,9 @@ def test_config_errors_name_the_field(sources, tmp_path):
 
 
 def test_command_line(sources, tmp_path, capsys):
-    config = yaml.safe_load((sources / "build.yaml").read_text())
+    config = absolute_sources(yaml.safe_load((sources / "build.yaml").read_text()), sources)
     config["output_dir"] = str(tmp_path / "cli")
     config["formats"] = ["webdataset"]
-    config["sources"] = [{**s, "path": str(sources / s["path"]), "metadata": str(sources / s["metadata"])}
-                         for s in config["sources"]]
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
     main(["--config", str(tmp_path / "build.yaml"), "--no-progress"])
     out = capsys.readouterr().out
@@ -225,3 +234,96 @@ def test_parallel_build_matches_serial(sources, built, tmp_path):
         assert (tmp_path / "parallel" / "imagefolder" / split / "metadata.jsonl").read_text() == (
             serial / split / "metadata.jsonl"
         ).read_text()
+
+
+def tree(folder):
+    """Every file under `folder` (hidden ones too) with a digest of its bytes: a build, byte for byte."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def previous_build(sources, tmp_path):
+    """A config writing two sources as an image folder into tmp_path/out, its first build done, and a user's file
+    beside the build."""
+    config = absolute_sources(yaml.safe_load((sources / "build.yaml").read_text()), sources)
+    config.update(output_dir="out", formats=["imagefolder"], sources=config["sources"][:2])
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
+    build_alive(BuildConfig.from_file(tmp_path / "build.yaml"), progress=False)
+    (tmp_path / "out" / "NOTES.md").write_text("my notes")
+    return tmp_path / "build.yaml", tree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("typo", ["fihs.csv", "leaves/healthyy", "./leavs"])
+def test_a_typo_in_a_source_path_is_named_and_the_previous_build_is_kept(previous_build, sources, tmp_path, typo):
+    config_file, before = previous_build
+    config = yaml.safe_load(config_file.read_text())
+    config["sources"][1]["path"] = typo
+    # A folder named "leaves" beside the config makes "leaves/healthyy" a local path, not a Hub id "org/name".
+    (tmp_path / "leaves").symlink_to(sources / "leaves")
+    config_file.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=rf"build\.yaml: sources\[1\] \('fish'\): path '{re.escape(typo)}' does not "
+                                         r"exist .*relative to the config file") as failure:
+        build_alive(BuildConfig.from_file(config_file), progress=False)
+    assert "hub" not in str(failure.value).lower().replace("a hub dataset id", "")
+    assert tree(tmp_path / "out") == before
+
+
+def test_every_source_is_checked_before_the_previous_build_is_touched(previous_build, sources, tmp_path):
+    config_file, before = previous_build
+    config = BuildConfig.from_file(config_file)
+    config.sources[1].metadata = str(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"source 'fish': cannot read its metadata file .*missing\.yaml"):
+        build_alive(config, progress=False)
+    config = BuildConfig.from_file(config_file)
+    config.sources[1].path = str(tmp_path / "gone")  # set in Python: no config file to resolve it against
+    with pytest.raises(ValueError, match=rf"source 'fish': '{tmp_path / 'gone'}' is not a local file or folder"):
+        build_alive(config, progress=False)
+    assert tree(tmp_path / "out") == before
+
+
+def test_a_build_that_fails_midway_leaves_the_previous_build_and_a_complete_one_replaces_it(
+    previous_build, tmp_path, monkeypatch
+):
+    config_file, before = previous_build
+    encode_job = alive._encode_job
+    calls = []
+
+    def disk_full_at_the_fifth_image(job):
+        calls.append(job)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return encode_job(job)
+
+    monkeypatch.setattr(alive, "_encode_job", disk_full_at_the_fifth_image)
+    with pytest.raises(OSError, match="No space left on device"):
+        build_alive(BuildConfig.from_file(config_file), progress=False)
+    assert tree(tmp_path / "out") == before  # no staging folder left either
+
+    monkeypatch.setattr(alive, "_encode_job", encode_job)
+    config = BuildConfig.from_file(config_file)
+    config.formats = ["webdataset"]
+    report = build_alive(config, progress=False)
+    after = tree(tmp_path / "out")
+    # The new build replaced the old one whole: its formats, its report; the user's file stayed.
+    assert sorted({name.split("/")[0] for name in after}) == ["NOTES.md", "build_report.json", "webdataset"]
+    assert json.loads((tmp_path / "out" / "build_report.json").read_text())["splits"] == report["splits"]
+    assert sum(report["splits"].values()) == 15
+
+
+@pytest.mark.parametrize(("name", "message"), [("/etc/passwd", "is absolute"), ("../../secret.jpg", "leads outside"),
+                                                ("fish/link.jpg", r"leads outside .*secret\.jpg")])
+def test_a_csv_source_with_an_image_path_outside_its_folder_is_refused(sources, tmp_path, name, message):
+    data = tmp_path / "data"
+    (data / "fish").mkdir(parents=True)
+    shutil.copy(sources / "fish" / "goby0.jpg", data / "fish" / "goby0.jpg")
+    (tmp_path / "secret.jpg").write_bytes((sources / "fish" / "goby1.jpg").read_bytes())
+    (data / "fish" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (data / "fish.csv").write_text(f"filepath,label\nfish/goby0.jpg,goby\n{name},goby\n")
+    config = BuildConfig.from_file(sources / "build.yaml")
+    config.output_dir, config.formats = str(tmp_path / "out"), ["imagefolder"]
+    config.sources = [config.sources[1]]
+    config.sources[0].path = str(data / "fish.csv")
+    with pytest.raises(ValueError, match=rf"{data / 'fish.csv'}: row 3: the image path '{re.escape(name)}' {message}"):
+        build_alive(config, progress=False)
+    assert not (tmp_path / "out").exists()

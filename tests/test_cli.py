@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from conftest import run_subprocess
+from conftest import full_disk, run_subprocess
 from modeling_agriclip import cli
 from modeling_agriclip.cli import ExitCode, classify_files, find_images, main
 from modeling_agriclip.zero_shot import ZeroShotClassifier
@@ -436,3 +439,262 @@ def test_module_entry_point_exit_code(tmp_path):
     completed = run_subprocess(command, env=environment, cwd=tmp_path, timeout=120)
     assert completed.returncode == ExitCode.MODEL
     assert f"agriclip: error: cannot load the model '{tmp_path / 'missing-model'}': no such folder" in completed.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tampered and broken checkpoints: never run their code, never ask, never hang; name what is wrong
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def edit_json(path, **changes):
+    document = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict) and key != "auto_map":
+            document[key].update(value)
+        else:
+            document[key] = value
+    path.write_text(json.dumps(document))
+
+
+# Each way a checkpoint can make transformers import its own Python files: a config, processor, tokenizer or image
+# processor class that nothing registered provides, with an `auto_map` entry pointing at `evil.py`.
+TAMPERING = {
+    "config": ("config.json", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.Evil", "AutoModel": "evil.Evil"}}),
+    "processor": ("processor_config.json",
+                  {"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "evil.Evil"}}),
+    "tokenizer": ("tokenizer_config.json",
+                  {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}}),
+    "image processor": ("processor_config.json",
+                        {"image_processor": {"image_processor_type": "EvilImageProcessor",
+                                             "auto_map": {"AutoImageProcessor": "evil.Evil"}}}),
+}
+
+
+@pytest.fixture(scope="module")
+def tampered(tiny_checkpoint, tmp_path_factory):
+    """kind -> a copy of the tiny checkpoint tampered that way, whose evil.py writes MARKER beside it on import."""
+    root = tmp_path_factory.mktemp("tampered")
+    folders = {}
+    for kind, (file, changes) in TAMPERING.items():
+        folder = root / kind.replace(" ", "-")
+        shutil.copytree(tiny_checkpoint, folder)
+        (folder / "evil.py").write_text(f"open({str(folder / 'MARKER')!r}, 'w').write('ran')\nclass Evil: pass\n")
+        edit_json(folder / file, **changes)
+        if kind == "processor":
+            edit_json(folder / "tokenizer_config.json", **changes)  # AutoProcessor reads either
+        folders[kind] = folder
+    return folders
+
+
+DRIVER = """
+import json, sys
+from modeling_agriclip.cli import main
+from modeling_agriclip.zero_shot import ZeroShotClassifier
+codes = []
+for argv in json.loads(sys.argv[1]):
+    codes.append(main(argv))
+for folder in json.loads(sys.argv[2]):
+    try:
+        ZeroShotClassifier.from_pretrained(folder)
+        codes.append("loaded")
+    except ValueError as error:
+        codes.append(f"ValueError: {error}")
+print(json.dumps(codes))
+"""
+
+
+def test_no_command_runs_a_checkpoints_code_or_asks_even_when_stdin_answers_yes(tampered, photos, tmp_path):
+    """`echo y | agriclip info <folder>` ran the folder's code: transformers asked on stdin. Every command and
+    `ZeroShotClassifier.from_pretrained` are run on every tampering in one process whose stdin says "y"."""
+    label_args = ["--labels", "rust,mildew", "--num-workers", "0"]
+    runs = [["info", str(tampered["config"])]]
+    for kind, folder in tampered.items():
+        runs += [
+            ["predict", str(photos / "a.png"), *label_args, "--model", str(folder)],
+            ["classify-folder", str(photos / "sub"), *label_args, "--output", str(tmp_path / "p.csv"),
+             "--model", str(folder)],
+            ["embed", *label_args[:2], "--output", str(tmp_path / "e.safetensors"), "--model", str(folder)],
+        ]
+    repo = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    completed = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(runs), json.dumps([str(folder) for folder in tampered.values()])],
+        input="y\n" * 100, capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=240,
+    )
+    assert not [str(folder) for folder in tampered.values() if (folder / "MARKER").exists()]
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "[y/N]" not in completed.stdout + completed.stderr
+    codes = json.loads(completed.stdout.splitlines()[-1])
+    assert codes[: len(runs)] == [ExitCode.MODEL] * len(runs)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "e.safetensors").exists()
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("agriclip: error:")]
+    assert len(errors) == len(runs)
+    config = tampered["config"]
+    config_refusal = (f"cannot load the model '{config}': {config}: config.json names the model type 'evil', which "
+                      "neither AgriCLIP nor transformers provides; its auto_map would run the folder's own code "
+                      "(evil.py), which is never run unless trust_remote_code=True is passed")
+    assert errors[0].startswith(f"agriclip: error: {config_refusal}")
+    for error in errors[4:]:  # the processor, tokenizer and image-processor tamperings
+        assert "its processor files name a processor, tokenizer or image processor class that only the folder's own " \
+               "code provides (auto_map), which is never run" in error
+    for result, folder in zip(codes[len(runs):], tampered.values()):
+        assert result.startswith(f"ValueError: {folder}: ") and "never run unless trust_remote_code=True" in result
+
+
+def drop_tensors(folder, keep, add=None):
+    """Rewrites folder/model.safetensors with the tensors whose name `keep` keeps, plus `add`."""
+    weights = load_file(folder / "model.safetensors")
+    kept = {key: tensor for key, tensor in weights.items() if keep(key)}
+    save_file({**kept, **(add or {})}, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_checkpoint_with_missing_unexpected_or_reshaped_tensors_is_refused(
+    capsys, photos, tiny_checkpoint, tiny_model, tmp_path
+):
+    folder = tmp_path / "incomplete"
+    shutil.copytree(tiny_checkpoint, folder)
+    text_tower = ("text_model.", "text_projection.", "logit_scale")
+    drop_tensors(folder, keep=lambda key: key.startswith(text_tower))  # the image towers and aligner gone
+    model_keys = sorted(tiny_model.state_dict())
+    missing = [key for key in model_keys if not key.startswith(text_tower)]
+    code, out, err = run(capsys, "predict", photos / "a.png", "--labels", "a,b", "--model", folder)
+    assert code == ExitCode.MODEL and out == ""
+    shown = ", ".join(missing[:5])
+    assert (f"agriclip: error: cannot load the model '{folder}': {folder}: the weights do not fit the model: "
+            f"{len(missing)} of the model's {len(model_keys)} tensors are missing ({shown} and {len(missing) - 5} "
+            "more). The checkpoint is incomplete or of another model") in err
+
+    shutil.copytree(tiny_checkpoint, folder, dirs_exist_ok=True)
+    drop_tensors(folder, keep=lambda key: key != "aligner.weight",
+                 add={"aligner.weight": torch.zeros(3, 3), "extra.head.weight": torch.zeros(2)})
+    with pytest.raises(ValueError) as failure:
+        ZeroShotClassifier.from_pretrained(folder)
+    assert "1 tensors are not in the model (extra.head.weight)" in str(failure.value)
+    expected = tuple(tiny_model.aligner.weight.shape)
+    assert f"1 tensors have another shape (aligner.weight (3, 3) instead of {expected})" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{} with {}", "has 2 '{}' placeholders; give exactly one"),
+        ("{name}", "has the format field(s) {name}; the only field allowed is one '{}'"),
+        ("a {name} with {}", "has the format field(s) {name}"),
+        ("a {} leaf }", "is not a format string (Single '}' encountered in format string)"),
+        ("a {0} leaf", "has the format field(s) {0}"),
+    ],
+)
+def test_a_bad_template_exits_7_before_the_model_loads(capsys, photos, tiny_checkpoint, tmp_path, monkeypatch,
+                                                       template, message):
+    loaded = []
+    monkeypatch.setattr(ZeroShotClassifier, "from_pretrained", lambda *args, **kwargs: loaded.append(args))
+    for argv in (["predict", photos / "a.png"], ["embed", "--output", tmp_path / "e.safetensors"]):
+        code, out, err = run(capsys, *argv, "--labels", "a,b", "--template", template, "--model", tiny_checkpoint)
+        assert code == ExitCode.LABELS and out == ""
+        assert f"agriclip: error: --template: template {template!r} {message}" in err
+    assert loaded == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "outputs"),
+    [
+        (["classify-folder", "{photos}", "--labels", "a,b", "--output", "{out}/predictions.csv"], ["predictions.csv"]),
+        (["embed", "{photos}/a.png", "--labels", "a,b", "--output", "{out}/e.safetensors"], ["e.safetensors"]),
+        (["embed", "{photos}/a.png", "--output", "{out}/e.npy"], ["e.npy", "e.npy.json"]),
+    ],
+)
+def test_a_full_disk_exits_8_and_leaves_the_previous_files_as_they_were(
+    capsys, photos, tiny_checkpoint, tmp_path, monkeypatch, argv, outputs
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = {name: f"previous {name}\n".encode() for name in outputs}
+    for name, data in previous.items():
+        (out / name).write_bytes(data)
+    full_disk(monkeypatch, out)
+    argv = [argument.format(photos=photos, out=out) for argument in argv]
+    code, _, err = run(capsys, *argv, "--model", tiny_checkpoint, "--num-workers", 0)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == previous  # and no temporary file left
+    assert code == ExitCode.OUTPUT
+    names = " and ".join(str(out / name) for name in outputs)
+    assert err.splitlines()[-1] == (f"agriclip: error: cannot write {names}: No space left on device; any previous "
+                                    "file is left as it was")
+
+
+def forged_header(path):
+    """A safetensors file whose header claims a tensor far beyond the file's end."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**6], "data_offsets": [0, 4 * 10**6]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+
+
+def test_info_names_a_forged_safetensors_header(capsys, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "forged"
+    shutil.copytree(tiny_checkpoint, folder)
+    forged_header(folder / "model.safetensors")
+    code, out, err = run(capsys, "info", folder)
+    assert code == ExitCode.MODEL and out == ""
+    assert (f"agriclip: error: cannot read the weights of '{folder}': {folder / 'model.safetensors'}: not a readable "
+            "safetensors file (") in err and "truncated, corrupt or forged" in err
+
+
+def test_info_reports_an_unreadable_card_and_carries_on(capsys, carded_checkpoint, tmp_path):
+    folder = tmp_path / "bad-card"
+    shutil.copytree(carded_checkpoint, folder)
+    (folder / "README.md").write_text("---\nlicense: [apache-2.0\ntags: {\n---\n# A card\n")
+    code, out, err = run(capsys, "info", folder)
+    assert code == ExitCode.OK
+    card_line = next(line for line in out.splitlines() if line.startswith("card"))
+    assert card_line.startswith("card       unreadable: ")
+    assert f"agriclip: warning: {folder / 'README.md'}: the model card does not parse" in err
+    assert "parameters" in out and "M in all" in out  # the rest of the report is there
+    code, out, _ = run(capsys, "info", folder, "--format", "json")
+    assert code == ExitCode.OK and set(json.loads(out)["card"]) == {"unreadable"}
+
+
+FIFO_DRIVER = """
+import json, sys
+from modeling_agriclip.cli import main
+print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])]))
+"""
+
+
+def test_a_fifo_in_a_checkpoint_is_never_opened(tiny_checkpoint, photos, tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: forever, and inside safetensors' Rust code no signal
+    interrupts it. So the commands run in a child process, killed (and the test failed) if it hangs."""
+    fifos, runs = [], []
+    for where in ("index", "weights", "card", "config"):
+        folder = tmp_path / where
+        shutil.copytree(tiny_checkpoint, folder)
+        if where == "index":
+            (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+            weight_map = {"aligner.weight": "model-00001-of-00002.safetensors", "logit_scale": "sub/shard.safetensors"}
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            (folder / "sub").mkdir()
+            fifo = folder / "sub" / "shard.safetensors"  # in a subfolder: only the index names it
+        else:
+            fifo = folder / {"weights": "model.safetensors", "card": "README.md", "config": "config.json"}[where]
+            fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+        fifos.append(fifo)
+        runs += [["info", str(folder)], ["predict", str(photos / "a.png"), "--labels", "a,b", "--model", str(folder)]]
+    repo = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    completed = run_subprocess([sys.executable, "-c", FIFO_DRIVER, json.dumps(runs)], env=environment, cwd=tmp_path,
+                               timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(completed.stdout.splitlines()[-1]) == [ExitCode.MODEL] * len(runs)
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("agriclip: error:")]
+    assert len(errors) == len(runs)
+    for error, fifo in zip(errors, [fifo for fifo in fifos for _ in range(2)]):
+        assert f"{fifo} is a FIFO, not a regular file: it is never opened" in error
+
+
+def test_info_refuses_a_weights_index_that_names_files_outside_the_folder(capsys, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "escape"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors").unlink()  # from_pretrained reads model.safetensors before any index
+    for shard, message in (("/dev/zero", "is absolute"), ("../elsewhere.safetensors", "leads outside")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"aligner.weight": shard}}))
+        code, _, err = run(capsys, "info", folder)
+        assert code == ExitCode.MODEL
+        assert f"{folder / 'model.safetensors.index.json'}: weight_map: the shard {shard!r} {message}" in err

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import struct
 import tarfile
 import zlib
@@ -20,6 +21,7 @@ from modeling_agriclip import images
 from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
 from training.data import (
     DECODE_REPORT,
+    ROW_INDEX,
     ImageCollator,
     ImageTextCollator,
     counted,
@@ -229,19 +231,29 @@ def test_skipped_images_are_counted_across_dataloader_workers(image_rows, tiny_p
     assert any(path.endswith("bad.jpg") for path in stats.skipped["truncated"])
 
 
-def test_image_text_collator_draws_a_caption_variant(image_rows):
+def test_image_text_collator_draws_a_caption_variant_from_seed_epoch_and_index(image_rows):
     seen = []
 
     def processor(text, images, **kwargs):
         seen.extend(text)
         return {"n": len(images)}
 
-    row = {**image_rows[0], "captions": ["variant one", "variant two"]}
-    torch.manual_seed(0)
-    collator = ImageTextCollator(processor)
-    for _ in range(20):
-        collator([row])
-    assert set(seen) == {"variant one", "variant two"}
+    variants = ["variant one", "variant two", "variant three"]
+
+    def draws(collator, index):
+        seen.clear()
+        for epoch in range(30):
+            collator.epoch = epoch
+            torch.manual_seed(1000 + epoch)  # the global RNG plays no part in the draw
+            collator([{**image_rows[0], "caption": variants[0], "captions": variants, ROW_INDEX: index}])
+        return list(seen)
+
+    first = draws(ImageTextCollator(processor, seed=0), index=5)
+    assert set(first) == set(variants)  # every variant is drawn over the epochs
+    assert draws(ImageTextCollator(processor, seed=0), index=5) == first  # the same numbers give the same draws
+    assert draws(ImageTextCollator(processor, seed=0), index=6) != first  # another sample
+    assert draws(ImageTextCollator(processor, seed=1), index=5) != first  # another seed
+    assert set(draws(ImageTextCollator(processor), index=5)) == {variants[0]}  # no seed: the fixed caption
 
 
 def test_image_collator_resizes_crops_and_labels(image_rows):
@@ -445,3 +457,143 @@ def test_bad_sources_are_named(tmp_path):
         load_image_text_dataset(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="no WebDataset"):
         load_image_text_dataset(str(tmp_path / "*.tar"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad captions, unreadable metadata, image paths outside the data folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+BAD_CAPTIONS = [(None, "the caption is null or missing"), ("", "the caption is empty"), ("  ", "the caption is empty"),
+                (7, "the caption is 7 (int), not text")]
+
+
+def caption_rows(bad_caption, bad_index=3, count=5):
+    """Image-folder metadata rows `{file_name, caption}` with one bad caption, at row `bad_index` (0-based)."""
+    return [{"file_name": f"imgs/{index}.png", "caption": bad_caption if index == bad_index else f"leaf {index}"}
+            for index in range(count)]
+
+
+def write_metadata_folder(root, rows, pairs, metadata="metadata.jsonl"):
+    """An image folder of `pairs`' images with `rows` as its metadata file (JSON lines or CSV)."""
+    write_image_folder(root, pairs[: len(rows)], metadata=metadata)
+    if metadata.endswith(".jsonl"):
+        (root / metadata).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        cells = [(row["file_name"], "" if row["caption"] is None else str(row["caption"])) for row in rows]
+        (root / metadata).write_text("file_name,caption\n" + "".join(f"{name},{caption}\n" for name, caption in cells))
+
+
+@pytest.mark.parametrize(("caption", "problem"), BAD_CAPTIONS)
+def test_a_bad_caption_in_an_image_folder_names_the_file_row_and_image(tmp_path, pairs, caption, problem, monkeypatch):
+    write_metadata_folder(tmp_path / "data", caption_rows(caption), pairs)
+    # The check scans the caption column: it decodes no image.
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("an image was decoded"))
+    metadata = tmp_path / "data" / "metadata.jsonl"
+    # JSON lines: row 4 is the fourth line, the row of imgs/3.png.
+    expected = rf"^{metadata}: row 4 \(image \S*imgs/3\.png\): {re.escape(problem)}; every image needs a non-empty"
+    with pytest.raises(ValueError, match=expected):
+        load_image_text_dataset(tmp_path / "data")
+
+
+@pytest.mark.parametrize(("caption", "problem"), [(None, "null or missing"), ("   ", "empty")])
+def test_a_bad_caption_in_a_metadata_csv_names_the_file_row_and_image(tmp_path, pairs, caption, problem):
+    write_metadata_folder(tmp_path / "data", caption_rows(caption, bad_index=1), pairs, metadata="metadata.csv")
+    # CSV: the header is row 1, so imgs/1.png is row 3.
+    with pytest.raises(ValueError, match=rf"metadata\.csv: row 3 \(image \S*imgs/1\.png\): the caption is {problem}"):
+        load_image_text_dataset(tmp_path / "data")
+
+
+def test_a_bad_caption_in_an_open_clip_csv_or_a_saved_dataset_is_named(tmp_path, pairs):
+    (tmp_path / "images").mkdir()
+    for index, (png, *_) in enumerate(pairs):
+        (tmp_path / "images" / f"{index}.png").write_bytes(png)
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimages/0.png,a leaf\nimages/1.png,a fish\nimages/2.png,\n")
+    expected = rf"pairs\.csv: row 4 \(image {tmp_path / 'images' / '2.png'}\): the caption is empty"
+    with pytest.raises(ValueError, match=expected):
+        load_image_text_dataset(tmp_path / "pairs.csv")
+
+    captions = [f"caption {index}" for index in range(len(pairs))]
+    variants = [[caption, "another"] for caption in captions]
+    variants[4][1] = None  # a null caption variant: the collator may draw it
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "captions": datasets.List(datasets.Value("string"))})
+    rows = {"image": [{"bytes": png, "path": f"{index}.png"} for index, (png, *_) in enumerate(pairs)],
+            "caption": captions, "captions": variants}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved: dataset\[4\] \(image 4\.png\): caption variant 2 is null or missing"):
+        load_image_text_dataset(tmp_path / "saved")
+
+
+def test_a_bad_caption_in_a_stream_is_named_when_its_row_streams_past(tmp_path, pairs):
+    # An empty .txt caption at sample 2, as a shard writer leaves for a missing one.
+    write_shard(tmp_path / "shard.tar", [(png, "" if index == 2 else caption, source, label)
+                                         for index, (png, caption, source, label) in enumerate(pairs)])
+    streamed = load_image_text_dataset(str(tmp_path / "shard.tar"), streaming=True)
+    rows = iter(streamed)
+    assert [next(rows)["caption"] for _ in range(2)] == [pairs[0][1], pairs[1][1]]
+    with pytest.raises(ValueError, match=r"shard\.tar: streamed row 2 \(image .*\): the caption is empty; "):
+        next(rows)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "payload", "message"),
+    [
+        ("metadata.jsonl", lambda data: data[: len(data) - 12], r"row 6 is not valid JSON .*truncated"),
+        # A caption in cp1252 quotes, a caption in Latin-1: bytes that are not UTF-8.
+        ("metadata.jsonl", lambda data: data.replace(b"leaf 2", b"leaf \x93two\x94"), r"row 3 is not UTF-8 text"),
+        ("metadata.csv", lambda data: data.replace(b"leaf 2", "abîmée".encode("latin-1")), r"row 4 is not UTF-8"),
+    ],
+)
+def test_truncated_or_non_utf8_metadata_names_the_file_and_row(tmp_path, pairs, metadata, payload, message):
+    write_metadata_folder(tmp_path / "data", caption_rows("fine", count=6), pairs, metadata=metadata)
+    path = tmp_path / "data" / metadata
+    path.write_bytes(payload(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        load_image_text_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A file outside the data folder, and the data folder: one image, and a symlink to that outside file."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(noisy_rgb(1), "PNG"))
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    (data / "imgs" / "0.png").write_bytes(encode(noisy_rgb(2), "PNG"))
+    (data / "imgs" / "link.png").symlink_to(secret)
+    (data / "imgs" / "inside.png").symlink_to(data / "imgs" / "0.png")  # a symlink that stays inside is fine
+    return data
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("/etc/shadow", r"the image path '/etc/shadow' is absolute or a URL"),
+        ("../secret.png", r"the image path '../secret.png' leads outside .*data \(through '\.\.' or a symlink"),
+        ("imgs/../../secret.png", r"the image path 'imgs/\.\./\.\./secret\.png' leads outside"),
+        ("imgs/link.png", r"the image path 'imgs/link.png' leads outside .*to \S*secret\.png"),
+    ],
+)
+def test_an_open_clip_csv_refuses_image_paths_outside_its_folder(outside, name, message):
+    csv_file = outside / "pairs.csv"
+    csv_file.write_text(f"filepath,title\nimgs/0.png,a leaf\nimgs/inside.png,the same leaf\n{name},a secret\n")
+    with pytest.raises(ValueError, match=rf"^{csv_file}: row 4: {message}"):
+        load_image_text_dataset(csv_file)
+    csv_file.write_text("filepath,title\nimgs/0.png,a leaf\nimgs/sub/../inside.png,the same leaf\n")
+    assert [row["image"]["path"] for row in load_image_text_dataset(csv_file)] == [
+        str(outside / "imgs" / "0.png"), str(outside / "imgs" / "sub/../inside.png")
+    ]
+
+
+def test_an_image_folder_refuses_the_same_paths_named_by_row(outside):
+    metadata = outside / "metadata.jsonl"
+    for name, message in (("../secret.png", "leads outside"), ("/etc/shadow", "is absolute"),
+                          ("imgs/link.png", r"leads outside .*secret\.png")):
+        rows = [{"file_name": "imgs/0.png", "caption": "a leaf"}, {"file_name": name, "caption": "a secret"}]
+        metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        # `datasets` refuses the first two itself, without naming the file; the symlink it accepts.
+        with pytest.raises(ValueError, match=rf"^{metadata}: row 2: the image path '{name}' {message}"):
+            load_image_text_dataset(outside)
+        with pytest.raises(ValueError, match=rf"^{metadata}: row 2: the image path '{name}' {message}"):
+            load_image_text_dataset(outside, streaming=True)

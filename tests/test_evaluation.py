@@ -2,8 +2,12 @@
 
 import argparse
 import contextlib
+import errno
 import io
 import json
+import logging
+import os
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -11,9 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 
+from evaluation.knn import knn_accuracy
 from evaluation.linear_probe import (
+    LinearProbe,
     fit_logistic_regression,
     k_shot_probe,
     linear_probe,
@@ -21,6 +28,7 @@ from evaluation.linear_probe import (
     select_l2,
     stratified_split,
 )
+from evaluation.metrics import NonFiniteError
 from evaluation.report import render_markdown_table
 from evaluation.retrieval import group_captions, retrieval_recall
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument, run_suite
@@ -76,6 +84,7 @@ def test_suite_writes_json_markdown_and_plots(suite_run):
         for record in saved["datasets"][task].values():
             assert 0.0 <= record["top1"] <= 1.0 and 0.0 <= record["mean_per_class"] <= 1.0
             assert 0.0 <= record["macro_f1"] <= 1.0 and record["empty_classes"] == []
+        assert saved["dataset_info"][task]["warnings"] == []  # every class has its own prompts
     assert saved["models"]["agriclip (clip)"]["embedding"] == "clip"
     assert saved["models"]["clip"]["model_type"] == "clip"
     # Top-5 only where there are more than five classes: leaf-spot has 3, fish-species 8.
@@ -359,3 +368,194 @@ def test_markdown_table_layout():
         "| m1 | 50.0 | 100.0 | 75.0 |\n"
         "| m2 | 25.0 | – | 25.0 |"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A broken model is an error or scores as one; a failed report keeps the previous one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _poison_rows(tensor: torch.Tensor, rows, value=float("nan")) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor[rows] = value
+    return tensor
+
+
+def _poison_image_embeddings(monkeypatch, classifier):
+    original = classifier.image_embeddings
+    monkeypatch.setattr(classifier, "image_embeddings", lambda images: _poison_rows(original(images), [0, 1]))
+
+
+def _poison_zero_shot_scores(monkeypatch, classifier):
+    original = classifier.embedding_logits
+    monkeypatch.setattr(classifier, "embedding_logits", lambda *args: _poison_rows(original(*args), [3, 4], float("inf")))
+
+
+def _poison_probe_scores(monkeypatch, classifier):
+    original = LinearProbe.scores
+    monkeypatch.setattr(LinearProbe, "scores", lambda probe, features: _poison_rows(original(probe, features), [0]))
+
+
+def _poison_text_embeddings(monkeypatch, classifier):
+    original = classifier.text_embeddings
+    monkeypatch.setattr(classifier, "text_embeddings", lambda texts: _poison_rows(original(texts), [2]))
+
+
+NAMED = r"model 'agriclip \(clip\)' \(image embedding 'clip'\) on dataset '{}' gave non-finite"
+
+
+@pytest.mark.parametrize(
+    "poison, options, message",
+    [
+        (_poison_image_embeddings, {}, NAMED.format("leaves") + r" image embeddings \(2 of 18 images\)"),
+        (_poison_zero_shot_scores, {}, NAMED.format("leaves") + r" scores \(2 of 18 images\)"),
+        (_poison_probe_scores, {"linear_probe": True}, "the linear probe of " + NAMED.format("leaves") + r" scores \(1 of 9"),
+        (_poison_probe_scores, {"k_shots": [1]}, r"the 1-shot probe \(seed 0\) of " + NAMED.format("leaves") + r" scores \(1 of 9"),
+        (_poison_text_embeddings, None, NAMED.format("colours") + r" scores \(16 of 16 images\)"),
+    ],
+    ids=["image-embeddings", "zero-shot", "linear-probe", "k-shot", "retrieval"],
+)
+def test_non_finite_values_are_an_error_naming_model_embedding_and_dataset(
+    tmp_path, tiny_model, tiny_processor, caption_folder, monkeypatch, poison, options, message
+):
+    """`options` are run_suite's, over 18 images of 3 classes; None: a retrieval suite over 16 image-caption pairs."""
+    classifier = ZeroShotClassifier(tiny_model, tiny_processor, embedding="clip", batch_size=8)
+    poison(monkeypatch, classifier)
+    if options is None:
+        retrieval = [{"name": "colours", "path": str(caption_folder), "split": "validation"}]
+        config, options = _write_yaml(tmp_path / "suite.yaml", [], retrieval=retrieval), {}
+    else:
+        _write_class_folder(tmp_path / "leaves", {"healthy": 6, "rust": 6, "blight": 6})
+        config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves"}])
+    with pytest.raises(NonFiniteError, match=message):
+        run_suite(config, {"agriclip (clip)": classifier}, tmp_path / "out", **options)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_prompts_that_tie_score_as_always_predicting_the_first_class_and_warn(tmp_path, in_memory_model, caplog):
+    # Classes load sorted: blight (2 images), healthy (3), rust (4). All three prompt as "leaf"; in "pair" two of
+    # three share a prompt.
+    _write_class_folder(tmp_path / "leaves", {"blight": 2, "healthy": 3, "rust": 4})
+    config = _write_yaml(
+        tmp_path / "suite.yaml",
+        [
+            {"name": "tied", "path": "leaves", "class_names": {"blight": "leaf", "healthy": "leaf", "rust": "leaf"}},
+            {"name": "pair", "path": "leaves", "class_names": {"blight": "rust"}, "templates": "generic"},
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="evaluation.suite"):
+        results = run_suite(config, in_memory_model, tmp_path / "out")
+    tied = results["datasets"]["tied"]["agriclip"]
+    # Every score ties, so class 0 is predicted everywhere, by every metric alike (today's top-k: 100 %).
+    assert tied["confusion_matrix"] == [[2, 0, 0], [3, 0, 0], [4, 0, 0]]
+    assert tied["top1"] == pytest.approx(2 / 9)
+    assert tied["mean_per_class"] == pytest.approx(1 / 3)
+    assert tied["macro_f1"] == pytest.approx((2 * 2 / (2 * 2 + 7)) / 3)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["dataset_info"]["tied"]["warnings"] == [
+        "classes 'blight', 'healthy', 'rust' have identical prompts, e.g. 'a photo of leaf': the model cannot tell "
+        "them apart, and their ties go to 'blight'"
+    ]
+    [pair_warning] = saved["dataset_info"]["pair"]["warnings"]
+    assert pair_warning.startswith("classes 'blight', 'rust' have identical prompts")
+    logged = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"tied: {saved['dataset_info']['tied']['warnings'][0]}" in logged and f"pair: {pair_warning}" in logged
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert f"- tied: warning: {saved['dataset_info']['tied']['warnings'][0]}." in markdown
+    assert f"- pair: warning: {pair_warning}." in markdown
+
+
+def _brute_force_recall(similarity: torch.Tensor, positive: torch.Tensor, k: int) -> float:
+    """The ranking rule spelled out: columns by similarity, highest first, then by index; a hit when a positive
+    column is among the first k."""
+    hits = []
+    for row, matches in zip(similarity.tolist(), positive.tolist()):
+        order = sorted(range(len(row)), key=lambda column: (-row[column], column))
+        hits.append(any(matches[column] for column in order[:k]))
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("case", ["coarse embeddings", "every embedding equal"])
+def test_retrieval_breaks_ties_as_argmax_does(case):
+    owners = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])  # 6 images, 8 captions
+    if case == "every embedding equal":
+        images, texts = torch.ones(6, 2), torch.ones(8, 2)
+    else:  # entries in {0, 1}: many equal similarities
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 2, (6, 3), generator=generator).float()
+        texts = torch.randint(0, 2, (8, 3), generator=generator).float()
+    ks = (1, 2, 5)
+    result = retrieval_recall(images, texts, owners, ks=ks, chunk_size=4)
+    caption_of_image = torch.arange(6)[:, None] == owners[None, :]
+    for k in ks:
+        assert result["image_to_text"][f"R@{k}"] == pytest.approx(_brute_force_recall(images @ texts.T, caption_of_image, k))
+        assert result["text_to_image"][f"R@{k}"] == pytest.approx(_brute_force_recall(texts @ images.T, caption_of_image.T, k))
+    if case == "every embedding equal":  # image i's first caption sits at column 0, 2, 3, 4, 6, 7: R@1 is image 0 alone
+        assert result["image_to_text"]["R@1"] == pytest.approx(1 / 6)
+
+
+def test_retrieval_and_knn_refuse_non_finite_values():
+    images, texts = torch.eye(3), torch.eye(3)
+    with pytest.raises(NonFiniteError, match=r"^the model gave non-finite scores \(3 of 3 images\)$"):
+        retrieval_recall(images, _poison_rows(texts, [1]), torch.arange(3))
+    with pytest.raises(NonFiniteError, match=r"^the model gave non-finite scores \(1 of 3 images\)$"):
+        retrieval_recall(_poison_rows(images, [2], float("inf")), texts, torch.arange(3), chunk_size=2)
+    features, labels = _clusters(n_per_class=5, n_classes=2)
+    with pytest.raises(NonFiniteError, match=r"k-NN on the model's features gave non-finite scores \(2 of 10 query images\)"):
+        knn_accuracy(features, labels, _poison_rows(features, [3, 7]), labels, num_classes=2, k=3)
+
+
+def _write_half_then_fill_the_disk(monkeypatch, target: str):
+    """Writing the file named `target` (or atomic_path's temporary file for it) stores half of its content, then the
+    disk is full."""
+
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    stem, suffix = os.path.splitext(target)
+    real_write_text, real_savefig = Path.write_text, Figure.savefig
+
+    def is_target(path):  # atomic_path's temporary name: ".<stem>.<random>.tmp<suffix>"
+        name = Path(path).name
+        return name == target or (name.startswith(f".{stem}.") and name.endswith(f".tmp{suffix}"))
+
+    def write_text(self, text, *args, **kwargs):
+        if not is_target(self):
+            return real_write_text(self, text, *args, **kwargs)
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        disk_full(self)
+
+    def savefig(self, path, *args, **kwargs):
+        if not is_target(path):
+            return real_savefig(self, path, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_savefig(self, buffer, *args, format="png", **kwargs)
+        Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        disk_full(path)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("target", ["results.json", "results.md", "zero_shot_top1.png", "confusion_leaves.png"])
+def test_a_full_disk_leaves_the_previous_report_whole(tmp_path, in_memory_model, monkeypatch, target):
+    _write_class_folder(tmp_path / "leaves", {"healthy": 2, "rust": 2})
+    output = tmp_path / "out"
+    run_suite(_write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves"}]), in_memory_model, output)
+    first = _files(output)
+    assert {"results.json", "results.md", "plots/zero_shot_top1.png", "plots/confusion_leaves.png"} == set(first)
+    # The second run's report differs everywhere (the display name is in every file); its disk fills mid-file.
+    renamed = _write_yaml(tmp_path / "renamed.yaml", [{"name": "leaves", "path": "leaves", "display_name": "Leaves"}])
+    _write_half_then_fill_the_disk(monkeypatch, target)
+    with pytest.raises(OSError) as failure:
+        run_suite(renamed, in_memory_model, output)
+    assert failure.value.errno == errno.ENOSPC
+    # Every file of the first report is as it was, and no temporary file is left behind.
+    assert _files(output) == first
+    monkeypatch.undo()
+    run_suite(renamed, in_memory_model, output)
+    assert set(_files(output)) == set(first) and "| Model | Leaves | Mean |" in (output / "results.md").read_text()

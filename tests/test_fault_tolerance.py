@@ -10,6 +10,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,12 +22,23 @@ from safetensors.torch import load_file
 from transformers import AutoModel, CLIPConfig
 
 import kill_matrix
-from conftest import read_metrics, run_script, write_caption_folder
+import training.stage1_contrastive
+from conftest import read_metrics, run_script, run_subprocess, write_caption_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.convert import convert
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.models import load_model_and_processor
-from training.runtime import CheckpointManager, check_checkpoint_files, export_atomically
+from training.runtime import (
+    CheckpointManager,
+    PreemptionGuard,
+    RunLock,
+    RunLockedError,
+    UnreadableDataError,
+    check_checkpoint_files,
+    check_world_size,
+    exit_on_sigterm,
+    export_atomically,
+)
 from training.stage1_contrastive import main as stage1
 from training.stage2_dino import load_backbone
 from training.stage3_align import main as stage3
@@ -84,7 +97,8 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resume_is_
     assert not (checkpoints / ".staging-checkpoint-2").exists()
 
 
-def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption_folder, tmp_path, monkeypatch, capsys):
+def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption_folder, tmp_path, monkeypatch, capsys,
+                                                              sigterm_fallback):
     save = CheckpointManager.save
 
     def save_then_preempt(self, position):
@@ -105,11 +119,49 @@ def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption
     final = run_stage1(caption_folder, tmp_path, "--resume")
     assert f"resumed from {checkpoint} at step 2" in capsys.readouterr().out
     assert_same_weights(reference.final, final / "model.safetensors")
+    # The run's handlers are gone once it ends: a SIGTERM now would reach whatever handled it before.
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
+
+
+def test_sigterm_during_the_end_of_run_validation_stops_at_once_and_says_what_is_kept(
+        reference, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    validate = training.stage1_contrastive.validation_recall
+
+    def preempted_while_validating(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(*args)
+
+    monkeypatch.setattr(training.stage1_contrastive, "validation_recall", preempted_while_validating)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage1(caption_folder, tmp_path)
+    assert exit_info.value.code == 143
+    newest = tmp_path / "checkpoints" / "checkpoint-4"
+    assert (f"SIGTERM received: stopped; the newest checkpoint is {newest}; run the same command with --resume to "
+            "continue") in capsys.readouterr().out
+    assert not (tmp_path / "final").exists() and not (tmp_path / RunLock.NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
+
+    monkeypatch.setattr(training.stage1_contrastive, "validation_recall", validate)
+    final = run_stage1(caption_folder, tmp_path, "--resume")  # validates and exports from the last checkpoint
+    assert_same_weights(reference.final, final / "model.safetensors")
+
+
+def test_a_sigterm_after_the_last_step_check_is_passed_on_to_the_phase_after(sigterm_fallback, capsys):
+    """The guard only records a SIGTERM; one that comes after the loop's last check (during the final checkpoint)
+    is handed to the handler the guard replaced when the loop ends, instead of being dropped."""
+    with pytest.raises(SystemExit) as exit_info:
+        with exit_on_sigterm(lambda: "the final checkpoint is written"):
+            with PreemptionGuard(SimpleNamespace(num_processes=1)) as preemption:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert preemption.requested()  # recorded, not acted upon inside the training steps
+    assert exit_info.value.code == 143
+    assert "SIGTERM received: stopped; the final checkpoint is written" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
 
 
 @pytest.mark.slow
 def test_kill_matrix_every_stage_survives(tmp_path):
-    matrix = kill_matrix.run_matrix(["1", "2", "3", "lora"], trials=3, seed=0, workspace=tmp_path)
+    matrix = kill_matrix.run_matrix(["1", "2", "3", "lora"], trials=3, seed=1, workspace=tmp_path)
     failed = [trial for trial in matrix.trials if not trial.survived]
     assert not failed, "\n" + matrix.table() + "\n" + "\n".join(f"{t.stage} {t.mode} {t.detail}: {t.problem}" for t in failed)
 
@@ -318,6 +370,107 @@ def test_a_batch_unreadable_on_one_process_only_is_skipped_by_every_process(tmp_
     assert f"truncated (1): {corrupted}" in run.stdout or f"truncated (2): {corrupted}, {corrupted}" in run.stdout, run.stdout
     assert "a batch is skipped on all 2 processes: 1 of them could read none of its images" in run.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.timeout(120)  # the loop used to spin forever on such data, growing the list of skipped files
+@pytest.mark.parametrize("damage", ["all corrupt", "all deleted mid-run"])
+def test_an_epoch_without_a_readable_image_stops_with_an_error_naming_the_data(damage, tmp_path, monkeypatch):
+    data = write_caption_folder(tmp_path / "data")
+    images = sorted((data / "train").glob("*.png"), key=lambda path: int(path.stem))
+    if damage == "all corrupt":
+        for image in images:
+            image.write_bytes(image.read_bytes()[:100])
+    else:
+        save = CheckpointManager.save
+
+        def save_then_delete(self, position):
+            saved = save(self, position)
+            if position.step == 4:  # the end of the first epoch
+                for image in images:
+                    image.unlink()
+            return saved
+
+        monkeypatch.setattr(CheckpointManager, "save", save_then_delete)
+    with pytest.raises(UnreadableDataError) as failure:
+        run_stage1(data, tmp_path / "run", "--max-steps", "8", "--checkpoint-every", "4")
+    message = str(failure.value)
+    epoch, decoded, reason = (0, 0, "truncated") if damage == "all corrupt" else (1, 32, "missing file")
+    assert message.startswith(f"{data}: no batch of epoch {epoch} (4 batches) holds a readable image")
+    assert f"decoded {decoded} images, skipped 32" in message and f"{reason} (32): {data / 'train'}" in message
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / RunLock.NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two runs on one folder, and launches that split a run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_lock(folder: Path, pid: int, hostname: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / RunLock.NAME
+    lock.write_text(json.dumps({"pid": pid, "hostname": hostname, "started": "2025-01-01T00:00:00+0000",
+                                "command": "python -m training.stage1_contrastive --output-dir elsewhere"}))
+    return lock
+
+
+@pytest.mark.parametrize("holder", ["live run on this host", "run on another host"])
+def test_a_second_run_on_the_same_output_folder_is_refused(holder, caption_folder, tmp_path):
+    """The test process itself stands for the live run that holds the folder (its pid is alive)."""
+    host = socket.gethostname() if holder == "live run on this host" else "elsewhere.example"
+    lock = write_lock(tmp_path, os.getpid(), host)
+    held = lock.read_text()
+    expected = "is in use by another run" if holder == "live run on this host" else "is locked by a run on another host"
+    with pytest.raises(RunLockedError, match=f"{tmp_path} {expected} \\(pid {os.getpid()} on {host}, started "
+                                             "2025-01-01T00:00:00\\+0000: python -m training.stage1_contrastive"):
+        run_stage1(caption_folder, tmp_path)
+    assert lock.read_text() == held  # the holder's lock is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RunLock.NAME]  # nothing else was written
+
+
+def test_a_stale_lock_is_taken_over_and_each_run_releases_its_own(caption_folder, tmp_path, capsys):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no process holds any more: the run that took the lock was killed
+    lock = write_lock(tmp_path, gone.pid, socket.gethostname())
+    holders = []
+    save = CheckpointManager.save
+
+    def save_and_look(self, position):
+        holders.append(json.loads(lock.read_text()))
+        return save(self, position)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CheckpointManager, "save", save_and_look)
+        run_stage1(caption_folder, tmp_path, "--max-steps", "1")
+    assert f"taking over the stale lock {lock} of a run that is gone (pid {gone.pid} on {socket.gethostname()}" in \
+        capsys.readouterr().out
+    assert holders and all(h["pid"] == os.getpid() and h["hostname"] == socket.gethostname() for h in holders)
+    assert not lock.exists()
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):  # a failed run releases its lock too
+        run_stage1(tmp_path / "missing-data", tmp_path)
+    assert not lock.exists()
+
+
+def test_a_world_size_that_accelerate_does_not_see_is_refused(monkeypatch):
+    """WORLD_SIZE=2 from the launcher while Accelerate runs one process: each would train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="2 processes were launched together .* Accelerate runs each alone .*"
+                                           "ACCELERATE_USE_CPU=1 .*accelerate launch --multi_gpu"):
+        check_world_size(SimpleNamespace(num_processes=1, distributed_type="NO"))
+    check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))  # a launch Accelerate sees
+
+
+def test_torchrun_on_cpu_without_accelerate_cpu_processes_is_refused(caption_folder, tmp_path):
+    """torchrun on CPU (like an FSDP config of `accelerate launch`) initialises torch.distributed with 2 processes
+    while Accelerate stays single-process: both processes refuse before writing anything."""
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    run = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training.stage1_contrastive", "--model", "tiny", "--train-data", str(caption_folder),
+                          "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--log-with", "none"],
+                         env=env, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("2 processes were launched together (WORLD_SIZE=2, torch.distributed initialised with 2 "
+                            "processes) but Accelerate runs each alone") == 2, run.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

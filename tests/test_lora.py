@@ -1,18 +1,20 @@
 """LoRA adaptation (PEFT): targeting, objectives, save/load/merge, both pipeline paths, exact resume, k-shot gains."""
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from conftest import COLOURS, read_metrics, run_script
+import training.lora_finetune
+from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from modeling_agriclip.images import open_image
@@ -33,17 +35,6 @@ from training.runtime import parse_args
 
 TEMPLATE = "a photo of a {} leaf."
 TOWER_PREFIX = {"text": "text_model.", "image": "vision_model.", "backbone": "dino_model."}
-
-
-def write_labelled_folder(root, per_class=8, seed=0):
-    """One subfolder per colour of noisy solid-colour leaves."""
-    rng = np.random.default_rng(seed)
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +359,21 @@ def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
     weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two")}
     for key in weights["one"]:
         torch.testing.assert_close(weights["one"][key], weights["two"][key], atol=1e-5, rtol=1e-4)
+
+
+def test_sigterm_during_the_held_out_evaluation_stops_at_once_and_says_what_is_kept(
+        tiny_checkpoint, labelled_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    evaluate = training.lora_finetune.held_out_metrics
+
+    def preempted_while_evaluating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training.lora_finetune, "held_out_metrics", preempted_while_evaluating)
+    with pytest.raises(SystemExit) as exit_info:
+        run_lora(tiny_checkpoint, tmp_path, *classification_flags(labelled_folder, "--shots", "2", "--max-steps", "2"))
+    assert exit_info.value.code == 143
+    assert (f"SIGTERM received: stopped; the newest checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-2'}; run the "
+            "same command with --resume to continue") in capsys.readouterr().out
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback

@@ -8,7 +8,14 @@ import pytest
 import torch
 from evaluate.loading import get_imports
 
-from evaluation.metrics import METRIC_NAMES, METRICS_DIR, classification_metrics, load_metric
+from evaluation.metrics import (
+    METRIC_NAMES,
+    METRICS_DIR,
+    NonFiniteError,
+    classification_metrics,
+    confusion_matrix,
+    load_metric,
+)
 
 
 @pytest.fixture
@@ -46,12 +53,12 @@ SCORES = [
     [0.1, 0.6, 0.3, 0.0],  # reference 2: second best
     [0.9, 0.05, 0.03, 0.02],  # reference 0: best
     [0.2, 0.3, 0.1, 0.4],  # reference 2: last
-    [0.25, 0.25, 0.4, 0.1],  # reference 1: tied second with class 0
+    [0.25, 0.25, 0.4, 0.1],  # reference 1: tied with class 0, which ranks first (the lower index): third
 ]
 REFERENCES = [2, 0, 2, 1]
 
 
-@pytest.mark.parametrize("k, expected", [(1, 1 / 4), (2, 3 / 4), (3, 3 / 4), (4, 1.0)])
+@pytest.mark.parametrize("k, expected", [(1, 1 / 4), (2, 2 / 4), (3, 3 / 4), (4, 1.0)])
 def test_topk_accuracy_matches_hand_values(k, expected, no_network):
     result = load_metric("topk_accuracy").compute(predictions=SCORES, references=REFERENCES, k=k)
     assert result["top_k_accuracy"] == pytest.approx(expected)
@@ -106,3 +113,70 @@ def test_classification_metrics_top5_is_none_with_five_classes_or_fewer():
     assert metrics == {"top1": 1.0, "top5": None, "mean_per_class": 1.0, "macro_f1": 1.0}
     with pytest.raises(ValueError, match=r"scores must have shape \(5, 6\)"):
         classification_metrics(torch.eye(5), torch.arange(5), num_classes=6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_an_error_not_a_number(bad, no_network):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    # An all-NaN matrix scored top-1 = 1.0: a NaN compares False, so no class "scored strictly higher".
+    with pytest.raises(NonFiniteError, match=r"^the model gave non-finite scores \(6 of 6 examples\)$"):
+        classification_metrics(torch.full((6, 3), bad), labels, num_classes=3)
+    scores = torch.eye(3)[labels]
+    scores[[1, 4], 2] = bad
+    with pytest.raises(NonFiniteError, match=r"\(2 of 6 examples\)"):
+        classification_metrics(scores, labels, num_classes=3)
+    with pytest.raises(NonFiniteError, match=r"\(2 of 6 examples\)"):
+        confusion_matrix(scores, labels, num_classes=3)
+    # The metric module refuses them too, for callers that load it alone.
+    with pytest.raises(ValueError, match=r"NaN or infinite scores in 2 of 6 rows"):
+        load_metric("topk_accuracy").compute(predictions=scores.tolist(), references=labels.tolist(), k=1)
+
+
+def _brute_force_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """The ranking rule spelled out with Python's sort: by score, highest first, then by class index, lowest first."""
+    ranks, predictions = [], []
+    for row, label in zip(scores.tolist(), labels.tolist()):
+        order = sorted(range(num_classes), key=lambda c: (-row[c], c))
+        ranks.append(order.index(label))
+        predictions.append(order[0])
+    pairs = list(zip(labels.tolist(), predictions))
+    recalls = [
+        sum(predicted == c for label, predicted in pairs if label == c) / labels.tolist().count(c)
+        for c in sorted(set(labels.tolist()))
+    ]
+    f1 = []
+    for c in sorted(set(labels.tolist()) | set(predictions)):
+        true_positives = sum(label == predicted == c for label, predicted in pairs)
+        wrong = sum((label == c) != (predicted == c) for label, predicted in pairs)
+        f1.append(2 * true_positives / (2 * true_positives + wrong))
+    confusion = [[0] * num_classes for _ in range(num_classes)]
+    for label, predicted in pairs:
+        confusion[label][predicted] += 1
+    return {
+        "top1": sum(rank < 1 for rank in ranks) / len(ranks),
+        "top5": sum(rank < 5 for rank in ranks) / len(ranks),
+        "mean_per_class": sum(recalls) / len(recalls),
+        "macro_f1": sum(f1) / len(f1),
+        "confusion_matrix": confusion,
+    }
+
+
+@pytest.mark.parametrize("case", ["scores from {0, 1, 2}", "every score equal"])
+def test_every_metric_breaks_ties_as_argmax_does(case, no_network):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 7, (60,), generator=generator)
+    if case == "every score equal":  # what prompts that all tie give
+        scores = torch.full((60, 7), 0.25)
+    else:
+        scores = torch.randint(0, 3, (60, 7), generator=generator).float()
+    expected = _brute_force_metrics(scores, labels, 7)
+    metrics = classification_metrics(scores, labels, num_classes=7)
+    assert {key: metrics[key] for key in ("top1", "top5", "mean_per_class", "macro_f1")} == pytest.approx(
+        {key: expected[key] for key in ("top1", "top5", "mean_per_class", "macro_f1")}
+    )
+    assert confusion_matrix(scores, labels, num_classes=7) == expected["confusion_matrix"]
+    # One rule: top-1 is the confusion matrix's diagonal share.
+    assert metrics["top1"] == pytest.approx(np.trace(expected["confusion_matrix"]) / 60)
+    if case == "every score equal":
+        assert metrics["top1"] == pytest.approx((labels == 0).float().mean().item())
+        assert metrics["top5"] == pytest.approx((labels < 5).float().mean().item())

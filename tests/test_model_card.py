@@ -1,7 +1,9 @@
 """Model and dataset cards: YAML that parses back, model-index equal to the evaluation JSON, data read from the run."""
 
+import errno
 import json
 import shutil
+from functools import partial
 
 import datasets
 import numpy as np
@@ -11,6 +13,7 @@ from huggingface_hub import DatasetCard, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 
+from conftest import full_disk
 from model_card.card import (
     METRIC_TYPES,
     build_dataset_card,
@@ -243,3 +246,19 @@ def test_dataset_card_errors_name_the_folder(tmp_path):
     shutil.copytree(folder / "imagefolder" / "train", folder / "copy" / "train")
     with pytest.raises(ValueError, match="two folders hold split 'train'"):
         build_dataset_card(folder)
+
+
+@pytest.mark.parametrize("kind", ["model", "dataset"])
+def test_a_full_disk_leaves_the_previous_card_as_it_was(checkpoint, tmp_path, monkeypatch, kind):
+    folder = checkpoint if kind == "model" else write_alive_folder(tmp_path / "alive")
+    write = partial(write_model_card if kind == "model" else write_dataset_card, folder)
+    previous = write(repo_id="agri/first").read_bytes()
+    entries = sorted(folder.rglob("*"))
+    full_disk(monkeypatch, folder, room=len(previous) // 2)
+    with pytest.raises(OSError) as failure:
+        write(repo_id="agri/second")
+    monkeypatch.undo()
+    assert failure.value.errno == errno.ENOSPC
+    assert (folder / "README.md").read_bytes() == previous
+    assert sorted(folder.rglob("*")) == entries  # no half-written temporary file left behind
+    assert b"agri/second" in write(repo_id="agri/second").read_bytes()  # and the disk, freed, takes the new card

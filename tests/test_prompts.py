@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import yaml
@@ -60,6 +61,19 @@ def test_get_templates():
         get_templates(["a photo of a leaf"])
     with pytest.raises(ValueError, match="empty"):
         get_templates([])
+
+
+@pytest.mark.parametrize("template", ["{} with {}", "{name}", "a {name} with {}", "a {} }", "{0}", "{:>9}"])
+def test_get_templates_refuses_what_format_would_not_fill_with_one_name(template):
+    with pytest.raises(ValueError, match=f"template {re.escape(repr(template))}"):
+        get_templates(["a photo of {}.", template])
+    # Literal braces, escaped as str.format wants them, are text.
+    assert get_templates(["a {{leaf}} with {}"]) == ["a {{leaf}} with {}"]
+
+
+def test_registered_templates_pass_the_same_check():
+    for name in ZERO_SHOT_TEMPLATES:
+        assert get_templates(list(ZERO_SHOT_TEMPLATES[name])) == ZERO_SHOT_TEMPLATES[name]
 
 
 def test_with_article():

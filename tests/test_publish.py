@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,20 +14,39 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from conftest import run_subprocess
 from hub_server import FAKE_TOKEN, FakeHub, fake_hub  # noqa: F401  (fake_hub is a fixture)
 from model_card.card import write_dataset_card, write_model_card
-from model_card.publish import PublishError, main, publish, validate_adapter, validate_checkpoint
+from model_card.publish import (
+    PublishError,
+    find_secrets,
+    main,
+    plan_upload,
+    publish,
+    validate_adapter,
+    validate_checkpoint,
+    validate_dataset,
+)
+import modeling_agriclip
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from test_model_card import write_alive_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["a photo of a leaf", "a photo of a fish", "a photo of a cow"]
+# What save_pretrained of the tiny model and processor writes, plus the card: a checkpoint's allow-list.
+CHECKPOINT = [
+    "README.md", "config.json", "configuration_agriclip.py", "model.safetensors", "modeling_agriclip.py",
+    "processing_agriclip.py", "processor_config.json", "tokenizer.json", "tokenizer.py", "tokenizer_config.json",
+]
+CODE_FILES = [name for name in CHECKPOINT if name.endswith(".py")]
+INSTALLED = Path(modeling_agriclip.__file__).parent
+PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----\n"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +68,7 @@ def checked(monkeypatch):
     """Stands in for the checkpoint dry run in tests of the transport alone (the dry run has tests of its own);
     lists the folders `publish` asked it to check."""
     folders = []
-    monkeypatch.setattr("model_card.publish.validate_checkpoint", lambda folder: folders.append(Path(folder)) or [])
+    monkeypatch.setattr("model_card.publish.validate_checkpoint", lambda folder, **kwargs: folders.append(Path(folder)) or [])
     return folders
 
 
@@ -63,14 +83,37 @@ def all_text(root) -> str:
     return "".join(path.read_bytes().decode("latin-1") for path in Path(root).rglob("*") if path.is_file())
 
 
+def printed_plan(out: str) -> tuple[list[str], list[str]]:
+    """The files and the left-out entries that a dry run printed."""
+    sections, current = {"would upload": [], "left out": []}, None
+    for line in out.splitlines():
+        current = next((header for header in sections if line.startswith(header)), current)
+        if line.startswith("  ") and current:
+            sections[current].append(line.strip())
+    return sections["would upload"], sections["left out"]
+
+
+def tamper(code_file: Path, marker: Path) -> None:
+    """Makes a custom-code file write `marker` when it is imported, and otherwise behave as before."""
+    code_file.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + code_file.read_text())
+
+
+def differs(name: str) -> str:
+    return (f"{name} differs from the installed package's ({INSTALLED / name}); save the model again, "
+            "or pass --trust-remote-code to run and compare it")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The dry run
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_dry_run_passes_a_complete_checkpoint_and_uploads_nothing(carded_checkpoint, fake_hub, capsys):
-    assert main([str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--dry-run"]) is None
-    assert "dry run passed" in capsys.readouterr().out
+    plan = main([str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "dry run passed" in out
+    assert plan.files == CHECKPOINT == sorted(p.name for p in carded_checkpoint.iterdir())
+    assert printed_plan(out) == (CHECKPOINT, []) and plan.left_out == []
     assert fake_hub.repos == {}
 
 
@@ -122,22 +165,189 @@ def test_dry_run_names_weights_that_do_not_fit_the_config(checkpoint):
 def test_dry_run_catches_custom_code_that_differs_from_the_package(checkpoint):
     code = checkpoint / "modeling_agriclip.py"
     code.write_text(code.read_text().replace("return outputs.last_hidden_state[:, 0]", "return outputs.last_hidden_state[:, 1]"))
-    [problem] = validate_checkpoint(checkpoint)
+    assert validate_checkpoint(checkpoint) == [differs("modeling_agriclip.py")]
+    # Trusted, the files run, and their outputs are compared with the package's.
+    [problem] = validate_checkpoint(checkpoint, trust_remote_code=True)
     assert problem.startswith("the custom-code files give other outputs than the installed package")
     code.write_text("import modeling_agriclip\n" + code.read_text())
-    assert validate_checkpoint(checkpoint) == [
+    assert validate_checkpoint(checkpoint, trust_remote_code=True) == [
         "modeling_agriclip.py imports modeling_agriclip, which people loading with trust_remote_code do not have"
+    ]
+    shutil.copy(INSTALLED / "modeling_agriclip.py", code)
+    processing = checkpoint / "processing_agriclip.py"
+    processing.write_text(processing.read_text().replace("max_length = max_length or self.tokenizer.model_max_length", "max_length = 4"))
+    assert validate_checkpoint(checkpoint, trust_remote_code=True) == [
+        "the custom-code processor gives other inputs (['attention_mask', 'input_ids']) than the installed package; save the processor again"
     ]
 
 
-def test_dry_run_refuses_files_holding_a_token(checkpoint, monkeypatch):
+def test_every_file_that_would_go_up_is_scanned_by_its_bytes_whatever_its_name(checkpoint, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    (checkpoint / "notes.txt").write_text(f"pushed with {FAKE_TOKEN}\n")
-    (checkpoint / "extra.json").write_text(json.dumps({"key": "hf_" + "a1B2" * 9}))
+    # The weights' header can carry metadata: binary files are read too, not only text suffixes.
+    save_file(load_file(checkpoint / "model.safetensors"), checkpoint / "model.safetensors", metadata={"format": "pt", "by": FAKE_TOKEN})
+    with open(checkpoint / "README.md", "a", encoding="utf-8") as card:
+        card.write("\n" + PRIVATE_KEY)
+    (checkpoint / "eval_results.json").write_text(json.dumps({"ci": "ghp_" + "x1" * 18, "bucket": "AKIA" + "Q7" * 8}))
+    tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "hub": "hf_" + "a1B2" * 9}))
+    (checkpoint / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")  # left out, so no finding
     problems = validate_checkpoint(checkpoint)
-    assert "notes.txt contains this session's Hugging Face token; remove it before publishing" in problems
-    assert "extra.json contains a string shaped like a Hugging Face token (hf_...); remove it before publishing" in problems
+    assert sorted(problems) == sorted(f"{name} contains {what}; remove it before publishing" for name, what in [
+        ("model.safetensors", "this session's Hugging Face token"),
+        ("README.md", "a string shaped like a private key (-----BEGIN ... PRIVATE KEY-----)"),
+        ("eval_results.json", "a string shaped like a GitHub token (ghp_..., github_pat_...)"),
+        ("eval_results.json", "a string shaped like an AWS access key id (AKIA...)"),
+        ("tokenizer_config.json", "a string shaped like a Hugging Face token (hf_...)"),
+    ])
     assert not any(FAKE_TOKEN in problem for problem in problems)
+
+
+def test_the_byte_scan_sees_a_secret_cut_by_a_chunk_boundary(tmp_path, monkeypatch):
+    monkeypatch.setattr("model_card.publish.SCAN_CHUNK", 1024)
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    secret = b"hf_" + b"a1B2" * 9
+    (tmp_path / "clean.bin").write_bytes(noise)
+    names = []
+    for start in range(1024 - len(secret) + 1, 1024):  # every place where the first boundary cuts the secret
+        names.append(f"cut-{start}.bin")
+        (tmp_path / names[-1]).write_bytes(noise[:start] + secret + noise[start + len(secret):])
+    assert find_secrets(tmp_path, ["clean.bin", *names]) == [
+        f"{name} contains a string shaped like a Hugging Face token (hf_...); remove it before publishing" for name in names
+    ]
+
+
+def test_only_the_allow_list_goes_up_exactly_as_the_dry_run_printed_it(checkpoint, fake_hub, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    (outside / "wandb").mkdir(parents=True)
+    (outside / "id_rsa").write_text(PRIVATE_KEY)
+    (outside / "wandb" / "settings").write_text(f"api_key={FAKE_TOKEN}\n")
+    (checkpoint / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")
+    (checkpoint / "train.log").write_text(f"step 1: pushing with {FAKE_TOKEN}\n")
+    (checkpoint / "notes").write_text(f"token {FAKE_TOKEN}\n")
+    (checkpoint / "id_rsa").symlink_to(outside / "id_rsa")
+    (checkpoint / "wandb").symlink_to(outside / "wandb", target_is_directory=True)
+    (checkpoint / "checkpoints" / "step-10").mkdir(parents=True)
+    (checkpoint / "checkpoints" / "step-10" / "optimizer.safetensors").write_bytes(b"\0" * 64)
+    (checkpoint / "eval_results.json").write_text(json.dumps({"datasets": {}, "mean": {}}))
+
+    main([str(checkpoint), "--repo-id", "agri/allow-listed", "--dry-run"])
+    files, left_out = printed_plan(capsys.readouterr().out)
+    assert files == sorted([*CHECKPOINT, "eval_results.json"])
+    assert left_out == [".env", "checkpoints/", "id_rsa", "notes", "train.log", "wandb"]
+
+    main([str(checkpoint), "--repo-id", "agri/allow-listed"])
+    pushed = fake_hub.files("agri/allow-listed")
+    assert sorted(set(pushed) - {".gitattributes"}) == files
+    assert all(pushed[name] == (checkpoint / name).read_bytes() for name in files)
+    assert not any(FAKE_TOKEN.encode() in data or b"PRIVATE KEY" in data for data in pushed.values())
+
+
+def test_links_that_lead_out_of_the_folder_are_never_uploaded(checkpoint, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "templates").mkdir(parents=True)
+    (outside / "id_rsa").write_text(PRIVATE_KEY)
+    (outside / "templates" / "default.jinja").write_text("{{ messages }}")
+    (checkpoint / "id_rsa").symlink_to(outside / "id_rsa")
+    (checkpoint / "additional_chat_templates").symlink_to(outside / "templates", target_is_directory=True)
+    # A link that stays inside the folder goes up as the file it leads to.
+    (checkpoint / "weights").mkdir()
+    (checkpoint / "model.safetensors").rename(checkpoint / "weights" / "model.safetensors")
+    (checkpoint / "model.safetensors").symlink_to(Path("weights") / "model.safetensors")
+    plan = plan_upload(checkpoint)
+    assert plan.files == CHECKPOINT and plan.problems == []
+    assert plan.left_out == ["additional_chat_templates", "id_rsa", "weights/"]
+    assert validate_checkpoint(checkpoint) == []
+    # A file of the allow-list that leads outside is a problem: the repo would lack it.
+    shutil.move(checkpoint / "tokenizer.json", outside / "tokenizer.json")
+    (checkpoint / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    problems = validate_checkpoint(checkpoint)
+    assert [problem.split(";")[0] for problem in problems] == [
+        "tokenizer.json leads outside the folder (a symbolic link, or inside a linked folder), and what lies outside is never uploaded"
+    ]
+    assert "tokenizer.json" not in plan_upload(checkpoint).files
+    # Nor is anything but a regular file read: a pipe would block the scan.
+    os.mkfifo(checkpoint / "vocab.json")
+    assert [problem.split(";")[0] for problem in validate_checkpoint(checkpoint)][1:] == [
+        "vocab.json is not a regular file (a folder, a broken link or a pipe)"
+    ]
+
+
+def test_sharded_weights_go_up_as_the_index_and_the_shards_it_names(checkpoint, tiny_model):
+    (checkpoint / "model.safetensors").unlink()
+    tiny_model.save_pretrained(checkpoint, max_shard_size="100KB")
+    shards = sorted(path.name for path in checkpoint.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    plan = plan_upload(checkpoint)
+    assert plan.files == sorted({*CHECKPOINT, *shards, "model.safetensors.index.json"} - {"model.safetensors"})
+    assert validate_checkpoint(checkpoint) == []
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "../elsewhere.safetensors"
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    (problem,) = plan_upload(checkpoint).problems
+    assert problem.startswith(f"{checkpoint / 'model.safetensors.index.json'}: weight_map: the shard '../elsewhere.safetensors' leads outside")
+
+
+def test_the_dry_run_runs_no_code_of_the_folder_unless_trusted(checkpoint, tmp_path):
+    markers = {name: tmp_path / f"{name}.ran" for name in CODE_FILES}
+    for name, marker in markers.items():
+        tamper(checkpoint / name, marker)
+    assert validate_checkpoint(checkpoint) == [differs(name) for name in CODE_FILES]
+    with pytest.raises(PublishError, match=r"modeling_agriclip\.py differs from the installed package's"):
+        publish(checkpoint, "agri/tampered", dry_run=True)
+    assert not any(marker.exists() for marker in markers.values())
+    # Trusted, by the user's explicit choice, the files that build the processor and the model run (tokenizer.py only
+    # serves from_config); they build the package's, so the dry run passes.
+    assert publish(checkpoint, "agri/tampered", dry_run=True, trust_remote_code=True).files == CHECKPOINT
+    assert [name for name, marker in markers.items() if marker.exists()] == ["configuration_agriclip.py", "modeling_agriclip.py", "processing_agriclip.py"]
+
+
+def test_custom_code_the_package_lacks_or_cannot_read_is_refused(checkpoint):
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    processor_config["auto_map"].update({"AutoImageProcessor": "image_processing_agriclip.Images", "AutoFeatureExtractor": "broken.Features"})
+    (checkpoint / "processor_config.json").write_text(json.dumps(processor_config))
+    (checkpoint / "image_processing_agriclip.py").write_text("class Images:\n    pass\n")
+    (checkpoint / "broken.py").write_bytes(b"\xff\xfe not UTF-8")
+    tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"]["AutoTokenizer"] = ["other/repo--tokenization.Tokenizer", None]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert "image_processing_agriclip.py" in plan_upload(checkpoint).files
+    assert validate_checkpoint(checkpoint) == [
+        "tokenizer_config.json auto_map names 'other/repo--tokenization', which is no code file of this folder; save the model and processor again",
+        "broken.py is not UTF-8 Python source; save the model and processor again",
+        "image_processing_agriclip.py is no file of the installed package modeling_agriclip; save the model again, "
+        "or pass --trust-remote-code to run and compare it",
+    ]
+
+
+def test_the_command_never_asks_on_stdin_and_runs_no_folder_code(checkpoint, tmp_path):
+    marker = tmp_path / "ran"
+    tamper(checkpoint / "modeling_agriclip.py", marker)
+    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "model_card.publish", str(checkpoint), "--repo-id", "agri/tampered", "--dry-run"],
+        input="y\n", capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert differs("modeling_agriclip.py") in done.stderr
+    assert "[y/N]" not in done.stdout + done.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("metadata, problem", [
+    ("", "README.md has no metadata (the YAML front matter between '---' lines)"),
+    ("---\n---\n", "README.md has no metadata (the YAML front matter between '---' lines)"),
+    ("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n",
+     "README.md lacks the metadata ['pipeline_tag'] that a checkpoint card needs on the Hub"),
+])
+def test_a_card_without_the_metadata_the_hub_needs_is_refused(checkpoint, fake_hub, metadata, problem):
+    text = ModelCard.load(checkpoint / "README.md").text  # the card without its front matter
+    (checkpoint / "README.md").write_text(metadata + text)
+    with pytest.raises(PublishError) as refused:
+        publish(checkpoint, "agri/no-metadata")
+    assert [p.split(";")[0] for p in refused.value.problems] == [problem]
+    assert "write the card with `python -m model_card.card FOLDER`" in refused.value.problems[0]
+    assert fake_hub.repos == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +425,76 @@ def test_dataset_push_then_pull(tmp_path, fake_hub):
         assert [image.tobytes() for image in loaded[split]["image"]] == [image.tobytes() for image in original[split]["image"]]
 
 
+def test_a_dataset_goes_up_as_its_card_report_rows_images_and_copies(tmp_path, fake_hub):
+    folder = write_alive_folder(tmp_path / "alive")
+    write_dataset_card(folder, repo_id="agri/alive-mini")
+    saved = ["datasets/dataset_dict.json", "datasets/train/state.json", "datasets/train/dataset_info.json",
+             "datasets/train/data-00000-of-00001.arrow"]
+    for name in saved:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"{}")
+    (folder / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")
+    (folder / "cache" / "train").mkdir(parents=True)
+    (folder / "cache" / "train" / "images.lock").write_text("")
+    shutil.copy(folder / "imagefolder" / "train" / "0000" / "0.png", folder / "imagefolder" / "train" / "0000" / "unlisted.png")
+    rows = {split: [json.loads(line) for line in (folder / "imagefolder" / split / "metadata.jsonl").read_text().splitlines()]
+            for split in ("train", "validation")}
+    expected = ["README.md", "build_report.json", "webdataset/train/shard-0.tar", *saved]
+    expected += [f"imagefolder/{split}/{name}" for split in rows for name in ["metadata.jsonl", *(row["file_name"] for row in rows[split])]]
+
+    plan = publish(folder, "agri/alive-mini", dataset=True, dry_run=True)
+    assert plan.files == sorted(expected)
+    assert plan.left_out == [".env", "cache/", "imagefolder/train/0000/unlisted.png"]
+    publish(folder, "agri/alive-mini", dataset=True)
+    assert sorted(set(fake_hub.files("agri/alive-mini", repo_type="dataset")) - {".gitattributes"}) == plan.files
+
+
+def test_dataset_rows_and_images_that_leave_their_split_are_refused(tmp_path):
+    folder = write_alive_folder(tmp_path / "alive")
+    write_dataset_card(folder)
+    secret = tmp_path / "secret.png"
+    secret.write_text(PRIVATE_KEY)
+    split = folder / "imagefolder" / "train"
+    (split / "0000" / "1.png").unlink()
+    (split / "0000" / "1.png").symlink_to(secret)
+    rows = [json.loads(line) for line in (split / "metadata.jsonl").read_text().splitlines()]
+    rows[2]["file_name"] = "../validation/0000/0.png"
+    rows[3]["file_name"] = str(secret)
+    (split / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    latin1 = b'{"file_name": "0000/0.png", "caption": "\xe9t\xe9"}\n'
+    (folder / "imagefolder" / "validation" / "metadata.jsonl").write_bytes(latin1)
+    problems = validate_dataset(folder)
+    assert [problem.split(";")[0] for problem in problems] == [
+        f"imagefolder/train/metadata.jsonl line 2: the image path '0000/1.png' leads outside {split} (through '..' or a "
+        f"symlink, to {secret})",
+        f"imagefolder/train/metadata.jsonl line 3: the image path '../validation/0000/0.png' leads outside {split} "
+        f"(through '..' or a symlink, to {folder / 'imagefolder' / 'validation' / '0000' / '0.png'})",
+        f"imagefolder/train/metadata.jsonl line 4: the image path {str(secret)!r} is absolute or a URL",
+        f"imagefolder/validation/metadata.jsonl is not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position "
+        f"{latin1.index(0xE9)}: invalid continuation byte)",
+    ]
+
+
+def test_dataset_images_and_shards_are_scanned_and_the_card_needs_a_license(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    folder = write_alive_folder(tmp_path / "alive")
+    write_dataset_card(folder)
+    with open(folder / "imagefolder" / "train" / "0000" / "0.png", "ab") as image:
+        image.write(PRIVATE_KEY.encode())  # after the PNG's end: the image still reads
+    (folder / "webdataset" / "train" / "shard-0.tar").write_bytes(b"\0" * 512 + FAKE_TOKEN.encode() + b"\0" * 512)
+    assert validate_dataset(folder) == [
+        "imagefolder/train/0000/0.png contains a string shaped like a private key (-----BEGIN ... PRIVATE KEY-----); remove it before publishing",
+        "webdataset/train/shard-0.tar contains this session's Hugging Face token; remove it before publishing",
+    ]
+    write_alive_folder(tmp_path / "clean")
+    card = (folder / "README.md").read_text()
+    (tmp_path / "clean" / "README.md").write_text(card.replace("license: other\n", ""))
+    assert validate_dataset(tmp_path / "clean") == [
+        "README.md lacks the metadata ['license'] that a dataset card needs on the Hub; write the card with "
+        "`python -m model_card.card FOLDER --dataset`, or add them to its YAML front matter"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA adapters
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +516,13 @@ def test_adapter_with_a_local_base_path_is_refused_then_published(carded_checkpo
 
     adapter.peft_config["default"].base_model_name_or_path = "agri/agriclip-tiny"
     adapter.save_pretrained(tmp_path / "lora")
+    card = (tmp_path / "lora" / "README.md").read_text()
+    (tmp_path / "lora" / "README.md").write_text(card.split("---\n", 2)[2])
+    assert validate_adapter(tmp_path / "lora") == [
+        "README.md has no metadata (the YAML front matter between '---' lines); "
+        "save the adapter with peft_model.save_pretrained(folder), which writes it"
+    ]
+    (tmp_path / "lora" / "README.md").write_text(card)
     publish(tmp_path / "lora", "agri/agriclip-tiny-lora")
     result = pipeline("zero-shot-image-classification", model="agri/agriclip-tiny-lora")(sample_images[0], candidate_labels=LABELS)
     assert sorted(r["label"] for r in result) == sorted(LABELS)

@@ -1,11 +1,19 @@
-"""The end-to-end run: three stages into one Hub-ready folder, evaluated, carded; skips finished stages."""
+"""The end-to-end run: three stages into one Hub-ready folder, evaluated, carded; skips finished stages; stops
+promptly and truthfully on SIGTERM."""
 
 import json
+import os
+import signal
+import time
 
+import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from training.run_all import as_flags, main
+import evaluation.suite
+import training.run_all
+from training.runtime import CheckpointManager, RunLock
+from training.run_all import as_flags, main, run_stages
 
 TINY_RUN = {
     "model": "tiny",
@@ -49,3 +57,54 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     printed = capsys.readouterr().out
     assert printed.count("done already") == 3
     assert (checkpoint / "model.safetensors").read_bytes() == before
+
+
+def test_a_stage_stopped_under_run_all_says_to_run_the_same_command_again(caption_folder, tmp_path, monkeypatch, capsys,
+                                                                        sigterm_fallback):
+    """run_all resumes by itself (it has no --resume flag): a stage's SIGTERM message must not ask for one."""
+    save = CheckpointManager.save
+
+    def save_then_preempt(self, position):
+        saved = save(self, position)
+        if position.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_preempt)
+    config = {"model": "tiny", "stage1": {"max_steps": 3, "batch_size": 8, "checkpoint_every": 1, "log_with": "none"}}
+    with pytest.raises(SystemExit) as exit_info:
+        run_stages(config, {"train_data": str(caption_folder)}, tmp_path)
+    assert exit_info.value.code == 143
+    printed = capsys.readouterr().out
+    assert (f"SIGTERM received: checkpoint of step 2 written to {tmp_path / 'stage1' / 'checkpoints' / 'checkpoint-2'}; "
+            "run the same command again to continue (finished stages are skipped, an interrupted one resumes)") in printed
+    assert "--resume" not in printed
+
+
+def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                                         sigterm_fallback):
+    """After the stages, the handler the stages installed is gone; the evaluation is stopped by run_all's own."""
+    output = tmp_path / "run"
+
+    def stages_done(config, data, output_dir):
+        for name in ("stage1", "stage2", "stage3"):
+            (output_dir / name / "final").mkdir(parents=True)
+        return tiny_checkpoint
+
+    def preempted_while_evaluating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # an evaluation that would run on
+
+    monkeypatch.setattr(training.run_all, "prepare_data", lambda config, output_dir: {"train_data": "unused", "suite": "x"})
+    monkeypatch.setattr(training.run_all, "run_stages", stages_done)
+    monkeypatch.setattr(evaluation.suite, "run_suite", preempted_while_evaluating)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(output)}))
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config)])
+    assert exit_info.value.code == 143 and time.monotonic() - started < 30
+    assert (f"SIGTERM received: stopped; the stages finished so far (stage1, stage2, stage3) are in {output}; run the "
+            "same command again to continue") in capsys.readouterr().out
+    assert not (output / "agriclip").exists() and not (output / RunLock.NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback

@@ -1,13 +1,17 @@
-"""Stage 2: DINO training with Accelerate — exports, exact resume, multi-process parity, collapse guard, k-NN."""
+"""Stage 2: DINO training with Accelerate — exports, exact resume, multi-process parity, collapse guard, k-NN,
+preemption."""
 
+import os
 import shutil
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import read_metrics, run_script
+import training.stage2_dino
+from conftest import read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPModel
 from training.stage2_dino import CollapseError, main
 
@@ -90,3 +94,27 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("when", ["before training", "after training"])
+def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
+        when, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    labelled = write_labelled_folder(tmp_path / "labelled", per_class=2)
+    evaluate, calls = training.stage2_dino.knn_evaluation, []
+
+    def preempted_while_evaluating(*args, **kwargs):
+        calls.append(len(calls))
+        if (when == "before training") == (len(calls) == 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training.stage2_dino, "knn_evaluation", preempted_while_evaluating)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage2(caption_folder, tmp_path / "run", "--max-steps", "2", "--epochs", "2", "--knn-data", str(labelled))
+    assert exit_info.value.code == 143
+    kept = ("no checkpoint was written yet: the run starts from the beginning when run again" if when == "before training"
+            else f"the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'}; run the same command "
+                 "with --resume to continue")
+    assert f"SIGTERM received: stopped; {kept}" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback

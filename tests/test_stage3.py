@@ -1,12 +1,16 @@
 """Stage 3: fitting the aligner from streamed features, on one and two processes, closed form and SGD recipe."""
 
 import logging
+import os
 import shutil
+import signal
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import training.stage3_align
 from conftest import read_metrics, run_script
 from modeling_agriclip import AgriCLIPModel
 from training.stage3_align import main
@@ -82,3 +86,21 @@ def test_two_processes_equal_one(tiny_checkpoint, caption_folder, tmp_path):
     weights_two = AgriCLIPModel.from_pretrained(tmp_path / "two" / "final").aligner
     torch.testing.assert_close(weights_two.weight, weights_one.weight, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights_two.bias, weights_one.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_sigterm_during_feature_extraction_stops_at_once_and_says_what_is_kept(
+        tiny_checkpoint, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    extract = training.stage3_align.extract_features
+
+    def preempted_while_extracting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield from extract(*args, **kwargs)
+
+    monkeypatch.setattr(training.stage3_align, "extract_features", preempted_while_extracting)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage3(tiny_checkpoint, caption_folder, tmp_path / "run")
+    assert exit_info.value.code == 143
+    assert ("SIGTERM received: stopped; stage 3 keeps no checkpoints; run the same command again to start it over"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "run" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback

@@ -1,10 +1,12 @@
 """ZeroShotClassifier: prompt ensembles, the label cache, batching, AgriCLIP embedding sources and a CLIP baseline."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_agriclip.zero_shot import ZeroShotClassifier
+from modeling_agriclip.zero_shot import ZeroShotClassifier, check_template, check_templates, fill_templates
 
 
 CLASSES = ["leaf rust", "healthy leaf", "powdery mildew"]
@@ -95,6 +97,19 @@ def test_works_under_inference_mode(classifier, sample_images):
 def test_bad_templates_are_errors(classifier):
     with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
         classifier.label_embeddings(CLASSES, ["a photo of a leaf."])
+    for template, message in (("{} with {}", "has 2 '{}' placeholders"), ("{name}", "has the format field(s) {name}")):
+        with pytest.raises(ValueError, match=re.escape(f"template {template!r} {message}")):
+            classifier.label_embeddings(CLASSES, ["a photo of {}.", template])
+
+
+def test_templates_fill_exactly_one_name_and_keep_escaped_braces():
+    assert fill_templates(["rust", "mildew"], ["a {{leaf}} with {}.", "{}"]) == [
+        "a {leaf} with rust.", "rust", "a {leaf} with mildew.", "mildew"
+    ]
+    assert check_templates(("a photo of {}.",)) == ["a photo of {}."]
+    for bad in ("a {} leaf }", "{0}", "{!r}", "{:>9}", None):
+        with pytest.raises(ValueError, match="template"):
+            check_template(bad)
 
 
 def test_clip_baseline(tiny_clip_baseline, sample_images):

@@ -13,6 +13,12 @@ The result is written as any of
 plus `build_report.json`. Every output holds the same image bytes and rows, and `training.data.load_image_text_dataset`
 reads each of them.
 
+Every source (its path, CSV columns and image paths, labels and metadata file) is checked before anything is written,
+and the build is written into `<output_dir>/.staging`: only once it is complete does it replace the previous build's
+outputs and report (moved aside to `<output_dir>/.previous`, then deleted). A failure at any point leaves the previous
+build as it was; other files in `output_dir` are never touched. A CSV source's image paths must stay inside the CSV's
+folder (`modeling_agriclip.files.ContainedPaths`, the rule of every loader).
+
     python -m training.alive --config build.yaml
 
 Config (paths relative to the config file):
@@ -31,7 +37,7 @@ Config (paths relative to the config file):
     paraphraser_model: null           # a local transformers causal LM folder that paraphrases the captions
     sources:
       - name: tomato-leaves
-        path: data/tomato             # image folder | .csv/.tsv | save_to_disk folder | Hub id
+        path: data/tomato             # image folder | .csv/.tsv | save_to_disk folder (relative to this file) | Hub id
         metadata: meta/tomato.yaml
         split: null                   # split of a datasets source or split subfolder of an image folder
         image_column: filepath        # CSV columns
@@ -61,6 +67,8 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_agriclip.atomic import replace_entries
+from modeling_agriclip.files import ContainedPaths
 from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
 
 from .data import load_labelled_dataset, read_csv_rows
@@ -72,6 +80,9 @@ IMAGE_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png")}
 EXIF_ORIENTATION = 0x0112
 # Records decoded per round trip to the worker pool; bounds the memory a large source holds at once.
 BLOCK_SIZE = 256
+REPORT_NAME = "build_report.json"
+# Beside the outputs, in `output_dir` (so on the same file system, where renames are atomic).
+STAGING_NAME = ".staging"
 
 
 @dataclass
@@ -140,7 +151,16 @@ class BuildConfig:
             unknown = sorted(set(source) - set(SourceConfig.__dataclass_fields__))
             if unknown:
                 raise ValueError(f"{path}: source {index} has unknown field(s) {unknown}")
-            sources.append({**source, "path": resolve(source["path"]), "metadata": str(root / source["metadata"])})
+            missing = [name for name in ("name", "path", "metadata") if name not in source]
+            if missing:
+                raise ValueError(f"{path}: sources[{index}] lacks the field(s) {missing}")
+            value = str(source["path"])
+            if not (root / value).exists() and _names_a_local_path(root, value):
+                raise ValueError(
+                    f"{path}: sources[{index}] ({source['name']!r}): path {value!r} does not exist ({root / value}; "
+                    "paths are relative to the config file): fix the path, or give a Hub dataset id ('org/name')"
+                )
+            sources.append({**source, "path": resolve(value), "metadata": str(root / source["metadata"])})
         data["output_dir"] = str(root / data["output_dir"])
         if data.get("paraphraser_model"):
             data["paraphraser_model"] = resolve(data["paraphraser_model"])
@@ -148,6 +168,19 @@ class BuildConfig:
             return cls(**{**data, "sources": sources})
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{path}: {error}") from error
+
+
+def _names_a_local_path(root: Path, value: str) -> bool:
+    """Whether a source path that does not exist was meant as a local path, not a Hub id ("name" or "org/name"):
+    an absolute or ./ path, more than one slash, a file suffix, or a first folder that exists beside the config."""
+    first, _, rest = value.partition("/")
+    return (
+        value.startswith((".", "/", "~"))
+        or "\\" in value
+        or value.count("/") > 1
+        or Path(value).suffix.lower() in (".csv", ".tsv", ".tar", ".json", ".yaml")
+        or bool(rest) and (root / first).is_dir()
+    )
 
 
 @dataclass
@@ -188,21 +221,38 @@ def _encode_job(job: tuple) -> Item:
 
 
 def open_source(source: SourceConfig) -> tuple[list[str], int, Iterator[tuple[object, str, str]]]:
-    """A source's class labels, its number of images, and a lazy iterator of (image reference, name, label)."""
+    """A source's class labels, its number of images, and a lazy iterator of (image reference, name, label).
+
+    Everything but the images is checked here: for a CSV, every row's label and image path (inside the CSV's
+    folder); for a dataset, that it loads and has a ClassLabel column.
+
+    Raises:
+        ValueError: naming the source, for a path that is neither a local source nor a loadable Hub dataset, and
+            naming the file and row for a bad CSV row.
+    """
     path = Path(source.path)
     if path.suffix.lower() in (".csv", ".tsv") and path.is_file():
         rows = read_csv_rows(path, [source.image_column, source.label_column])
+        image_path = ContainedPaths(path.parent)
+        images = [image_path(row[source.image_column], f"{path}: row {index + 2}") for index, row in enumerate(rows)]
         for index, row in enumerate(rows):
-            if not row[source.label_column].strip():
+            if not (row[source.label_column] or "").strip():
                 raise ValueError(f"{path}: row {index + 2} has an empty {source.label_column!r}")
 
         def csv_records():
-            for row in rows:
-                image = str(path.parent / row[source.image_column])
+            for image, row in zip(images, rows):
                 yield image, image, row[source.label_column].strip()
 
         return sorted({row[source.label_column].strip() for row in rows}), len(rows), csv_records()
-    dataset, names = load_labelled_dataset(source.path, split=source.split)
+    try:
+        dataset, names = load_labelled_dataset(source.path, split=source.split)
+    except Exception as error:  # whatever `datasets` raises (not found, offline, ...), named with the source
+        if path.exists():
+            raise ValueError(f"source {source.name!r} ({source.path}): {error}") from error
+        raise ValueError(
+            f"source {source.name!r}: {source.path!r} is not a local file or folder, and as a Hub dataset id it does "
+            f"not load: {error}"
+        ) from error
 
     def dataset_records():
         for index, row in enumerate(dataset):
@@ -277,7 +327,7 @@ def _dataset_rows(folder: Path) -> Iterator[dict]:
             yield {"image": {"bytes": (folder / file_name).read_bytes(), "path": file_name}, **row}
 
 
-def _save_datasets(image_folder: Path, output: Path, push_to_hub: str | None) -> None:
+def _save_datasets(image_folder: Path, output: Path) -> None:
     """A DatasetDict with the image bytes embedded, built from the image-folder output."""
     features = datasets.Features(
         {
@@ -297,17 +347,17 @@ def _save_datasets(image_folder: Path, output: Path, push_to_hub: str | None) ->
             for split in sorted(image_folder.iterdir())
             if (split / "metadata.jsonl").is_file()
         }
-        dataset = datasets.DatasetDict(splits)
-        dataset.save_to_disk(str(output))
-        if push_to_hub:
-            dataset.push_to_hub(push_to_hub)
+        datasets.DatasetDict(splits).save_to_disk(str(output))
 
 
 def _caption_pools(
     config: BuildConfig, source: SourceConfig, labels: list[str], paraphraser
 ) -> tuple[dict[str, list[str]], list[str]]:
     """Each label's caption pool, and the labels the metadata file does not describe."""
-    metadata = DatasetMetadata.from_file(source.metadata)
+    try:
+        metadata = DatasetMetadata.from_file(source.metadata)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"source {source.name!r}: cannot read its metadata file {source.metadata}: {error}") from error
     generator = CaptionGenerator(metadata, paraphraser)
     pools = {}
     for label in labels:
@@ -324,29 +374,50 @@ def _caption_pools(
 
 
 def build_alive(config: BuildConfig, progress: bool = True) -> dict:
-    """Builds the dataset described by `config`; returns the report (also written to `build_report.json`)."""
+    """Builds the dataset described by `config`; returns the report (also written to `build_report.json`).
+
+    Every source and metadata file is checked first, the build is written into `<output_dir>/.staging`, and only a
+    complete build replaces the previous one (`modeling_agriclip.atomic.replace_entries`): a failure leaves the previous build as it was.
+    """
     output = Path(config.output_dir)
-    for name in FORMATS:
-        shutil.rmtree(output / name, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
+    paraphraser = TransformersParaphraser(config.paraphraser_model) if config.paraphraser_model else None
+    opened = [(source, *open_source(source)) for source in config.sources]
+    pools = {source.name: _caption_pools(config, source, labels, paraphraser) for source, labels, _, _ in opened}
+    staging = output / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)  # left behind by a build that was killed
+    try:
+        report = _write_build(config, opened, pools, staging, progress)
+        report["outputs"] = {name: str(output / name) for name in config.formats}
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        replace_entries(staging, output, (*FORMATS, REPORT_NAME))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if config.push_to_hub and "datasets" in config.formats:
+        # Once the build is in place: a failed upload leaves the complete local build.
+        datasets.load_from_disk(str(output / "datasets")).push_to_hub(config.push_to_hub)
+    return report
+
+
+def _write_build(config: BuildConfig, opened: list, pools: dict, root: Path, progress: bool) -> dict:
+    """Decodes, deduplicates, captions and splits the images of the opened sources into the outputs under `root`;
+    returns the report without its `outputs`."""
     _, extension = IMAGE_FORMATS[config.image_format]
-    staging = None if "imagefolder" in config.formats else tempfile.TemporaryDirectory()
-    image_folder = output / "imagefolder" if staging is None else Path(staging.name)
+    # The datasets output is built from the image-folder one, which is written in any case and dropped at the end.
+    image_folder = root / "imagefolder"
+    image_folder.mkdir(parents=True)
     writers = [ImageFolderWriter(image_folder, extension, config.shard_size)]
     if "webdataset" in config.formats:
-        writers.append(WebDatasetWriter(output / "webdataset", extension, config.shard_size))
-    paraphraser = TransformersParaphraser(config.paraphraser_model) if config.paraphraser_model else None
+        writers.append(WebDatasetWriter(root / "webdataset", extension, config.shard_size))
 
     stats, seen = DecodeStats(), {}
     report = {"sources": {}, "duplicates": [], "splits": Counter()}
-    opened = [(source, *open_source(source)) for source in config.sources]
     bar = tqdm(total=sum(total for _, _, total, _ in opened), desc="ALive", unit="img", disable=not progress)
     pool = None
     if config.num_workers > 1:
         pool = ProcessPoolExecutor(config.num_workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         for source, labels, total, records in opened:
-            pools, undescribed = _caption_pools(config, source, labels, paraphraser)
+            label_pools, undescribed = pools[source.name]
             counts = Counter()
             for block in _blocks(records, BLOCK_SIZE):
                 jobs = [(reference, name, config.image_format, config.jpeg_quality) for reference, name, _ in block]
@@ -364,7 +435,7 @@ def build_alive(config: BuildConfig, progress: bool = True) -> dict:
                         continue
                     seen[item.digest] = f"{source.name}:{name}"
                     rng = random.Random(f"{config.seed}/{source.name}/{item.digest}")
-                    captions = rng.sample(pools[label], min(config.captions_per_image, len(pools[label])))
+                    captions = rng.sample(label_pools[label], min(config.captions_per_image, len(label_pools[label])))
                     split_draw = random.Random(f"{config.seed}/split/{item.digest}").random()
                     split = "validation" if split_draw < config.validation_fraction else "train"
                     key = f"{sum(report['splits'].values()):08d}"
@@ -380,7 +451,7 @@ def build_alive(config: BuildConfig, progress: bool = True) -> dict:
                 "duplicates": counts["duplicates"],
                 "classes": len(labels),
                 "classes_without_metadata": undescribed,
-                "example_caption": pools[labels[0]][0] if labels else None,
+                "example_caption": label_pools[labels[0]][0] if labels else None,
             }
     finally:
         bar.close()
@@ -389,14 +460,12 @@ def build_alive(config: BuildConfig, progress: bool = True) -> dict:
     for writer in writers:
         writer.close()
     if "datasets" in config.formats:
-        _save_datasets(image_folder, output / "datasets", config.push_to_hub)
-    if staging is not None:
-        staging.cleanup()
+        _save_datasets(image_folder, root / "datasets")
+    if "imagefolder" not in config.formats:
+        shutil.rmtree(image_folder)
     report["splits"] = dict(report["splits"])
     report["decode"] = stats.to_dict()
     report["decode_summary"] = stats.summary()
-    report["outputs"] = {name: str(output / name) for name in config.formats}
-    (output / "build_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -419,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  duplicate dropped: {duplicate['source']}:{duplicate['dropped']} (same pixels as {duplicate['kept']})")
     for name, path in report["outputs"].items():
         print(f"{name}: {path}")
-    print(f"report: {Path(config.output_dir) / 'build_report.json'}")
+    print(f"report: {Path(config.output_dir) / REPORT_NAME}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.exceptions import DatasetGenerationError
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
+from modeling_agriclip.files import ContainedPaths
 from modeling_agriclip.images import DecodeStats, decode_rows
 
 
@@ -43,6 +49,9 @@ WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
 # Key of the batch entry that carries the `DecodeStats` of the batch's rows (see `DecodingCollator`).
 DECODE_REPORT = "decode_report"
 
+# Key under which `IndexedRows` gives each row its index in the dataset (see `ImageTextCollator`).
+ROW_INDEX = "row_index"
+
 
 class DecodingCollator:
     """Base of the collators: decodes the rows' images, skipping those that cannot be read, and collates the rest.
@@ -51,10 +60,15 @@ class DecodingCollator:
     directly: in a DataLoader worker, `stats` is the worker's copy, which never comes back. `counted(loader)`
     merges the reports into `stats` in the process that consumes the batches. A batch in which no image could be
     read holds only its report and comes out of `counted` as None.
+
+    `epoch` is the epoch of the batches being collated. The training loop (`training.runtime.resumable_batches`)
+    sets it before each epoch's iterator is created, which is when DataLoader workers receive their copy of the
+    collator (so `persistent_workers` would keep the first epoch's).
     """
 
     def __init__(self, stats: DecodeStats | None = None):
         self.stats = stats if stats is not None else DecodeStats()
+        self.epoch = 0
 
     def collate(self, decoded: list[tuple[Mapping, Image.Image]]) -> dict:
         raise NotImplementedError
@@ -76,23 +90,52 @@ def counted(loader):
         yield batch or None
 
 
+class IndexedRows(torch.utils.data.Dataset):
+    """The rows of a map-style dataset, each with its index in it under `ROW_INDEX`: what `ImageTextCollator`
+    draws a row's caption variant from."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], ROW_INDEX: index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # The DataLoader fetches a whole batch in one call where the dataset can (`datasets` can, much faster).
+        return [{**row, ROW_INDEX: index} for index, row in zip(indices, self.dataset.__getitems__(indices))]
+
+
+def caption_variant(variants: Sequence[str], seed: int, epoch: int, index: int) -> str:
+    """The variant of sample `index` in `epoch`: a function of these three numbers only, so that a resumed run, and
+    each of N processes, draws what one uninterrupted process draws, whatever else used the random generators."""
+    return variants[int(np.random.default_rng((seed, epoch, index)).integers(len(variants)))]
+
+
 class ImageTextCollator(DecodingCollator):
     """Collates `{"image", "caption"}` rows into processor inputs (input_ids, attention_mask, pixel_values).
 
-    Rows that carry `captions` (the caption variants of an image) get one variant drawn with torch's RNG, so each
-    epoch sees a different variant under a fixed seed.
+    Rows that carry `captions` (the caption variants of an image): with a `seed` (training), each gets the variant
+    `caption_variant(variants, seed, epoch, row index)`, so every epoch sees a different variant and the draw is
+    exact under resume and across processes; the rows must then come from `IndexedRows`. Without a seed
+    (validation, feature extraction), each row keeps its `caption` (the first variant), the same at every call.
     """
 
-    def __init__(self, processor, stats: DecodeStats | None = None):
+    def __init__(self, processor, stats: DecodeStats | None = None, seed: int | None = None):
         super().__init__(stats)
         self.processor = processor
+        self.seed = seed
 
-    @staticmethod
-    def _caption(row: Mapping) -> str:
+    def _caption(self, row: Mapping) -> str:
         variants = row.get("captions")
-        if variants:
-            return variants[int(torch.randint(len(variants), ()))]
-        return row["caption"]
+        if self.seed is None or not variants:
+            return row["caption"]
+        if ROW_INDEX not in row:
+            raise ValueError(f"drawing a caption variant needs the row's index ({ROW_INDEX!r}): wrap the dataset in "
+                             "training.data.IndexedRows, or build the collator without a seed for fixed captions")
+        return caption_variant(variants, self.seed, self.epoch, row[ROW_INDEX])
 
     def collate(self, decoded):
         captions = [self._caption(row) for row, _ in decoded]
@@ -234,27 +277,47 @@ def load_labelled_dataset(source, split: str | None = None) -> tuple[datasets.Da
     return dataset.cast_column("image", datasets.Image(decode=False)), names
 
 
+def _utf8_text(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); a ValueError naming the file and row otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        row = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: row {row} is not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8"
+        ) from None
+
+
 def read_csv_rows(path: str | Path, required: Sequence[str], separator: str | None = None) -> list[dict[str, str]]:
-    """Rows of a CSV/TSV file as dicts; the separator defaults to tab when the header has one, else comma."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        header = handle.readline()
-        separator = separator or ("\t" if "\t" in header else ",")
-        handle.seek(0)
-        reader = csv.DictReader(handle, delimiter=separator)
+    """Rows of a CSV/TSV file as dicts; the separator defaults to tab when the header has one, else comma.
+
+    Raises:
+        ValueError: naming the file, for text that is not UTF-8, a malformed row or a missing column.
+    """
+    handle = io.StringIO(_utf8_text(Path(path)), newline="")
+    header = handle.readline()
+    separator = separator or ("\t" if "\t" in header else ",")
+    handle.seek(0)
+    reader = csv.DictReader(handle, delimiter=separator)
+    try:
         missing = [name for name in required if name not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(
                 f"{path}: missing column(s) {missing}; found {reader.fieldnames} with separator {separator!r}"
             )
         return list(reader)
+    except csv.Error as error:
+        raise ValueError(f"{path}: row {reader.line_num} is not CSV ({error}); fix or rewrite the file") from error
 
 
 def _load_open_clip_csv(path: Path, image_column: str, caption_column: str, separator: str | None) -> datasets.Dataset:
-    """An open_clip-style CSV: one row per pair, image paths relative to the CSV file."""
+    """An open_clip-style CSV: one row per pair, image paths relative to the CSV file and inside its folder."""
     rows = read_csv_rows(path, [image_column, caption_column], separator)
     extra = [name for name in ("source", "label") if rows and name in rows[0]]
+    image_path = ContainedPaths(path.parent)
     columns = {
-        "image": [str(path.parent / row[image_column]) for row in rows],
+        "image": [image_path(row[image_column], f"{path}: row {index + 2}") for index, row in enumerate(rows)],
         "caption": [row[caption_column] for row in rows],
     }
     columns.update({name: [row[name] for row in rows] for name in extra})
@@ -320,6 +383,213 @@ def _source_kind(source) -> str:
     return "hub"
 
 
+def _text_problem(value) -> str | None:
+    """Why a caption cannot be trained on (None for a non-blank string)."""
+    if value is None:
+        return "null or missing"
+    if not isinstance(value, str):
+        return f"{value!r} ({type(value).__name__}), not text"
+    return None if value.strip() else "empty"
+
+
+def _row_caption_problem(row: Mapping) -> str | None:
+    """What is wrong with a row's `caption` or its `captions` variants, or None."""
+    problem = _text_problem(row.get("caption"))
+    if problem is not None:
+        return f"the caption is {problem}"
+    variants = row.get("captions")
+    if variants is None:
+        return None
+    if not isinstance(variants, (list, tuple)):
+        return f"the caption variants are {variants!r}, not a list of text"
+    for number, variant in enumerate(variants, start=1):
+        problem = _text_problem(variant)
+        if problem is not None:
+            return f"caption variant {number} is {problem}"
+    return None
+
+
+def _caption_error(location: str, image, problem: str) -> ValueError:
+    return ValueError(
+        f"{location} (image {image}): {problem}; every image needs a non-empty text caption: fix the row or remove it"
+    )
+
+
+def _image_name(row: Mapping) -> str:
+    image = row.get("image")
+    if isinstance(image, Mapping):
+        return image.get("path") or "<embedded bytes>"
+    return str(image)
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _holds_text(caption: pa.ChunkedArray, variants: pa.ChunkedArray | None) -> bool:
+    """Whether the `caption` column holds strings and `captions` (if any) lists of strings."""
+    if variants is None:
+        return _is_text(caption.type)
+    is_list = pa.types.is_list(variants.type) or pa.types.is_large_list(variants.type)
+    return _is_text(caption.type) and is_list and _is_text(variants.type.value_type)
+
+
+def _blank_or_null(strings) -> pa.ChunkedArray:
+    """Per string: null, empty or only whitespace (nulls count as True)."""
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(strings)), 0)
+    return pc.fill_null(pc.or_kleene(pc.is_null(strings), blank), True)
+
+
+def _first_bad_caption(dataset: datasets.Dataset) -> int | None:
+    """Index of the first row that `_row_caption_problem` refuses: a scan of the Arrow columns, without reading the
+    rows (or their images) in Python, except for a column that does not hold text at all."""
+    table = dataset.with_format("arrow")
+    columns = {name: table[name] for name in ("caption", "captions") if name in dataset.features}
+    variants = columns.get("captions")
+    if not _holds_text(columns["caption"], variants):
+        # Not text at all: rare enough, and then wrong anyway, to look for the first bad row one by one.
+        rows = dataset.select_columns(list(columns))
+        return next((index for index, row in enumerate(rows) if _row_caption_problem(row)), None)
+    first = pc.index(_blank_or_null(columns["caption"]), True).as_py()
+    candidates = [first] if first >= 0 else []
+    if variants is not None:
+        offset = 0
+        for chunk in variants.chunks:
+            bad = pc.index(_blank_or_null(pc.list_flatten(chunk)), True).as_py()
+            if bad >= 0:
+                candidates.append(offset + pc.list_parent_indices(chunk)[bad].as_py())
+                break
+            offset += len(chunk)
+    return min(candidates, default=None)
+
+
+def _metadata_rows(path: Path) -> Iterator[tuple[int, Mapping]]:
+    """(row number, row) of an image folder's `metadata.jsonl` (rows are lines) or `metadata.csv` (the header is row
+    1); a ValueError naming the file and row for text that is not UTF-8 or a line that is not a JSON object."""
+    text = _utf8_text(path)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as error:
+            raise ValueError(f"{path}: row {reader.line_num} is not CSV ({error}); fix or rewrite the file") from error
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}: row {number} is not valid JSON ({error.msg}), as in a truncated or corrupt file; fix the "
+                "line or write the file again"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is {type(row).__name__}, not a JSON object with a file_name")
+        yield number, row
+
+
+def _check_metadata_file(path: Path, caption_column: str) -> None:
+    """Reads an image folder's metadata file row by row to name the first problem (text that is not UTF-8, a line
+    that is not JSON, an image path outside the folder, a bad caption): once `datasets` has failed, to say where,
+    and before a stream starts, which would otherwise meet the problem mid-training."""
+    image_path = ContainedPaths(path.parent)
+    for number, row in _metadata_rows(path):
+        where = f"{path}: row {number}"
+        if "file_name" in row:
+            image_path(row["file_name"], where)
+        problem = _row_caption_problem({"caption": row.get(caption_column), "captions": row.get("captions")})
+        if problem is not None:
+            raise _caption_error(where, row.get("file_name"), problem)
+
+
+def _metadata_files(root: Path, split: str | None) -> list[Path]:
+    """The metadata files of an image folder's `split`: those in its split subfolder if it has one, else all."""
+    folder = root / split if split and (root / split).is_dir() else root
+    return sorted(path for name in METADATA_FILES for path in folder.rglob(name))
+
+
+class _ImageFolderRows:
+    """Where a row of an image folder comes from (its metadata file and row), and the path rule for its image: inside
+    the folder of the metadata file that names it (`ContainedPaths`; `datasets` checks the same without following
+    symlinks)."""
+
+    def __init__(self, root: Path, split: str | None):
+        self.metadata_files = _metadata_files(root, split)
+        # Deepest first: an image belongs to the metadata file nearest to it.
+        self.folders = sorted({str(path.parent) for path in self.metadata_files}, key=len, reverse=True)
+        self._folder_of: dict[str, str | None] = {}
+        self._rules = {folder: ContainedPaths(folder) for folder in self.folders}
+
+    def _folder(self, image: str) -> str | None:
+        parent = os.path.dirname(image)
+        if parent not in self._folder_of:
+            self._folder_of[parent] = next(
+                (folder for folder in self.folders if os.path.commonpath([folder, parent]) == folder), None
+            )
+        return self._folder_of[parent]
+
+    def path_problem(self, image: str | None) -> str | None:
+        folder = self._folder(image) if image else None
+        if folder is None:
+            return None
+        # `datasets` joined the metadata folder and the row's file_name.
+        return self._rules[folder].problem(image[len(folder) :].lstrip(os.sep))
+
+    def locate(self, image: str | None) -> str | None:
+        """"<metadata file>: row N" of the row naming `image` (read only on error), or None."""
+        folder = self._folder(image) if image else None
+        for path in self.metadata_files:
+            if str(path.parent) != folder:
+                continue
+            for number, row in _metadata_rows(path):
+                name = row.get("file_name")
+                if isinstance(name, str) and os.path.normpath(os.path.join(folder, name)) == os.path.normpath(image):
+                    return f"{path}: row {number}"
+        return None
+
+
+def _locator(kind: str, where, dataset: datasets.Dataset, image_folder: _ImageFolderRows | None):
+    """`index -> "file: row N"` for the messages of `_check_rows`: the CSV line (the header is row 1), the metadata
+    file and row of an image folder, else the dataset index."""
+    if kind == "csv":
+        return lambda index: f"{where}: row {index + 2}"
+    if image_folder is not None:
+        return lambda index: image_folder.locate(_image_name(dataset[index])) or f"{where}: dataset[{index}]"
+    return lambda index: f"{where}: dataset[{index}]"
+
+
+def _check_rows(dataset: datasets.Dataset, locate, image_folder: _ImageFolderRows | None) -> None:
+    """Refuses a dataset with a caption that cannot be trained on, or an image folder row whose image lies outside
+    its folder, naming the file, row and image: before training starts, rather than a tokenizer TypeError later.
+    `locate(index)` names the file and row of a dataset row."""
+    index = _first_bad_caption(dataset)
+    if index is not None:
+        row = dataset[index]
+        raise _caption_error(locate(index), _image_name(row), _row_caption_problem(row))
+    if image_folder is not None:
+        images = pc.struct_field(dataset.with_format("arrow")["image"], "path").to_pylist()
+        for index, image in enumerate(images):
+            problem = image_folder.path_problem(image)
+            if problem is not None:
+                raise ValueError(f"{locate(index)}: {problem}")
+
+
+class _StreamedCaptionCheck:
+    """`datasets.IterableDataset.map` function: the caption check of `_check_rows` on each row as it streams past
+    (a stream has no column to scan; shards and Hub data are not read ahead), with the same message."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __call__(self, row: Mapping, index: int) -> dict:
+        problem = _row_caption_problem(row)
+        if problem is not None:
+            raise _caption_error(f"{self.where}: streamed row {index}", _image_name(row), problem)
+        return {}
+
+
 def load_image_text_dataset(
     source,
     split: str = "train",
@@ -348,6 +618,12 @@ def load_image_text_dataset(
     Returns:
         A Dataset (or IterableDataset) with an undecoded `image` column, `caption`, and `captions`, `source` and
         `label` where the data has them.
+
+    Raises:
+        ValueError: naming the file (metadata file, CSV or dataset) and the row, for metadata that is not UTF-8 or
+            not JSON (a truncated file), for a null, empty or non-text caption (checked on the columns before this
+            returns, or as each row streams past), and for an image path that is absolute or leads outside the
+            folder of the file that names it, also through a symlink (`modeling_agriclip.files.ContainedPaths`).
     """
     kind = _source_kind(source)
     where = source
@@ -370,11 +646,23 @@ def load_image_text_dataset(
             )
         caption_column = caption_column or "txt"
     else:
+        if kind == "imagefolder" and streaming:
+            # A stream would meet the problems only while training, in messages that name no file: look now.
+            for path in _metadata_files(Path(source), split):
+                _check_metadata_file(path, caption_column or "caption")
         try:
             if kind == "imagefolder":
                 dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split=split, streaming=streaming)
             else:
                 dataset = datasets.load_dataset(str(source), split=split, streaming=streaming)
+        except (DatasetGenerationError, pa.ArrowInvalid, UnicodeDecodeError) as error:
+            if kind != "imagefolder":
+                raise
+            # `datasets` does not say which metadata file (or row) it could not read: find it.
+            for path in _metadata_files(Path(source), split):
+                _check_metadata_file(path, caption_column or "caption")
+            reason = error.__cause__ or error
+            raise ValueError(f"{source}: the image folder's metadata cannot be read: {reason}") from error
         except ValueError as error:
             if "split" in str(error).lower():
                 raise ValueError(f"{source}: {error}") from error
@@ -386,11 +674,17 @@ def load_image_text_dataset(
     caption_column = caption_column or "caption"
     if caption_column not in features:
         raise ValueError(f"{where}: no caption column {caption_column!r}; columns: {sorted(features)}")
+    # Undecoded first: renaming the columns of a stream otherwise decodes every image (and fails on a bad one).
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     dataset = dataset.rename_columns(
         {old: new for old, new in ((image_column, "image"), (caption_column, "caption")) if old != new}
     )
     dataset = dataset.select_columns([name for name in IMAGE_TEXT_COLUMNS if name in dataset.features])
-    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    if isinstance(dataset, datasets.Dataset):
+        image_folder = _ImageFolderRows(Path(source), split) if kind == "imagefolder" else None
+        _check_rows(dataset, _locator(kind, where, dataset, image_folder), image_folder)
+    else:
+        dataset = dataset.map(_StreamedCaptionCheck(where), with_indices=True, features=dataset.features)
     if streaming and isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset()
     return dataset

@@ -39,6 +39,8 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_agriclip.atomic import replace_entries
+
 from .prompts import CaptionGenerator, DatasetMetadata
 
 
@@ -717,15 +719,22 @@ def downstream_tasks() -> list[DownstreamTask]:
     ]
 
 
+# Images per task sent to a render process: few enough that the progress bar moves, enough to amortise the transfer.
+RENDER_CHUNK = 32
+# What a build owns in its output folder; other files there are left alone.
+EMBEDDED_ENTRIES = ("pretrain", "downstream", "sources", "suite.yaml", "embedded.json")
+
+
 def _stream(name: str) -> int:
     """A stable integer per seed stream, so that pretraining and each task draw disjoint images."""
     return zlib.crc32(name.encode())
 
 
-def _render_job(job: tuple) -> None:
-    drawings, entropy, size, path = job
-    image = draw(drawings, np.random.default_rng(entropy), size)
-    Image.fromarray(image).save(path, compress_level=1)
+def _render_jobs(jobs: list[tuple]) -> int:
+    """Draws and saves each (drawings, entropy, size, path) job; returns how many."""
+    for drawings, entropy, size, path in jobs:
+        Image.fromarray(draw(drawings, np.random.default_rng(entropy), size)).save(path, compress_level=1)
+    return len(jobs)
 
 
 def build_embedded_dataset(
@@ -752,9 +761,10 @@ def build_embedded_dataset(
     Every image has its own seed from (seed, stream, class, index), so the output is identical for a seed whatever
     `num_workers` is, and pretraining and each downstream task come from disjoint seed streams.
     """
-    output_dir = Path(output_dir)
-    for owned in ("pretrain", "downstream", "sources"):
-        shutil.rmtree(output_dir / owned, ignore_errors=True)
+    final_dir = Path(output_dir)
+    # Built aside and moved in whole: a build that fails or is killed leaves the previous one as it was.
+    output_dir = final_dir / ".staging"
+    shutil.rmtree(output_dir, ignore_errors=True)
     (output_dir / "sources").mkdir(parents=True)
     # At least one training image per class; a single image per class leaves the validation split empty.
     validation = min(int(np.ceil(pretrain_per_class * validation_fraction)), pretrain_per_class - 1)
@@ -805,16 +815,18 @@ def build_embedded_dataset(
     (output_dir / "suite.yaml").write_text(yaml.safe_dump({"datasets": suite}, sort_keys=False))
 
     num_workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc="embedded dataset", unit="img", disable=not progress)
+    chunks = [jobs[start : start + RENDER_CHUNK] for start in range(0, len(jobs), RENDER_CHUNK)]
+    # smoothing=0: the rate is the average since the start. The default weights the latest update most, and the
+    # first one comes only after the workers have started and rendered a whole chunk.
+    bar = tqdm(total=len(jobs), desc="embedded dataset", unit="img", smoothing=0, disable=not progress)
     if num_workers > 1:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-            for _ in pool.map(_render_job, jobs, chunksize=64):
-                bar.update()
+            for rendered in pool.map(_render_jobs, chunks):
+                bar.update(rendered)
     else:
-        for job in jobs:
-            _render_job(job)
-            bar.update()
+        for chunk in chunks:
+            bar.update(_render_jobs(chunk))
     bar.close()
     manifest = {
         "seed": seed,
@@ -825,7 +837,8 @@ def build_embedded_dataset(
         "tasks": [task["name"] for task in suite],
     }
     (output_dir / "embedded.json").write_text(json.dumps(manifest, indent=2))
-    return output_dir
+    replace_entries(output_dir, final_dir, EMBEDDED_ENTRIES)
+    return final_dir
 
 
 def main(argv: list[str] | None = None) -> None:

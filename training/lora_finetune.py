@@ -69,6 +69,7 @@ from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embe
 from training.aligner import AlignerStatistics, fit_closed_form
 from training.data import (
     ImageTextCollator,
+    IndexedRows,
     LabelledImageCollator,
     counted,
     load_image_text_dataset,
@@ -80,11 +81,13 @@ from training.losses import ContrastiveLoss, share_of_global_batch
 from training.models import load_model_and_processor
 from training.prompts import get_templates
 from training.runtime import (
+    RESUME_HINT,
     CheckpointManager,
     PreemptionGuard,
-    TrainingPosition,
+    RunLock,
     add_runtime_arguments,
     dataloader_generator,
+    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
     make_accelerator,
@@ -92,12 +95,16 @@ from training.runtime import (
     readable_on_every_process,
     report_decode_stats,
     resumable_batches,
+    run_options,
     train_step,
 )
 
 logger = logging.getLogger(__name__)
 
 RUN = "lora_finetune"
+# Options that change what is published or written beside the adapter, not the adapter (see
+# `training.runtime.run_options`).
+PUBLISHING_OPTIONS = ("merge", "base_model_id", "push_to_hub")
 TOWERS = ("text", "image", "backbone")
 # The top-level module of AgriCLIPModel that each tower owns.
 TOWER_OF_MODULE = {
@@ -530,12 +537,21 @@ def refit_aligner(peft_model: PeftModel, loader, accelerator, ridge: float = 0.0
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs the LoRA adaptation with `argv` (default: the command line); `resume_hint` says how to continue a
+    stopped run in the caller's context."""
     parser = build_parser()
     args = parse_args(parser, argv)
     check_arguments(parser, args)
     base_reference = base_model_reference(args.model, args.base_model_id, publishing=bool(args.push_to_hub))
     accelerator = make_accelerator(args, RUN)
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
+    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
+            exit_on_sigterm(checkpoints.describe_saved, accelerator.print):
+        return adapt(args, accelerator, checkpoints, base_reference)
+
+
+def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str) -> Path:
     base_model, processor = load_model_and_processor(args.model)
     embedding = objective_embedding(args.towers)
     embedding_name = embedding or base_model.config.image_embedding
@@ -552,12 +568,15 @@ def main(argv: list[str] | None = None) -> Path:
     task = load_labelled_task(spec, args.objective == "classification", args.shots, args.seed) if spec else None
     if args.objective == "classification":
         train_data, collate = task.train, LabelledImageCollator(processor, decode_stats)
+        train_rows, train_collate = train_data, collate
     else:
         train_data = load_image_text_dataset(args.train_data, split=args.train_split or "train")
+        # Training draws caption variants from the seed, the epoch and each pair's index; the re-fit needs images only.
         collate = ImageTextCollator(processor, decode_stats)
+        train_rows, train_collate = IndexedRows(train_data), ImageTextCollator(processor, decode_stats, seed=args.seed)
     # The contrastive loss on the global batch needs equal batches on every process; cross-entropy does not, and a
     # k-shot set may be smaller than one batch.
-    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+    train_loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=train_collate,
                               drop_last=args.objective == "contrastive", num_workers=args.num_workers,
                               generator=dataloader_generator(args.seed))
     if len(train_loader) == 0:
@@ -587,32 +606,32 @@ def main(argv: list[str] | None = None) -> Path:
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, epochs=max_steps, iters_per_epoch=1,
                                   warmup_epochs=args.warmup_steps)
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
-    position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
-    preemption = PreemptionGuard(accelerator)
-    init_run_trackers(accelerator, RUN, args)
+    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=PUBLISHING_OPTIONS),
+                                 args.allow_changed_config)
+    init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     accelerator.print(f"LoRA ({args.objective}, {embedding_name} image embedding): "
                       f"{len(train_data)} training examples, {max_steps} optimizer steps of {args.batch_size} x "
                       f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
     progress = tqdm(total=max_steps, initial=position.step, desc="LoRA", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
-    for batch in resumable_batches(train_loader, accelerator, position, max_steps):
-        loss = train_step(accelerator, objective, optimizer, lambda: compute_loss(batch), float(lr_schedule[position.step]),
-                          args.max_grad_norm, position, checkpoints)
-        samples += len(batch["pixel_values"]) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        position.step += 1
-        progress.update(1)
-        logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
-                "samples_per_second": samples / (time.perf_counter() - started)}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        if task is not None and args.eval_every and position.step % args.eval_every == 0:
-            metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
-            logs.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
-        accelerator.log(logs, step=position.step)
-        checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
+    with PreemptionGuard(accelerator) as preemption:
+        for batch in resumable_batches(train_loader, accelerator, position, max_steps, args.train_data or spec.path):
+            loss = train_step(accelerator, objective, optimizer, lambda: compute_loss(batch),
+                              float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
+            samples += len(batch["pixel_values"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            position.step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
+                    "samples_per_second": samples / (time.perf_counter() - started)}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if task is not None and args.eval_every and position.step % args.eval_every == 0:
+                metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
+                logs.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
+            accelerator.log(logs, step=position.step)
+            checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
     results = {"objective": args.objective, "towers": list(args.towers), "embedding": embedding,

@@ -16,8 +16,8 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
     if name_or_path in PRESETS:
         config = PRESETS[name_or_path]()
         return AgriCLIPModel(config), AgriCLIPProcessor.from_config(config)
-    model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
-    processor = AgriCLIPProcessor.from_pretrained(name_or_path)
+    model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False)
+    processor = AgriCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     try:
         processor.check_fits(model.config)
     except ValueError as error:

@@ -19,6 +19,8 @@ from typing import Protocol
 
 import yaml
 
+from modeling_agriclip.zero_shot import check_templates
+
 
 # The fallback of the official code (`AgriCLIP_alignment/AgriClip_zeroshot.py`) for datasets without a prompt.
 OFFICIAL_FALLBACK_TEMPLATE = "a photo of {}"
@@ -83,7 +85,8 @@ ZERO_SHOT_TEMPLATES: dict[str, list[str]] = {
 
 
 def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
-    """Returns the templates registered under a name, or validates a literal list of `{}` templates."""
+    """Returns the templates registered under a name, or a literal list of templates checked by
+    `modeling_agriclip.zero_shot.check_template` (exactly one `{}`, no other format field)."""
     if isinstance(name_or_list, str):
         if name_or_list not in ZERO_SHOT_TEMPLATES:
             raise KeyError(
@@ -91,13 +94,7 @@ def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
                 "or pass a list of templates with '{}' for the class name"
             )
         return list(ZERO_SHOT_TEMPLATES[name_or_list])
-    templates = list(name_or_list)
-    if not templates:
-        raise ValueError("empty template list")
-    for template in templates:
-        if not isinstance(template, str) or "{}" not in template:
-            raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
-    return templates
+    return check_templates(name_or_list)
 
 
 def with_article(phrase: str) -> str:
@@ -366,8 +363,10 @@ class TransformersParaphraser:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True).to(device).eval()
+        # Never the folder's own code: transformers would otherwise ask on stdin whether to run it.
+        local = {"local_files_only": True, "trust_remote_code": False}
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, **local)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **local).to(device).eval()
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

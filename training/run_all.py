@@ -14,18 +14,20 @@ Under `accelerate launch` the training stages use every process.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import yaml
 
+from modeling_agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
 from model_card.card import describe_caption_data, read_training_info, write_model_card
 from training import stage1_contrastive, stage2_dino, stage3_align
-from training.runtime import load_config_file
+from training.runtime import RunLock, exit_on_sigterm, load_config_file
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
+# How to continue a stopped end-to-end run: the stages' messages say this instead of their own `--resume` advice.
+RESUME_HINT = "run the same command again to continue (finished stages are skipped, an interrupted one resumes)"
 
 
 def as_flags(options: dict) -> list[str]:
@@ -73,9 +75,16 @@ def run_stages(config: dict, data: dict, output_dir: Path) -> Path:
                 options.setdefault("knn_data", data["knn_data"])
             if name != "stage3":
                 options["resume"] = True  # continues an interrupted run; starts fresh when there is no checkpoint
-            script.main(as_flags(options))
+            script.main(as_flags(options), resume_hint=RESUME_HINT)
         model = str(final)
     return Path(model)
+
+
+def describe_progress(output_dir: Path) -> str:
+    """What a stop of the end-to-end run outside a stage leaves: the stages finished, and how to continue."""
+    finished = [name for name, _ in STAGES if (output_dir / name / "final").is_dir()]
+    done = f"the stages finished so far ({', '.join(finished)}) are in {output_dir}" if finished else "no stage finished yet"
+    return f"{done}; {RESUME_HINT}"
 
 
 def classify_demo_photo(checkpoint: Path, suite_path: Path) -> None:
@@ -88,7 +97,7 @@ def classify_demo_photo(checkpoint: Path, suite_path: Path) -> None:
     classes = sorted(p.name for p in task.path.iterdir() if p.is_dir())
     labels = [task.class_names.get(c, c.replace("_", " ")) for c in classes]
     photo = sorted((task.path / classes[0]).iterdir())[0]
-    classifier = pipeline("zero-shot-image-classification", model=str(checkpoint))
+    classifier = pipeline("zero-shot-image-classification", model=str(checkpoint), trust_remote_code=False)
     results = classifier(str(photo), candidate_labels=labels, hypothesis_template=task.templates[0])
     print(f"\nclassified {photo} (true class: {labels[0]}) with {task.templates[0]!r}:")
     for row in results[:3]:
@@ -102,8 +111,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     config = load_config_file(args.config)
     output_dir = Path(args.output_dir or config.get("output_dir", "runs/agriclip"))
+    with RunLock(output_dir), exit_on_sigterm(lambda: describe_progress(output_dir)):
+        return run(config, output_dir)
+
+
+def run(config: dict, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "run_config.yaml").write_text(yaml.safe_dump(config))
+    write_text_atomically(output_dir / "run_config.yaml", yaml.safe_dump(config))
 
     data = prepare_data(config, output_dir)
     trained = run_stages(config, data, output_dir)
@@ -122,11 +136,10 @@ def main(argv: list[str] | None = None) -> Path:
         results = run_suite(data["suite"], {"agriclip": f"{trained}:{embeddings}"}, output_dir / "evaluation",
                             batch_size=evaluation.get("batch_size", 32))
         print("\nzero-shot top-1 on the downstream tasks:\n" + render_markdown_table(results))
-        (staging / "eval_results.json").write_text(json.dumps(results, indent=2))
+        write_json_atomically(staging / "eval_results.json", results)
     training_info = {**read_training_info(output_dir), "data": describe_caption_data(data["train_data"], name=data.get("name"))}
     write_model_card(staging, eval_results=results, training_info=training_info, repo_id=config.get("repo_id"))
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    staging.rename(checkpoint)
+    replace_folder(staging, checkpoint)
 
     if data.get("suite"):
         classify_demo_photo(checkpoint, Path(data["suite"]))

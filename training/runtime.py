@@ -2,7 +2,11 @@
 checkpoints that are never half-written and resume exactly, atomic exports, and the finite-loss guard.
 
 A script builds its own parser (flags with help text), adds `add_runtime_arguments`, and keeps its own loop;
-the loop records where it is in a `TrainingPosition`, which `CheckpointManager` saves with the accelerate state.
+the loop records where it is in a `TrainingPosition`, which `CheckpointManager` saves with the accelerate state
+and the run's options (a resume with other options is refused unless allowed).
+
+A script's `main` holds the output folder's `RunLock` and runs inside `exit_on_sigterm` (SIGTERM stops at once,
+saying what is saved), with a `PreemptionGuard` around its training steps (SIGTERM checkpoints at the next step).
 """
 
 from __future__ import annotations
@@ -11,8 +15,13 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +41,7 @@ from accelerate.utils import (
 )
 from safetensors import safe_open
 
-from modeling_agriclip.atomic import write_json_atomically
+from modeling_agriclip.atomic import replace_folder, write_json_atomically
 from modeling_agriclip.images import DecodeStats
 from training.data import counted
 
@@ -40,6 +49,18 @@ logger = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+# The options a checkpoint was written under (`run_options`), beside its trainer state.
+RUN_OPTIONS = "run_options.json"
+# Exit status of a run stopped by SIGTERM, as a shell reports a process the signal killed.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+# How to continue a run stopped part-way, as a script run on its own says it; `training.run_all` passes its own.
+RESUME_HINT = "run the same command with --resume to continue"
+# Options a resume may change: where a run writes and how it reports, not what it computes. Scripts add their own
+# (validation and k-NN data, publishing flags) through `run_options(neutral=...)`.
+RESULT_NEUTRAL_OPTIONS = frozenset({
+    "output_dir", "resume", "allow_changed_config", "config", "log_with", "num_workers", "checkpoint_every",
+    "keep_checkpoints", "eval_every",
+})
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -97,13 +118,28 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="Resume from the newest intact checkpoint in --output-dir (or from the given checkpoint folder).",
     )
     group.add_argument(
+        "--allow-changed-config", action="store_true",
+        help="Resume although options that change the result (batch size, learning rate, seed, data, steps, number of "
+             "processes, precision...) differ from the checkpoint's; without it such a resume is refused. Paths of "
+             "outputs, logging, workers and checkpoint/evaluation frequency may always change.",
+    )
+    group.add_argument(
         "--log-with", default="auto",
         help="Accelerate tracker(s), comma-separated (e.g. tensorboard,wandb); 'auto' = tensorboard when installed; 'none'.",
     )
 
 
+# Entries of the tracker configuration that describe the segment of a run (see `init_run_trackers`), not an option.
+SEGMENT_KEYS = ("start_step", "resumed_from")
+
+
 class JSONLinesTracker(GeneralTracker):
-    """Appends every logged step to `<logging_dir>/<run>/metrics.jsonl`: readable without any tracker installed."""
+    """Appends every logged step to `<logging_dir>/<run>/metrics.jsonl`: readable without any tracker installed.
+
+    Each start of the run, from scratch or resumed (a segment), appends its start step, the checkpoint it resumed
+    from and its options to `segments.jsonl`; `config.json` holds the options the run started from scratch with and
+    is never rewritten by a resume, so no segment's record is lost.
+    """
 
     name = "jsonl"
     requires_logging_directory = True
@@ -120,7 +156,13 @@ class JSONLinesTracker(GeneralTracker):
     @on_main_process
     def store_init_configuration(self, values: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self.path.with_name("config.json"), values)
+        options = {key: value for key, value in values.items() if key not in SEGMENT_KEYS}
+        segment = {key: values[key] for key in SEGMENT_KEYS if key in values}
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **segment, "options": options}
+        with open(self.path.with_name("segments.jsonl"), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if not segment.get("resumed_from"):
+            write_json_atomically(self.path.with_name("config.json"), options)
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
@@ -145,13 +187,61 @@ def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_world_size(accelerator)
     set_seed(args.seed)
     return accelerator
 
 
-def init_run_trackers(accelerator: Accelerator, run_name: str, args: argparse.Namespace) -> None:
-    """Starts the run's trackers with its scalar options as the run configuration."""
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuses processes that a launcher started together but Accelerate runs one by one.
+
+    torchrun on CPU, or `accelerate launch` with an FSDP or DeepSpeed config on CPU, starts N processes (and may
+    initialise torch.distributed) while Accelerate falls back to a single process: the contrastive loss would
+    still gather across processes, but gradients would not be synchronised and every process would write the same
+    checkpoints.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    grouped = torch.distributed.get_world_size() if distributed else 1
+    if accelerator.num_processes == 1 and max(launched, grouped) > 1:
+        raise RuntimeError(
+            f"{max(launched, grouped)} processes were launched together (WORLD_SIZE={launched}, torch.distributed "
+            f"{'initialised with ' + str(grouped) + ' processes' if distributed else 'not initialised'}) but "
+            f"Accelerate runs each alone (distributed type {accelerator.distributed_type}): gradients would not be "
+            "synchronised and every process would write the same checkpoints. For CPU processes set "
+            "ACCELERATE_USE_CPU=1 and launch with `accelerate launch --multi_gpu --num_processes N` (an FSDP or "
+            "DeepSpeed config, or torchrun alone, leaves Accelerate single-process on CPU); on GPUs, check that "
+            "every process sees a device."
+        )
+
+
+def run_options(args: argparse.Namespace, accelerator: Accelerator, neutral=()) -> dict:
+    """The options that decide a run's result, as JSON values: every flag but `RESULT_NEUTRAL_OPTIONS` and
+    `neutral`, with the number of processes and the precision Accelerate runs under (the launcher may choose
+    them). Saved with each checkpoint and compared on resume."""
+    options = {key: value for key, value in vars(args).items() if key not in RESULT_NEUTRAL_OPTIONS | set(neutral)}
+    options |= {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
+    return json.loads(json.dumps(options, default=str))
+
+
+def option_changes(before: dict, after: dict) -> list[str]:
+    """`--name: old -> new` for each option that differs (absent on one side: `(none)`)."""
+    def shown(options, key):
+        return str(options[key]) if key in options else "(none)"
+
+    def flag(key):
+        return "processes" if key == "num_processes" else "--" + key.replace("_", "-")
+
+    return [f"{flag(key)}: {shown(before, key)} -> {shown(after, key)}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
+def init_run_trackers(accelerator: Accelerator, run_name: str, args: argparse.Namespace,
+                      start_step: int = 0, resumed_from: str | os.PathLike | None = None) -> None:
+    """Starts the run's trackers with its scalar options as the run configuration, and the segment: the step it
+    starts at and the checkpoint it resumed from (see `JSONLinesTracker`)."""
     config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+    config |= {"start_step": start_step, "resumed_from": str(resumed_from or "")}
     accelerator.init_trackers(run_name, config=config)
 
 
@@ -216,34 +306,65 @@ def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
     return not unreadable_on
 
 
-def report_decode_stats(accelerator: Accelerator, stats: DecodeStats) -> None:
-    """Prints, on the main process, the images decoded and skipped by all processes together."""
+def decode_totals(accelerator: Accelerator, stats: DecodeStats) -> DecodeStats:
+    """The images decoded and skipped by all processes together (every process must call it)."""
     total = DecodeStats()
     for state in gather_object([stats.to_dict()]) if accelerator.num_processes > 1 else [stats.to_dict()]:
         total += DecodeStats.from_dict(state)
+    return total
+
+
+def report_decode_stats(accelerator: Accelerator, stats: DecodeStats) -> None:
+    """Prints, on the main process, the images decoded and skipped by all processes together."""
+    total = decode_totals(accelerator, stats)
     if total.num_skipped:
         accelerator.print(total.summary())
 
 
-def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int):
+class UnreadableDataError(RuntimeError):
+    """A whole epoch held no batch with a readable image: the run cannot make progress."""
+
+
+def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int, data):
     """The batches of a run from `position` on, epoch after epoch, until `max_steps` optimizer steps are done.
 
     Counts the batches of the current epoch in `position` (the loop counts optimizer steps); a resumed run skips
-    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. The loader's
-    collator counts the unreadable images (`training.data.counted`); a batch with no readable image on some
-    process is skipped by every process.
+    the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. The collator
+    learns the epoch before the epoch's iterator starts (its caption draws depend on it). The loader's collator
+    counts the unreadable images (`training.data.counted`); a batch with no readable image on some process is
+    skipped by every process.
+
+    Raises:
+        UnreadableDataError: naming `data` (the training data, for the message) and the decode summary, when an
+            epoch yields no batch at all: every image deleted or corrupt (the loop would otherwise spin forever).
     """
     while position.step < max_steps:
         loader.set_epoch(position.epoch)
+        loader.collate_fn.epoch = position.epoch
+        whole_epoch, yielded = position.batch_in_epoch == 0, False
         batches = accelerator.skip_first_batches(loader, position.batch_in_epoch) if position.batch_in_epoch else loader
         for batch in counted(batches):
             position.batch_in_epoch += 1
             if not readable_on_every_process(batch, accelerator):
                 continue
+            yielded = True
             yield batch
             if position.step >= max_steps:
                 return
+        if whole_epoch and not yielded:
+            raise unreadable_epoch(loader, accelerator, position, data)
         position.next_epoch()
+
+
+def unreadable_epoch(loader, accelerator: Accelerator, position: TrainingPosition, data) -> UnreadableDataError:
+    """The error of an epoch that yielded no batch, with the decode summary of all processes."""
+    if position.batch_in_epoch == 0:
+        what = f"epoch {position.epoch} has no batch at all ({len(loader.dataset)} rows, fewer than one global batch)"
+    else:
+        what = f"no batch of epoch {position.epoch} ({position.batch_in_epoch} batches) holds a readable image"
+    summary = decode_totals(accelerator, loader.collate_fn.stats).summary()
+    return UnreadableDataError(f"{data}: {what}, so training cannot go on; check that the images exist and decode, "
+                               f"then run again.\n{summary}")
 
 
 def dataloader_generator(seed: int) -> torch.Generator:
@@ -253,20 +374,58 @@ def dataloader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class PreemptionGuard:
-    """Turns SIGTERM (a cluster preempting or cancelling the job) into a checkpoint at the next optimizer step.
+@contextmanager
+def exit_on_sigterm(saved: Callable[[], str], say: Callable[[str], None] = print):
+    """SIGTERM (a cluster preempting or cancelling the job) stops the run at once with `SIGTERM_EXIT_CODE`,
+    printing `saved()`: what the stop leaves and how to continue, asked when the signal comes.
 
-    The handler only records the request: the loop asks `requested()` after each optimizer step, saves a
-    checkpoint and exits, so no state is written halfway through a step. Under several processes a request seen
-    by any process stops all of them at the same step.
+    Wraps a script's whole run. Validation, k-NN, feature extraction, evaluation and exports have no point at which
+    a checkpoint could be written part-way, so stopping promptly is all a preempted job can do there; the
+    `PreemptionGuard` entered around the training steps instead defers the signal to the next optimizer step.
+    Restores the previous handler on exit.
     """
 
-    EXIT_CODE = 128 + signal.SIGTERM
+    def stop(signum, frame):
+        say(f"SIGTERM received: stopped; {saved()}")
+        raise SystemExit(SIGTERM_EXIT_CODE)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        restore_sigterm_handler(previous)
+
+
+def restore_sigterm_handler(previous) -> None:
+    """Puts back the handler `signal.signal` returned (None: one installed outside Python, put back as the default)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class PreemptionGuard:
+    """Around the training loop, turns SIGTERM into a checkpoint at the next optimizer step.
+
+    `with PreemptionGuard(accelerator) as preemption:` installs a handler that only records the request: the loop
+    asks `requested()` after each optimizer step (`CheckpointManager.after_step`), saves a checkpoint and exits, so
+    no state is written halfway through a step. Under several processes a request seen by any process stops all
+    of them at the same step. A periodic evaluation inside the loop (`--eval-every`) runs under the guard too: a
+    SIGTERM during it is honoured at the end of that step, with a checkpoint. Leaving the block restores the
+    previous handler (that of `exit_on_sigterm`), and a request that came after the last step's check is passed on
+    to it.
+    """
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self._received = False
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self._previous = signal.SIG_DFL
+
+    def __enter__(self) -> "PreemptionGuard":
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        restore_sigterm_handler(self._previous)
+        if self._received and exc_type is None:
+            signal.raise_signal(signal.SIGTERM)
 
     def _on_signal(self, signum, frame) -> None:
         self._received = True
@@ -278,14 +437,88 @@ class PreemptionGuard:
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
     def stop(self, checkpoints: "CheckpointManager", position: "TrainingPosition") -> None:
-        """Saves a checkpoint of `position`, says where, and exits with 128 + SIGTERM."""
+        """Saves a checkpoint of `position`, says where and how to continue, and exits with `SIGTERM_EXIT_CODE`."""
         saved = checkpoints.save(position)
         self.accelerator.print(
-            f"SIGTERM received: checkpoint of step {position.step} written to {saved}; "
-            "run the same command with --resume to continue"
+            f"SIGTERM received: checkpoint of step {position.step} written to {saved}; {checkpoints.resume_hint}"
         )
         self.accelerator.end_training()
-        raise SystemExit(self.EXIT_CODE)
+        raise SystemExit(SIGTERM_EXIT_CODE)
+
+
+class RunLockedError(RuntimeError):
+    """Another run, alive, holds the output folder."""
+
+
+class RunLock:
+    """`<output_dir>/run.lock`: a second run writing the same output folder while the first is alive is refused.
+
+    `with RunLock(output_dir):` around a run; only the main process takes it (`active`), from the start of the run
+    to its end. The file names its holder: pid, host, start time and command. A lock whose process is gone (same
+    host, no such pid: a run killed by SIGKILL or a power cut) is stale and taken over with a message; a lock held
+    by another host cannot be checked from here, so it is refused like a live one.
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, output_dir: str | os.PathLike, say: Callable[[str], None] = print, active: bool = True):
+        self.path = Path(output_dir) / self.NAME
+        self.say = say
+        self.active = active
+
+    def __enter__(self) -> "RunLock":
+        if self.active:
+            self._acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.active:
+            self.path.unlink(missing_ok=True)
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = {"pid": os.getpid(), "hostname": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": shlex.join(sys.argv)}
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(holder, handle)
+            return
+
+    def _take_over_if_stale(self) -> None:
+        """Removes the lock of a run that is gone; raises `RunLockedError` naming a live (or unverifiable) holder."""
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["hostname"])
+            described = f"pid {pid} on {host}, started {holder.get('started')}: {holder.get('command')}"
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (ValueError, KeyError, TypeError):
+            raise RunLockedError(f"{self.path} exists but names no run (being written, or damaged); if no other run "
+                                 f"writes to {self.path.parent}, delete it") from None
+        if host != socket.gethostname():
+            raise RunLockedError(f"{self.path.parent} is locked by a run on another host ({described}), which cannot "
+                                 f"be checked from {socket.gethostname()}; if that run is over, delete {self.path}")
+        if process_alive(pid):
+            raise RunLockedError(f"{self.path.parent} is in use by another run ({described}); wait for it to end or "
+                                 f"choose another --output-dir (if that pid is no longer the run, delete {self.path})")
+        self.say(f"taking over the stale lock {self.path} of a run that is gone ({described})")
+        self.path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -299,7 +532,8 @@ def check_finite(loss, position: TrainingPosition, checkpoints: "CheckpointManag
         last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"loss is {loss.item()} at optimizer step {position.step} (epoch {position.epoch}); stopping; {last}. "
-            "Lower the learning rate or check the data, then resume with --resume."
+            "Lower the learning rate (resuming with a changed option needs --allow-changed-config) or check the "
+            f"data, then {checkpoints.resume_hint}."
         )
 
 
@@ -309,13 +543,20 @@ class CheckpointManager:
     A checkpoint is written to a temporary folder and renamed into place only once complete (the rename is
     atomic), so a crash or a failed write (disk full) leaves the previous checkpoints intact. Objects registered with
     `accelerator.register_for_checkpointing` (a teacher network, a loss centre) are saved with the model,
-    optimizer and random states.
+    optimizer and random states, and `options` (`run_options`, given to `start`) beside them.
+
+    `resume_hint` says how to continue a stopped run in the context that runs it (`RESUME_HINT` for a script run
+    on its own); the messages about checkpoints end with it.
     """
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, keep: int = 3):
+    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, keep: int = 3,
+                 resume_hint: str = RESUME_HINT):
         self.accelerator = accelerator
         self.directory = Path(output_dir) / "checkpoints"
         self.keep = keep
+        self.resume_hint = resume_hint
+        self.options: dict = {}
+        self.resumed_from: Path | None = None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, newest first."""
@@ -336,10 +577,10 @@ class CheckpointManager:
         with staged_write(staging, final, kept):
             self.accelerator.save_state(str(staging))
             if self.accelerator.is_main_process:
+                write_json_atomically(staging / RUN_OPTIONS, self.options)
                 write_json_atomically(staging / TRAINER_STATE, asdict(position))
         if self.accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            replace_folder(staging, final)
             for stale in self.checkpoints()[self.keep :]:
                 shutil.rmtree(stale)
         self.accelerator.wait_for_everyone()
@@ -352,8 +593,45 @@ class CheckpointManager:
         if position.step % every == 0 or position.step == max_steps:
             self.save(position)
 
-    def resume(self, source: str) -> TrainingPosition:
-        """Loads `source` (a checkpoint folder, or "latest": the newest intact one, falling back past corrupt ones)."""
+    def describe_saved(self) -> str:
+        """What a run stopped now leaves behind, and how to continue it."""
+        newest = self.checkpoints()
+        if not newest:
+            return "no checkpoint was written yet: the run starts from the beginning when run again"
+        return f"the newest checkpoint is {newest[0]}; {self.resume_hint}"
+
+    def start(self, source: str | None, options: dict, allow_changed: bool = False) -> TrainingPosition:
+        """Where the run starts: the checkpoint `source` when given (see `resume`), else step 0.
+
+        `options` (`run_options`) are saved with every checkpoint and compared with those of the checkpoint resumed
+        from: a difference is refused unless `allow_changed` (the flag --allow-changed-config).
+        """
+        self.options = options
+        return self.resume(source, allow_changed) if source else TrainingPosition()
+
+    def check_options(self, checkpoint: Path, allow_changed: bool) -> None:
+        """Refuses to continue `checkpoint` with other options than it was written with, listing each difference."""
+        recorded = checkpoint / RUN_OPTIONS
+        if not recorded.is_file():
+            logger.warning(f"{checkpoint} does not record its options (an older version wrote it): they cannot be "
+                           "compared with this run's", main_process_only=True)
+            return
+        changes = option_changes(json.loads(recorded.read_text()), self.options)
+        if not changes:
+            return
+        if not allow_changed:
+            raise ValueError(
+                f"{checkpoint} was written with other options than this run's; resuming would silently continue a "
+                "different run (checkpoint -> this run):\n  " + "\n  ".join(changes) + "\nResume with the checkpoint's options, or pass "
+                "--allow-changed-config to continue with the new ones (logs/<run>/segments.jsonl records every "
+                "segment)."
+            )
+        self.accelerator.print(f"resuming {checkpoint} with changed options (--allow-changed-config): "
+                               + "; ".join(changes))
+
+    def resume(self, source: str, allow_changed: bool = False) -> TrainingPosition:
+        """Loads `source` (a checkpoint folder, or "latest": the newest intact one, falling back past corrupt ones)
+        and checks that it was written with this run's options (`check_options`)."""
         candidates = self.checkpoints() if source == "latest" else [Path(source)]
         if not candidates:
             logger.info(f"no checkpoint in {self.directory}: starting from scratch", main_process_only=True)
@@ -368,6 +646,8 @@ class CheckpointManager:
                     raise ValueError(f"checkpoint {checkpoint} cannot be loaded: {error}") from error
                 logger.warning(f"checkpoint {checkpoint} cannot be loaded ({error}); trying an older one", main_process_only=True)
                 continue
+            self.check_options(checkpoint, allow_changed)
+            self.resumed_from = checkpoint
             self.accelerator.print(f"resumed from {checkpoint} at step {position.step}")
             return position
         raise ValueError(f"no loadable checkpoint in {self.directory}: every one failed to load")
@@ -417,12 +697,6 @@ def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *sava
         with staged_write(staging, output, kept):
             for savable in savables:
                 savable.save_pretrained(staging)
-        previous = output.with_name(f".previous-{output.name}")
-        # Left behind by a run killed between the two renames below; os.replace cannot overwrite a folder.
-        shutil.rmtree(previous, ignore_errors=True)
-        if output.exists():
-            os.replace(output, previous)
-        os.replace(staging, output)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(staging, output)
     accelerator.wait_for_everyone()
     return output

@@ -23,16 +23,20 @@ from tqdm.auto import tqdm
 
 from evaluation.retrieval import retrieval_recall
 from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, counted, load_image_text_dataset
+from training.data import ImageTextCollator, IndexedRows, counted, load_image_text_dataset
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
 from training.runtime import (
+    RESUME_HINT,
     CheckpointManager,
     PreemptionGuard,
-    TrainingPosition,
+    RunLock,
+    UnreadableDataError,
     add_runtime_arguments,
     dataloader_generator,
+    decode_totals,
+    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
     make_accelerator,
@@ -40,8 +44,13 @@ from training.runtime import (
     readable_on_every_process,
     report_decode_stats,
     resumable_batches,
+    run_options,
     train_step,
 )
+
+RUN = "stage1_contrastive"
+# Options that only change what validation reports (see `training.runtime.run_options`).
+VALIDATION_OPTIONS = ("val_data", "val_split")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +109,9 @@ def validation_recall(model, loader, accelerator) -> dict[str, float]:
         image_embeds.append(accelerator.gather_for_metrics(images))
         text_embeds.append(accelerator.gather_for_metrics(texts))
     model.train()
+    if not image_embeds:
+        summary = decode_totals(accelerator, loader.collate_fn.stats).summary()
+        raise UnreadableDataError(f"validation: no batch of the validation pairs holds a readable image\n{summary}")
     images = torch.nn.functional.normalize(torch.cat(image_embeds).float(), dim=-1)
     texts = torch.nn.functional.normalize(torch.cat(text_embeds).float(), dim=-1)
     recall = retrieval_recall(images, texts, torch.arange(len(texts)), ks=(1, 5))
@@ -107,21 +119,38 @@ def validation_recall(model, loader, accelerator) -> dict[str, float]:
             ((key.removeprefix("R@"), v) for key, v in values.items())}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def build_loaders(args, processor, decode_stats: DecodeStats) -> tuple[DataLoader, DataLoader]:
+    """The training loader (caption variants drawn from the seed, the epoch and each pair's index) and the
+    validation loader (each image with its fixed caption, so recall at the same weights reads the same)."""
+    train_data = IndexedRows(load_image_text_dataset(args.train_data, split=args.train_split))
+    val_data = load_image_text_dataset(args.val_data or args.train_data, split=args.val_split)
+    # drop_last: every process must hold the same batch size for the global-batch loss.
+    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=ImageTextCollator(processor, decode_stats, seed=args.seed),
+                              num_workers=args.num_workers, generator=dataloader_generator(args.seed))
+    val_loader = DataLoader(val_data, batch_size=args.batch_size, collate_fn=ImageTextCollator(processor, decode_stats),
+                            num_workers=args.num_workers)
+    return train_loader, val_loader
+
+
+def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs stage 1 with `argv` (default: the command line); `resume_hint` says how to continue a stopped run in
+    the caller's context (`training.run_all` resumes by itself)."""
     args = parse_args(build_parser(), argv)
-    accelerator = make_accelerator(args, "stage1_contrastive")
+    accelerator = make_accelerator(args, RUN)
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
+    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
+            exit_on_sigterm(checkpoints.describe_saved, accelerator.print):
+        return train(args, accelerator, checkpoints)
+
+
+def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     model, processor = load_model_and_processor(args.model)
     trainable_clip(model, args.freeze_text, args.freeze_image)
     model.train()
 
     decode_stats = DecodeStats()
-    collate = ImageTextCollator(processor, decode_stats)
-    train_data = load_image_text_dataset(args.train_data, split=args.train_split)
-    val_data = load_image_text_dataset(args.val_data or args.train_data, split=args.val_split)
-    # drop_last: every process must hold the same batch size for the global-batch loss.
-    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate, num_workers=args.num_workers, generator=dataloader_generator(args.seed))
-    val_loader = DataLoader(val_data, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    train_loader, val_loader = build_loaders(args, processor, decode_stats)
 
     optimizer = torch.optim.AdamW(param_groups_without_decay(model, args.weight_decay), lr=args.learning_rate,
                                   betas=tuple(args.adam_betas), eps=args.adam_eps)
@@ -134,31 +163,32 @@ def main(argv: list[str] | None = None) -> Path:
     lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, epochs=max_steps, iters_per_epoch=1,
                                   warmup_epochs=args.warmup_steps)
 
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
-    position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
-    preemption = PreemptionGuard(accelerator)
-    init_run_trackers(accelerator, "stage1_contrastive", args)
+    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=VALIDATION_OPTIONS),
+                                 args.allow_changed_config)
+    init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     accelerator.print(f"stage 1: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 1", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
-    for batch in resumable_batches(train_loader, accelerator, position, max_steps):
-        loss = train_step(accelerator, model, optimizer, lambda: contrastive_forward(model, batch, loss_fn, logit_scale),
-                          float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
-        samples += len(batch["input_ids"]) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        position.step += 1
-        progress.update(1)
-        logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
-                "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
-                "samples_per_second": samples / (time.perf_counter() - started)}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        if args.eval_every and position.step % args.eval_every == 0:
-            logs.update(validation_recall(model, val_loader, accelerator))
-        accelerator.log(logs, step=position.step)
-        checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
+    with PreemptionGuard(accelerator) as preemption:
+        for batch in resumable_batches(train_loader, accelerator, position, max_steps, args.train_data):
+            loss = train_step(accelerator, model, optimizer,
+                              lambda: contrastive_forward(model, batch, loss_fn, logit_scale),
+                              float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
+            samples += len(batch["input_ids"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            position.step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
+                    "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
+                    "samples_per_second": samples / (time.perf_counter() - started)}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if args.eval_every and position.step % args.eval_every == 0:
+                logs.update(validation_recall(model, val_loader, accelerator))
+            accelerator.log(logs, step=position.step)
+            checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
     final_metrics = validation_recall(model, val_loader, accelerator)

@@ -41,19 +41,26 @@ from training.dino import (
 from training.losses import DINOLoss
 from training.models import load_model_and_processor
 from training.runtime import (
+    RESUME_HINT,
     CheckpointManager,
     PreemptionGuard,
-    TrainingPosition,
+    RunLock,
     add_runtime_arguments,
     dataloader_generator,
+    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
     make_accelerator,
     parse_args,
     report_decode_stats,
     resumable_batches,
+    run_options,
     train_step,
 )
+
+RUN = "stage2_dino"
+# Options that only change what the k-NN evaluation reports (see `training.runtime.run_options`).
+KNN_OPTIONS = ("knn_data", "knn_k")
 
 # The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
 OPTIMIZER_RECIPES = {
@@ -122,7 +129,7 @@ def load_backbone(args, model):
         backbone.apply(backbone._init_weights)
     if args.backbone:
         with unreadable_weights_named(args.backbone):
-            pretrained = AutoModel.from_pretrained(args.backbone, dtype=torch.float32)
+            pretrained = AutoModel.from_pretrained(args.backbone, dtype=torch.float32, trust_remote_code=False)
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         try:
             backbone.load_state_dict(state)
@@ -166,9 +173,18 @@ def process_rows(accelerator, batch_size: int) -> tuple[torch.Tensor, int]:
     return torch.arange(first, first + batch_size), sum(sizes)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs stage 2 with `argv` (default: the command line); `resume_hint` says how to continue a stopped run in
+    the caller's context (`training.run_all` resumes by itself)."""
     args = parse_args(build_parser(), argv)
-    accelerator = make_accelerator(args, "stage2_dino")
+    accelerator = make_accelerator(args, RUN)
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
+    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
+            exit_on_sigterm(checkpoints.describe_saved, accelerator.print):
+        return train(args, accelerator, checkpoints)
+
+
+def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     model, processor = load_model_and_processor(args.model)
     config = model.config
     backbone = load_backbone(args, model)
@@ -224,10 +240,9 @@ def main(argv: list[str] | None = None) -> Path:
     def normalise(pixels):
         return (pixels - augment.mean) / augment.std
 
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints)
-    position = checkpoints.resume(args.resume) if args.resume else TrainingPosition()
-    preemption = PreemptionGuard(accelerator)
-    init_run_trackers(accelerator, "stage2_dino", args)
+    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=KNN_OPTIONS),
+                                 args.allow_changed_config)
+    init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     if knn_sets and position.step == 0:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": initial_knn}, step=0)
@@ -239,38 +254,41 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
-    for batch in resumable_batches(loader, accelerator, position, max_steps):
-        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])  # only the first group decays
-        pixels = batch["pixel_values"].to(accelerator.device)
-        rows, global_batch_size = process_rows(accelerator, len(pixels))
-        crops = augment(pixels, rows=rows, global_batch_size=global_batch_size)
-        with torch.no_grad():
-            teacher_output = teacher(crops[:2])
-        output = train_step(
-            accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.epoch),
-            float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
-            before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.epoch, args.freeze_last_layer_epochs),
-        )
-        samples += len(batch["pixel_values"]) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
-        position.step += 1
-        progress.update(1)
-        # Means over the global batch, so every process logs and judges collapse on the same numbers.
-        loss, entropy, kl = accelerator.reduce(
-            torch.stack([output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]), reduction="mean"
-        ).tolist()
-        logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl, "lr": float(lr_schedule[position.step - 1]),
-                "weight_decay": float(wd_schedule[position.step - 1]),
-                "teacher_momentum": float(momentum_schedule[position.step - 1]),
-                "samples_per_second": samples / (time.perf_counter() - started)}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=position.step)
-        message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
-        if message:
-            raise CollapseError(f"{message} (stopped at step {position.step})")
-        checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
+    with PreemptionGuard(accelerator) as preemption:
+        for batch in resumable_batches(loader, accelerator, position, max_steps, args.train_data):
+            # Only the first group decays.
+            optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])
+            pixels = batch["pixel_values"].to(accelerator.device)
+            rows, global_batch_size = process_rows(accelerator, len(pixels))
+            crops = augment(pixels, rows=rows, global_batch_size=global_batch_size)
+            with torch.no_grad():
+                teacher_output = teacher(crops[:2])
+            output = train_step(
+                accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.epoch),
+                float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
+                before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.epoch,
+                                                                          args.freeze_last_layer_epochs),
+            )
+            samples += len(batch["pixel_values"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
+            position.step += 1
+            progress.update(1)
+            # Means over the global batch, so every process logs and judges collapse on the same numbers.
+            loss, entropy, kl = accelerator.reduce(
+                torch.stack([output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]), reduction="mean"
+            ).tolist()
+            logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl,
+                    "lr": float(lr_schedule[position.step - 1]), "weight_decay": float(wd_schedule[position.step - 1]),
+                    "teacher_momentum": float(momentum_schedule[position.step - 1]),
+                    "samples_per_second": samples / (time.perf_counter() - started)}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=position.step)
+            message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
+            if message:
+                raise CollapseError(f"{message} (stopped at step {position.step})")
+            checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
     if knn_sets:

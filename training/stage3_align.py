@@ -30,9 +30,21 @@ from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form
 from modeling_agriclip.images import DecodeStats
 from training.data import ImageTextCollator, counted, load_image_text_dataset, process_shard_loader
 from training.models import load_model_and_processor
-from training.runtime import export_atomically, init_run_trackers, make_accelerator, parse_args, report_decode_stats
+from training.runtime import (
+    RunLock,
+    exit_on_sigterm,
+    export_atomically,
+    init_run_trackers,
+    make_accelerator,
+    parse_args,
+    report_decode_stats,
+)
 
 logger = get_logger(__name__)
+
+RUN = "stage3_align"
+# How to redo a stopped stage 3, which keeps no checkpoints, when run on its own.
+RESTART_HINT = "run the same command again to start it over"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,9 +157,18 @@ def streamed_statistics(model, loader, accelerator, cache: FeatureCache | None, 
     return stats.all_reduce(lambda tensor: accelerator.reduce(tensor, reduction="sum"))
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, resume_hint: str = RESTART_HINT) -> Path:
+    """Runs stage 3 with `argv` (default: the command line); `resume_hint` says how to redo a stopped run in the
+    caller's context."""
     args = parse_args(build_parser(), argv)
-    accelerator = make_accelerator(args, "stage3_align")
+    accelerator = make_accelerator(args, RUN)
+    kept = f"; the features of each split extracted in full stay in {args.feature_cache}" if args.feature_cache else ""
+    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
+            exit_on_sigterm(lambda: f"stage 3 keeps no checkpoints{kept}; {resume_hint}", accelerator.print):
+        return align(args, accelerator)
+
+
+def align(args, accelerator) -> Path:
     model, processor = load_model_and_processor(args.model)
     model.requires_grad_(False)
     model.eval().to(accelerator.device)
@@ -158,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
                                         args.batch_size, collate, args.num_workers)
     val_loader = process_shard_loader(load_image_text_dataset(args.val_data or args.train_data, split=args.val_split),
                                       accelerator, args.batch_size, collate, args.num_workers)
-    init_run_trackers(accelerator, "stage3_align", args)
+    init_run_trackers(accelerator, RUN, args)
     cache = None
     if args.feature_cache:
         cache = FeatureCache(Path(args.feature_cache), towers_key(model, processor, accelerator))

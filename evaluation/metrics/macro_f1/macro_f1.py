@@ -9,6 +9,10 @@ _DESCRIPTION = """
 Macro F1: the unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN). By default the classes are
 those that occur in the references or the predictions (scikit-learn's `f1_score(average="macro")`); a
 class with no true positives scores 0.
+
+Predictions are class ids; `evaluation.metrics.classification_metrics` derives them from scores with the
+ranking rule of `topk_accuracy` (the highest score, the lowest class index among equal scores), so this
+metric, top-k and the confusion matrix agree on every tie.
 """
 
 _KWARGS_DESCRIPTION = """

@@ -9,6 +9,10 @@ _DESCRIPTION = """
 Mean per-class accuracy: the recall of every class, averaged with equal weight per class, so a large
 class cannot hide a small one. Classes without reference examples have no recall and are left out of
 the mean (the evaluation suite reports them separately).
+
+Predictions are class ids; `evaluation.metrics.classification_metrics` derives them from scores with the
+ranking rule of `topk_accuracy` (the highest score, the lowest class index among equal scores), so this
+metric, top-k and the confusion matrix agree on every tie.
 """
 
 _KWARGS_DESCRIPTION = """

@@ -7,9 +7,14 @@ import numpy as np
 
 _DESCRIPTION = """
 Top-k accuracy: the fraction of examples whose reference class is among the k highest-scoring classes.
-Predictions are per-class scores (logits or probabilities), one row per example. Ties at the k-th
-score count in favour of the reference class: an example is a hit when fewer than k classes score
-strictly higher than its reference class.
+Predictions are per-class scores (logits or probabilities), one row per example.
+
+Ties are broken as `argmax` breaks them: among equal scores the lowest class index ranks first. The rank of
+the reference class is the number of classes scoring strictly higher plus the number scoring the same with a
+lower index, and an example is a hit when that rank is below k. Top-1 is then exactly the accuracy of
+`argmax` predictions, which mean per-class accuracy, macro-F1 and a confusion matrix count, and a model
+whose scores all tie scores as if it always predicted class 0, not as a hit on every example. NaN and
+infinite scores have no rank and are refused.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -17,6 +22,8 @@ Args:
     predictions (`list` of `list` of `float`): per-class scores, shape (n_examples, n_classes).
     references (`list` of `int`): reference class ids.
     k (`int`, defaults to 1): how many top classes count as a hit; must be at most n_classes.
+Raises:
+    ValueError: when a score is NaN or infinite.
 Returns:
     top_k_accuracy (`float`): in [0, 1].
 Examples:
@@ -52,6 +59,11 @@ class TopkAccuracy(evaluate.Metric):
             raise ValueError(f"predictions must have shape (n_examples, n_classes); got {scores.shape}.")
         if not 1 <= k <= scores.shape[1]:
             raise ValueError(f"k must be between 1 and the number of classes ({scores.shape[1]}); got {k}.")
-        reference_scores = scores[np.arange(len(references)), references]
-        n_higher = (scores > reference_scores[:, None]).sum(axis=1)
-        return {"top_k_accuracy": float((n_higher < k).mean())}
+        # A NaN compares False with everything: it would rank first, a hit for any k.
+        n_nonfinite = int((~np.isfinite(scores)).any(axis=1).sum())
+        if n_nonfinite:
+            raise ValueError(f"predictions hold NaN or infinite scores in {n_nonfinite} of {len(scores)} rows.")
+        reference_scores = scores[np.arange(len(references)), references][:, None]
+        lower_index = np.arange(scores.shape[1])[None, :] < references[:, None]
+        outranking = (scores > reference_scores) | ((scores == reference_scores) & lower_index)
+        return {"top_k_accuracy": float((outranking.sum(axis=1) < k).mean())}
