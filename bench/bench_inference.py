@@ -157,7 +157,7 @@ def set_threads(args) -> None:
 
 def cold_pass(side: str, args, files: list[str]) -> list[str]:
     """Loads the side's model and classifies every photo once, as a user would; returns the top-1 labels."""
-    from modeling_agriclip.cli import main
+    from agriclip.cli import main
 
     if side == "agriclip classify-folder":
         output = args.workdir / "predictions.csv"
@@ -177,7 +177,7 @@ def warm_runner(side: str, args, files: list[str]):
     """Loads the side's model; returns a function that classifies every photo."""
     import torch
 
-    from modeling_agriclip.cli import classify_files, load_classifier
+    from modeling_agriclip.commands import classify_files, load_classifier
 
     if side == "agriclip classify-folder":
         classifier = load_classifier(str(args.workdir / "agriclip"), torch.device(args.device), args.batch_size)
@@ -191,7 +191,7 @@ def measure_cold(args) -> dict:
     """One side in its own process: cold images per second, top-1 labels and peak memory."""
     import torch
 
-    from modeling_agriclip.cli import find_images
+    from modeling_agriclip.commands import find_images
 
     import_rss, import_children_rss = max_rss_mib(), max_rss_mib(resource.RUSAGE_CHILDREN)
     set_threads(args)
@@ -226,7 +226,7 @@ def run_task(task: str, workdir: Path, argv: list[str]) -> dict | None:
 
 def measure_warm(args) -> dict[str, dict]:
     """Every side loaded in this process; `--repeats` interleaved rounds after one warm-up pass each."""
-    from modeling_agriclip.cli import find_images
+    from modeling_agriclip.commands import find_images
 
     set_threads(args)
     files, _ = find_images([str(args.workdir / "photos")])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from modeling_agriclip.atomic import atomic_path
+from agriclip.atomic import atomic_path
 
 
 ZERO_SHOT_METRICS = {
@@ -191,7 +191,7 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
     """Writes ``results.json``, ``results.md`` and ``plots/*.png`` into `output_dir`; returns their paths.
 
     The previous report is replaced whole or not at all: the texts and figures are built first, every file is then
-    written under a temporary name beside its target (`modeling_agriclip.atomic.atomic_path`), and the renames
+    written under a temporary name beside its target (`agriclip.atomic.atomic_path`), and the renames
     follow only once all are written, ``results.json`` last. A failure (a full disk, a value JSON cannot hold)
     leaves the previous files as they were and no temporary file behind.
     """

@@ -79,10 +79,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from modeling_agriclip.configuration_agriclip import IMAGE_EMBEDDINGS
-from modeling_agriclip.zero_shot import ZeroShotClassifier, fill_templates
-from modeling_agriclip.images import DecodeStats, decode_rows
+from agriclip.templates import fill_templates, get_templates
+from modeling_agriclip.zero_shot import ZeroShotClassifier
+from agriclip.images import DecodeStats, decode_rows
 from training.data import load_image_text_dataset, load_labelled_dataset
-from training.prompts import get_templates
 
 from .linear_probe import k_shot_probe, stratified_split
 from .linear_probe import linear_probe as fit_linear_probe

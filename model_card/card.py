@@ -22,24 +22,25 @@ the training stages' saved flags and last logged metrics (how it was made), the 
 `read_training_info(run_dir)` fills `stages` and `final_metrics` from a run folder, `describe_caption_data(folder)`
 fills `data` from the image-caption folder the run trained on. Command line::
 
-    python -m model_card.card runs/final --eval-results reports/eval/results.json --run-dir runs \\
+    agriclip card runs/final --eval-results reports/eval/results.json --run-dir runs \\
         --train-data data/alive --training-info info.json --repo-id org/agriclip
-    python -m model_card.card data/alive --dataset --repo-id org/alive
+    agriclip card data/alive --dataset --repo-id org/alive
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from agriclip.atomic import atomic_path
+from agriclip.errors import CLIError, ExitCode
+from agriclip.files import parameter_counts
+
 from evaluation.report import ZERO_SHOT_METRICS, render_markdown_table
 from modeling_agriclip import AgriCLIPConfig
-from modeling_agriclip.atomic import atomic_path
-from modeling_agriclip.files import parameter_counts
 from training.lora_finetune import default_target_modules
 
 MODEL_TEMPLATE = Path(__file__).with_name("template.md")
@@ -467,45 +468,22 @@ def _read_json(path: str | Path):
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m model_card.card", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("folder", type=Path, help="The checkpoint folder (or, with --dataset, the dataset folder) to write README.md into.")
-    parser.add_argument("--dataset", action="store_true", help="Write a dataset card for an ALive-style dataset folder.")
-    parser.add_argument("--repo-id", default=None, help="The Hub repo the card is for (org/name), used in names and examples.")
-    parser.add_argument("--eval-results", type=Path, default=None, help="results.json of `python -m evaluation.suite`.")
-    parser.add_argument("--eval-model", default=None, help="This checkpoint's model name in --eval-results (default: found from its image embedding).")
-    parser.add_argument("--run-dir", type=Path, default=None, help="Folder of the training runs; their logs/<stage>/config.json give the settings.")
-    parser.add_argument("--training-info", type=Path, default=None, help="JSON file of training_info (data, base_model; see the module docstring).")
-    parser.add_argument("--train-data", type=Path, default=None, help="The image-caption folder the model was trained on; describes the training data (its fields in --training-info win).")
-    parser.add_argument("--pretty-name", default=None, help="Dataset card title (with --dataset).")
-    parser.add_argument("--description", default=None, help="Dataset card first paragraph (with --dataset).")
-    parser.add_argument("--license", default="other", help="Dataset license id (with --dataset); 'other' = the sources' own licenses.")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if args.dataset:
-        path = write_dataset_card(
-            args.folder, repo_id=args.repo_id, pretty_name=args.pretty_name, description=args.description, license=args.license
-        )
-    else:
-        training_info = _read_json(args.training_info) if args.training_info else {}
-        if args.run_dir:
-            training_info = {**read_training_info(args.run_dir), **training_info}
-        if args.train_data:
-            training_info["data"] = {**describe_caption_data(args.train_data), **training_info.get("data", {})}
-        path = write_model_card(args.folder, args.eval_results, training_info, args.repo_id, args.eval_model)
+def run(args) -> int:
+    """`agriclip card` (arguments parsed by `agriclip.cli`)."""
+    try:
+        if args.dataset:
+            path = write_dataset_card(
+                args.folder, repo_id=args.repo_id, pretty_name=args.pretty_name, description=args.description,
+                license=args.license,
+            )
+        else:
+            training_info = _read_json(args.training_info) if args.training_info else {}
+            if args.run_dir:
+                training_info = {**read_training_info(args.run_dir), **training_info}
+            if args.train_data:
+                training_info["data"] = {**describe_caption_data(args.train_data), **training_info.get("data", {})}
+            path = write_model_card(args.folder, args.eval_results, training_info, args.repo_id, args.eval_model)
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.INPUT, str(error)) from error
     print(f"card written to {path}")
-    return path
-
-
-if __name__ == "__main__":
-    main()
+    return ExitCode.OK

@@ -40,21 +40,19 @@ printed or written here.
 
 Command line::
 
-    python -m model_card.publish runs/final --repo-id org/agriclip [--revision v1.0] [--private] \\
+    agriclip publish runs/final --repo-id org/agriclip [--revision v1.0] [--private] \\
         [--commit-message "AgriCLIP, stage 3 refit"] [--dry-run] [--trust-remote-code]
-    python -m model_card.publish data/alive --dataset --repo-id org/alive
+    agriclip publish data/alive --dataset --repo-id org/alive
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import logging
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -87,8 +85,10 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
+from agriclip.errors import CLIError, ExitCode
+from agriclip.files import ContainedPaths, weight_files
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
-from modeling_agriclip.files import ContainedPaths, weight_files
+from modeling_agriclip.commands import hide_weight_loading_bars
 
 from .card import CARD_NAME, TASK, find_caption_splits
 
@@ -126,12 +126,12 @@ DATASET_COPIES = re.compile(
 # PEFT write), and how to make the card.
 CARD_RULES = {
     "checkpoint": (
-        ModelCard, ("license", "library_name", "pipeline_tag"), "write the card with `python -m model_card.card FOLDER`"
+        ModelCard, ("license", "library_name", "pipeline_tag"), "write the card with `agriclip card FOLDER`"
     ),
     "LoRA adapter": (
         ModelCard, ("library_name",), "save the adapter with peft_model.save_pretrained(folder), which writes it"
     ),
-    "dataset": (DatasetCard, ("license",), "write the card with `python -m model_card.card FOLDER --dataset`"),
+    "dataset": (DatasetCard, ("license",), "write the card with `agriclip card FOLDER --dataset`"),
 }
 
 SESSION_TOKEN = "this session's Hugging Face token"
@@ -226,7 +226,7 @@ def _checkpoint_files(root: Path, entries: list[str]) -> tuple[list[str], list[s
 
 
 def _weight_files(root: Path) -> tuple[list[str], list[str]]:
-    """What `from_pretrained` loads (`modeling_agriclip.files.weight_files`), relative to `root`, with the index
+    """What `from_pretrained` loads (`agriclip.files.weight_files`), relative to `root`, with the index
     when the weights are sharded; or the problem that keeps them from loading."""
     index = [SAFE_WEIGHTS_INDEX_NAME] if os.path.lexists(root / SAFE_WEIGHTS_INDEX_NAME) else []
     try:
@@ -686,42 +686,19 @@ def publish(
     return commit
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m model_card.publish", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("folder", type=Path, help="Checkpoint or LoRA adapter folder (or, with --dataset, dataset folder).")
-    parser.add_argument("--repo-id", required=True, help="The Hub repo to publish to, org/name; created when missing.")
-    parser.add_argument("--dataset", action="store_true", help="Publish an ALive-style dataset folder to a dataset repo.")
-    parser.add_argument("--revision", default=None, help="Branch to commit to, created from main when missing (default: main).")
-    parser.add_argument("--private", action="store_true", help="Create the repo private (refused for an existing public repo).")
-    parser.add_argument("--commit-message", default=None, help="Title of the commit (default: 'Upload ... <folder name>').")
-    parser.add_argument("--dry-run", action="store_true", help="Only validate the folder and print what would be uploaded; upload nothing.")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="Run the folder's custom-code files and compare their outputs with the installed package's, where they are "
-             "not the package's files (without it no code of the folder runs, and such files are refused).",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """`agriclip publish` (arguments parsed by `agriclip.cli`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hide_weight_loading_bars()
     try:
         result = publish(
             args.folder, args.repo_id, dataset=args.dataset, revision=args.revision, private=args.private,
             commit_message=args.commit_message, dry_run=args.dry_run, trust_remote_code=args.trust_remote_code,
         )
     except PublishError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(1) from None
+        raise CLIError(ExitCode.INPUT, str(error)) from error
     if args.dry_run:
         print(f"dry run passed: {args.folder} is ready to publish to {args.repo_id}\n{result.describe()}")
     else:
         print(f"published {args.folder} to {args.repo_id}: {result.commit_url}")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    return ExitCode.OK

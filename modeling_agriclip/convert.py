@@ -11,20 +11,21 @@ Sources, each optional (a missing part comes randomly initialised from ``--prese
 
 Example::
 
-    python -m modeling_agriclip.convert --clip openai/clip-vit-base-patch16 \\
+    agriclip convert --clip openai/clip-vit-base-patch16 \\
         --official-dino Weights/dino_pretrain.pth --official-aligner Weights/Agri_Dino_aligner_DPT_CPT.pth \\
         --output agriclip-official
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPModel, ResNetConfig
+
+from agriclip.errors import CLIError, ExitCode
 
 from .configuration_agriclip import AgriCLIPConfig
 from .modeling_agriclip import AgriCLIPModel, unreadable_weights_named
@@ -189,28 +190,14 @@ def convert(
     return model, processor
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="Folder to write the AgriCLIP checkpoint (model + processor) to.")
-    parser.add_argument("--clip", help="transformers CLIP checkpoint (folder or Hub id) for the text and image towers.")
-    parser.add_argument("--dino", help="transformers ViT/DINOv2/ResNet checkpoint (folder or Hub id) for the backbone.")
-    parser.add_argument("--official-dino", help="Official AgriCLIP DINO ResNet state dict (torchvision layout, .pth).")
-    parser.add_argument("--official-aligner", help="Official AgriCLIP aligner file holding tensors W (out, in) and b (out,).")
-    parser.add_argument(
-        "--preset", default="paper", choices=sorted(PRESETS),
-        help="Layout of the parts not given above (randomly initialised). Default: the paper's (ViT-B/16 + ResNet-50).",
-    )
-    parser.add_argument(
-        "--image-embedding", choices=["aligned", "clip", "fused"],
-        help="Image embedding zero-shot compares with text (default: aligned, the paper's).",
-    )
-    args = parser.parse_args(argv)
-    convert(
-        args.output, clip=args.clip, dino=args.dino, official_dino=args.official_dino,
-        official_aligner=args.official_aligner, preset=args.preset, image_embedding=args.image_embedding,
-    )
+def run(args) -> int:
+    """`agriclip convert` (arguments parsed by `agriclip.cli`)."""
+    try:
+        convert(
+            args.output, clip=args.clip, dino=args.dino, official_dino=args.official_dino,
+            official_aligner=args.official_aligner, preset=args.preset, image_embedding=args.image_embedding,
+        )
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.INPUT, str(error)) from error
     print(f"AgriCLIP checkpoint written to {args.output}")
-
-
-if __name__ == "__main__":
-    main()
+    return ExitCode.OK

@@ -6,14 +6,11 @@ OpenAI CLIP's byte-pair vocabulary ships inside the ``open-clip-torch`` wheel as
 download from the Hub. ``open_clip`` itself is never imported (it pulls torchvision, which does not
 import beside the CPU torch build); only its data file is read.
 
-Command line::
-
-    python -m modeling_agriclip.tokenizer --output DIR
+Command line: ``agriclip tokenizer --output DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 from functools import lru_cache
@@ -56,16 +53,3 @@ def build_clip_tokenizer(bpe_path: str | Path | None = None) -> CLIPTokenizer:
     """Builds OpenAI CLIP's tokenizer (ids identical to ``openai/clip-vit-base-patch16``) from the local BPE file."""
     vocab, merges = _vocab_and_merges(str(bpe_path or find_bpe_vocab_file()))
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_CONTEXT_LENGTH)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="Folder to write tokenizer.json and tokenizer_config.json to.")
-    parser.add_argument("--bpe", default=None, help="Path of bpe_simple_vocab_16e6.txt.gz (default: from open-clip-torch).")
-    args = parser.parse_args(argv)
-    build_clip_tokenizer(args.bpe).save_pretrained(args.output)
-    print(f"CLIP tokenizer written to {args.output}")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,6 @@ transformers load gets `trust_remote_code=False`, so transformers refuses instea
 
 import inspect
 import os
-import string
 from collections.abc import Sequence
 
 import torch
@@ -25,11 +24,10 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .files import check_folder_files, weight_files
+from agriclip.files import check_folder_files, weight_files
+from agriclip.templates import DEFAULT_TEMPLATES, fill_templates
 from .processing_agriclip import AgriCLIPProcessor
 
-
-DEFAULT_TEMPLATES = ("a photo of {}.",)
 
 # What the image methods take: PIL images, one PIL image, or pre-computed `pixel_values` (N, 3, H, W).
 Images = Sequence[Image.Image] | Image.Image | torch.Tensor
@@ -43,53 +41,6 @@ def _as_embedding(output) -> torch.Tensor:
     `pooler_output` holds the projected embedding.
     """
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def check_template(template) -> str:
-    """Returns `template` if it is a prompt template: a string with exactly one `{}` (the class name) and no other
-    format field. Literal braces are written `{{` and `}}`, as in `str.format`.
-
-    Raises:
-        ValueError: saying what is wrong, e.g. for "a photo", "{} with {}", "{name}" or "a {} }".
-    """
-    if not isinstance(template, str):
-        raise ValueError(f"template {template!r} is not a string; give text with '{{}}' for the class name")
-    try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError as error:
-        raise ValueError(
-            f"template {template!r} is not a format string ({error}); write '{{{{' and '}}}}' for literal braces"
-        ) from None
-    if not fields:
-        raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
-    others = [("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
-              for name, spec, conversion in fields if (name, spec, conversion) != ("", "", None)]
-    if others:
-        raise ValueError(
-            f"template {template!r} has the format field(s) {', '.join(others)}; the only field allowed is one '{{}}' "
-            "for the class name (write '{{' and '}}' for literal braces)"
-        )
-    if len(fields) > 1:
-        raise ValueError(
-            f"template {template!r} has {len(fields)} '{{}}' placeholders; give exactly one, for the class name"
-        )
-    return template
-
-
-def check_templates(templates: Sequence[str]) -> list[str]:
-    """`check_template` on each of a non-empty list of templates; returns them as a list."""
-    templates = list(templates)
-    if not templates:
-        raise ValueError("empty template list; give at least one template with '{}' for the class name")
-    return [check_template(template) for template in templates]
-
-
-def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All prompts, class-major: the templates of class 0, then those of class 1, ..."""
-    for template in templates:
-        check_template(template)
-    return [template.format(name) for name in class_names for template in templates]
 
 
 def _code_files(auto_map) -> list[str]:
@@ -341,12 +292,8 @@ class ZeroShotClassifier:
 
 
 __all__ = [
-    "DEFAULT_TEMPLATES",
     "ZeroShotClassifier",
     "check_loading_info",
-    "check_template",
-    "check_templates",
     "ensemble_prompt_embeddings",
-    "fill_templates",
     "load_config",
 ]

@@ -16,8 +16,9 @@ from PIL import Image
 
 from training import alive
 from training.alive import BuildConfig, build_alive, main
-from modeling_agriclip.images import open_image
-from training.data import DECODE_REPORT, ImageTextCollator, load_image_text_dataset
+from agriclip.images import open_image
+from agriclip.images import DECODE_REPORT
+from training.data import ImageTextCollator, load_image_text_dataset
 from training.embedded import pretraining_sources, render_cattle, render_fish, render_leaf
 
 

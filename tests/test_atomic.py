@@ -1,4 +1,4 @@
-"""Files and folders written whole or not at all (modeling_agriclip.atomic)."""
+"""Files and folders written whole or not at all (agriclip.atomic)."""
 
 import errno
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from modeling_agriclip.atomic import (
+from agriclip.atomic import (
     atomic_open,
     atomic_path,
     replace_entries,

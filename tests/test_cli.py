@@ -21,10 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import full_disk, run_subprocess
-from modeling_agriclip import cli
-from modeling_agriclip.cli import ExitCode, classify_files, find_images, main
+from agriclip import cli
+from agriclip.cli import main
+from agriclip.errors import ExitCode
+from agriclip.templates import get_templates
+from modeling_agriclip.commands import classify_files, find_images
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from modeling_agriclip.images import open_image
+from agriclip.images import open_image
 
 
 LABELS = ["leaf rust", "healthy leaf", "powdery mildew"]
@@ -206,7 +209,7 @@ def test_classify_folder_writes_every_format(
         images, rows = table_predictions(text)
     assert images == paths
     leaf = ZeroShotClassifier(reference.model, reference.processor)
-    want = leaf.predict([open_image(path) for path in paths], LABELS, cli.get_templates("leaf"), top_k=1)
+    want = leaf.predict([open_image(path) for path in paths], LABELS, get_templates("leaf"), top_k=1)
     assert_same_predictions(rows, want, 6e-5 if output_format == "table" else 1e-5)
 
 
@@ -432,10 +435,10 @@ def test_argparse_usage_errors_exit_with_2(capsys, tiny_checkpoint):
 
 
 def test_module_entry_point_exit_code(tmp_path):
-    """The installed entry point (`agriclip = modeling_agriclip.cli:main`) runs the same main; here through -m."""
+    """The installed entry point (`agriclip = agriclip.cli:main`) runs the same main; here through -m."""
     repo = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    command = [sys.executable, "-m", "modeling_agriclip.cli", "info", str(tmp_path / "missing-model")]
+    command = [sys.executable, "-m", "agriclip", "info", str(tmp_path / "missing-model")]
     completed = run_subprocess(command, env=environment, cwd=tmp_path, timeout=120)
     assert completed.returncode == ExitCode.MODEL
     assert f"agriclip: error: cannot load the model '{tmp_path / 'missing-model'}': no such folder" in completed.stderr
@@ -488,7 +491,7 @@ def tampered(tiny_checkpoint, tmp_path_factory):
 
 DRIVER = """
 import json, sys
-from modeling_agriclip.cli import main
+from agriclip.cli import main
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 codes = []
 for argv in json.loads(sys.argv[1]):
@@ -653,7 +656,7 @@ def test_info_reports_an_unreadable_card_and_carries_on(capsys, carded_checkpoin
 
 FIFO_DRIVER = """
 import json, sys
-from modeling_agriclip.cli import main
+from agriclip.cli import main
 print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])]))
 """
 

@@ -9,7 +9,8 @@ from transformers.image_utils import PILImageResampling
 
 from modeling_agriclip import AgriCLIPModel
 from modeling_agriclip.configuration_agriclip import AgriCLIPConfig
-from modeling_agriclip.convert import convert, load_official_aligner, main
+from agriclip.cli import main as agriclip
+from modeling_agriclip.convert import convert, load_official_aligner
 
 try:
     from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -131,7 +132,7 @@ def test_official_release_reproduces_official_zero_shot(clip_folder, tmp_path):
     torch.save(resnet.state_dict(), tmp_path / "dino_pretrain.pth")
     weight, bias = torch.randn(32, 32), torch.randn(32)
     torch.save({"W": weight, "b": bias}, tmp_path / "aligner.pth")
-    main(["--clip", str(path), "--official-dino", str(tmp_path / "dino_pretrain.pth"),
+    agriclip(["convert", "--clip", str(path), "--official-dino", str(tmp_path / "dino_pretrain.pth"),
           "--official-aligner", str(tmp_path / "aligner.pth"), "--preset", "tiny", "--output", str(tmp_path / "official")])
     model = AgriCLIPModel.from_pretrained(tmp_path / "official").eval()
     assert model.config.dino_config.depths == [1, 2, 1, 1]

@@ -17,14 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from modeling_agriclip import images
-from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
+from agriclip import images
+from agriclip.images import DECODE_REPORT, DecodeStats, ImageDecodeError, counted, open_image, read_image_bytes
 from training.data import (
-    DECODE_REPORT,
     ROW_INDEX,
     ImageCollator,
     ImageTextCollator,
-    counted,
     load_image_text_dataset,
     load_labelled_dataset,
 )

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from modeling_agriclip.images import open_image
+from agriclip.images import open_image
 from training.data import load_image_text_dataset, load_labelled_dataset
 from training.embedded import (
     CONDITIONS,
@@ -18,7 +18,8 @@ from training.embedded import (
     main,
     pretraining_sources,
 )
-from training.prompts import DatasetMetadata, get_templates
+from agriclip.templates import get_templates
+from training.prompts import DatasetMetadata
 
 
 SMALL = {"image_size": 64, "pretrain_per_class": 2, "downstream_per_task": 16, "num_workers": 1}

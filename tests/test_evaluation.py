@@ -34,7 +34,7 @@ from evaluation.retrieval import group_captions, retrieval_recall
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument, run_suite
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.embedded import build_embedded_dataset
-from training.prompts import get_templates
+from agriclip.templates import get_templates
 
 
 EMBEDDED_TASKS = ("leaf-spot", "fish-species", "cattle-breed")

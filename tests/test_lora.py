@@ -17,7 +17,7 @@ import training.lora_finetune
 from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from modeling_agriclip.images import open_image
+from agriclip.images import open_image
 from training.lora_finetune import (
     RUN,
     PromptClassifier,

@@ -13,13 +13,13 @@ from huggingface_hub import DatasetCard, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 
+from agriclip.cli import main as agriclip
 from conftest import full_disk
 from model_card.card import (
     METRIC_TYPES,
     build_dataset_card,
     build_model_card,
     describe_caption_data,
-    main,
     read_training_info,
     select_eval_model,
     write_dataset_card,
@@ -180,13 +180,14 @@ def test_card_command_line(checkpoint, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(suite_results(checkpoint)))
     (tmp_path / "info.json").write_text(json.dumps({"data": {"name": "ALive-mini", "hub_id": "agri/alive-mini"}}))
     write_alive_folder(tmp_path / "alive")
-    path = main([str(checkpoint), "--eval-results", str(tmp_path / "results.json"), "--run-dir", str(tmp_path / "runs"),
-                 "--train-data", str(tmp_path / "alive"), "--training-info", str(tmp_path / "info.json"), "--repo-id", "agri/cli-card"])
-    text = path.read_text()
+    assert agriclip(["card", str(checkpoint), "--eval-results", str(tmp_path / "results.json"), "--run-dir",
+                     str(tmp_path / "runs"), "--train-data", str(tmp_path / "alive"), "--training-info",
+                     str(tmp_path / "info.json"), "--repo-id", "agri/cli-card"]) == 0
+    text = (checkpoint / "README.md").read_text()
     assert "# cli-card" in text and "`learning_rate` | 2e-05" in text
     assert "**ALive-mini** ([`agri/alive-mini`](https://huggingface.co/datasets/agri/alive-mini)), 8 image-caption pairs" in text
     assert "| train | 6 |" in text and "| leaves | 2 | a photo of a healthy leaves | 6 |" in text
-    assert len(ModelCard.load(path).data.eval_results) == 2 * 3 + 1  # top-5 only where a dataset has > 5 classes
+    assert len(ModelCard.load(checkpoint / "README.md").data.eval_results) == 2 * 3 + 1  # top-5 only where a dataset has > 5 classes
     # The LoRA recipe targets the tower behind the checkpoint's image embedding ("aligned": the backbone).
     assert 'target_modules=r"(?:dino_model' in text and "--towers backbone" in text
 

@@ -26,7 +26,6 @@ from model_card.card import write_dataset_card, write_model_card
 from model_card.publish import (
     PublishError,
     find_secrets,
-    main,
     plan_upload,
     publish,
     validate_adapter,
@@ -34,6 +33,8 @@ from model_card.publish import (
     validate_dataset,
 )
 import modeling_agriclip
+from agriclip.cli import main as agriclip
+from agriclip.errors import ExitCode
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from test_model_card import write_alive_folder
 
@@ -109,9 +110,10 @@ def differs(name: str) -> str:
 
 
 def test_dry_run_passes_a_complete_checkpoint_and_uploads_nothing(carded_checkpoint, fake_hub, capsys):
-    plan = main([str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--dry-run"])
+    assert agriclip(["publish", str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--dry-run"]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "dry run passed" in out
+    plan = plan_upload(carded_checkpoint)
     assert plan.files == CHECKPOINT == sorted(p.name for p in carded_checkpoint.iterdir())
     assert printed_plan(out) == (CHECKPOINT, []) and plan.left_out == []
     assert fake_hub.repos == {}
@@ -120,9 +122,7 @@ def test_dry_run_passes_a_complete_checkpoint_and_uploads_nothing(carded_checkpo
 def test_dry_run_names_a_missing_processor_file_and_uploads_nothing(checkpoint, fake_hub, capsys):
     (checkpoint / "processor_config.json").unlink()
     (checkpoint / "tokenizer.json").unlink()
-    with pytest.raises(SystemExit) as stopped:
-        main([str(checkpoint), "--repo-id", "agri/broken"])
-    assert stopped.value.code == 1
+    assert agriclip(["publish", str(checkpoint), "--repo-id", "agri/broken"]) == ExitCode.INPUT
     message = capsys.readouterr().err
     assert "nothing was uploaded" in message
     assert "processor_config.json is missing (save the processor" in message
@@ -150,7 +150,7 @@ def test_dry_run_names_missing_weights_card_and_custom_code(checkpoint):
         (checkpoint / name).unlink()
     problems = validate_checkpoint(checkpoint)
     assert "model.safetensors is missing (no weights in safetensors format)" in problems
-    assert "README.md is missing (write the card with `python -m model_card.card FOLDER`)" in problems
+    assert "README.md is missing (write the card with `agriclip card FOLDER`)" in problems
     assert any(p.startswith("processing_agriclip.py imports tokenizer.py, which is missing") for p in problems), problems
 
 
@@ -230,12 +230,12 @@ def test_only_the_allow_list_goes_up_exactly_as_the_dry_run_printed_it(checkpoin
     (checkpoint / "checkpoints" / "step-10" / "optimizer.safetensors").write_bytes(b"\0" * 64)
     (checkpoint / "eval_results.json").write_text(json.dumps({"datasets": {}, "mean": {}}))
 
-    main([str(checkpoint), "--repo-id", "agri/allow-listed", "--dry-run"])
+    agriclip(["publish", str(checkpoint), "--repo-id", "agri/allow-listed", "--dry-run"])
     files, left_out = printed_plan(capsys.readouterr().out)
     assert files == sorted([*CHECKPOINT, "eval_results.json"])
     assert left_out == [".env", "checkpoints/", "id_rsa", "notes", "train.log", "wandb"]
 
-    main([str(checkpoint), "--repo-id", "agri/allow-listed"])
+    agriclip(["publish", str(checkpoint), "--repo-id", "agri/allow-listed"])
     pushed = fake_hub.files("agri/allow-listed")
     assert sorted(set(pushed) - {".gitattributes"}) == files
     assert all(pushed[name] == (checkpoint / name).read_bytes() for name in files)
@@ -325,10 +325,10 @@ def test_the_command_never_asks_on_stdin_and_runs_no_folder_code(checkpoint, tmp
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-m", "model_card.publish", str(checkpoint), "--repo-id", "agri/tampered", "--dry-run"],
+        [sys.executable, "-m", "agriclip", "publish", str(checkpoint), "--repo-id", "agri/tampered", "--dry-run"],
         input="y\n", capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
     )
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == ExitCode.INPUT, done.stderr[-3000:]
     assert differs("modeling_agriclip.py") in done.stderr
     assert "[y/N]" not in done.stdout + done.stderr
     assert not marker.exists()
@@ -346,7 +346,7 @@ def test_a_card_without_the_metadata_the_hub_needs_is_refused(checkpoint, fake_h
     with pytest.raises(PublishError) as refused:
         publish(checkpoint, "agri/no-metadata")
     assert [p.split(";")[0] for p in refused.value.problems] == [problem]
-    assert "write the card with `python -m model_card.card FOLDER`" in refused.value.problems[0]
+    assert "write the card with `agriclip card FOLDER`" in refused.value.problems[0]
     assert fake_hub.repos == {}
 
 
@@ -357,8 +357,9 @@ def test_a_card_without_the_metadata_the_hub_needs_is_refused(checkpoint, fake_h
 
 def test_push_then_pull_gives_identical_outputs(carded_checkpoint, fake_hub, tiny_model, sample_images, tmp_path, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    commit = main([str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--private", "--commit-message", "AgriCLIP tiny"])
-    assert commit.commit_url.startswith(fake_hub.endpoint)
+    argv = ["publish", str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--private", "--commit-message", "AgriCLIP tiny"]
+    assert agriclip(argv) == ExitCode.OK
+    assert f"published {carded_checkpoint} to agri/agriclip-tiny: {fake_hub.endpoint}" in capsys.readouterr().out
     repo = fake_hub.repos[("model", "agri/agriclip-tiny")]
     assert repo.private
     pushed = fake_hub.files("agri/agriclip-tiny")
@@ -491,7 +492,7 @@ def test_dataset_images_and_shards_are_scanned_and_the_card_needs_a_license(tmp_
     (tmp_path / "clean" / "README.md").write_text(card.replace("license: other\n", ""))
     assert validate_dataset(tmp_path / "clean") == [
         "README.md lacks the metadata ['license'] that a dataset card needs on the Hub; write the card with "
-        "`python -m model_card.card FOLDER --dataset`, or add them to its YAML front matter"
+        "`agriclip card FOLDER --dataset`, or add them to its YAML front matter"
     ]
 
 
@@ -535,13 +536,13 @@ def test_adapter_with_a_local_base_path_is_refused_then_published(carded_checkpo
 
 @pytest.mark.slow
 def test_command_line_push_and_remote_code_from_the_repo_in_fresh_processes(carded_checkpoint, tmp_path):
-    """`python -m model_card.publish` pushes; someone who never installed the package loads the repo with
+    """`agriclip publish` pushes; someone who never installed the package loads the repo with
     trust_remote_code=True and gets the installed package's scores."""
     with FakeHub() as hub:
         env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
         pushed = run_subprocess(
-            [sys.executable, "-m", "model_card.publish", str(carded_checkpoint), "--repo-id", "agri/fresh", "--revision", "v1"],
+            [sys.executable, "-m", "agriclip", "publish", str(carded_checkpoint), "--repo-id", "agri/fresh", "--revision", "v1"],
             cwd=REPO_ROOT, env=env, timeout=600,
         )
         assert pushed.returncode == 0, pushed.stderr[-3000:]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import read_metrics, run_script
 from evaluation.retrieval import retrieval_recall
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
-from modeling_agriclip.images import DecodeStats, open_image
+from agriclip.images import DecodeStats, open_image
 from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset
 from training.runtime import NonFiniteLossError
 from training.stage1_contrastive import build_loaders, build_parser, main, validation_recall

@@ -3,7 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from modeling_agriclip.tokenizer import build_clip_tokenizer, find_bpe_vocab_file, main
+from agriclip.cli import main as agriclip
+from modeling_agriclip.tokenizer import build_clip_tokenizer, find_bpe_vocab_file
 
 
 def test_ids_match_openai_clip(clip_tokenizer):
@@ -15,7 +16,7 @@ def test_ids_match_openai_clip(clip_tokenizer):
 
 
 def test_command_writes_a_loadable_tokenizer(tmp_path, clip_tokenizer):
-    main(["--output", str(tmp_path)])
+    assert agriclip(["tokenizer", "--output", str(tmp_path)]) == 0
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     text = "Wheat leaf with yellow rust pustules, 2 lesions"
     assert loaded(text).input_ids == clip_tokenizer(text).input_ids

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_agriclip.zero_shot import ZeroShotClassifier, check_template, check_templates, fill_templates
+from agriclip.templates import check_template, check_templates, fill_templates
+from modeling_agriclip.zero_shot import ZeroShotClassifier
 
 
 CLASSES = ["leaf rust", "healthy leaf", "powdery mildew"]

@@ -17,7 +17,7 @@ Every source (its path, CSV columns and image paths, labels and metadata file) i
 and the build is written into `<output_dir>/.staging`: only once it is complete does it replace the previous build's
 outputs and report (moved aside to `<output_dir>/.previous`, then deleted). A failure at any point leaves the previous
 build as it was; other files in `output_dir` are never touched. A CSV source's image paths must stay inside the CSV's
-folder (`modeling_agriclip.files.ContainedPaths`, the rule of every loader).
+folder (`agriclip.files.ContainedPaths`, the rule of every loader).
 
     python -m training.alive --config build.yaml
 
@@ -67,9 +67,9 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_agriclip.atomic import replace_entries
-from modeling_agriclip.files import ContainedPaths
-from modeling_agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
+from agriclip.atomic import replace_entries
+from agriclip.files import ContainedPaths
+from agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
 
 from .data import load_labelled_dataset, read_csv_rows
 from .prompts import CaptionGenerator, DatasetMetadata, TransformersParaphraser
@@ -377,7 +377,7 @@ def build_alive(config: BuildConfig, progress: bool = True) -> dict:
     """Builds the dataset described by `config`; returns the report (also written to `build_report.json`).
 
     Every source and metadata file is checked first, the build is written into `<output_dir>/.staging`, and only a
-    complete build replaces the previous one (`modeling_agriclip.atomic.replace_entries`): a failure leaves the previous build as it was.
+    complete build replaces the previous one (`agriclip.atomic.replace_entries`): a failure leaves the previous build as it was.
     """
     output = Path(config.output_dir)
     paraphraser = TransformersParaphraser(config.paraphraser_model) if config.paraphraser_model else None

@@ -25,8 +25,9 @@ from datasets.exceptions import DatasetGenerationError
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from modeling_agriclip.files import ContainedPaths
-from modeling_agriclip.images import DecodeStats, decode_rows
+from agriclip.files import ContainedPaths
+from agriclip.files import check_hub_id
+from agriclip.images import DecodeStats, DecodingCollator
 
 
 logger = logging.getLogger(__name__)
@@ -46,48 +47,8 @@ IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
 # Fields of a WebDataset sample's `.json` that become columns.
 WEBDATASET_JSON_FIELDS = ("captions", "source", "label")
 
-# Key of the batch entry that carries the `DecodeStats` of the batch's rows (see `DecodingCollator`).
-DECODE_REPORT = "decode_report"
-
 # Key under which `IndexedRows` gives each row its index in the dataset (see `ImageTextCollator`).
 ROW_INDEX = "row_index"
-
-
-class DecodingCollator:
-    """Base of the collators: decodes the rows' images, skipping those that cannot be read, and collates the rest.
-
-    Each batch carries the `DecodeStats` of its own rows under `DECODE_REPORT` instead of counting in `stats`
-    directly: in a DataLoader worker, `stats` is the worker's copy, which never comes back. `counted(loader)`
-    merges the reports into `stats` in the process that consumes the batches. A batch in which no image could be
-    read holds only its report and comes out of `counted` as None.
-
-    `epoch` is the epoch of the batches being collated. The training loop (`training.runtime.resumable_batches`)
-    sets it before each epoch's iterator is created, which is when DataLoader workers receive their copy of the
-    collator (so `persistent_workers` would keep the first epoch's).
-    """
-
-    def __init__(self, stats: DecodeStats | None = None):
-        self.stats = stats if stats is not None else DecodeStats()
-        self.epoch = 0
-
-    def collate(self, decoded: list[tuple[Mapping, Image.Image]]) -> dict:
-        raise NotImplementedError
-
-    def __call__(self, rows: Sequence[Mapping]) -> dict:
-        report = DecodeStats()
-        decoded = decode_rows(rows, report)
-        batch = self.collate(decoded) if decoded else {}
-        batch[DECODE_REPORT] = report
-        return batch
-
-
-def counted(loader):
-    """The batches of a DataLoader over a `DecodingCollator`, with each batch's decode report merged into the
-    collator's `stats`; None for a batch in which no image could be read."""
-    stats = loader.collate_fn.stats
-    for batch in loader:
-        stats += batch.pop(DECODE_REPORT)
-        yield batch or None
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -347,13 +308,6 @@ def _tar_files(source, split: str) -> list[str]:
 
 def _flatten_webdataset_json(row: Mapping) -> dict:
     return {name: row["json"][name] for name in WEBDATASET_JSON_FIELDS if name in row["json"]}
-
-
-def check_hub_id(source) -> None:
-    """A missing local path is an error here, not a Hub lookup: Hub ids are "name" or "org/name"."""
-    text = str(source)
-    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
-        raise FileNotFoundError(f"{text}: no such file or folder")
 
 
 def _matches(folder: Path, pattern: str) -> bool:
@@ -623,7 +577,7 @@ def load_image_text_dataset(
         ValueError: naming the file (metadata file, CSV or dataset) and the row, for metadata that is not UTF-8 or
             not JSON (a truncated file), for a null, empty or non-text caption (checked on the columns before this
             returns, or as each row streams past), and for an image path that is absolute or leads outside the
-            folder of the file that names it, also through a symlink (`modeling_agriclip.files.ContainedPaths`).
+            folder of the file that names it, also through a symlink (`agriclip.files.ContainedPaths`).
     """
     kind = _source_kind(source)
     where = source

@@ -39,7 +39,7 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_agriclip.atomic import replace_entries
+from agriclip.atomic import replace_entries
 
 from .prompts import CaptionGenerator, DatasetMetadata
 

@@ -62,16 +62,16 @@ from tqdm.auto import tqdm
 from evaluation.linear_probe import sample_k_shot, stratified_split
 from evaluation.metrics import classification_metrics
 from evaluation.suite import PROBE_TEST_FRACTION, DatasetSpec, load_suite_config
-from modeling_agriclip.atomic import write_json_atomically
+from agriclip.atomic import write_json_atomically
 from modeling_agriclip.convert import PRESETS
-from modeling_agriclip.images import DecodeStats
-from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings, fill_templates
+from agriclip.images import DecodeStats, counted
+from agriclip.templates import fill_templates, get_templates
+from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings
 from training.aligner import AlignerStatistics, fit_closed_form
 from training.data import (
     ImageTextCollator,
     IndexedRows,
     LabelledImageCollator,
-    counted,
     load_image_text_dataset,
     load_labelled_dataset,
     process_shard_loader,
@@ -79,7 +79,6 @@ from training.data import (
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss, share_of_global_batch
 from training.models import load_model_and_processor
-from training.prompts import get_templates
 from training.runtime import (
     RESUME_HINT,
     CheckpointManager,

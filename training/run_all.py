@@ -7,7 +7,7 @@ Each stage writes `<output_dir>/stageN/final`; a stage whose output exists is sk
 stage resumes from its newest checkpoint, so running the same command again continues where it stopped.
 The result, `<output_dir>/agriclip` (model, processor, custom-code files, evaluation results, model card), is
 evaluated zero-shot with each image embedding side by side, and classifies one photo through the transformers
-pipeline. `python -m model_card.publish <output_dir>/agriclip --repo-id org/name` puts it on the Hub.
+pipeline. `agriclip publish <output_dir>/agriclip --repo-id org/name` puts it on the Hub.
 Under `accelerate launch` the training stages use every process.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from modeling_agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
+from agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
 from model_card.card import describe_caption_data, read_training_info, write_model_card
 from training import stage1_contrastive, stage2_dino, stage3_align
 from training.runtime import RunLock, exit_on_sigterm, load_config_file

@@ -41,9 +41,8 @@ from accelerate.utils import (
 )
 from safetensors import safe_open
 
-from modeling_agriclip.atomic import replace_folder, write_json_atomically
-from modeling_agriclip.images import DecodeStats
-from training.data import counted
+from agriclip.atomic import replace_folder, write_json_atomically
+from agriclip.images import DecodeStats, counted
 
 logger = get_logger(__name__)
 
@@ -291,7 +290,7 @@ def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learnin
 
 
 def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
-    """False when no image of this batch could be read (`training.data.counted` yields None) on any process.
+    """False when no image of this batch could be read (`agriclip.images.counted` yields None) on any process.
 
     All processes must skip such a batch together: one that went on would wait forever in a collective (the
     gradient all-reduce, a gather) that the skipping process never joins.
@@ -331,7 +330,7 @@ def resumable_batches(loader, accelerator: Accelerator, position: TrainingPositi
     Counts the batches of the current epoch in `position` (the loop counts optimizer steps); a resumed run skips
     the batches its epoch had already consumed, so it sees exactly what the uninterrupted run saw. The collator
     learns the epoch before the epoch's iterator starts (its caption draws depend on it). The loader's collator
-    counts the unreadable images (`training.data.counted`); a batch with no readable image on some process is
+    counts the unreadable images (`agriclip.images.counted`); a batch with no readable image on some process is
     skipped by every process.
 
     Raises:

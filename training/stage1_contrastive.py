@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from evaluation.retrieval import retrieval_recall
-from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, IndexedRows, counted, load_image_text_dataset
+from agriclip.images import DecodeStats, counted
+from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset
 from training.dino import cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor

@@ -26,8 +26,8 @@ from transformers import AutoModel
 
 from evaluation.knn import knn_accuracy
 from modeling_agriclip.modeling_agriclip import backbone_features, unreadable_weights_named
-from modeling_agriclip.images import DecodeStats
-from training.data import ImageCollator, counted, load_image_text_dataset, load_labelled_dataset
+from agriclip.images import DecodeStats, counted
+from training.data import ImageCollator, load_image_text_dataset, load_labelled_dataset
 from training.dino import (
     CollapseMonitor,
     DINOHead,
@@ -136,7 +136,7 @@ def load_backbone(args, model):
         except RuntimeError as error:
             raise ValueError(
                 f"{args.backbone} does not fit the backbone of {args.model} ({error.args[0].splitlines()[0]}); build an "
-                "AgriCLIP checkpoint around it first: python -m modeling_agriclip.convert --dino ... --clip ..."
+                "AgriCLIP checkpoint around it first: agriclip convert --dino ... --clip ..."
             ) from None
     return backbone
 

@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form, fit_sgd_recipe
-from modeling_agriclip.images import DecodeStats
-from training.data import ImageTextCollator, counted, load_image_text_dataset, process_shard_loader
+from agriclip.images import DecodeStats, counted
+from training.data import ImageTextCollator, load_image_text_dataset, process_shard_loader
 from training.models import load_model_and_processor
 from training.runtime import (
     RunLock,

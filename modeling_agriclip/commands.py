@@ -1,76 +1,16 @@
-"""The `agriclip` command: zero-shot classification and embeddings of field photos from a terminal.
+"""The work behind the `agriclip` subcommands (`agriclip.cli` parses and checks their arguments first).
 
-Commands::
+Batched zero-shot classification and embedding of image files, checkpoint descriptions and the tokenizer. The same
+from Python: `load_classifier`, `find_images`, then `classify_files` or `embed_files` (label embeddings cached by the
+`ZeroShotClassifier` across calls, images decoded by a DataLoader, unreadable files skipped and counted).
 
-    agriclip predict IMAGE... --labels "leaf rust,healthy leaf" [--template T ... | --dataset-template NAME]
-                              [--top-k 5] [--format table|csv|json]
-    agriclip classify-folder DIR --labels-file labels.txt --output predictions.csv [--top-k 1]
-    agriclip embed IMAGE... [--labels ...] --output embeddings.safetensors|embeddings.npy
-    agriclip info MODEL [--format table|json]
-
-Also runnable as ``python -m modeling_agriclip.cli``. Common options: ``--model`` (an AgriCLIP or transformers CLIP
-folder, or a Hub id; default: the ``AGRICLIP_MODEL`` environment variable), ``--embedding`` (AgriCLIP's image
-embedding: aligned, clip or fused; default: the checkpoint's), ``--batch-size``, ``--num-workers`` (decoding
-processes) and ``--device`` (default: cuda, then mps, else cpu).
-
-Images are files, folders (walked recursively; files with an image suffix PIL can open, hidden entries skipped) and
-glob patterns (expanded here too, for shells that do not). A file named explicitly is always read; a path that does
-not exist is reported and left out. Unreadable images (corrupt, truncated, empty, too large) are listed on stderr and
-skipped; the others are still classified.
-
-Labels: ``--labels`` takes a comma-separated list, ``--labels-file`` one label per line (blank lines ignored). Each
-label is put into every template (default ``"a photo of {}."``); several templates form a prompt ensemble (the mean of
-the normalised prompt embeddings), computed once per run.
-
-Outputs of ``predict`` and ``classify-folder``:
-
-- ``table``: one line per image and rank, aligned for reading; unreadable files appear on stderr only;
-- ``csv``: columns ``image,rank,label,score,error``, one row per image and rank (best first), then one row per
-  unreadable file with empty rank, label and score and the reason in ``error`` (e.g. ``corrupt``, ``truncated``);
-- ``json``: ``{"model", "embedding", "labels", "templates", "results": [{"image", "predictions": [{"label",
-  "score"}]}], "skipped": [{"image", "error"}]}``.
-
-Scores are softmax probabilities over the labels, as in the transformers pipeline. ``classify-folder`` writes the
-file named by ``--output`` (format from ``--format`` or the suffix: ``.json`` is JSON, anything else CSV).
-
-Every file a command writes is written whole or not at all (`modeling_agriclip.atomic`: a temporary file beside it,
-renamed over it when complete): when writing fails (a full disk), the previous file is left exactly as it was.
-
-``embed`` writes L2-normalised embeddings: ``image_embeds`` (one row per readable image, in the order of the
-``files`` list) and, with labels, ``label_embeds`` (one row per label). A ``.safetensors`` file holds both tensors and
-its metadata holds ``model``, ``embedding``, ``files``, ``skipped``, ``labels`` and ``templates`` (JSON-encoded
-where not a string); a ``.npy`` file holds one array, and the same metadata goes to ``<output>.json`` beside it.
-
-``info`` reads config.json, the safetensors headers and README.md without loading the weights. A model card that does
-not parse is reported (``card unreadable: ...`` and a warning) rather than an error.
-
-No command runs code from a model folder or asks on stdin whether to: a checkpoint whose config, processor or
-tokenizer files name classes that only the folder's own Python files provide is refused (exit code 3).
-
-The same batched inference from Python: `load_classifier`, `find_images`, then `classify_files` or `embed_files`
-(label embeddings cached by the `ZeroShotClassifier` across calls, images decoded by a DataLoader).
-
-Exit codes:
-
-- 0: success (unreadable images may have been skipped; they are listed on stderr);
-- 1: an unexpected error (a bug: please report it with the traceback);
-- 2: usage error (bad or missing arguments, e.g. no ``--model`` and no ``AGRICLIP_MODEL``);
-- 3: the model cannot be loaded (no such folder, not a model folder, Hub id not reachable, a folder that would run
-  its own code, weights missing, unexpected or of another shape, a corrupt or forged safetensors header, a FIFO or
-  device in the folder);
-- 4: no images found;
-- 5: images found, but none could be read;
-- 6: the device is unknown or not available;
-- 7: empty or invalid labels or templates (empty list, duplicate label, unreadable labels file, a template that
-  is not exactly one ``{}`` and text, e.g. ``"{} with {}"`` or ``"{name}"``, unknown template set), found before the
-  model loads;
-- 8: the output file cannot be written (the previous file is left as it was);
-- 130: interrupted (Ctrl-C).
+Failures are `agriclip.errors.CLIError`s with their exit code: e.g. a model folder that would run its own code, or
+whose weights do not fit (3), no images (4), none readable (5), an unusable device (6), an output that cannot be
+written (8: every file is written whole or not at all, so the previous one is left as it was).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import glob
@@ -80,7 +20,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -93,46 +32,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from modeling_agriclip.images import DecodeStats
-from training.data import DecodingCollator, check_hub_id, counted
-from training.prompts import ZERO_SHOT_TEMPLATES, get_templates
+from agriclip.atomic import atomic_open
+from agriclip.cli import MODEL_ENV
+from agriclip.errors import CLIError, ExitCode, warn
+from agriclip.files import check_folder_files, check_hub_id, parameter_counts
+from agriclip.images import DecodeStats, DecodingCollator, counted
+from agriclip.templates import DEFAULT_TEMPLATES
 
-from .atomic import atomic_open
-from .configuration_agriclip import IMAGE_EMBEDDINGS
-from .files import check_folder_files, parameter_counts
-from .zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier, load_config
+from .tokenizer import build_clip_tokenizer
+from .zero_shot import ZeroShotClassifier, load_config
 
 
-MODEL_ENV = "AGRICLIP_MODEL"
-FORMATS = ("table", "csv", "json")
 CSV_COLUMNS = ("image", "rank", "label", "score", "error")
-EMBEDDING_SUFFIXES = (".safetensors", ".npy")
-
-
-class ExitCode(IntEnum):
-    """The process exit status of each failure (documented in the module docstring)."""
-
-    OK = 0
-    USAGE = 2
-    MODEL = 3
-    NO_IMAGES = 4
-    UNREADABLE = 5
-    DEVICE = 6
-    LABELS = 7
-    OUTPUT = 8
-    INTERRUPTED = 130
-
-
-class CLIError(Exception):
-    """A failure reported as one `agriclip: error: ...` message and its exit code, without a traceback."""
-
-    def __init__(self, code: ExitCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def _warn(message: str) -> None:
-    print(f"agriclip: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,44 +107,10 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
     """`find_images`, reporting inputs that matched nothing on stderr; fails when no file is left."""
     files, unmatched = find_images(inputs)
     for argument in unmatched:
-        _warn(f"{argument}: no such file or folder, or no image matches it")
+        warn(f"{argument}: no such file or folder, or no image matches it")
     if not files:
         raise CLIError(ExitCode.NO_IMAGES, f"no images found in {' '.join(inputs)}")
     return files
-
-
-def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
-    """The class names of `--labels "a,b,c"` or `--labels-file` (one per line); fails on an empty list or a
-    duplicate."""
-    if labels_file is not None:
-        try:
-            text = Path(labels_file).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CLIError(ExitCode.LABELS, f"cannot read the labels file {labels_file}: {error}") from error
-        names, source = [line.strip() for line in text.splitlines()], f"the labels file {labels_file}"
-    else:
-        names, source = [name.strip() for name in labels.split(",")], "--labels"
-    names = [name for name in names if name]
-    if not names:
-        raise CLIError(
-            ExitCode.LABELS, f"{source} holds no label; give at least one, e.g. --labels 'leaf rust,healthy leaf'"
-        )
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise CLIError(ExitCode.LABELS, f"{source} repeats the label(s) {', '.join(map(repr, duplicates))}")
-    return names
-
-
-def resolve_templates(templates: Sequence[str] | None, dataset_template: str | None) -> list[str]:
-    """The prompt templates of `--template` (repeatable: an ensemble) or `--dataset-template NAME`."""
-    try:
-        if dataset_template is not None:
-            return get_templates(dataset_template)
-        return get_templates(list(templates or DEFAULT_TEMPLATES))
-    except KeyError as error:
-        raise CLIError(ExitCode.LABELS, f"--dataset-template: {error.args[0]}") from error
-    except ValueError as error:
-        raise CLIError(ExitCode.LABELS, f"--template: {error}") from error
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -279,11 +156,23 @@ def _check_model_path(model: str) -> None:
         raise _cannot_load(model, "no such folder") from error
 
 
+def hide_weight_loading_bars() -> None:
+    """Hides transformers' "Loading weights" bar, one per model load, which clutters a command's output; download
+    bars of Hub files stay."""
+    def factory(make, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return make(*args, **kwargs)
+
+    transformers_logging.set_tqdm_hook(factory)
+
+
 def load_classifier(
     model: str, device: torch.device, batch_size: int, embedding: str | None = None
 ) -> ZeroShotClassifier:
     """A `ZeroShotClassifier` on `model` (an AgriCLIP or CLIP folder, or a Hub id), failing with exit code 3."""
     _check_model_path(model)
+    hide_weight_loading_bars()
     try:
         classifier = ZeroShotClassifier.from_pretrained(model, batch_size=batch_size, device=device)
     except (OSError, ValueError) as error:
@@ -311,7 +200,7 @@ class DecodeAndPreprocess(DecodingCollator):
 
     Runs in the DataLoader worker processes, if any, so that decoding and resizing overlap with the forward passes.
     It holds only the image processor (the one `ZeroShotClassifier.pixel_values` applies), which is cheap to send to
-    workers; the skipped files reach `stats` through `training.data.counted`.
+    workers; the skipped files reach `stats` through `agriclip.images.counted`.
     """
 
     def __init__(self, image_processor, stats: DecodeStats | None = None):
@@ -420,7 +309,7 @@ def skipped_files(files: Sequence[str], stats: DecodeStats) -> list[tuple[str, s
 
 def _report_skipped(stats: DecodeStats) -> None:
     if stats.num_skipped:
-        _warn(f"unreadable images were skipped: {stats.summary()}")
+        warn(f"unreadable images were skipped: {stats.summary()}")
 
 
 def _require_readable(stats: DecodeStats) -> None:
@@ -479,7 +368,7 @@ def render(result: Classification, files: Sequence[str], output_format: str, hea
 
 
 def _write(writers: Mapping[Path, Callable[[io.BufferedWriter], object]]) -> None:
-    """Writes each file by `writer(binary handle)`, whole or not at all (`modeling_agriclip.atomic`).
+    """Writes each file by `writer(binary handle)`, whole or not at all (`agriclip.atomic`).
 
     All the files are written to their temporary names before any replaces its target, so that a failure (a full
     disk) leaves every previous file as it was, and no temporary file; it fails with exit code 8.
@@ -500,18 +389,17 @@ def _write(writers: Mapping[Path, Callable[[io.BufferedWriter], object]]) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(args, images: Sequence[str]) -> tuple[ZeroShotClassifier, list[str], list[str], list[str]]:
-    """Checks the cheap arguments first (labels, templates, images, device), then loads the model."""
-    class_names = parse_labels(args.labels, args.labels_file)
-    templates = resolve_templates(args.template, args.dataset_template)
+def _prepare(args, images: Sequence[str]) -> tuple[ZeroShotClassifier, list[str]]:
+    """Finds the images and checks the device first, then loads the model (labels and templates are checked by
+    `agriclip.cli` before this module is imported)."""
     files = collect_images(images)
     device = resolve_device(args.device)
-    classifier = load_classifier(args.model, device, args.batch_size, args.embedding)
-    return classifier, class_names, templates, files
+    return load_classifier(args.model, device, args.batch_size, args.embedding), files
 
 
 def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classification, list[str], dict]:
-    classifier, class_names, templates, files = _prepare(args, images)
+    classifier, files = _prepare(args, images)
+    class_names, templates = args.class_names, args.templates
     result = classify_files(
         classifier, files, class_names, templates, args.top_k, args.batch_size, args.num_workers, progress
     )
@@ -530,8 +418,6 @@ def run_predict(args) -> ExitCode:
 
 
 def run_classify_folder(args) -> ExitCode:
-    if not os.path.isdir(args.folder):
-        raise CLIError(ExitCode.NO_IMAGES, f"{args.folder} is not a folder")
     output_format = args.format or ("json" if args.output.suffix.lower() == ".json" else "csv")
     result, files, header = _classify(args, [args.folder], progress=True)
     text = render(result, files, output_format, header)
@@ -545,20 +431,7 @@ def run_classify_folder(args) -> ExitCode:
 
 def run_embed(args) -> ExitCode:
     suffix = args.output.suffix.lower()
-    if suffix not in EMBEDDING_SUFFIXES:
-        raise CLIError(
-            ExitCode.USAGE, f"--output {args.output}: the suffix must be one of {', '.join(EMBEDDING_SUFFIXES)}"
-        )
-    wants_labels = args.labels is not None or args.labels_file is not None
-    if not args.images and not wants_labels:
-        raise CLIError(ExitCode.USAGE, "nothing to embed: give images, --labels or --labels-file")
-    if suffix == ".npy" and args.images and wants_labels:
-        raise CLIError(
-            ExitCode.USAGE,
-            "a .npy file holds one array: embed images and labels into separate files, or write .safetensors",
-        )
-    class_names = parse_labels(args.labels, args.labels_file) if wants_labels else []
-    templates = resolve_templates(args.template, args.dataset_template)
+    class_names, templates = args.class_names, args.templates
     files = collect_images(args.images) if args.images else []
     classifier = load_classifier(args.model, resolve_device(args.device), args.batch_size, args.embedding)
 
@@ -619,7 +492,7 @@ def _card_summary(path: Path) -> dict:
         card = ModelCard.load(path)
     except (OSError, ValueError, yaml.YAMLError) as error:
         reason = _first_line(error)
-        _warn(f"{path}: the model card does not parse, so its metadata is not shown: {reason}")
+        warn(f"{path}: the model card does not parse, so its metadata is not shown: {reason}")
         return {"unreadable": reason}
     data = card.data.to_dict()
     summary = {
@@ -729,129 +602,7 @@ def run_info(args) -> ExitCode:
     return ExitCode.OK
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Parser
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=os.environ.get(MODEL_ENV),
-        help=f"AgriCLIP or transformers CLIP folder, or a Hub id (default: ${MODEL_ENV}).",
-    )
-    parser.add_argument(
-        "--embedding",
-        choices=IMAGE_EMBEDDINGS,
-        default=None,
-        help="AgriCLIP image embedding: the aligned backbone, the CLIP image tower, or their fusion "
-        "(default: the checkpoint's image_embedding).",
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Images per forward pass (default: 32).")
-    parser.add_argument(
-        "--num-workers",
-        type=_non_negative_int,
-        default=None,
-        help="Processes decoding images (default: up to 4, two cores spared; 0 for a single batch).",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
-    )
-
-
-def _add_label_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    labels = parser.add_mutually_exclusive_group(required=required)
-    labels.add_argument("--labels", help='Comma-separated class names, e.g. "leaf rust,healthy leaf".')
-    labels.add_argument("--labels-file", help="Text file of class names, one per line.")
-    templates = parser.add_mutually_exclusive_group()
-    templates.add_argument(
-        "--template",
-        action="append",
-        help="Prompt template with {} for the label; repeat for a prompt ensemble "
-        f"(default: {DEFAULT_TEMPLATES[0]!r}).",
-    )
-    templates.add_argument(
-        "--dataset-template",
-        metavar="NAME",
-        help=f"A registered template set: {', '.join(sorted(ZERO_SHOT_TEMPLATES))}.",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agriclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    predict = commands.add_parser("predict", help="Zero-shot classify images; print the top labels.")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
-    _add_label_options(predict, required=True)
-    predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
-    predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
-    _add_model_options(predict)
-    predict.set_defaults(run=run_predict)
-
-    folder = commands.add_parser("classify-folder", help="Zero-shot classify every image under a folder into a file.")
-    folder.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
-    _add_label_options(folder, required=True)
-    folder.add_argument("--output", type=Path, required=True, help="Predictions file (.csv or .json).")
-    folder.add_argument("--top-k", type=_positive_int, default=1, help="Labels kept per image (default: 1).")
-    folder.add_argument(
-        "--format", choices=FORMATS, default=None, help="Output format (default: from the --output suffix, else csv)."
-    )
-    _add_model_options(folder)
-    folder.set_defaults(run=run_classify_folder)
-
-    embed = commands.add_parser("embed", help="Write image and/or label embeddings to .safetensors or .npy.")
-    embed.add_argument("images", nargs="*", metavar="IMAGE", help="Image files, folders or glob patterns.")
-    _add_label_options(embed, required=False)
-    embed.add_argument("--output", type=Path, required=True, help="Embeddings file (.safetensors or .npy).")
-    _add_model_options(embed)
-    embed.set_defaults(run=run_embed)
-
-    info = commands.add_parser("info", help="Describe a checkpoint: towers, sizes, embedding mode, model card.")
-    info.add_argument(
-        "model",
-        nargs="?",
-        default=os.environ.get(MODEL_ENV),
-        metavar="MODEL",
-        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
-    )
-    info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
-    info.set_defaults(run=run_info)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit code (argparse exits with 2 on usage errors)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.model:
-        parser.error(f"no model given: pass --model PATH (or MODEL for info), or set {MODEL_ENV}")
-    transformers_logging.disable_progress_bar()
-    try:
-        return int(args.run(args))
-    except CLIError as error:
-        print(f"agriclip: error: {error}", file=sys.stderr)
-        return int(error.code)
-    except KeyboardInterrupt:
-        print("agriclip: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_tokenizer(args) -> ExitCode:
+    build_clip_tokenizer(args.bpe).save_pretrained(args.output)
+    print(f"CLIP tokenizer written to {args.output}", file=sys.stderr)
+    return ExitCode.OK

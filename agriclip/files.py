@@ -166,11 +166,19 @@ def parameter_counts(checkpoint_dir: str | os.PathLike) -> Counter:
     return counts
 
 
+def check_hub_id(source) -> None:
+    """A missing local path is an error here, not a Hub lookup: Hub ids are "name" or "org/name"."""
+    text = str(source)
+    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
+        raise FileNotFoundError(f"{text}: no such file or folder")
+
+
 __all__ = [
     "ContainedPaths",
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
     "check_folder_files",
+    "check_hub_id",
     "check_regular_file",
     "parameter_counts",
     "weight_files",

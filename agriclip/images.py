@@ -158,3 +158,44 @@ def decode_rows(rows: Sequence[Mapping], stats: DecodeStats) -> list[tuple[Mappi
         stats.decoded += 1
         decoded.append((row, image))
     return decoded
+
+
+# Key of the batch entry that carries the `DecodeStats` of the batch's rows (see `DecodingCollator`).
+DECODE_REPORT = "decode_report"
+
+
+class DecodingCollator:
+    """Base of the collators: decodes the rows' images, skipping those that cannot be read, and collates the rest.
+
+    Each batch carries the `DecodeStats` of its own rows under `DECODE_REPORT` instead of counting in `stats`
+    directly: in a DataLoader worker, `stats` is the worker's copy, which never comes back. `counted(loader)`
+    merges the reports into `stats` in the process that consumes the batches. A batch in which no image could be
+    read holds only its report and comes out of `counted` as None.
+
+    `epoch` is the epoch of the batches being collated. The training loop (`training.runtime.resumable_batches`)
+    sets it before each epoch's iterator is created, which is when DataLoader workers receive their copy of the
+    collator (so `persistent_workers` would keep the first epoch's).
+    """
+
+    def __init__(self, stats: DecodeStats | None = None):
+        self.stats = stats if stats is not None else DecodeStats()
+        self.epoch = 0
+
+    def collate(self, decoded: list[tuple[Mapping, Image.Image]]) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        report = DecodeStats()
+        decoded = decode_rows(rows, report)
+        batch = self.collate(decoded) if decoded else {}
+        batch[DECODE_REPORT] = report
+        return batch
+
+
+def counted(loader):
+    """The batches of a DataLoader over a `DecodingCollator`, with each batch's decode report merged into the
+    collator's `stats`; None for a batch in which no image could be read."""
+    stats = loader.collate_fn.stats
+    for batch in loader:
+        stats += batch.pop(DECODE_REPORT)
+        yield batch or None

@@ -1,0 +1,7 @@
+"""`python -m agriclip` runs the `agriclip` command."""
+
+import sys
+
+from agriclip.cli import main
+
+sys.exit(main())

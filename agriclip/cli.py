@@ -1,0 +1,341 @@
+"""The `agriclip` command (also `python -m agriclip`).
+
+Parses and checks the arguments with the standard library alone, then imports the heavy implementation of the
+subcommand (`modeling_agriclip.commands`, `modeling_agriclip.convert`, `model_card.card`, `model_card.publish`):
+`--help` and every argument error answer before torch or transformers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agriclip import IMAGE_EMBEDDINGS
+from agriclip.errors import CLIError, ExitCode, warn
+from agriclip.templates import DEFAULT_TEMPLATES, ZERO_SHOT_TEMPLATES, get_templates
+
+
+MODEL_ENV = "AGRICLIP_MODEL"
+FORMATS = ("table", "csv", "json")
+EMBEDDING_SUFFIXES = (".safetensors", ".npy")
+
+DESCRIPTION = f"""\
+Zero-shot classification and embeddings of field photos, checkpoints and publishing, from a terminal.
+
+  agriclip predict IMAGE... --labels "leaf rust,healthy leaf" [--template T ... | --dataset-template NAME]
+  agriclip classify-folder DIR --labels-file labels.txt --output predictions.csv
+  agriclip embed IMAGE... [--labels ...] --output embeddings.safetensors
+  agriclip info MODEL
+  agriclip convert --clip openai/clip-vit-base-patch16 --dino facebook/dino-vitb16 --output agriclip-init
+  agriclip tokenizer --output DIR
+  agriclip card FOLDER [--eval-results results.json --run-dir runs]
+  agriclip publish FOLDER --repo-id org/name [--dry-run]
+
+The model is an AgriCLIP or transformers CLIP folder, or a Hub id: --model, or the {MODEL_ENV} environment
+variable. Images are files, folders (walked recursively) and glob patterns; unreadable images are listed on stderr
+and skipped. Each label is put into every template (default {DEFAULT_TEMPLATES[0]!r}); several templates form a
+prompt ensemble. Scores are softmax probabilities over the labels given, so they compare those labels only: a
+single label always scores 1.0. No command runs code from a model folder or asks on stdin whether to. Every file a
+command writes is written whole or not at all. `agriclip COMMAND --help` describes each command.
+"""
+
+EXIT_CODES = """\
+exit codes:
+  0    success (unreadable images may have been skipped; they are listed on stderr)
+  1    an unexpected error: a bug, please report it with the traceback
+  2    usage error (bad or missing arguments, e.g. no --model and no AGRICLIP_MODEL)
+  3    the model cannot be loaded (no such folder, no config.json, Hub id not reachable, a folder that would run
+       its own code, weights missing, unexpected or of another shape, a corrupt or forged safetensors header)
+  4    no images found
+  5    images found, but none could be read
+  6    the device is unknown or not available
+  7    empty or invalid labels or templates (e.g. "{} with {}", "{name}", an unknown template set), found
+       before the model loads
+  8    the output file cannot be written (the previous file is left as it was)
+  9    an input is not usable (convert: parts that do not fit; card: unreadable results; publish: the folder is
+       not ready, with every problem listed)
+  130  interrupted (Ctrl-C)
+"""
+
+OUTPUTS = """\
+outputs:
+  table  one line per image and rank, aligned for reading
+  csv    columns image,rank,label,score,error: one row per image and rank (best first), then one row per
+         unreadable file with the reason in error (e.g. corrupt, truncated)
+  json   {"model", "embedding", "labels", "templates", "results": [{"image", "predictions": [{"label", "score"}]}],
+         "skipped": [{"image", "error"}]}
+"""
+
+EMBED_OUTPUTS = """\
+embed writes L2-normalised embeddings: image_embeds (one row per readable image, in the order of the files list)
+and, with labels, label_embeds (one row per label). A .safetensors file holds both, with model, embedding, files,
+skipped, labels and templates in its metadata; a .npy file holds one array and the metadata goes to <output>.json.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that need no model: labels, templates, outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
+    """The class names of `--labels "a,b,c"` or `--labels-file` (one per line); fails on an empty list or a
+    duplicate."""
+    if labels_file is not None:
+        try:
+            text = Path(labels_file).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CLIError(ExitCode.LABELS, f"cannot read the labels file {labels_file}: {error}") from error
+        names, source = [line.strip() for line in text.splitlines()], f"the labels file {labels_file}"
+    else:
+        names, source = [name.strip() for name in labels.split(",")], "--labels"
+    names = [name for name in names if name]
+    if not names:
+        raise CLIError(
+            ExitCode.LABELS, f"{source} holds no label; give at least one, e.g. --labels 'leaf rust,healthy leaf'"
+        )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise CLIError(ExitCode.LABELS, f"{source} repeats the label(s) {', '.join(map(repr, duplicates))}")
+    return names
+
+
+def resolve_templates(templates: Sequence[str] | None, dataset_template: str | None) -> list[str]:
+    """The prompt templates of `--template` (repeatable: an ensemble) or `--dataset-template NAME`."""
+    try:
+        if dataset_template is not None:
+            return get_templates(dataset_template)
+        return get_templates(list(templates or DEFAULT_TEMPLATES))
+    except KeyError as error:
+        raise CLIError(ExitCode.LABELS, f"--dataset-template: {error.args[0]}") from error
+    except ValueError as error:
+        raise CLIError(ExitCode.LABELS, f"--template: {error}") from error
+
+
+def check_labelled(args) -> None:
+    """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`."""
+    args.class_names = parse_labels(args.labels, args.labels_file)
+    args.templates = resolve_templates(args.template, args.dataset_template)
+    if len(args.class_names) == 1:
+        warn(f"a single label ({args.class_names[0]!r}) always scores 1.0: scores are softmax probabilities over "
+              "the labels given; give the alternatives too")
+
+
+def check_classify_folder(args) -> None:
+    if not os.path.isdir(args.folder):
+        raise CLIError(ExitCode.NO_IMAGES, f"{args.folder} is not a folder")
+    check_labelled(args)
+
+
+def check_embed(args) -> None:
+    suffix = args.output.suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise CLIError(
+            ExitCode.USAGE, f"--output {args.output}: the suffix must be one of {', '.join(EMBEDDING_SUFFIXES)}"
+        )
+    wants_labels = args.labels is not None or args.labels_file is not None
+    if not args.images and not wants_labels:
+        raise CLIError(ExitCode.USAGE, "nothing to embed: give images, --labels or --labels-file")
+    if suffix == ".npy" and args.images and wants_labels:
+        raise CLIError(
+            ExitCode.USAGE,
+            "a .npy file holds one array: embed images and labels into separate files, or write .safetensors",
+        )
+    args.class_names = parse_labels(args.labels, args.labels_file) if wants_labels else []
+    args.templates = resolve_templates(args.template, args.dataset_template)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"AgriCLIP or transformers CLIP folder, or a Hub id (default: ${MODEL_ENV}).",
+    )
+    parser.add_argument(
+        "--embedding",
+        choices=IMAGE_EMBEDDINGS,
+        default=None,
+        help="AgriCLIP image embedding: the aligned backbone, the CLIP image tower, or their fusion "
+        "(default: the checkpoint's image_embedding).",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="Images per forward pass (default: 32).")
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=None,
+        help="Processes decoding images (default: up to 4, two cores spared; 0 for a single batch).",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
+    )
+
+
+def _add_label_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    labels = parser.add_mutually_exclusive_group(required=required)
+    labels.add_argument("--labels", help='Comma-separated class names, e.g. "leaf rust,healthy leaf".')
+    labels.add_argument("--labels-file", help="Text file of class names, one per line (blank lines ignored).")
+    templates = parser.add_mutually_exclusive_group()
+    templates.add_argument(
+        "--template",
+        action="append",
+        help="Prompt template with {} for the label; repeat for a prompt ensemble "
+        f"(default: {DEFAULT_TEMPLATES[0]!r}).",
+    )
+    templates.add_argument(
+        "--dataset-template",
+        metavar="NAME",
+        help=f"A registered template set: {', '.join(sorted(ZERO_SHOT_TEMPLATES))}.",
+    )
+
+
+def _command(commands, name: str, help: str, run: str, check=None, epilog: str | None = None, **defaults):
+    """A subcommand whose `run` ("module:function", imported once the arguments are valid) does the work."""
+    parser = commands.add_parser(
+        name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(run=run, check=check, **defaults)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agriclip", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = _command(commands, "predict", "Zero-shot classify images; print the top labels.",
+                       "modeling_agriclip.commands:run_predict", check_labelled, OUTPUTS, needs_model=True)
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
+    _add_label_options(predict, required=True)
+    predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
+    predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
+    _add_model_options(predict)
+
+    folder = _command(commands, "classify-folder", "Zero-shot classify every image under a folder into a file.",
+                      "modeling_agriclip.commands:run_classify_folder", check_classify_folder, OUTPUTS,
+                      needs_model=True)
+    folder.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
+    _add_label_options(folder, required=True)
+    folder.add_argument("--output", type=Path, required=True, help="Predictions file (.csv or .json).")
+    folder.add_argument("--top-k", type=_positive_int, default=1, help="Labels kept per image (default: 1).")
+    folder.add_argument(
+        "--format", choices=FORMATS, default=None, help="Output format (default: from the --output suffix, else csv)."
+    )
+    _add_model_options(folder)
+
+    embed = _command(commands, "embed", "Write image and/or label embeddings to .safetensors or .npy.",
+                     "modeling_agriclip.commands:run_embed", check_embed, EMBED_OUTPUTS, needs_model=True)
+    embed.add_argument("images", nargs="*", metavar="IMAGE", help="Image files, folders or glob patterns.")
+    _add_label_options(embed, required=False)
+    embed.add_argument("--output", type=Path, required=True, help="Embeddings file (.safetensors or .npy).")
+    _add_model_options(embed)
+
+    info = _command(commands, "info", "Describe a checkpoint: towers, sizes, embedding mode, model card (the weights "
+                    "are not loaded).", "modeling_agriclip.commands:run_info", needs_model=True)
+    info.add_argument("model", nargs="?", default=os.environ.get(MODEL_ENV), metavar="MODEL",
+                      help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).")
+    info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
+
+    convert = _command(
+        commands, "convert", "Build an AgriCLIP checkpoint (model + processor) from pretrained parts; a part not given "
+        "comes randomly initialised from --preset. Official .pth files are read with torch.load(weights_only=True).",
+        "modeling_agriclip.convert:run",
+    )
+    convert.add_argument("--output", required=True, help="Folder to write the AgriCLIP checkpoint to.")
+    convert.add_argument("--clip", help="transformers CLIP checkpoint (folder or Hub id) for the text and image towers.")
+    convert.add_argument("--dino", help="transformers ViT/DINOv2/ResNet checkpoint (folder or Hub id) for the backbone.")
+    convert.add_argument("--official-dino", help="Official AgriCLIP DINO ResNet state dict (torchvision layout, .pth).")
+    convert.add_argument("--official-aligner", help="Official AgriCLIP aligner file holding W (out, in) and b (out,).")
+    convert.add_argument("--preset", default="paper",
+                         help="Layout of the parts not given: tiny, tiny_resnet, paper (ViT-B/16 + ResNet-50, the "
+                              "default) or vit_b16.")
+    convert.add_argument("--image-embedding", choices=IMAGE_EMBEDDINGS,
+                         help="Image embedding zero-shot compares with text (default: aligned, the paper's).")
+
+    tokenizer = _command(commands, "tokenizer", "Write OpenAI CLIP's tokenizer, rebuilt offline from the BPE file "
+                         "open-clip-torch ships.", "modeling_agriclip.commands:run_tokenizer")
+    tokenizer.add_argument("--output", required=True, help="Folder to write tokenizer.json and tokenizer_config.json to.")
+    tokenizer.add_argument("--bpe", default=None, help="Path of bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's).")
+
+    card = _command(commands, "card", "Write the model card (README.md) of a checkpoint, or with --dataset the "
+                    "dataset card of an ALive-style dataset folder.", "model_card.card:run")
+    card.add_argument("folder", type=Path, help="The checkpoint (or, with --dataset, dataset) folder.")
+    card.add_argument("--dataset", action="store_true", help="Write a dataset card for an ALive-style dataset folder.")
+    card.add_argument("--repo-id", default=None, help="The Hub repo the card is for (org/name), used in names and examples.")
+    card.add_argument("--eval-results", type=Path, default=None, help="results.json of `python -m evaluation.suite`.")
+    card.add_argument("--eval-model", default=None, help="This checkpoint's model name in --eval-results (default: found "
+                      "from its image embedding).")
+    card.add_argument("--run-dir", type=Path, default=None, help="Folder of the training runs; their logs give the settings.")
+    card.add_argument("--training-info", type=Path, default=None, help="JSON file of training_info (data, base_model).")
+    card.add_argument("--train-data", type=Path, default=None, help="The image-caption folder the model was trained on.")
+    card.add_argument("--pretty-name", default=None, help="Dataset card title (with --dataset).")
+    card.add_argument("--description", default=None, help="Dataset card first paragraph (with --dataset).")
+    card.add_argument("--license", default="other", help="Dataset license id (with --dataset; default: other, the "
+                      "sources' own licenses).")
+
+    publish = _command(
+        commands, "publish", "Check a checkpoint, LoRA adapter or dataset folder and upload it to the Hub in one commit. "
+        "Only an allow-list of what such a folder is goes up, never a link out of the folder, and no file whose bytes "
+        "hold a token or a private key; the folder's custom-code files must equal the installed package's unless "
+        "--trust-remote-code. The token comes from HF_TOKEN or `hf auth login`.", "model_card.publish:run",
+    )
+    publish.add_argument("folder", type=Path, help="Checkpoint or LoRA adapter folder (or, with --dataset, dataset folder).")
+    publish.add_argument("--repo-id", required=True, help="The Hub repo to publish to, org/name; created when missing.")
+    publish.add_argument("--dataset", action="store_true", help="Publish an ALive-style dataset folder to a dataset repo.")
+    publish.add_argument("--revision", default=None, help="Branch to commit to, created from main when missing (default: main).")
+    publish.add_argument("--private", action="store_true", help="Create the repo private (refused for an existing public repo).")
+    publish.add_argument("--commit-message", default=None, help="Title of the commit (default: 'Upload ... <folder name>').")
+    publish.add_argument("--dry-run", action="store_true", help="Only check the folder and print what would be uploaded.")
+    publish.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="Run the folder's custom-code files and compare their outputs with the installed package's, where they are "
+             "not the package's files (without it no code of the folder runs, and such files are refused).",
+    )
+    return parser
+
+
+def _implementation(reference: str):
+    """The function "module:function" names; the heavy stack loads here, once the arguments are valid."""
+    module, _, function = reference.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (argparse exits with 2 on usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "needs_model", False) and not args.model:
+        parser.error(f"no model given: pass --model PATH (or MODEL for info), or set {MODEL_ENV}")
+    try:
+        if args.check is not None:
+            args.check(args)
+        return int(_implementation(args.run)(args))
+    except CLIError as error:
+        print(f"agriclip: error: {error}", file=sys.stderr)
+        return int(error.code)
+    except KeyboardInterrupt:
+        print("agriclip: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
