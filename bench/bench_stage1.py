@@ -1,6 +1,6 @@
 """Stage-1 training throughput against a minimal reference loop, measured in the same run.
 
-Ours: the stage-1 script's update (`training.stage1_contrastive.contrastive_forward` and
+Ours: the stage-1 script's update (`training.contrastive.contrastive_forward` and
 `training.runtime.train_step` under an Accelerator: AgriCLIP forward through the CLIP towers, global-batch
 InfoNCE, finite-loss check, clipping, AdamW with parameter groups). Reference: plain PyTorch,
 `transformers.CLIPModel(return_loss=True)` with the same tower sizes, batch and optimizer. Both train on the same
@@ -24,7 +24,7 @@ from modeling_agriclip.convert import PRESETS
 from training.dino import param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.runtime import CheckpointManager, TrainingPosition, train_step
-from training.stage1_contrastive import contrastive_forward, trainable_clip
+from training.contrastive import contrastive_forward, trainable_clip
 
 
 def make_batches(config, batch_size: int, count: int) -> list[dict]:

@@ -41,7 +41,7 @@ from agriclip.files import parameter_counts
 
 from evaluation.report import ZERO_SHOT_METRICS, render_markdown_table
 from modeling_agriclip import AgriCLIPConfig
-from training.lora_finetune import default_target_modules
+from training.lora import default_target_modules
 
 MODEL_TEMPLATE = Path(__file__).with_name("template.md")
 DATASET_TEMPLATE = Path(__file__).with_name("dataset_template.md")

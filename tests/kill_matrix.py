@@ -74,7 +74,7 @@ def install_write_hooks(kill_at: int, writes: list[str]) -> None:
     import peft
     import transformers
 
-    import training.stage3_align
+    import training.alignment
 
     def hooked(owner, name, target_of):
         original = getattr(owner, name)
@@ -93,7 +93,7 @@ def install_write_hooks(kill_at: int, writes: list[str]) -> None:
     hooked(accelerate.Accelerator, "save_state", lambda self, output_dir=None, *a, **k: output_dir)
     hooked(transformers.PreTrainedModel, "save_pretrained", lambda self, save_directory, *a, **k: save_directory)
     hooked(peft.PeftModel, "save_pretrained", lambda self, save_directory, *a, **k: save_directory)
-    hooked(training.stage3_align, "save_file", lambda tensors, filename, *a, **k: filename)
+    hooked(training.alignment, "save_file", lambda tensors, filename, *a, **k: filename)
 
 
 def child_main(module_name: str, argv: list[str]) -> None:

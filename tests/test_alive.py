@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from training import alive
-from training.alive import BuildConfig, build_alive, main
+from training import alive_builder
+from training.alive import main
+from training.alive_builder import BuildConfig, build_alive
 from agriclip.images import open_image
 from agriclip.images import DECODE_REPORT
 from training.data import ImageTextCollator, load_image_text_dataset
@@ -287,7 +288,7 @@ def test_a_build_that_fails_midway_leaves_the_previous_build_and_a_complete_one_
     previous_build, tmp_path, monkeypatch
 ):
     config_file, before = previous_build
-    encode_job = alive._encode_job
+    encode_job = alive_builder._encode_job
     calls = []
 
     def disk_full_at_the_fifth_image(job):
@@ -296,12 +297,12 @@ def test_a_build_that_fails_midway_leaves_the_previous_build_and_a_complete_one_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return encode_job(job)
 
-    monkeypatch.setattr(alive, "_encode_job", disk_full_at_the_fifth_image)
+    monkeypatch.setattr(alive_builder, "_encode_job", disk_full_at_the_fifth_image)
     with pytest.raises(OSError, match="No space left on device"):
         build_alive(BuildConfig.from_file(config_file), progress=False)
     assert tree(tmp_path / "out") == before  # no staging folder left either
 
-    monkeypatch.setattr(alive, "_encode_job", encode_job)
+    monkeypatch.setattr(alive_builder, "_encode_job", encode_job)
     config = BuildConfig.from_file(config_file)
     config.formats = ["webdataset"]
     report = build_alive(config, progress=False)

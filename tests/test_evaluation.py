@@ -31,7 +31,8 @@ from evaluation.linear_probe import (
 from evaluation.metrics import NonFiniteError
 from evaluation.report import render_markdown_table
 from evaluation.retrieval import group_captions, retrieval_recall
-from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument, run_suite
+from evaluation.runner import run_suite
+from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.embedded import build_embedded_dataset
 from agriclip.templates import get_templates

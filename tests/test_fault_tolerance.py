@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, CLIPConfig
 
 import kill_matrix
-import training.stage1_contrastive
+import training.contrastive
 from conftest import read_metrics, run_script, run_subprocess, write_caption_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.convert import convert
@@ -40,7 +40,7 @@ from training.runtime import (
     export_atomically,
 )
 from training.stage1_contrastive import main as stage1
-from training.stage2_dino import load_backbone
+from training.distillation import load_backbone
 from training.stage3_align import main as stage3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,13 +125,13 @@ def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption
 
 def test_sigterm_during_the_end_of_run_validation_stops_at_once_and_says_what_is_kept(
         reference, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
-    validate = training.stage1_contrastive.validation_recall
+    validate = training.contrastive.validation_recall
 
     def preempted_while_validating(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return validate(*args)
 
-    monkeypatch.setattr(training.stage1_contrastive, "validation_recall", preempted_while_validating)
+    monkeypatch.setattr(training.contrastive, "validation_recall", preempted_while_validating)
     with pytest.raises(SystemExit) as exit_info:
         run_stage1(caption_folder, tmp_path)
     assert exit_info.value.code == 143
@@ -141,7 +141,7 @@ def test_sigterm_during_the_end_of_run_validation_stops_at_once_and_says_what_is
     assert not (tmp_path / "final").exists() and not (tmp_path / RunLock.NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
 
-    monkeypatch.setattr(training.stage1_contrastive, "validation_recall", validate)
+    monkeypatch.setattr(training.contrastive, "validation_recall", validate)
     final = run_stage1(caption_folder, tmp_path, "--resume")  # validates and exports from the last checkpoint
     assert_same_weights(reference.final, final / "model.safetensors")
 

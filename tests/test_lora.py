@@ -13,25 +13,24 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import training.lora_finetune
+import training.lora
 from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from agriclip.images import open_image
-from training.lora_finetune import (
+from training.lora import (
     RUN,
     PromptClassifier,
     base_model_reference,
     build_lora_model,
-    build_parser,
     load_labelled_task,
-    main,
     resolve_lora_targets,
     task_spec,
     tower_of,
     trainable_parameters,
 )
-from training.runtime import parse_args
+from training.lora_finetune import build_parser, main
+from training.options import parse_args
 
 TEMPLATE = "a photo of a {} leaf."
 TOWER_PREFIX = {"text": "text_model.", "image": "vision_model.", "backbone": "dino_model."}
@@ -136,7 +135,7 @@ def paths(dataset):
 
 def labelled_task(folder, shots=3, seed=0):
     """The task a classification run on `folder` trains on and holds out, as the script resolves it."""
-    args = parse_args(build_parser(), ["--train-data", str(folder), "--output-dir", "unused", "--templates", TEMPLATE])
+    args = parse_args(build_parser(), ["--model", "tiny", "--train-data", str(folder), "--output-dir", "unused", "--templates", TEMPLATE])
     return load_labelled_task(task_spec(args), train=True, shots=shots, seed=seed)
 
 
@@ -290,7 +289,7 @@ class RecordingHub:
 
 def test_contrastive_on_captions_adapts_only_the_clip_image_tower(tiny_checkpoint, caption_folder, labelled_folder, tmp_path,
                                                                   capsys, monkeypatch):
-    monkeypatch.setattr("training.lora_finetune.HfApi", RecordingHub)
+    monkeypatch.setattr("training.lora.HfApi", RecordingHub)
     output = run_lora(tiny_checkpoint, tmp_path, "--objective", "contrastive", "--towers", "image", "--train-data", str(caption_folder),
                       "--eval-data", str(labelled_folder), "--templates", TEMPLATE, "--max-steps", "3", "--learning-rate", "1e-2",
                       "--merge", "--base-model-id", "org/agriclip-tiny", "--push-to-hub", "me/agriclip-tiny-lora")
@@ -363,13 +362,13 @@ def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
 
 def test_sigterm_during_the_held_out_evaluation_stops_at_once_and_says_what_is_kept(
         tiny_checkpoint, labelled_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
-    evaluate = training.lora_finetune.held_out_metrics
+    evaluate = training.lora.held_out_metrics
 
     def preempted_while_evaluating(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(training.lora_finetune, "held_out_metrics", preempted_while_evaluating)
+    monkeypatch.setattr(training.lora, "held_out_metrics", preempted_while_evaluating)
     with pytest.raises(SystemExit) as exit_info:
         run_lora(tiny_checkpoint, tmp_path, *classification_flags(labelled_folder, "--shots", "2", "--max-steps", "2"))
     assert exit_info.value.code == 143

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-import evaluation.suite
+import evaluation.runner
 import training.run_all
 from training.runtime import CheckpointManager, RunLock
 from training.run_all import as_flags, main, run_stages
@@ -97,7 +97,7 @@ def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_
 
     monkeypatch.setattr(training.run_all, "prepare_data", lambda config, output_dir: {"train_data": "unused", "suite": "x"})
     monkeypatch.setattr(training.run_all, "run_stages", stages_done)
-    monkeypatch.setattr(evaluation.suite, "run_suite", preempted_while_evaluating)
+    monkeypatch.setattr(evaluation.runner, "run_suite", preempted_while_evaluating)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(output)}))
     started = time.monotonic()

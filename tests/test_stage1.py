@@ -15,7 +15,8 @@ from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from agriclip.images import DecodeStats, open_image
 from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset
 from training.runtime import NonFiniteLossError
-from training.stage1_contrastive import build_loaders, build_parser, main, validation_recall
+from training.contrastive import build_loaders, validation_recall
+from training.stage1_contrastive import build_parser, main
 
 RUN = "stage1_contrastive"
 
@@ -100,7 +101,7 @@ def test_caption_variants_depend_on_seed_epoch_and_index_only(variant_caption_fo
 def test_validation_recall_reads_the_same_at_the_same_weights(variant_caption_folder, tiny_processor):
     """Validation pairs each image with its fixed caption: two calls at the same weights give the same recall, the
     recall of an independent computation on the `caption` column."""
-    args = build_parser().parse_args(["--train-data", str(variant_caption_folder), "--output-dir", "unused",
+    args = build_parser().parse_args(["--model", "tiny", "--train-data", str(variant_caption_folder), "--output-dir", "unused",
                                       "--batch-size", "8"])
     _, val_loader = build_loaders(args, tiny_processor, DecodeStats())
     accelerator = Accelerator(cpu=True)

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-import training.stage2_dino
+import training.distillation
 from conftest import read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPModel
-from training.stage2_dino import CollapseError, main
+from training.distillation import CollapseError
+from training.stage2_dino import main
 
 RUN = "stage2_dino"
 SMALL_HEAD = ["--out-dim", "128", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--num-local-crops", "2",
@@ -100,7 +101,7 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
 def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
         when, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
     labelled = write_labelled_folder(tmp_path / "labelled", per_class=2)
-    evaluate, calls = training.stage2_dino.knn_evaluation, []
+    evaluate, calls = training.distillation.knn_evaluation, []
 
     def preempted_while_evaluating(*args, **kwargs):
         calls.append(len(calls))
@@ -108,7 +109,7 @@ def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(training.stage2_dino, "knn_evaluation", preempted_while_evaluating)
+    monkeypatch.setattr(training.distillation, "knn_evaluation", preempted_while_evaluating)
     with pytest.raises(SystemExit) as exit_info:
         run_stage2(caption_folder, tmp_path / "run", "--max-steps", "2", "--epochs", "2", "--knn-data", str(labelled))
     assert exit_info.value.code == 143

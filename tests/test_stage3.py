@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.stage3_align
+import training.alignment
 from conftest import read_metrics, run_script
 from modeling_agriclip import AgriCLIPModel
 from training.stage3_align import main
@@ -90,13 +90,13 @@ def test_two_processes_equal_one(tiny_checkpoint, caption_folder, tmp_path):
 
 def test_sigterm_during_feature_extraction_stops_at_once_and_says_what_is_kept(
         tiny_checkpoint, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
-    extract = training.stage3_align.extract_features
+    extract = training.alignment.extract_features
 
     def preempted_while_extracting(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         yield from extract(*args, **kwargs)
 
-    monkeypatch.setattr(training.stage3_align, "extract_features", preempted_while_extracting)
+    monkeypatch.setattr(training.alignment, "extract_features", preempted_while_extracting)
     with pytest.raises(SystemExit) as exit_info:
         run_stage3(tiny_checkpoint, caption_folder, tmp_path / "run")
     assert exit_info.value.code == 143

@@ -1,21 +1,65 @@
-"""Loading the AgriCLIP model a training stage starts from: a checkpoint folder, a Hub id, or a preset."""
+"""Loading the AgriCLIP model a training stage starts from: a checkpoint folder, a Hub id, a preset, or a JSON file
+of config values over a preset."""
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-from modeling_agriclip import AgriCLIPModel, AgriCLIPProcessor
+import torch
+from accelerate.logging import get_logger
+
+from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.convert import PRESETS
+
+logger = get_logger(__name__)
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` laid over it, nested mappings (the sub-configs) merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def config_from_file(path: str | Path) -> AgriCLIPConfig:
+    """An AgriCLIPConfig from a JSON file of values over a preset: `{"preset": "tiny", "vision_config":
+    {"hidden_size": 64, "num_hidden_layers": 4}, "projection_dim": 64}` (`preset` defaults to tiny; any field of
+    AgriCLIPConfig or of its sub-configs text_config, vision_config and dino_config may be given)."""
+    path = Path(path)
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--model {path}: not a readable JSON file of AgriCLIPConfig values ({error})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model {path}: expected a JSON object of AgriCLIPConfig values")
+    preset = overrides.pop("preset", "tiny")
+    if preset not in PRESETS:
+        raise ValueError(f"--model {path}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    try:
+        return AgriCLIPConfig.from_dict(_merged(PRESETS[preset]().to_dict(), overrides))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--model {path}: the values do not make an AgriCLIPConfig: {error}") from None
 
 
 def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIPProcessor]:
-    """A preset name (randomly initialised, with the real CLIP tokenizer rebuilt offline) or a saved AgriCLIP folder/Hub id.
+    """A saved AgriCLIP folder or Hub id, or a randomly initialised model (with the real CLIP tokenizer rebuilt
+    offline) from a preset name or a JSON file of config values (`config_from_file`), announced loudly: a run that
+    starts from random weights should never pass for one that starts from CLIP.
 
     Weights load in float32: precision during training comes from the launcher (mixed precision), never from the file.
     """
-    if name_or_path in PRESETS:
-        config = PRESETS[name_or_path]()
-        return AgriCLIPModel(config), AgriCLIPProcessor.from_config(config)
+    if name_or_path in PRESETS or str(name_or_path).endswith(".json"):
+        config = PRESETS[name_or_path]() if name_or_path in PRESETS else config_from_file(name_or_path)
+        model = AgriCLIPModel(config)
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        logger.warning(
+            f"starting from RANDOM weights ({name_or_path}: {parameters / 1e6:.1f} M parameters), not from a pretrained "
+            "model; to start from CLIP, build a folder with `agriclip convert --clip openai/clip-vit-base-patch16 "
+            "--output DIR` and pass --model DIR", main_process_only=True,
+        )
+        return model, AgriCLIPProcessor.from_config(config)
     model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False)
     processor = AgriCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     try:

@@ -20,9 +20,8 @@ from pathlib import Path
 import yaml
 
 from agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
-from model_card.card import describe_caption_data, read_training_info, write_model_card
 from training import stage1_contrastive, stage2_dino, stage3_align
-from training.runtime import RunLock, exit_on_sigterm, load_config_file
+from training.options import load_config_file
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
@@ -109,13 +108,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="Run config (YAML or JSON); default: the demo.")
     parser.add_argument("--output-dir", default=None, help="Overrides the config's output_dir.")
     args = parser.parse_args(argv)
-    config = load_config_file(args.config)
+    try:
+        config = load_config_file(args.config)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     output_dir = Path(args.output_dir or config.get("output_dir", "runs/agriclip"))
+    # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
+    from training.runtime import RunLock, exit_on_sigterm
+
     with RunLock(output_dir), exit_on_sigterm(lambda: describe_progress(output_dir)):
         return run(config, output_dir)
 
 
 def run(config: dict, output_dir: Path) -> Path:
+    from model_card.card import describe_caption_data, read_training_info, write_model_card
+
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / "run_config.yaml", yaml.safe_dump(config))
 
@@ -129,7 +136,7 @@ def run(config: dict, output_dir: Path) -> Path:
     results = None
     if data.get("suite"):
         from evaluation.report import render_markdown_table
-        from evaluation.suite import run_suite
+        from evaluation.runner import run_suite
 
         evaluation = config.get("evaluation") or {}
         embeddings = ",".join(evaluation.get("embeddings", ["aligned", "clip", "fused"]))

@@ -1,7 +1,7 @@
-"""What every Accelerate training script of AgriCLIP shares: config files with flag overrides, the Accelerator,
-checkpoints that are never half-written and resume exactly, atomic exports, and the finite-loss guard.
+"""What every Accelerate training script of AgriCLIP shares: the Accelerator, checkpoints that are never
+half-written and resume exactly, atomic exports, the run lock, SIGTERM handling and the finite-loss guard.
 
-A script builds its own parser (flags with help text), adds `add_runtime_arguments`, and keeps its own loop;
+A script parses its options with `training.options` (flags, `--config` values), and keeps its own loop;
 the loop records where it is in a `TrainingPosition`, which `CheckpointManager` saves with the accelerate state
 and the run's options (a resume with other options is refused unless allowed).
 
@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
@@ -43,6 +42,7 @@ from safetensors import safe_open
 
 from agriclip.atomic import replace_folder, write_json_atomically
 from agriclip.images import DecodeStats, counted
+from training.options import RESUME_HINT
 
 logger = get_logger(__name__)
 
@@ -52,80 +52,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 RUN_OPTIONS = "run_options.json"
 # Exit status of a run stopped by SIGTERM, as a shell reports a process the signal killed.
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
-# How to continue a run stopped part-way, as a script run on its own says it; `training.run_all` passes its own.
-RESUME_HINT = "run the same command with --resume to continue"
 # Options a resume may change: where a run writes and how it reports, not what it computes. Scripts add their own
 # (validation and k-NN data, publishing flags) through `run_options(neutral=...)`.
 RESULT_NEUTRAL_OPTIONS = frozenset({
     "output_dir", "resume", "allow_changed_config", "config", "log_with", "num_workers", "checkpoint_every",
     "keep_checkpoints", "eval_every",
 })
-
-
-def load_config_file(path: str | os.PathLike) -> dict:
-    """Reads a YAML or JSON mapping of option names (dashes or underscores) to values."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is neither valid YAML nor JSON: {error}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values")
-    return {key.replace("-", "_"): value for key, value in values.items()}
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses flags over the defaults of `--config FILE`: a flag given on the command line wins over the file."""
-    parser.add_argument("--config", help="YAML or JSON file of option values; flags given on the command line override it.")
-    config_path = parser.parse_known_args(argv)[0].config
-    if config_path:
-        values = load_config_file(config_path)
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"{config_path}: unknown option(s) {unknown}")
-        parser.set_defaults(**values)
-    return parser.parse_args(argv)
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every training script shares (each script sets its own defaults with `parser.set_defaults`)."""
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--output-dir", required=True, help="Folder for checkpoints, logs and the exported model.")
-    group.add_argument("--seed", type=int, default=0, help="Seed of every random number generator.")
-    group.add_argument("--epochs", type=int, default=1, help="Passes over the training data.")
-    group.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
-    group.add_argument("--batch-size", type=int, default=32, help="Images per process per forward pass.")
-    group.add_argument(
-        "--gradient-accumulation-steps", type=int, default=1,
-        help="Forward passes per optimizer step; the effective batch is batch size x processes x this.",
-    )
-    group.add_argument("--max-grad-norm", type=float, default=1.0, help="Clip the gradient norm to this (0 disables).")
-    group.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-        help="Overrides the launcher's setting; by default `accelerate launch --mixed-precision` (or its config) decides.",
-    )
-    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
-    group.add_argument("--checkpoint-every", type=int, default=100, help="Save a resumable checkpoint every N optimizer steps.")
-    group.add_argument("--keep-checkpoints", type=int, default=3, help="Keep only the newest N checkpoints.")
-    group.add_argument(
-        "--resume", nargs="?", const="latest", default=None,
-        help="Resume from the newest intact checkpoint in --output-dir (or from the given checkpoint folder).",
-    )
-    group.add_argument(
-        "--allow-changed-config", action="store_true",
-        help="Resume although options that change the result (batch size, learning rate, seed, data, steps, number of "
-             "processes, precision...) differ from the checkpoint's; without it such a resume is refused. Paths of "
-             "outputs, logging, workers and checkpoint/evaluation frequency may always change.",
-    )
-    group.add_argument(
-        "--log-with", default="auto",
-        help="Accelerate tracker(s), comma-separated (e.g. tensorboard,wandb); 'auto' = tensorboard when installed; 'none'.",
-    )
 
 
 # Entries of the tracker configuration that describe the segment of a run (see `init_run_trackers`), not an option.

@@ -1,0 +1,374 @@
+"""The evaluation suite's work: embeds each dataset once per model, scores zero-shot, linear-probe, k-shot and
+retrieval, and writes the report. `evaluation.suite` documents the suite YAML and the results schema, and parses the
+command line.
+"""
+
+import logging
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from agriclip.images import DecodeStats, decode_rows
+from agriclip.templates import fill_templates
+from modeling_agriclip.zero_shot import ZeroShotClassifier
+from training.data import load_image_text_dataset, load_labelled_dataset
+
+from .linear_probe import k_shot_probe, stratified_split
+from .linear_probe import linear_probe as fit_linear_probe
+from .metrics import check_finite, classification_metrics, confusion_matrix
+from .report import model_names, write_report
+from .retrieval import group_captions, retrieval_recall
+from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config
+
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT_KEYS = ("top1", "top5", "mean_per_class", "macro_f1")
+# The linear probe's test half when a dataset has no train split: CLIP-style probes need disjoint data.
+PROBE_TEST_FRACTION = 0.5
+
+
+def load_classifiers(
+    models: Mapping[str, "str | Path | ModelSpec | ZeroShotClassifier"], batch_size: int = 32, device=None
+) -> tuple[dict[str, ZeroShotClassifier], dict[str, dict]]:
+    """Loads each model once and derives one classifier per requested embedding source.
+
+    Returns the classifiers by display name and a description of each (path, embedding, model type).
+    """
+    classifiers, info = {}, {}
+    for name, model in models.items():
+        if isinstance(model, ZeroShotClassifier):
+            variants = [(name, model, None)]
+        else:
+            spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
+            base = ZeroShotClassifier.from_pretrained(spec.path, batch_size=batch_size, device=device)
+            variants = [
+                (name if embedding is None else f"{name} ({embedding})", base.with_embedding(embedding), spec.path)
+                for embedding in spec.embeddings
+            ]
+        for label, classifier, path in variants:
+            if label in classifiers:
+                raise ValueError(f"Two models are named {label!r}")
+            classifiers[label] = classifier
+            info[label] = {
+                "path": None if path is None else str(path),
+                "embedding": classifier.embedding,
+                "model_type": classifier.model.config.model_type,
+            }
+    return classifiers, info
+
+
+def _scored_by(name: str, classifier: ZeroShotClassifier, dataset: str) -> str:
+    """Who gave an embedding or score, for errors: the model's display name, its image embedding, the dataset."""
+    # A plain CLIP model has no `image_embedding`: its one embedding is its CLIP image tower.
+    embedding = classifier.embedding or getattr(classifier.model.config, "image_embedding", "clip")
+    return f"model {name!r} (image embedding {embedding!r}) on dataset {dataset!r}"
+
+
+def embed_images(dataset, classifiers: Mapping[str, ZeroShotClassifier], batch_size: int, desc: str):
+    """Decodes the undecoded `image` column once per batch and embeds it with every classifier.
+
+    Unreadable images are skipped and recorded. A NaN or infinite embedding is an error naming the classifier
+    and `desc`. Returns (embeddings by classifier name, the indices of the rows kept, `DecodeStats`).
+    """
+    stats = DecodeStats()
+    chunks = {name: [] for name in classifiers}
+    kept = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
+        images = dataset[start : start + batch_size]["image"]
+        decoded = decode_rows([{"image": image, "index": start + i} for i, image in enumerate(images)], stats)
+        if not decoded:
+            continue
+        kept += [row["index"] for row, _ in decoded]
+        images = [image for _, image in decoded]
+        # Classifiers derived from one model share its processor: preprocess once per processor.
+        pixel_values = {}
+        for name, classifier in classifiers.items():
+            key = id(classifier.processor)
+            if key not in pixel_values:
+                pixel_values[key] = classifier.pixel_values(images)
+            chunks[name].append(classifier.image_embeddings(pixel_values[key]))
+    if not kept:
+        raise ValueError(f"{desc}: no readable image\n{stats.summary()}")
+    if stats.num_skipped:
+        logger.warning("%s: %s", desc, stats.summary())
+    embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
+    for name, classifier in classifiers.items():
+        check_finite(embeddings[name], _scored_by(name, classifier, desc), "images", "image embeddings")
+    return embeddings, torch.tensor(kept), stats
+
+
+def _skipped_files(stats: DecodeStats) -> list[str]:
+    return sorted(path for paths in stats.skipped.values() for path in paths)
+
+
+def _labels(dataset, kept: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(dataset["label"]), dtype=torch.long)[kept]
+
+
+def _mean_over_datasets(per_dataset: Mapping[str, Mapping[str, Mapping]], keys: Sequence[str]) -> dict:
+    """Per model, the unweighted mean of each metric over the datasets that have it (None where none has)."""
+    means = {}
+    for model in model_names(per_dataset):
+        records = [models[model] for models in per_dataset.values() if models.get(model) is not None]
+        means[model] = {}
+        for key in keys:
+            values = [record[key] for record in records if record.get(key) is not None]
+            means[model][key] = statistics.fmean(values) if values else None
+        means[model]["n_datasets"] = len(records)
+    return means
+
+
+def _zero_shot(spec: DatasetSpec, class_names, prompt_names, features, labels, stats, classifiers) -> dict:
+    n_classes = len(class_names)
+    counts = torch.bincount(labels, minlength=n_classes)
+    empty_classes = [class_names[index] for index in range(n_classes) if counts[index] == 0]
+    if empty_classes:
+        logger.warning("%s: classes without images: %s", spec.name, ", ".join(empty_classes))
+    records = {}
+    for name, classifier in classifiers.items():
+        scores = classifier.embedding_logits(features[name], prompt_names, spec.templates)
+        check_finite(scores, _scored_by(name, classifier, spec.name), "images")
+        records[name] = {
+            **classification_metrics(scores, labels, n_classes),
+            "n_images": len(labels),
+            "n_skipped": stats.num_skipped,
+            "skipped_files": _skipped_files(stats),
+            "empty_classes": empty_classes,
+            "confusion_matrix": confusion_matrix(scores, labels, n_classes),
+        }
+    return records
+
+
+def _identical_prompt_warnings(spec: DatasetSpec, class_names, prompt_names) -> list[str]:
+    """One warning (also logged) per group of classes whose prompts are identical once the templates are filled.
+
+    Their class embeddings are equal, so their scores tie on every image and the first of them wins every tie:
+    the others can never be predicted.
+    """
+    classes_by_prompts = {}
+    for class_name, prompt_name in zip(class_names, prompt_names):
+        classes_by_prompts.setdefault(tuple(fill_templates([prompt_name], spec.templates)), []).append(class_name)
+    warnings = [
+        f"classes {', '.join(map(repr, classes))} have identical prompts, e.g. {prompts[0]!r}: the model cannot tell "
+        f"them apart, and their ties go to {classes[0]!r}"
+        for prompts, classes in classes_by_prompts.items()
+        if len(classes) > 1
+    ]
+    for warning in warnings:
+        logger.warning("%s: %s", spec.name, warning)
+    return warnings
+
+
+@dataclass
+class ProbeData:
+    """Frozen image embeddings (by classifier name) and labels that the linear probe and k-shot train and test on."""
+
+    train_features: dict[str, torch.Tensor]
+    train_labels: torch.Tensor
+    test_features: dict[str, torch.Tensor]
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+def _probe_data(spec: DatasetSpec, class_names, features, labels, classifiers, batch_size, seed) -> ProbeData:
+    """The dataset's `train_split` against the evaluated split, or a seeded stratified split of the latter."""
+    if spec.train_split is None:
+        train, test = stratified_split(labels, PROBE_TEST_FRACTION, seed)
+        return ProbeData(
+            {name: embeds[train] for name, embeds in features.items()},
+            labels[train],
+            {name: embeds[test] for name, embeds in features.items()},
+            labels[test],
+            len(class_names),
+        )
+    train_dataset, train_classes = load_labelled_dataset(spec.path, spec.train_split)
+    if list(train_classes) != list(class_names):
+        raise ValueError(
+            f"{spec.path}: the classes of split {spec.train_split!r} ({train_classes}) differ from those of "
+            f"split {spec.split!r} ({class_names})"
+        )
+    desc = f"{spec.name} [{spec.train_split}]"
+    train_features, kept, _ = embed_images(train_dataset, classifiers, batch_size, desc)
+    return ProbeData(train_features, _labels(train_dataset, kept), features, labels, len(class_names))
+
+
+def _linear_probe(spec: DatasetSpec, data: ProbeData, classifiers, seed: int) -> dict:
+    records = {}
+    for name, classifier in classifiers.items():
+        probe = fit_linear_probe(data.train_features[name], data.train_labels, data.num_classes, seed=seed)
+        scores = probe.scores(data.test_features[name])
+        check_finite(scores, f"the linear probe of {_scored_by(name, classifier, spec.name)}", "images")
+        records[name] = {
+            **classification_metrics(scores, data.test_labels, data.num_classes),
+            "l2": probe.l2,
+            "val_top1": probe.val_accuracy,
+            "n_train": len(data.train_labels),
+            "n_test": len(data.test_labels),
+        }
+    return records
+
+
+def _few_shot(spec: DatasetSpec, data: ProbeData, classifiers, k_shots: Sequence[int], seeds: Sequence[int]) -> dict:
+    counts = torch.bincount(data.train_labels, minlength=data.num_classes)
+    records = {name: {} for name in classifiers}
+    for k in k_shots:
+        if not (counts > k).any():
+            logger.warning("%s: no class has more than %d training images; %d-shot skipped", spec.name, k, k)
+            for name in classifiers:
+                records[name][str(k)] = None
+            continue
+        for name, classifier in classifiers.items():
+            runs = []
+            for seed in seeds:
+                probe = k_shot_probe(data.train_features[name], data.train_labels, data.num_classes, k, seed)
+                scores = probe.scores(data.test_features[name])
+                source = f"the {k}-shot probe (seed {seed}) of {_scored_by(name, classifier, spec.name)}"
+                check_finite(scores, source, "images")
+                runs.append(classification_metrics(scores, data.test_labels, data.num_classes))
+            top1 = [run["top1"] for run in runs]
+            records[name][str(k)] = {
+                "top1": statistics.fmean(top1),
+                "top1_std": statistics.pstdev(top1),
+                "mean_per_class": statistics.fmean(run["mean_per_class"] for run in runs),
+                "n_seeds": len(runs),
+            }
+    return records
+
+
+def _few_shot_means(few_shot_results: dict, k_shots: Sequence[int]) -> dict:
+    """Per model and k, the mean over datasets of the k-shot top-1 and mean per-class accuracy."""
+    means = {}
+    for k in k_shots:
+        per_dataset = {
+            dataset: {model: by_k[str(k)] for model, by_k in models.items()}
+            for dataset, models in few_shot_results.items()
+        }
+        for model, record in _mean_over_datasets(per_dataset, ("top1", "mean_per_class")).items():
+            means.setdefault(model, {})[str(k)] = record
+    return means
+
+
+def _retrieval(spec: RetrievalSpec, classifiers, batch_size: int) -> dict:
+    dataset = load_image_text_dataset(spec.path, **({} if spec.split is None else {"split": spec.split}))
+    unique_rows, row_to_image = group_captions(list(dataset["image"]))
+    # A row's caption variants (the `captions` column) are all captions of its image.
+    variants = dataset["captions"] if "captions" in dataset.column_names else [None] * len(dataset)
+    texts, owners = [], []
+    for row, (caption, row_variants) in enumerate(zip(dataset["caption"], variants)):
+        for text in row_variants or [caption]:
+            texts.append(text)
+            owners.append(int(row_to_image[row]))
+    image_features, kept, stats = embed_images(dataset.select(unique_rows), classifiers, batch_size, spec.name)
+    # Captions of unreadable images leave with them; the rest point at the kept images' new positions.
+    position = torch.full((len(unique_rows),), -1, dtype=torch.long)
+    position[kept] = torch.arange(len(kept))
+    owners = position[torch.tensor(owners, dtype=torch.long)]
+    texts = [text for text, owner in zip(texts, owners.tolist()) if owner >= 0]
+    owners = owners[owners >= 0]
+    records, text_features = {}, {}
+    for name, classifier in classifiers.items():
+        # Classifiers derived from one model embed text identically.
+        key = id(classifier.model)
+        if key not in text_features:
+            text_features[key] = classifier.text_embeddings(texts)
+        records[name] = {
+            **retrieval_recall(
+                image_features[name], text_features[key], owners, source=_scored_by(name, classifier, spec.name)
+            ),
+            "n_images": len(kept),
+            "n_captions": len(texts),
+            "n_skipped": stats.num_skipped,
+            "skipped_files": _skipped_files(stats),
+        }
+    return records
+
+
+def run_suite(
+    config_path,
+    models: Mapping[str, "str | Path | ModelSpec | ZeroShotClassifier"],
+    output_dir,
+    batch_size: int = 32,
+    device=None,
+    linear_probe: bool = False,
+    k_shots: Sequence[int] = (),
+    seeds: Sequence[int] = (0,),
+) -> dict:
+    """Runs the suite of `config_path` on every model and writes the report into `output_dir`.
+
+    Args:
+        config_path: the suite YAML (format in the module docstring).
+        models: display name -> a model folder (``PATH`` or ``PATH:EMBEDDING[,...]``), a `ModelSpec`, or a
+            ready `ZeroShotClassifier` (used as it is, on its device).
+        output_dir: where ``results.json``, ``results.md`` and ``plots/`` go.
+        batch_size: images (and prompts) per forward pass.
+        device: where loaded models run; default CUDA when available, else CPU.
+        linear_probe: also fit a logistic-regression probe per dataset and model.
+        k_shots: also run k-shot probes for these k.
+        seeds: seeds of the k-shot samples (results are averaged); the first also seeds the probe splits.
+
+    Returns:
+        The results dictionary (schema in the module docstring).
+    """
+    if not models:
+        raise ValueError("run_suite needs at least one model")
+    if not seeds:
+        raise ValueError("run_suite needs at least one seed")
+    config = load_suite_config(config_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classifiers, models_info = load_classifiers(models, batch_size=batch_size, device=device)
+    results = {"datasets": {}, "mean": {}}
+    dataset_info, probe_results, few_shot_results = {}, {}, {}
+    for spec in config.datasets:
+        dataset, class_names = load_labelled_dataset(spec.path, spec.split)
+        prompt_names = spec.prompt_names(class_names, f"{config.path}: dataset {spec.name!r}")
+        warnings = _identical_prompt_warnings(spec, class_names, prompt_names)
+        features, kept, stats = embed_images(dataset, classifiers, batch_size, spec.name)
+        labels = _labels(dataset, kept)
+        dataset_info[spec.name] = {
+            "display_name": spec.display_name,
+            "path": str(spec.path),
+            "split": spec.split,
+            "class_names": list(class_names),
+            "prompt_names": prompt_names,
+            "templates": spec.templates,
+            "warnings": warnings,
+        }
+        results["datasets"][spec.name] = _zero_shot(
+            spec, class_names, prompt_names, features, labels, stats, classifiers
+        )
+        if linear_probe or k_shots:
+            data = _probe_data(spec, class_names, features, labels, classifiers, batch_size, seeds[0])
+            if linear_probe:
+                probe_results[spec.name] = _linear_probe(spec, data, classifiers, seeds[0])
+            if k_shots:
+                few_shot_results[spec.name] = _few_shot(spec, data, classifiers, k_shots, seeds)
+    results["mean"] = _mean_over_datasets(results["datasets"], ZERO_SHOT_KEYS)
+    if linear_probe:
+        results["linear_probe"] = {
+            "datasets": probe_results,
+            "mean": _mean_over_datasets(probe_results, ZERO_SHOT_KEYS),
+        }
+    if k_shots:
+        results["few_shot"] = {"datasets": few_shot_results, "mean": _few_shot_means(few_shot_results, k_shots)}
+    if config.retrieval:
+        results["retrieval"] = {"datasets": {}}
+        for spec in config.retrieval:
+            dataset_info[spec.name] = {"display_name": spec.display_name, "path": str(spec.path), "split": spec.split}
+            results["retrieval"]["datasets"][spec.name] = _retrieval(spec, classifiers, batch_size)
+    results["dataset_info"] = dataset_info
+    results["models"] = models_info
+    results["settings"] = {
+        "config": str(config.path),
+        "batch_size": batch_size,
+        "device": str(device),
+        "linear_probe": linear_probe,
+        "k_shots": list(k_shots),
+        "seeds": list(seeds),
+    }
+    write_report(results, output_dir)
+    return results
