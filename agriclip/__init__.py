@@ -9,7 +9,7 @@ a command's inputs answer at once:
 - `agriclip.images`: robust image decoding (every photo becomes RGB or a counted, named skip);
 - `agriclip.atomic`: files and folders written whole or not at all;
 - `agriclip.files`: paths that other files name (image paths in metadata, weight shards), checked before opening;
-- `agriclip.errors`: the command-line failures and their exit codes.
+- `agriclip.errors`: the failures and warnings of the commands and scripts, and their exit codes.
 
 The model itself (config, model, processor, zero-shot classifier) is `modeling_agriclip`; importing that package
 registers AgriCLIP with the transformers Auto classes.

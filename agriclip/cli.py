@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agriclip import IMAGE_EMBEDDINGS
-from agriclip.errors import CLIError, ExitCode, warn
+from agriclip.errors import SINGLE_LABEL_WARNING, CLIError, ExitCode, warn
 from agriclip.templates import DEFAULT_TEMPLATES, ZERO_SHOT_TEMPLATES, get_templates
 
 
@@ -56,8 +56,8 @@ exit codes:
   7    empty or invalid labels or templates (e.g. "{} with {}", "{name}", an unknown template set), found
        before the model loads
   8    the output file cannot be written (the previous file is left as it was)
-  9    an input is not usable (convert: parts that do not fit; card: unreadable results; publish: the folder is
-       not ready, with every problem listed)
+  9    an input is not usable (convert: parts that cannot be read, e.g. a folder without config.json, or that do
+       not fit; card: unreadable results; publish: the folder is not ready, with every problem listed)
   130  interrupted (Ctrl-C)
 """
 
@@ -121,8 +121,7 @@ def check_labelled(args) -> None:
     args.class_names = parse_labels(args.labels, args.labels_file)
     args.templates = resolve_templates(args.template, args.dataset_template)
     if len(args.class_names) == 1:
-        warn(f"a single label ({args.class_names[0]!r}) always scores 1.0: scores are softmax probabilities over "
-              "the labels given; give the alternatives too")
+        warn(SINGLE_LABEL_WARNING.format(label=args.class_names[0]))
 
 
 def check_classify_folder(args) -> None:

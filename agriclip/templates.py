@@ -64,15 +64,16 @@ def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list
 # The fallback of the official code (`AgriCLIP_alignment/AgriClip_zeroshot.py`) for datasets without a prompt.
 OFFICIAL_FALLBACK_TEMPLATE = "a photo of {}"
 
-# Per-dataset zero-shot templates. The official ones are `prompts_dict` of `AgriCLIP_alignment/util.py` (keys and
-# spelling kept, so that folder names of the released downstream data match); FishNet and Soybean Weeds have no
-# official prompt and get the official fallback. The generic ensembles are in the style of CLIP's ImageNet ensemble.
+# Per-dataset zero-shot templates. The official ones are `prompts_dict` of `AgriCLIP_alignment/util.py`, their text
+# kept verbatim (it changes the scores) and their keys spelled correctly (the official misspellings are aliases, see
+# `OFFICIAL_SPELLINGS`); FishNet and Soybean Weeds have no official prompt and get the official fallback. The generic
+# ensembles are in the style of CLIP's ImageNet ensemble.
 ZERO_SHOT_TEMPLATES: dict[str, list[str]] = {
-    "Acquarium Fish": ["a fish type of {} specie"],
+    "Aquarium Fish": ["a fish type of {} specie"],
     "Animal-2": ["a photo with {}"],
     "Banana Deficiency": ["a photo contain {} deficiency"],
     "Bean Lesion": ["a photo contain {} leaf type"],
-    "Chicken Fecus": ["a photo contain {}"],
+    "Chicken Feces": ["a photo contain {}"],
     "CID": ["Image of cattle named {}"],
     "Citrus Fruits": ["a photo of fruit contain {}"],
     "Citrus Leaves": ["a photo contain {} symptoms"],
@@ -122,23 +123,29 @@ ZERO_SHOT_TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# The official code's keys where they are misspelt, as the folders of the released downstream data are named: they
+# still find their templates, while help and error messages list the correct spellings only.
+OFFICIAL_SPELLINGS = {"Acquarium Fish": "Aquarium Fish", "Chicken Fecus": "Chicken Feces"}
+
 
 def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
-    """Returns the templates registered under a name, or a literal list of templates checked by `check_template`
-    (exactly one `{}`, no other format field)."""
+    """Returns the templates registered under a name (or its official spelling, `OFFICIAL_SPELLINGS`), or a literal
+    list of templates checked by `check_template` (exactly one `{}`, no other format field)."""
     if isinstance(name_or_list, str):
-        if name_or_list not in ZERO_SHOT_TEMPLATES:
+        name = OFFICIAL_SPELLINGS.get(name_or_list, name_or_list)
+        if name not in ZERO_SHOT_TEMPLATES:
             raise KeyError(
                 f"unknown template set {name_or_list!r}; known: {', '.join(sorted(ZERO_SHOT_TEMPLATES))}, "
                 "or pass a list of templates with '{}' for the class name"
             )
-        return list(ZERO_SHOT_TEMPLATES[name_or_list])
+        return list(ZERO_SHOT_TEMPLATES[name])
     return check_templates(name_or_list)
 
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "OFFICIAL_FALLBACK_TEMPLATE",
+    "OFFICIAL_SPELLINGS",
     "ZERO_SHOT_TEMPLATES",
     "check_template",
     "check_templates",

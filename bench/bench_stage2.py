@@ -54,7 +54,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(param_groups_without_decay(student, 0.04), lr=0)
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
-    dino_loss = DINOLoss(args.out_dim, 2 + args.num_local_crops, num_epochs=1).to(accelerator.device)
+    dino_loss = DINOLoss(args.out_dim, 2 + args.num_local_crops, num_steps=1).to(accelerator.device)
     checkpoints, position = CheckpointManager(accelerator, "unused-bench-dir"), TrainingPosition()
 
     augment = MultiCropAugmentation(recipe, args.num_local_crops, global_size, local_size,

@@ -15,6 +15,8 @@ from matplotlib.figure import Figure
 
 from agriclip.atomic import atomic_path
 
+from .metrics import per_class_accuracy
+
 
 ZERO_SHOT_METRICS = {
     "top1": "Top-1 accuracy",
@@ -89,6 +91,21 @@ def _data_notes(results: dict) -> list[str]:
     return notes
 
 
+def _per_class_table(results: dict, dataset: str) -> str:
+    """One row per class of a dataset: its name, its image count and each model's accuracy on it (recall, from the
+    confusion matrix; – for a class without images)."""
+    per_model = results["datasets"][dataset]
+    class_names = results["dataset_info"][dataset]["class_names"]
+    confusions = [record["confusion_matrix"] for record in per_model.values()]
+    accuracies = [per_class_accuracy(confusion) for confusion in confusions]
+    counts = [sum(row) for row in confusions[0]]
+    rows = [
+        [name, str(count)] + [_percent(model_accuracies[index]) for model_accuracies in accuracies]
+        for index, (name, count) in enumerate(zip(class_names, counts))
+    ]
+    return _table(["Class", "Images", *per_model], rows)
+
+
 def _few_shot_table(results: dict) -> str:
     few_shot = results["few_shot"]
     shots = sorted({int(k) for models in few_shot["mean"].values() for k in models})
@@ -111,12 +128,16 @@ def _retrieval_table(results: dict, dataset: str) -> str:
 
 
 def render_markdown_report(results: dict) -> str:
-    """The whole markdown report: zero-shot tables per metric, data notes, linear probe, k-shot, retrieval."""
+    """The whole markdown report: zero-shot tables per metric, per-class accuracy per dataset, data notes, linear
+    probe, k-shot, retrieval."""
     parts = ["# Evaluation results", "All numbers are percentages."]
     if results.get("datasets"):
         parts.append("## Zero-shot classification")
         for metric, title in ZERO_SHOT_METRICS.items():
             parts += [f"### {title}", render_markdown_table(results, metric)]
+        parts += ["### Per-class accuracy", "The share of each class's images predicted as that class (its recall)."]
+        for dataset in results["datasets"]:
+            parts += [f"#### {_display_name(results, dataset)}", _per_class_table(results, dataset)]
         notes = _data_notes(results)
         if notes:
             parts += ["### Data notes", "\n".join(notes)]

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from agriclip.images import DecodeStats, decode_rows
 from agriclip.templates import fill_templates
+from modeling_agriclip.commands import hide_weight_loading_bars
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.data import load_image_text_dataset, load_labelled_dataset
 
@@ -22,7 +23,7 @@ from .linear_probe import linear_probe as fit_linear_probe
 from .metrics import check_finite, classification_metrics, confusion_matrix
 from .report import model_names, write_report
 from .retrieval import group_captions, retrieval_recall
-from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config
+from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config, parse_embedding
 
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ PROBE_TEST_FRACTION = 0.5
 def load_classifiers(
     models: Mapping[str, "str | Path | ModelSpec | ZeroShotClassifier"], batch_size: int = 32, device=None
 ) -> tuple[dict[str, ZeroShotClassifier], dict[str, dict]]:
-    """Loads each model once and derives one classifier per requested embedding source.
+    """Loads each model once and derives one classifier per requested embedding source (``fused@W``: the fused
+    embedding with its own weight, the model's config left as it is for the other sources).
 
-    Returns the classifiers by display name and a description of each (path, embedding, model type).
+    Returns the classifiers by display name and a description of each (path, embedding, fusion weight, model type).
     """
+    hide_weight_loading_bars()
     classifiers, info = {}, {}
     for name, model in models.items():
         if isinstance(model, ZeroShotClassifier):
@@ -47,7 +50,8 @@ def load_classifiers(
             spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
             base = ZeroShotClassifier.from_pretrained(spec.path, batch_size=batch_size, device=device)
             variants = [
-                (name if embedding is None else f"{name} ({embedding})", base.with_embedding(embedding), spec.path)
+                (name, base, spec.path) if embedding is None
+                else (f"{name} ({embedding})", base.with_embedding(*parse_embedding(embedding)), spec.path)
                 for embedding in spec.embeddings
             ]
         for label, classifier, path in variants:
@@ -57,9 +61,18 @@ def load_classifiers(
             info[label] = {
                 "path": None if path is None else str(path),
                 "embedding": classifier.embedding,
+                "fusion_weight": _fusion_weight(classifier),
                 "model_type": classifier.model.config.model_type,
             }
     return classifiers, info
+
+
+def _fusion_weight(classifier: ZeroShotClassifier) -> float | None:
+    """The weight of the CLIP image embedding in the classifier's fused embedding; None when it uses another."""
+    config = classifier.model.config
+    if (classifier.embedding or getattr(config, "image_embedding", None)) != "fused":
+        return None
+    return config.fusion_weight if classifier.fusion_weight is None else classifier.fusion_weight
 
 
 def _scored_by(name: str, classifier: ZeroShotClassifier, dataset: str) -> str:

@@ -23,7 +23,7 @@ Suite YAML (paths are relative to the YAML file)::
         class_names: {fungal_spots: "fungal spots"}   # optional: dataset class -> prompt class name
                                                # (default: the class name with "_" -> " ")
         templates: leaf                        # a list of "{}" templates, or a name in
-                                               # training.prompts.ZERO_SHOT_TEMPLATES (default: "default")
+                                               # agriclip.templates.ZERO_SHOT_TEMPLATES (default: "default")
     retrieval:                                 # image-text retrieval, optional
       - name: captions
         path: downstream/captions              # anything training.data.load_image_text_dataset reads
@@ -31,8 +31,10 @@ Suite YAML (paths are relative to the YAML file)::
 
 Models: ``NAME=PATH`` loads an AgriCLIP folder (its configured image embedding) or a plain transformers
 CLIP folder, the baseline; ``NAME=PATH:aligned,clip,fused`` evaluates an AgriCLIP folder with each listed
-image embedding source, reported as ``NAME (aligned)``, ``NAME (clip)``, ``NAME (fused)``. The model is
-loaded once and text embeddings are shared across its embedding sources.
+image embedding source, reported as ``NAME (aligned)``, ``NAME (clip)``, ``NAME (fused)``. ``fused@W``
+weighs the CLIP image embedding by W (0 <= W <= 1) instead of the checkpoint's ``fusion_weight``, without
+editing config.json: ``NAME=PATH:fused,fused@0.3`` is reported as ``NAME (fused)`` and ``NAME (fused@0.3)``.
+The model is loaded once and text embeddings are shared across its embedding sources.
 
 Results (``results.json``, the dictionary `run_suite` returns). Accuracies are fractions in [0, 1]::
 
@@ -53,7 +55,8 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
                     "text_to_image": {...}, "n_images", "n_captions", "n_skipped", "skipped_files"}}}},
       "dataset_info": {DATASET: {"display_name", "path", "split", "class_names", "prompt_names", "templates",
                                  "warnings": [str]}},   # e.g. classes whose prompts are identical
-      "models": {MODEL: {"path", "embedding", "model_type"}},
+      "models": {MODEL: {"path", "embedding", "fusion_weight" (the weight of the CLIP image embedding in a
+                         fused one, null for other embeddings), "model_type"}},
       "settings": {"config", "batch_size", "device", "linear_probe", "k_shots", "seeds"}
     }
 
@@ -76,6 +79,7 @@ from pathlib import Path
 import yaml
 
 from agriclip import IMAGE_EMBEDDINGS
+from agriclip.errors import SCRIPT_EXIT_CODES, run_script
 from agriclip.templates import get_templates
 
 
@@ -187,24 +191,50 @@ def load_suite_config(path) -> SuiteConfig:
     return SuiteConfig(path=path, datasets=datasets, retrieval=retrieval)
 
 
+def parse_embedding(text: str) -> tuple[str, float | None]:
+    """An image embedding of ``--model NAME=PATH:...``: ``aligned``, ``clip``, ``fused``, or ``fused@W`` (the CLIP
+    image embedding weighted by W, 0 <= W <= 1, instead of the checkpoint's ``fusion_weight``) -> (embedding, W or
+    None)."""
+    name, at, weight = text.partition("@")
+    if name not in IMAGE_EMBEDDINGS:
+        raise ValueError(
+            f"unknown image embedding {text!r}; choose from {list(IMAGE_EMBEDDINGS)}, or fused@W with 0 <= W <= 1"
+        )
+    if not at:
+        return name, None
+    if name != "fused":
+        raise ValueError(f"{text!r}: a weight applies to the fused embedding only, e.g. fused@0.3")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{text!r}: the fusion weight must be a number from 0 to 1, e.g. fused@0.3")
+    return name, value
+
+
 @dataclass
 class ModelSpec:
-    """A model folder and, for AgriCLIP, the image embedding sources to evaluate (None: the configured one)."""
+    """A model folder and, for AgriCLIP, the image embeddings to evaluate (None: the configured one), each as
+    `parse_embedding` reads it and as the report names it (``fused@0.3``)."""
 
     path: str
     embeddings: tuple[str | None, ...] = (None,)
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
-        """``PATH`` or ``PATH:EMBEDDING[,EMBEDDING...]``."""
+        """``PATH`` or ``PATH:EMBEDDING[,EMBEDDING...]`` (``EMBEDDING``: see `parse_embedding`)."""
         head, separator, tail = text.rpartition(":")
         if not separator or Path(text).exists():
             return cls(text)
-        embeddings = tuple(tail.split(","))
-        unknown = [name for name in embeddings if name not in IMAGE_EMBEDDINGS]
-        if unknown:
-            raise ValueError(f"{text!r}: unknown image embedding(s) {unknown}; choose from {list(IMAGE_EMBEDDINGS)}")
-        return cls(head, embeddings)
+        embeddings = []
+        for item in tail.split(","):
+            try:
+                name, weight = parse_embedding(item)
+            except ValueError as error:
+                raise ValueError(f"{text!r}: {error}") from None
+            embeddings.append(name if weight is None else f"{name}@{weight:g}")
+        return cls(head, tuple(embeddings))
 
 
 def parse_model_argument(argument: str) -> tuple[str, ModelSpec]:
@@ -220,7 +250,8 @@ def parse_model_argument(argument: str) -> tuple[str, ModelSpec]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m evaluation.suite", description=__doc__, epilog=SCRIPT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", required=True, type=Path, help="Suite YAML listing the datasets, class names and templates."
@@ -234,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH[:EMBEDDING[,...]]",
         help="A model to evaluate (repeat for several). PATH is an AgriCLIP or transformers CLIP folder; for "
         f"AgriCLIP, EMBEDDING in {{{','.join(IMAGE_EMBEDDINGS)}}} selects image embedding sources, each reported "
-        "as 'NAME (EMBEDDING)'.",
+        "as 'NAME (EMBEDDING)'; fused@W (0 <= W <= 1) weighs the CLIP image embedding by W instead of the "
+        "checkpoint's fusion_weight.",
     )
     parser.add_argument("--output", required=True, type=Path, help="Folder for results.json, results.md and plots/.")
     parser.add_argument("--batch-size", type=int, default=32, help="Images and prompts per forward pass (default: 32).")
@@ -295,4 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m` this file runs as `__main__`, a second copy of the module: its ModelSpec is not the class
+    # `evaluation.runner` imports (and checks with isinstance), so the package's own copy runs.
+    from evaluation.suite import main as package_main
+
+    run_script(package_main, __spec__.name)

@@ -1,19 +1,8 @@
-"""Model cards, dataset cards and Hub publishing for AgriCLIP checkpoints and ALive-style datasets."""
+"""Model cards, dataset cards and Hub publishing for AgriCLIP checkpoints and ALive-style datasets.
 
-from .card import (
-    build_dataset_card,
-    build_model_card,
-    describe_caption_data,
-    read_training_info,
-    write_dataset_card,
-    write_model_card,
-)
+- `model_card.card`: `build_model_card`, `write_model_card`, `build_dataset_card`, `write_dataset_card` (the
+  command line: `agriclip card`);
+- `model_card.publish`: the dry run and the upload (`agriclip publish`).
 
-__all__ = [
-    "build_dataset_card",
-    "build_model_card",
-    "describe_caption_data",
-    "read_training_info",
-    "write_dataset_card",
-    "write_model_card",
-]
+The package imports nothing itself.
+"""

@@ -187,6 +187,7 @@ def build_model_card(
     training_info: Mapping | None = None,
     repo_id: str | None = None,
     eval_model: str | None = None,
+    model_name: str | None = None,
 ) -> ModelCard:
     """The model card of the AgriCLIP checkpoint in `checkpoint_dir`.
 
@@ -198,12 +199,14 @@ def build_model_card(
         repo_id: the Hub repo the card is for; used in the model name and the code examples (default: the folder
             name, and a placeholder in the examples).
         eval_model: the name of this checkpoint in `eval_results` (default: found from its image embedding).
+        model_name: the name in the card's title and model-index (default: the name part of `repo_id`, else the
+            folder's name; a builder that writes the card into a staging folder passes the final one's).
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = AgriCLIPConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
     training_info = dict(training_info or {})
     data = dict(training_info.get("data") or {})
-    model_name = (repo_id or checkpoint_dir.resolve().name).split("/")[-1]
+    model_name = model_name or (repo_id or checkpoint_dir.resolve().name).split("/")[-1]
 
     eval_entries, eval_tables = None, []
     if eval_results is not None:
@@ -250,9 +253,10 @@ def write_model_card(
     training_info: Mapping | None = None,
     repo_id: str | None = None,
     eval_model: str | None = None,
+    model_name: str | None = None,
 ) -> Path:
     """Builds the model card (see `build_model_card`) and saves it as `checkpoint_dir/README.md`; returns its path."""
-    card = build_model_card(checkpoint_dir, eval_results, training_info, repo_id, eval_model)
+    card = build_model_card(checkpoint_dir, eval_results, training_info, repo_id, eval_model, model_name)
     path = Path(checkpoint_dir) / CARD_NAME
     _save_card(card, path)
     return path

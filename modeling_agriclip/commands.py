@@ -18,6 +18,8 @@ import io
 import json
 import os
 import sys
+import unicodedata
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +36,13 @@ from transformers.utils import logging as transformers_logging
 
 from agriclip.atomic import atomic_open
 from agriclip.cli import MODEL_ENV
-from agriclip.errors import CLIError, ExitCode, warn
+from agriclip.errors import CLIError, ExitCode, SingleLabelWarning, warn
 from agriclip.files import check_folder_files, check_hub_id, parameter_counts
 from agriclip.images import DecodeStats, DecodingCollator, counted
 from agriclip.templates import DEFAULT_TEMPLATES
 
 from .tokenizer import build_clip_tokenizer
-from .zero_shot import ZeroShotClassifier, load_config
+from .zero_shot import UnavailableModelError, ZeroShotClassifier, load_config, model_source_options
 
 
 CSV_COLUMNS = ("image", "rank", "label", "score", "error")
@@ -141,10 +143,13 @@ def _first_line(error: BaseException) -> str:
 
 def _cannot_load(model: str, error: BaseException | str) -> CLIError:
     reason = _first_line(error) if isinstance(error, BaseException) else error
+    if isinstance(error, UnavailableModelError):
+        return CLIError(ExitCode.MODEL, f"cannot load the model: {reason}")  # it names the model and what to do
     return CLIError(
         ExitCode.MODEL,
-        f"cannot load the model {model!r}: {reason}. Pass a local folder with --model PATH (a saved AgriCLIP or "
-        f"transformers CLIP folder) or set {MODEL_ENV}; Hub ids need network access or the Hugging Face cache",
+        f"cannot load the model {model!r}: {reason.rstrip('.')}. Pass a local folder with --model PATH (a saved "
+        f"AgriCLIP or transformers CLIP folder) or set {MODEL_ENV}; Hub ids need network access or the Hugging Face "
+        "cache",
     )
 
 
@@ -322,16 +327,30 @@ def _require_readable(stats: DecodeStats) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def display_width(text: str) -> int:
+    """The terminal columns `text` takes: two for each wide or full-width character (CJK), none for a combining
+    mark, one for the others."""
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text
+    )
+
+
 def format_table(result: Classification) -> str:
+    """Image, rank, label and score columns, aligned by display width (file names and labels in CJK included)."""
     rows = [("image", "rank", "label", "score")]
     rows += [
         (path, str(rank), prediction["label"], f"{prediction['score']:.4f}")
         for path, predictions in zip(result.files, result.predictions)
         for rank, prediction in enumerate(predictions, start=1)
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    widths = [max(display_width(row[column]) for row in rows) for column in range(3)]
+
+    def padding(text: str, column: int) -> str:
+        return " " * (widths[column] - display_width(text))
+
     return "\n".join(
-        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip() for row in rows
+        f"{row[0]}{padding(row[0], 0)}  {padding(row[1], 1)}{row[1]}  {row[2]}{padding(row[2], 2)}  {row[3]}".rstrip()
+        for row in rows
     ) + "\n"
 
 
@@ -400,11 +419,13 @@ def _prepare(args, images: Sequence[str]) -> tuple[ZeroShotClassifier, list[str]
 def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classification, list[str], dict]:
     classifier, files = _prepare(args, images)
     class_names, templates = args.class_names, args.templates
-    result = classify_files(
-        classifier, files, class_names, templates, args.top_k, args.batch_size, args.num_workers, progress
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingleLabelWarning)  # `agriclip.cli.check_labelled` said it already
+        result = classify_files(
+            classifier, files, class_names, templates, args.top_k, args.batch_size, args.num_workers, progress
+        )
+    _require_readable(result.stats)  # names the skipped files itself: the warning would name them twice
     _report_skipped(result.stats)
-    _require_readable(result.stats)
     header = {
         "model": args.model, "embedding": embedding_name(classifier), "labels": class_names, "templates": templates
     }
@@ -438,8 +459,8 @@ def run_embed(args) -> ExitCode:
     tensors, metadata = {}, {"model": args.model, "embedding": embedding_name(classifier)}
     if files:
         kept, embeddings, stats = embed_files(classifier, files, args.batch_size, args.num_workers, progress=True)
-        _report_skipped(stats)
         _require_readable(stats)
+        _report_skipped(stats)
         tensors["image_embeds"] = embeddings
         metadata["files"] = kept
         metadata["skipped"] = [{"image": path, "error": reason} for path, reason in skipped_files(files, stats)]
@@ -520,7 +541,7 @@ def model_info(model: str) -> dict:
     try:
         if folder.is_dir():
             check_folder_files(folder)
-        config = load_config(model)
+        config = load_config(model, **model_source_options(model))
     except (OSError, ValueError) as error:
         raise _cannot_load(model, error) from error
     if getattr(config, "text_config", None) is None:

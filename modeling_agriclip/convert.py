@@ -30,6 +30,7 @@ from agriclip.errors import CLIError, ExitCode
 from .configuration_agriclip import AgriCLIPConfig
 from .modeling_agriclip import AgriCLIPModel, unreadable_weights_named
 from .processing_agriclip import AgriCLIPProcessor
+from .zero_shot import model_source_options
 
 PRESETS = {
     "tiny": AgriCLIPConfig.tiny,
@@ -143,9 +144,11 @@ def convert(
         "image_embedding": image_embedding or base.image_embedding,
     }
     clip_model = dino_state = None
+    # Checked before anything loads: a folder without config.json, a Hub id offline or out of reach.
+    options = {source: model_source_options(source) for source in (clip, dino) if source}
     if clip:
         with unreadable_weights_named(clip):
-            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32, trust_remote_code=False)
+            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32, trust_remote_code=False, **options[clip])
         config_kwargs.update(
             text_config=clip_model.config.text_config,
             vision_config=clip_model.config.vision_config,
@@ -154,7 +157,7 @@ def convert(
         )
     if dino:
         with unreadable_weights_named(dino):
-            dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32, trust_remote_code=False)
+            dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32, trust_remote_code=False, **options[dino])
         config_kwargs["dino_config"] = dino_model.config
         dino_state = {k: v for k, v in dino_model.state_dict().items() if not k.startswith("pooler.")}
     if official_dino:

@@ -227,18 +227,26 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         pixel_values = self.dino_pixel_renorm(pixel_values.to(self.aligner.weight.dtype))
         return backbone_features(self.dino_model, pixel_values)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, embedding: str | None = None) -> torch.FloatTensor:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, embedding: str | None = None, fusion_weight: float | None = None
+    ) -> torch.FloatTensor:
         """Image embeddings `(batch_size, projection_dim)` from the source `embedding` (default `config.image_embedding`).
 
-        `"clip"` and `"aligned"` are not normalised; `"fused"` is the weighted sum of the two L2-normalised embeddings.
+        `"clip"` and `"aligned"` are not normalised; `"fused"` is the weighted sum of the two L2-normalised embeddings,
+        `fusion_weight` (default `config.fusion_weight`) times the CLIP one: a call can weigh them otherwise without
+        changing the config that other callers share.
         """
         embedding = embedding or self.config.image_embedding
+        if fusion_weight is not None and embedding != "fused":
+            raise ValueError(f"fusion_weight applies to the 'fused' image embedding, not to {embedding!r}")
         if embedding == "clip":
             return self.get_clip_image_features(pixel_values)
         if embedding == "aligned":
             return self.aligner(self.get_backbone_features(pixel_values))
         if embedding == "fused":
-            weight = self.config.fusion_weight
+            weight = self.config.fusion_weight if fusion_weight is None else fusion_weight
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"fusion_weight must lie in [0, 1], got {weight}")
             clip_embeds = F.normalize(self.get_clip_image_features(pixel_values), dim=-1)
             aligned_embeds = F.normalize(self.aligner(self.get_backbone_features(pixel_values)), dim=-1)
             return weight * clip_embeds + (1.0 - weight) * aligned_embeds

@@ -15,23 +15,35 @@ transformers load gets `trust_remote_code=False`, so transformers refuses instea
 """
 
 import inspect
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import get_session, httpx
 from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import CONFIG_NAME
 
+from agriclip.errors import SINGLE_LABEL_WARNING, SingleLabelWarning
 from agriclip.files import check_folder_files, weight_files
 from agriclip.templates import DEFAULT_TEMPLATES, fill_templates
 from .processing_agriclip import AgriCLIPProcessor
+
+logger = logging.getLogger(__name__)
 
 
 # What the image methods take: PIL images, one PIL image, or pre-computed `pixel_values` (N, 3, H, W).
 Images = Sequence[Image.Image] | Image.Image | torch.Tensor
 Templates = Sequence[str] | str
+
+# Seconds one request to the Hub may take before a Hub id counts as out of reach (`model_source_options`).
+HUB_PROBE_TIMEOUT = 5.0
 
 
 def _as_embedding(output) -> torch.Tensor:
@@ -51,7 +63,72 @@ def _code_files(auto_map) -> list[str]:
     return sorted({str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in references if ref})
 
 
-def load_config(path, trust_remote_code: bool = False) -> PreTrainedConfig:
+class UnavailableModelError(OSError):
+    """A model source that cannot be loaded, with a message that says what to do instead."""
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the Hub at `endpoint` cannot be reached in one request of `HUB_PROBE_TIMEOUT` seconds, without retries;
+    None when it answers (with any HTTP status)."""
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT)
+    except httpx.TransportError as error:
+        return str(error).strip() or type(error).__name__
+    return None
+
+
+def model_source_options(source) -> dict:
+    """Checks where `source` would load from and returns the options its `from_pretrained` calls need: `{}`, or
+    `{"local_files_only": True}` for a Hub id that the Hugging Face cache holds while the Hub cannot be reached (a
+    laptop in the field), said in a warning. Fails at once, saying what to do, where loading would fail late or with
+    a misleading message:
+
+    - a local folder without config.json is not a saved model (transformers asks for a `model_type` key in it);
+    - a Hub id in offline mode (`HF_HUB_OFFLINE=1`) that the cache does not hold;
+    - a Hub id the cache does not hold while the Hub (`HF_ENDPOINT`) cannot be reached: one try of
+      `HUB_PROBE_TIMEOUT` seconds, where huggingface_hub retries five times with a growing backoff.
+
+    Anything else (a file, a Hub id that does not exist) is left to transformers, which names the problem.
+
+    Raises:
+        UnavailableModelError: an OSError naming the source.
+    """
+    source = str(source)
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+            raise UnavailableModelError(
+                f"{source} has no {CONFIG_NAME}: not a saved model folder (save it with save_pretrained, or build "
+                "one with `agriclip convert`)"
+            )
+        return {}
+    if os.path.exists(source):
+        return {}
+    try:
+        cached = isinstance(try_to_load_from_cache(source, CONFIG_NAME), str)
+    except ValueError:
+        return {}  # not a Hub id either (HFValidationError): transformers says so
+    if hub_constants.is_offline_mode():
+        if not cached:
+            raise UnavailableModelError(
+                f"{source}: offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache "
+                f"({hub_constants.HF_HUB_CACHE}) does not hold this Hub id: pass a local model folder, or load it once "
+                "with network access (HF_HUB_OFFLINE unset)"
+            )
+        return {}
+    problem = _hub_unreachable(hub_constants.ENDPOINT)
+    if problem is None:
+        return {}
+    if cached:
+        logger.warning(f"{source}: the Hugging Face Hub at {hub_constants.ENDPOINT} cannot be reached ({problem}); "
+                       "loading it from the Hugging Face cache (set HF_HUB_OFFLINE=1 to skip this check)")
+        return {"local_files_only": True}
+    raise UnavailableModelError(
+        f"{source}: the Hugging Face Hub at {hub_constants.ENDPOINT} cannot be reached ({problem}) and the Hugging Face "
+        "cache does not hold this Hub id: pass a local model folder, or run where the Hub can be reached"
+    )
+
+
+def load_config(path, trust_remote_code: bool = False, **options) -> PreTrainedConfig:
     """`AutoConfig.from_pretrained(path)` that never runs the checkpoint's code unless `trust_remote_code=True`.
 
     Transformers runs a folder's code when its config.json names a model type that nothing registered provides and
@@ -61,9 +138,11 @@ def load_config(path, trust_remote_code: bool = False) -> PreTrainedConfig:
     Raises:
         ValueError: for a model type that neither transformers nor AgriCLIP provides.
         OSError: when there is no config to read.
+
+    `options` (from `model_source_options`) go to transformers' loaders.
     """
     if not trust_remote_code:
-        config_dict, _ = PreTrainedConfig.get_config_dict(path)
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, **options)
         model_type = config_dict.get("model_type")
         code = _code_files(config_dict.get("auto_map"))
         # Without a model type transformers guesses from the name, and refuses by itself when nothing matches.
@@ -79,7 +158,7 @@ def load_config(path, trust_remote_code: bool = False) -> PreTrainedConfig:
                 f"provides{runs}: use a checkpoint saved by AgriCLIP (model type 'agriclip') or a transformers CLIP "
                 "checkpoint"
             )
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
 
 
 def _some(names, shown: int = 5) -> str:
@@ -130,6 +209,9 @@ class ZeroShotClassifier:
             image is scored.
         embedding: AgriCLIP's image embedding source (`"aligned"`, `"clip"` or `"fused"`); None uses
             `config.image_embedding`. Must be None for a model with a single image embedding.
+        fusion_weight: the weight of the CLIP image embedding in the `"fused"` one, in [0, 1]; None uses
+            `config.fusion_weight`. Only for a classifier whose image embedding is `"fused"`; the model's config is
+            left as it is, so classifiers sharing the model keep their own weights.
         batch_size: images and prompts embedded per forward pass.
         device: where the model runs; None keeps the model where it is.
 
@@ -138,11 +220,27 @@ class ZeroShotClassifier:
     since text embeddings do not depend on the image embedding source.
     """
 
-    def __init__(self, model, processor, embedding: str | None = None, batch_size: int = 32, device=None):
+    def __init__(
+        self,
+        model,
+        processor,
+        embedding: str | None = None,
+        batch_size: int = 32,
+        device=None,
+        fusion_weight: float | None = None,
+    ):
         if embedding is not None and "embedding" not in inspect.signature(model.get_image_features).parameters:
             raise ValueError(
                 f"{type(model).__name__} has a single image embedding; embedding={embedding!r} needs an AgriCLIP model."
             )
+        if fusion_weight is not None:
+            # A plain CLIP model has no `image_embedding`: its one embedding is its CLIP image tower.
+            used = embedding or getattr(model.config, "image_embedding", "clip")
+            if used != "fused":
+                raise ValueError(
+                    f"fusion_weight={fusion_weight} weighs the 'fused' image embedding, but this classifier uses "
+                    f"{used!r}; pass embedding='fused' (with an AgriCLIP model)."
+                )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
         if isinstance(processor, AgriCLIPProcessor):
@@ -150,6 +248,7 @@ class ZeroShotClassifier:
         self.model = model.eval() if device is None else model.to(device).eval()
         self.processor = processor
         self.embedding = embedding
+        self.fusion_weight = fusion_weight
         self.batch_size = batch_size
         self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
 
@@ -180,16 +279,18 @@ class ZeroShotClassifier:
                 weight_files(path)
             except FileNotFoundError:
                 pass  # weights in another format: transformers finds them or says what is missing
+        options = model_source_options(path)  # a folder without config.json, or a Hub out of reach: at once
         # Importing this module imported the package, which registered AgriCLIP with the Auto classes.
-        config = load_config(path, trust_remote_code=trust_remote_code)
+        config = load_config(path, trust_remote_code=trust_remote_code, **options)
         # Tensors of another shape are left for `check_loading_info` to name, instead of transformers' RuntimeError.
         model, loading_info = AutoModel.from_pretrained(
             path, config=config, trust_remote_code=trust_remote_code, output_loading_info=True,
-            **{"ignore_mismatched_sizes": True, **kwargs},
+            # transformers does not pass local_files_only on to its lookup of a PEFT adapter.
+            **{"ignore_mismatched_sizes": True, **options, "adapter_kwargs": options, **kwargs},
         )
         check_loading_info(path, model, loading_info)
         try:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
         except ValueError as error:
             if trust_remote_code or "trust_remote_code" not in str(error):
                 raise
@@ -202,9 +303,12 @@ class ZeroShotClassifier:
             ) from error
         return cls(model, processor, embedding=embedding, batch_size=batch_size, device=device)
 
-    def with_embedding(self, embedding: str | None) -> "ZeroShotClassifier":
-        """A classifier on the same model and label cache that uses another image embedding source."""
-        sibling = type(self)(self.model, self.processor, embedding=embedding, batch_size=self.batch_size)
+    def with_embedding(self, embedding: str | None, fusion_weight: float | None = None) -> "ZeroShotClassifier":
+        """A classifier on the same model and label cache that uses another image embedding source (and, for
+        `"fused"`, optionally its own `fusion_weight`)."""
+        sibling = type(self)(
+            self.model, self.processor, embedding=embedding, batch_size=self.batch_size, fusion_weight=fusion_weight
+        )
         sibling._label_cache = self._label_cache
         return sibling
 
@@ -252,6 +356,8 @@ class ZeroShotClassifier:
         if isinstance(images, Image.Image):
             images = [images]
         image_kwargs = {} if self.embedding is None else {"embedding": self.embedding}
+        if self.fusion_weight is not None:
+            image_kwargs["fusion_weight"] = self.fusion_weight
         embeddings = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
@@ -282,7 +388,14 @@ class ZeroShotClassifier:
         self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES, top_k: int = 5
     ) -> list[list[dict]]:
         """The `top_k` labels of each image with softmax scores, best first, as the transformers pipeline gives:
-        ``[[{"label": ..., "score": ...}, ...], ...]``."""
+        ``[[{"label": ..., "score": ...}, ...], ...]``.
+
+        The scores are relative to the labels given: a softmax over `class_names` only, summing to 1 per image. They
+        compare those labels, never say how well an image fits one of them: a single label always scores 1.0 (which
+        this warns about), and adding a label lowers the others' scores. For an absolute measure use `logits`.
+        """
+        if len(class_names) == 1:
+            warnings.warn(SINGLE_LABEL_WARNING.format(label=class_names[0]), SingleLabelWarning, stacklevel=2)
         probabilities = self.logits(images, class_names, templates).softmax(dim=-1)
         scores, indices = probabilities.topk(min(top_k, len(class_names)), dim=-1)
         return [
@@ -292,8 +405,10 @@ class ZeroShotClassifier:
 
 
 __all__ = [
+    "UnavailableModelError",
     "ZeroShotClassifier",
     "check_loading_info",
+    "model_source_options",
     "ensemble_prompt_embeddings",
     "load_config",
 ]

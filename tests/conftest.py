@@ -239,3 +239,22 @@ def full_disk(monkeypatch, folder, room=10):
 
     monkeypatch.setattr(io, "open", open_on_a_full_disk)
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+
+
+def run_as_main(module: str, argv: list[str]) -> tuple[int, str]:
+    """Runs `python -m module argv...` in this process (its `if __name__ == "__main__":` path, without the cost of a
+    new interpreter); returns (exit status, stderr)."""
+    import runpy
+    import warnings
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        patch.setattr(sys, "argv", [module, *map(str, argv)])
+        # runpy warns that the module, imported by the test already, runs again as __main__: that is the point here.
+        warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return code, stderr.getvalue()

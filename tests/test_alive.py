@@ -14,6 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import run_as_main
+from agriclip.errors import ExitCode
 from training import alive_builder
 from training.alive import main
 from training.alive_builder import BuildConfig, build_alive
@@ -179,6 +181,23 @@ def test_empty_caption_is_a_build_error(sources, tmp_path):
     config.sources[2].metadata = str(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match=r"cattle.*bad\.yaml.*empty caption for class 'angus'"):
         build_alive(config, progress=False)
+
+
+def test_an_empty_caption_from_the_command_line_is_one_line_and_exit_9(sources, tmp_path):
+    """`python -m training.alive`: bad input is one `prog: error:` line on stderr and exit status 9, no traceback."""
+    bad = yaml.safe_load((sources / "cattle.yaml").read_text())
+    bad["templates"] = [" "]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    config = absolute_sources(yaml.safe_load((sources / "build.yaml").read_text()), sources)
+    config["output_dir"] = str(tmp_path / "out")
+    config["sources"][2]["metadata"] = str(tmp_path / "bad.yaml")
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_as_main("training.alive", ["--config", tmp_path / "build.yaml", "--no-progress"])
+    assert code == ExitCode.INPUT == 9
+    (line,) = err.splitlines()
+    assert line.startswith(f"python -m training.alive: error: source 'cattle' ({tmp_path / 'bad.yaml'}): ")
+    assert line.endswith("empty caption for class 'angus'")
+    assert not (tmp_path / "out").exists()
 
 
 def absolute_sources(config, sources):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from conftest import full_disk, run_subprocess
 from agriclip import cli
 from agriclip.cli import main
-from agriclip.errors import ExitCode
+from agriclip.errors import CLIError, ExitCode
 from agriclip.templates import get_templates
 from modeling_agriclip.commands import classify_files, find_images
 from modeling_agriclip.zero_shot import ZeroShotClassifier
@@ -321,6 +321,35 @@ def test_model_from_the_environment_variable(capsys, photos, tiny_checkpoint, mo
     assert code == ExitCode.OK and json.loads(out)["model"] == str(tiny_checkpoint)
 
 
+def test_a_single_label_is_warned_about_once_before_the_model_loads(capsys, photos, tiny_checkpoint):
+    code, out, err = run(capsys, "predict", photos / "a.png", "--labels", "rust", "--model", tiny_checkpoint,
+                         "--format", "json")
+    assert code == ExitCode.OK and json.loads(out)["results"][0]["predictions"][0]["score"] == pytest.approx(1.0)
+    assert err.count("always scores 1.0") == 1  # the classifier's own warning is not repeated
+    assert "agriclip: warning: a single label ('rust') always scores 1.0: scores are softmax probabilities over the " \
+           "labels given, relative to those labels only" in err
+
+
+def test_the_table_aligns_wide_file_names_and_labels(capsys, photos, tiny_checkpoint, tmp_path):
+    """A CJK character takes two terminal columns: the columns line up on screen, not in characters."""
+    shutil.copy(photos / "a.png", tmp_path / "a.png")
+    shutil.copy(photos / "b.jpg", tmp_path / "稲の葉.jpg")  # 3 wide characters: 10 columns with ".jpg"
+    code, out, _ = run(capsys, "predict", tmp_path / "a.png", tmp_path / "稲の葉.jpg", "--labels", "葉さび病,healthy",
+                       "--model", tiny_checkpoint, "--top-k", 1)
+    assert code == ExitCode.OK
+    prefix = len(str(tmp_path)) + 1
+    columns = {"image": 5, "a.png": 5, "稲の葉.jpg": 10, "label": 5, "葉さび病": 8, "healthy": 7}  # counted by hand
+    lines = out.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        image, rank, label, score = re.split(r"\s{2,}", line.strip())
+        name = image.rsplit("/", 1)[-1]
+        width = columns[name] + (prefix if name != "image" else 0)
+        # The image column is padded to the widest name (prefix + 10 columns), the label column to 8 columns.
+        assert line.startswith(image + " " * (prefix + 10 - width + 2))
+        assert line.split(rank + "  ", 1)[1].startswith(label + " " * (8 - columns[label] + 2) + score)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,20 +400,72 @@ def test_only_unreadable_images(capsys, photos, tiny_checkpoint):
     assert code == ExitCode.UNREADABLE and out == ""
     assert "error: none of the images could be read: decoded 0 images, skipped 2" in err
     assert f"corrupt (2): {photos / 'broken.jpg'}, {photos / 'notes.txt'}" in err
+    # Named once, by the error: no warning lists them before it.
+    assert err.count(str(photos / "broken.jpg")) == err.count(str(photos / "notes.txt")) == 1
+    assert "warning: unreadable images were skipped" not in err
 
 
 @pytest.mark.parametrize(
-    ("model", "reason"),
-    [("{tmp}/no-such-model", "no such folder"), ("{tmp}", ""), ("org/not-cached", "")],
+    ("model", "message"),
+    [
+        ("{tmp}/no-such-model", "cannot load the model '{model}': no such folder. Pass a local folder with --model PATH"),
+        # A folder that is not a saved model: said so, not transformers' "Should have a `model_type` key".
+        ("{tmp}", "cannot load the model: {model} has no config.json: not a saved model folder (save it with "
+                  "save_pretrained, or build one with `agriclip convert`)"),
+        # The tests run with HF_HUB_OFFLINE=1 (conftest): said at once, instead of "We couldn't connect".
+        ("org/not-cached", "cannot load the model: org/not-cached: offline mode is on (HF_HUB_OFFLINE=1) and the "
+                           "Hugging Face cache"),
+    ],
 )
-def test_model_that_cannot_be_loaded(capsys, photos, tmp_path, model, reason):
-    model, reason = model.format(tmp=tmp_path), reason.format(tmp=tmp_path)
-    code, _, err = run(capsys, "predict", photos, "--labels", "a,b", "--model", model)
+def test_model_that_cannot_be_loaded(capsys, photos, tmp_path, model, message):
+    model = model.format(tmp=tmp_path)
+    message = message.format(model=model)
+    for argv in (["predict", photos, "--labels", "a,b", "--model", model], ["info", model]):
+        code, _, err = run(capsys, *argv)
+        assert code == ExitCode.MODEL
+        assert f"agriclip: error: {message}" in err and ".." not in err
+
+
+def test_an_unreachable_hub_fails_at_once_and_suggests_offline_mode(capsys, photos, monkeypatch):
+    """A Hub id while the Hub cannot be reached: one try, then a message suggesting HF_HUB_OFFLINE=1, where
+    huggingface_hub retried for half a minute. The endpoint is a closed local port: nothing leaves the machine."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed once the socket is
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    started = time.monotonic()
+    code, _, err = run(capsys, "predict", photos / "a.png", "--labels", "a,b", "--model", "org/not-cached")
+    assert time.monotonic() - started < 10
     assert code == ExitCode.MODEL
-    assert f"error: cannot load the model {model!r}: {reason}" in err
-    assert "Pass a local folder with --model PATH" in err
-    code, _, err = run(capsys, "info", model)
-    assert code == ExitCode.MODEL and f"cannot load the model {model!r}" in err
+    assert f"agriclip: error: cannot load the model: org/not-cached: the Hugging Face Hub at {endpoint} cannot be " \
+           "reached" in err
+    assert "the Hugging Face cache does not hold this Hub id: pass a local model folder" in err and "Retrying" not in err
+
+
+def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_cannot_be_reached(photos, tiny_checkpoint, tmp_path):
+    """In the field: the Hub out of reach, the model in the Hugging Face cache. It loads from there, saying so."""
+    import socket
+
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_checkpoint, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=endpoint)
+    done = run_subprocess([sys.executable, "-m", "agriclip", "predict", str(photos / "a.png"), "--labels", "a,b",
+                           "--model", "org/cached", "--format", "json"], env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot be reached" in done.stderr and "loading it from the Hugging Face cache" in done.stderr
+    assert [row["image"] for row in json.loads(done.stdout)["results"]] == [str(photos / "a.png")]
 
 
 def test_unknown_or_unavailable_device(capsys, photos, tiny_checkpoint):
@@ -442,6 +523,37 @@ def test_module_entry_point_exit_code(tmp_path):
     completed = run_subprocess(command, env=environment, cwd=tmp_path, timeout=120)
     assert completed.returncode == ExitCode.MODEL
     assert f"agriclip: error: cannot load the model '{tmp_path / 'missing-model'}': no such folder" in completed.stderr
+
+
+def test_scripts_report_bad_input_as_one_line_and_exit_9_and_keep_tracebacks_for_bugs(capsys):
+    """`agriclip.errors.run_script`, every `python -m` script's entry point."""
+    import importlib
+
+    from agriclip.errors import INPUT_ERROR_CLASSES, run_script
+    from training.runtime import RunLockedError
+
+    def failing(error):
+        def main():
+            raise error
+        return main
+
+    for error in (ValueError("data/x.csv: row 3 has an empty caption"), FileNotFoundError("config.yaml does not exist"),
+                  RunLockedError("runs/a is in use by another run\n(pid 7)")):
+        with pytest.raises(SystemExit) as stop:
+            run_script(failing(error), "training.example")
+        assert stop.value.code == ExitCode.INPUT
+        message = "; ".join(line.strip() for line in str(error).splitlines())
+        assert capsys.readouterr().err == f"python -m training.example: error: {message}\n"
+    with pytest.raises(SystemExit) as stop:
+        run_script(failing(CLIError(ExitCode.MODEL, "cannot load the model")), "training.example")
+    assert stop.value.code == ExitCode.MODEL
+    for bug in (KeyError("step"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
+        with pytest.raises(type(bug)):  # a bug keeps its traceback
+            run_script(failing(bug), "training.example")
+    # Every error the registry names exists where it says, so none silently falls back to a traceback.
+    for module, names in INPUT_ERROR_CLASSES.items():
+        for name in names:
+            assert issubclass(getattr(importlib.import_module(module), name), Exception)
 
 
 # ---------------------------------------------------------------------------------------------------------------

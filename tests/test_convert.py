@@ -10,6 +10,7 @@ from transformers.image_utils import PILImageResampling
 from modeling_agriclip import AgriCLIPModel
 from modeling_agriclip.configuration_agriclip import AgriCLIPConfig
 from agriclip.cli import main as agriclip
+from agriclip.errors import ExitCode
 from modeling_agriclip.convert import convert, load_official_aligner
 
 try:
@@ -193,3 +194,25 @@ def test_convert_rejects_mismatched_parts(tmp_path):
         convert(preset="tiny", official_dino=tmp_path / "not_resnet.pth")
     with pytest.raises(ValueError, match="unknown preset"):
         convert(preset="huge")
+
+
+def test_agriclip_convert_reports_a_wrong_shaped_aligner_as_one_line_and_exit_9(tmp_path, capsys):
+    torch.save({"W": torch.randn(32, 10), "b": torch.randn(32)}, tmp_path / "aligner.pth")
+    code = agriclip(["convert", "--preset", "tiny", "--official-aligner", str(tmp_path / "aligner.pth"),
+                     "--output", str(tmp_path / "out")])
+    assert code == ExitCode.INPUT == 9
+    assert capsys.readouterr().err.splitlines() == [
+        f"agriclip: error: {tmp_path / 'aligner.pth'}: the aligner maps 10 -> 32 features, but the model needs 48 -> 32 "
+        "(backbone features -> projection_dim)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_agriclip_convert_names_a_clip_folder_without_config(tmp_path, capsys):
+    (tmp_path / "clip").mkdir()
+    code = agriclip(["convert", "--preset", "tiny", "--clip", str(tmp_path / "clip"), "--output", str(tmp_path / "out")])
+    assert code == ExitCode.INPUT
+    assert capsys.readouterr().err.splitlines() == [
+        f"agriclip: error: {tmp_path / 'clip'} has no config.json: not a saved model folder (save it with "
+        "save_pretrained, or build one with `agriclip convert`)"
+    ]

@@ -25,6 +25,8 @@ from training.data import (
     ImageTextCollator,
     load_image_text_dataset,
     load_labelled_dataset,
+    plan_validation,
+    split_names,
 )
 
 
@@ -423,8 +425,12 @@ def test_saved_dataset_and_hub_layout(tmp_path, pairs):
     loaded = load_image_text_dataset(tmp_path / "saved", caption_column="text")
     assert loaded.column_names == ["image", "caption", "source", "label"]
     assert content(loaded) == expected_content(pairs)
-    with pytest.raises(ValueError, match="'caption'"):
-        load_image_text_dataset(tmp_path / "saved")
+    # Without a `caption` column, `text` is the caption column by default.
+    assert content(load_image_text_dataset(tmp_path / "saved")) == expected_content(pairs)
+    dataset.rename_column("text", "words").save_to_disk(str(tmp_path / "no-caption"))
+    with pytest.raises(ValueError, match=r"no-caption: no caption column \(looked for 'caption' or 'text'\); columns: "
+                                         r"\[.*'words'\]; name it with caption_column= \(--caption-column\)"):
+        load_image_text_dataset(tmp_path / "no-caption")
     # A Hub repository's layout (data/<split>-*.parquet), read by the same code path as a Hub id.
     (tmp_path / "hub" / "data").mkdir(parents=True)
     dataset.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
@@ -445,6 +451,135 @@ def test_webdataset_shards(tmp_path, pairs):
     assert content(load_image_text_dataset(files[:1])) == expected_content(pairs[:3])
     with pytest.raises(FileNotFoundError, match="missing.tar"):
         load_image_text_dataset([files[0], str(tmp_path / "missing.tar")])
+
+
+def write_text_caption_folder(root, pairs, metadata="metadata.jsonl", both=False):
+    """`pairs` as an image folder whose metadata names captions `text`, as `datasets` image folders do; with `both`,
+    each row also has a `caption` that differs from its `text`."""
+    root.mkdir(parents=True)
+    rows = []
+    for index, (png, caption, *_) in enumerate(pairs):
+        (root / f"{index}.png").write_bytes(png)
+        rows.append({"file_name": f"{index}.png", "text": caption} | ({"caption": f"other {index}"} if both else {}))
+    if metadata.endswith(".jsonl"):
+        (root / metadata).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        (root / metadata).write_text("".join(",".join(row) + "\n" for row in [rows[0].keys()] + [r.values() for r in rows]))
+
+
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+def test_an_image_folder_may_name_its_captions_text(tmp_path, pairs, metadata):
+    """The `datasets` imagefolder convention `{"file_name", "text"}`: read without naming the column, loaded and
+    streamed; with both columns, `caption` wins; an explicit column wins over both."""
+    write_text_caption_folder(tmp_path / "text", pairs, metadata)
+    captions = sorted(caption for _, caption, *_ in pairs)
+    for streaming in (False, True):
+        loaded = load_image_text_dataset(tmp_path / "text", streaming=streaming)
+        assert sorted(row["caption"] for row in loaded) == captions
+    write_text_caption_folder(tmp_path / "both", pairs, metadata, both=True)
+    both = load_image_text_dataset(tmp_path / "both")
+    assert sorted(both["caption"]) == sorted(f"other {index}" for index in range(len(pairs)))
+    assert sorted(load_image_text_dataset(tmp_path / "both", caption_column="text")["caption"]) == captions
+
+
+def test_a_bad_text_caption_of_a_stream_is_named_by_file_and_row_before_it_starts(tmp_path, pairs):
+    """The check that names a stream's bad caption before training reads the `text` column too."""
+    write_text_caption_folder(tmp_path / "data", [(png, "" if index == 2 else caption) for index, (png, caption, *_)
+                                                  in enumerate(pairs)])
+    metadata = tmp_path / "data" / "metadata.jsonl"
+    with pytest.raises(ValueError, match=rf"^{metadata}: row 3 \(image 2\.png\): the caption is empty"):
+        load_image_text_dataset(tmp_path / "data", streaming=True)
+
+
+def test_split_names_are_found_without_loading(tmp_path, pairs, monkeypatch):
+    write_image_folder(tmp_path / "splits" / "train", pairs[:4])
+    write_image_folder(tmp_path / "splits" / "validation", pairs[4:])
+    write_image_folder(tmp_path / "flat", pairs)
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    (tmp_path / "shards" / "test").mkdir()
+    write_shard(tmp_path / "shards" / "train" / "0.tar", pairs[:3])
+    write_shard(tmp_path / "shards" / "test" / "0.tar", pairs[3:])
+    write_shard(tmp_path / "flat-shards.tar", pairs)
+    (tmp_path / "pairs.csv").write_text("filepath,title\n")
+    saved = datasets.Dataset.from_dict({"caption": ["a", "b"]})
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(str(tmp_path / "saved-dict"))
+    saved.save_to_disk(str(tmp_path / "saved-one"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("the data was loaded"))
+    assert sorted(split_names(tmp_path / "splits")) == ["train", "validation"]
+    assert split_names(tmp_path / "flat") == ["train"]  # `datasets` names a folder without split folders `train`
+    assert split_names(tmp_path / "shards") == ["test", "train"]
+    assert sorted(split_names(tmp_path / "saved-dict")) == ["test", "train"]
+    for one_split in ("pairs.csv", "flat-shards.tar", "saved-one"):
+        assert split_names(tmp_path / one_split) is None, one_split
+
+
+@pytest.fixture(scope="module")
+def split_sources(tmp_path_factory, pairs):
+    """Image folders of `pairs`: `splits` (train/ and validation/), `flat` (one split), `other` (train/ and test/),
+    and an open_clip CSV."""
+    root = tmp_path_factory.mktemp("split-sources")
+    write_image_folder(root / "splits" / "train", pairs[:4])
+    write_image_folder(root / "splits" / "validation", pairs[4:])
+    write_image_folder(root / "flat", pairs)
+    write_image_folder(root / "other" / "train", pairs[:4])
+    write_image_folder(root / "other" / "test", pairs[4:])
+    (root / "images").mkdir()
+    lines = ["filepath,title"]
+    for index, (png, caption, *_) in enumerate(pairs):
+        (root / "images" / f"{index}.png").write_bytes(png)
+        lines.append(f"images/{index}.png,{caption}")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_validation_comes_from_the_validation_split_or_a_seeded_held_out_fraction(split_sources, pairs):
+    root = split_sources
+    plan = plan_validation(root / "splits", "train", None, None, 0.5, seed=0)
+    assert (plan.val_data, plan.val_split, plan.held_out, plan.notice) == (root / "splits", "validation", None, None)
+    train, validation = plan.load()
+    assert content(train) == expected_content(pairs[:4]) and content(validation) == expected_content(pairs[4:])
+
+    for source in ("flat", "pairs.csv"):
+        plan = plan_validation(root / source, "train", None, None, 0.5, seed=0)
+        assert plan.held_out == 0.5
+        assert plan.notice.startswith(f"validation: {root / source} has no split 'validation' (")
+        assert "50% of the training pairs, drawn with seed 0, are held out for validation and not trained on" in plan.notice
+        train, validation = plan.load()
+        assert len(train) == len(validation) == 3
+        captions = sorted([*train["caption"], *validation["caption"]])
+        assert captions == sorted(caption for _, caption, *_ in pairs)  # disjoint, and nothing lost
+        again = plan_validation(root / source, "train", None, None, 0.5, seed=0).load()[1]
+        assert list(again["caption"]) == list(validation["caption"])  # the same pairs at every call (and on every process)
+    other_seeds = {tuple(sorted(plan_validation(root / "flat", "train", None, None, 0.5, seed=seed).load()[1]["caption"]))
+                   for seed in range(1, 6)}
+    assert len(other_seeds) > 1  # drawn from the seed
+
+    # --val-data of one split is validated on whole; of several splits, it needs --val-split.
+    plan = plan_validation(root / "splits", "train", root / "flat", None, 0.5, seed=0)
+    assert (plan.val_split, plan.held_out) == ("train", None) and len(plan.load()[1]) == len(pairs)
+    assert plan_validation(root / "splits", "train", root / "other", "test", 0.5, seed=0).load()[1].num_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("train", "train_split", "val_data", "val_split", "message"),
+    [
+        ("flat", "train", None, "validation",
+         r"flat: no split 'validation' for validation; splits: \['train'\]; pass --val-split with one of them, or leave "
+         r"it out to hold out --val-fraction of the training pairs$"),
+        ("splits", "training", None, None,
+         r"splits: no split 'training' to train on; splits: \['train', 'validation'\]; pass --train-split"),
+        ("splits", "train", "other", None, r"other: no split 'validation' for validation; splits: \['test', 'train'\]"),
+        ("splits", "train", "other", "dev", r"other: no split 'dev' for validation; splits: \['test', 'train'\]; pass "
+                                            r"--val-split with one of them$"),
+        ("pairs.csv", "train", None, "validation",
+         r"pairs\.csv is one split .*--val-split 'validation' would reuse the training pairs; give --val-data"),
+    ],
+)
+def test_a_missing_split_is_an_error_naming_the_splits_there_are(split_sources, train, train_split, val_data, val_split,
+                                                                 message, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("the data was loaded"))
+    with pytest.raises(ValueError, match=message):
+        plan_validation(split_sources / train, train_split, val_data and split_sources / val_data, val_split, 0.05, 0)
 
 
 def test_bad_sources_are_named(tmp_path):

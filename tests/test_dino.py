@@ -3,6 +3,7 @@
 import copy
 import math
 
+import kornia.augmentation as K
 import numpy as np
 import pytest
 import torch
@@ -13,11 +14,13 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from training.dino import (
     MULTICROP_PRESETS,
     CollapseMonitor,
+    CropAndFlip,
     DINOHead,
     MultiCropAugmentation,
     MultiCropWrapper,
     cancel_gradients_last_layer,
     cosine_schedule,
+    default_collapse_window,
     param_groups_without_decay,
     teacher_entropy,
     update_teacher,
@@ -38,22 +41,25 @@ def _dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup
     return np.concatenate((warmup_schedule, schedule))
 
 
-def test_cosine_schedule_matches_dino_with_and_without_warmup():
-    lr = cosine_schedule(5e-4, 1e-6, epochs=4, iters_per_epoch=5, warmup_epochs=1, start_warmup_value=1e-5)
+def test_cosine_schedule_warms_up_from_the_first_step_then_follows_dino_cosine():
+    lr = cosine_schedule(5e-4, 1e-6, total_steps=20, warmup_steps=5, start_warmup_value=1e-5)
     assert len(lr) == 20
-    assert lr[0] == pytest.approx(1e-5) and lr[4] == pytest.approx(5e-4) and lr[5] == pytest.approx(5e-4)
+    # Warm-up step i of 5 takes start + (base - start) * (i + 1) / 5: the first step already moves.
+    np.testing.assert_allclose(lr[:5], [1e-5 + (5e-4 - 1e-5) * (i + 1) / 5 for i in range(5)])
+    assert lr[4] == pytest.approx(5e-4) and lr[5] == pytest.approx(5e-4)
     assert np.all(np.diff(lr[:5]) > 0) and np.all(np.diff(lr[5:]) < 0)
-    np.testing.assert_allclose(lr, _dino_cosine_scheduler(5e-4, 1e-6, 4, 5, 1, 1e-5))
+    # After the warm-up, DINO's cosine over the remaining steps.
+    np.testing.assert_allclose(lr[5:], _dino_cosine_scheduler(5e-4, 1e-6, 4, 5, 1, 1e-5)[5:])
 
-    momentum = cosine_schedule(0.996, 1.0, epochs=3, iters_per_epoch=7)
+    momentum = cosine_schedule(0.996, 1.0, total_steps=21)
     assert len(momentum) == 21 and momentum[0] == pytest.approx(0.996)
     assert 0.9999 < momentum[-1] < 1.0
     np.testing.assert_allclose(momentum, _dino_cosine_scheduler(0.996, 1.0, 3, 7))
 
 
 def test_cosine_schedule_rejects_warmup_longer_than_training():
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=3, warmup_epochs=3)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cosine_schedule(1.0, 0.0, total_steps=6, warmup_steps=7)
 
 
 def test_update_teacher_is_an_ema_of_parameters_and_keeps_teacher_buffers():
@@ -87,10 +93,10 @@ def test_dino_head_output_shape(nlayers, use_bn):
     assert head(torch.randn(5, 12)).shape == (5, 50)
 
 
-def _train_step(head, epoch=0, freeze_last_layer_epochs=0):
+def _train_step(head, step=0, freeze_last_layer_steps=0):
     optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=1.0)
     head(torch.randn(6, 12)).pow(2).sum().backward()
-    cancel_gradients_last_layer(head, epoch, freeze_last_layer_epochs)
+    cancel_gradients_last_layer(head, step, freeze_last_layer_steps)
     optimizer.step()
 
 
@@ -105,19 +111,19 @@ def test_norm_last_layer_keeps_unit_row_norms_and_the_option_frees_them():
     assert not torch.allclose(free.last_layer.weight.norm(dim=1), torch.ones(50))
 
 
-def test_last_layer_is_frozen_during_the_first_epochs_only():
+def test_last_layer_is_frozen_during_the_first_steps_only():
     torch.manual_seed(0)
     head = DINOHead(12, 50, hidden_dim=20, bottleneck_dim=8, norm_last_layer=False)
     wrapped = nn.Sequential(head)
     last_before = copy.deepcopy(head.last_layer.state_dict())
     mlp_before = head.mlp[0].weight.clone()
 
-    _train_step(wrapped, epoch=0, freeze_last_layer_epochs=1)
+    _train_step(wrapped, step=3, freeze_last_layer_steps=4)
     for name, tensor in head.last_layer.state_dict().items():
         assert torch.equal(tensor, last_before[name]), name
     assert not torch.equal(head.mlp[0].weight, mlp_before)
 
-    _train_step(wrapped, epoch=1, freeze_last_layer_epochs=1)
+    _train_step(wrapped, step=4, freeze_last_layer_steps=4)
     assert not torch.equal(head.last_layer.parametrizations.weight.original1, last_before["parametrizations.weight.original1"])
 
 
@@ -302,11 +308,11 @@ def test_collapse_monitor_reports_one_hot_collapse_after_a_full_window():
 
 def test_collapse_monitor_reports_uniform_collapse_from_the_dino_loss():
     out_dim, batch = 64, 4
-    loss_fn = DINOLoss(out_dim, num_crops=4, num_epochs=1)
+    loss_fn = DINOLoss(out_dim, num_crops=4, num_steps=1)
     monitor = CollapseMonitor(out_dim, window=3)
     messages = []
     for _ in range(3):
-        output = loss_fn(torch.zeros(4 * batch, out_dim), torch.zeros(2 * batch, out_dim), epoch=0)
+        output = loss_fn(torch.zeros(4 * batch, out_dim), torch.zeros(2 * batch, out_dim), step=0)
         messages.append(monitor.update(output.teacher_entropy, output.teacher_student_kl))
     assert output.teacher_entropy.item() == pytest.approx(math.log(out_dim), rel=1e-5)
     assert messages[:2] == [None, None] and "uniform" in messages[2]
@@ -315,10 +321,67 @@ def test_collapse_monitor_reports_uniform_collapse_from_the_dino_loss():
 def test_collapse_monitor_stays_quiet_on_healthy_or_transient_outputs():
     out_dim = 64
     torch.manual_seed(0)
-    loss_fn = DINOLoss(out_dim, num_crops=4, num_epochs=1)
+    loss_fn = DINOLoss(out_dim, num_crops=4, num_steps=1)
     monitor = CollapseMonitor(out_dim, window=3)
     for _ in range(6):
-        output = loss_fn(torch.randn(16, out_dim), torch.randn(8, out_dim), epoch=0)
+        output = loss_fn(torch.randn(16, out_dim), torch.randn(8, out_dim), step=0)
         assert monitor.update(output.teacher_entropy, output.teacher_student_kl) is None
     # A one-step dip to a one-hot teacher inside the window is not a collapse.
     assert _feed(CollapseMonitor(out_dim, window=3), [2.0, 0.0, 0.0, 2.0, 0.0], [0.5] * 5) == [None] * 5
+
+
+def test_cosine_schedule_of_a_short_run_reaches_its_peak_and_decays_over_the_run():
+    """A 15-step run with 5 warm-up steps: step i < 5 takes peak * (i + 1) / 5, step 5 + j takes the cosine
+    peak * (1 + cos(pi * j / 10)) / 2 (written out here, not DINO's code)."""
+    peak = 1e-3
+    lr = cosine_schedule(peak, 0.0, total_steps=15, warmup_steps=5)
+    expected = [peak * (i + 1) / 5 for i in range(5)] + [peak * (1 + math.cos(math.pi * j / 10)) / 2 for j in range(10)]
+    np.testing.assert_allclose(lr, expected, rtol=1e-12)
+    assert lr[0] == pytest.approx(peak / 5) and lr.max() == pytest.approx(peak)
+
+
+@pytest.mark.parametrize("total_steps, warmup_steps, window", [
+    (15, 0, 100), (999, 0, 100), (2000, 0, 200), (3000, 500, 800), (100_000, 10_000, 20_000)])
+def test_default_collapse_window_is_the_warmup_plus_a_tenth_of_the_run_and_at_least_100(total_steps, warmup_steps, window):
+    assert default_collapse_window(total_steps, warmup_steps) == window
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalised(images):
+    return (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def test_crop_and_flip_of_normalised_pixels_equals_normalising_the_crops_of_unit_pixels():
+    """Stage 1 augments the processor's normalised pixels: the same as cropping, clamping and flipping [0, 1] pixels
+    with kornia (the same draws under the same seed), then normalising."""
+    images = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    augment = CropAndFlip(32, (0.3, 1.0), 0.5, CLIP_MEAN, CLIP_STD)
+    torch.manual_seed(0)
+    augmented = augment(_normalised(images))
+    torch.manual_seed(0)
+    crops = K.RandomResizedCrop((32, 32), scale=(0.3, 1.0), resample="bicubic", align_corners=False)(images)
+    expected = _normalised(K.RandomHorizontalFlip(p=0.5)(crops.clamp(0.0, 1.0)))
+    assert augmented.shape == (6, 3, 32, 32)
+    torch.testing.assert_close(augmented, expected, rtol=1e-5, atol=1e-5)
+    plain = _normalised(torch.nn.functional.interpolate(images, size=32, mode="bicubic", align_corners=False))
+    assert all(not torch.allclose(augmented[i], plain[i], atol=1e-2) for i in range(6))  # every image is changed
+
+
+def test_crop_and_flip_draws_per_image_for_the_global_batch_and_follows_the_seed():
+    images = _normalised(torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(2)))
+    augment = CropAndFlip(32, (0.3, 1.0), 0.5, CLIP_MEAN, CLIP_STD)
+    torch.manual_seed(0)
+    whole = augment(images)
+    halves = []
+    for rows in (torch.arange(0, 3), torch.arange(3, 6)):  # two processes, each from the same RNG state
+        torch.manual_seed(0)
+        halves.append(augment(images[rows], rows=rows, global_batch_size=6))
+    torch.testing.assert_close(torch.cat(halves), whole)
+    torch.manual_seed(1)
+    assert not torch.allclose(augment(images), whole)
+    same_image = augment(images[:1].expand(6, -1, -1, -1).contiguous())
+    assert len({tuple(view.flatten()[:20].tolist()) for view in same_image}) == 6  # a crop per image
+    with pytest.raises(ValueError, match="rows must give the place of each"):
+        augment(images[:3], rows=torch.arange(3), global_batch_size=2)

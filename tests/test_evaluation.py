@@ -18,6 +18,8 @@ import yaml
 from matplotlib.figure import Figure
 from PIL import Image
 
+from agriclip.errors import ExitCode
+from conftest import run_as_main, write_caption_folder
 from evaluation.knn import knn_accuracy
 from evaluation.linear_probe import (
     LinearProbe,
@@ -29,8 +31,8 @@ from evaluation.linear_probe import (
     stratified_split,
 )
 from evaluation.metrics import NonFiniteError
-from evaluation.report import render_markdown_table
-from evaluation.retrieval import group_captions, retrieval_recall
+from evaluation.report import render_markdown_report, render_markdown_table
+from evaluation.retrieval import group_by, group_captions, retrieval_recall
 from evaluation.runner import run_suite
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument
 from modeling_agriclip.zero_shot import ZeroShotClassifier
@@ -210,6 +212,38 @@ def test_class_names_missing_from_the_dataset_are_a_clear_error(tmp_path, in_mem
         run_suite(config, in_memory_model, tmp_path / "out")
 
 
+def test_a_suite_error_from_the_command_line_is_one_line_and_exit_9(tmp_path, tiny_checkpoint):
+    """`python -m evaluation.suite`: bad input is one `prog: error:` line on stderr and exit status 9, no traceback."""
+    _write_class_folder(tmp_path / "leaves", {"healthy": 1, "rust": 1})
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "x"}}])
+    code, err = run_as_main("evaluation.suite", ["--config", config, "--model", f"agri={tiny_checkpoint}",
+                                                 "--output", tmp_path / "out"])
+    assert code == ExitCode.INPUT == 9
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"python -m evaluation.suite: error: {config}: dataset 'leaves': class_names maps ['blight'], which are not "
+        f"classes of {tmp_path / 'leaves'} (its classes: ['healthy', 'rust'])"
+    )
+
+
+def test_the_suite_shows_no_weight_loading_or_local_data_bars(tmp_path, tiny_checkpoint, monkeypatch):
+    """No "Loading weights" bar per model and no "Downloading data: N files" for a local folder: nothing downloads."""
+    from transformers.utils import logging as transformers_logging
+
+    # Without the hook that an earlier command in this process may have set: the suite must set it itself.
+    monkeypatch.setattr(transformers_logging, "_tqdm_hook", None)
+    _write_class_folder(tmp_path / "leaves", {"healthy": 2, "rust": 2})
+    write_caption_folder(tmp_path / "captions", n_train=1, n_validation=16)  # 16 files: datasets' "Downloading" bar
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves"}],
+                         retrieval=[{"name": "captions", "path": "captions", "split": "validation"}])
+    code, err = run_as_main("evaluation.suite", ["--config", config, "--model", f"agri={tiny_checkpoint}:aligned,clip",
+                                                 "--output", tmp_path / "out", "--batch-size", "2"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["retrieval"]["datasets"]["captions"]
+    for bar in ("Loading weights", "Downloading data", "Generating validation split"):
+        assert bar not in err
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [
@@ -246,6 +280,52 @@ def test_model_arguments(tmp_path):
         parse_model_argument("agri=runs/final:dino")
     with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=PATH"):
         parse_model_argument("runs/final")
+
+
+def test_fusion_weight_arguments():
+    assert parse_model_argument("agri=runs/final:fused@0.30,fused") == ("agri", ModelSpec("runs/final", ("fused@0.3", "fused")))
+    assert ModelSpec.parse("runs/final:fused@0,fused@1").embeddings == ("fused@0", "fused@1")
+    for bad, message in [("aligned@0.3", "a weight applies to the fused embedding only"),
+                         ("fused@1.5", "must be a number from 0 to 1"), ("fused@x", "must be a number from 0 to 1"),
+                         ("fused@nan", "must be a number from 0 to 1"), ("dino@0.3", "unknown image embedding")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'runs/final:{bad}': .*{message}"):
+            parse_model_argument(f"agri=runs/final:{bad}")
+
+
+def test_a_fusion_weight_given_to_the_suite_is_used_reported_and_recorded(tmp_path, tiny_checkpoint, tiny_model,
+                                                                         tiny_processor):
+    """``PATH:fused,fused@0.3,fused@1``: each variant scores with its own weight, independently computed here, while
+    the checkpoint's config.json (fusion_weight 0.5) serves the plain "fused"."""
+    _write_class_folder(tmp_path / "leaves", {"blight": 4, "healthy": 4, "rust": 4})
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves"}])
+    results = run_suite(config, {"agri": f"{tiny_checkpoint}:fused,fused@0.3,fused@1"}, tmp_path / "out")
+    weights = {"agri (fused)": 0.5, "agri (fused@0.3)": 0.3, "agri (fused@1)": 1.0}
+    assert results["models"] == {
+        name: {"path": str(tiny_checkpoint), "embedding": "fused", "fusion_weight": weight, "model_type": "agriclip"}
+        for name, weight in weights.items()
+    }
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["models"] == results["models"]
+    assert "| agri (fused@0.3) |" in (tmp_path / "out" / "results.md").read_text()
+    # Independently: the fused embedding of each weight, cosines with the one-template class embeddings, argmax.
+    classes = ["blight", "healthy", "rust"]
+    paths = [tmp_path / "leaves" / name / f"{index}.png" for name in classes for index in range(4)]
+    labels = np.repeat(np.arange(3), 4)
+    with torch.no_grad():
+        prompts = tiny_processor(text=[f"a photo of {name}" for name in classes], return_tensors="pt", padding=True)
+        text = F.normalize(tiny_model.get_text_features(prompts["input_ids"], prompts["attention_mask"]), dim=-1)
+        pixel_values = tiny_processor(images=[Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
+        clip = F.normalize(tiny_model.get_clip_image_features(pixel_values), dim=-1)
+        aligned = F.normalize(tiny_model.aligner(tiny_model.get_backbone_features(pixel_values)), dim=-1)
+    predictions = {}
+    for name, weight in weights.items():
+        predictions[name] = (F.normalize(weight * clip + (1 - weight) * aligned, dim=-1) @ text.T).argmax(dim=1).numpy()
+        confusion = np.zeros((3, 3), dtype=int)
+        np.add.at(confusion, (labels, predictions[name]), 1)
+        record = results["datasets"]["leaves"][name]
+        assert record["confusion_matrix"] == confusion.tolist()
+        assert record["top1"] == pytest.approx(float((predictions[name] == labels).mean()))
+    # The comparison has teeth: the weights change some prediction.
+    assert len({tuple(p) for p in predictions.values()}) > 1
 
 
 def test_linear_probe_and_k_shot_through_the_suite(tmp_path, in_memory_model):
@@ -297,6 +377,36 @@ def test_group_captions_by_image():
     rows = [{"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}, {"path": "a.png", "bytes": None}, {"path": None, "bytes": b"x"}]
     unique_rows, owners = group_captions(rows)
     assert unique_rows == [0, 1, 3] and owners.tolist() == [0, 1, 0, 2]
+
+
+@pytest.mark.parametrize("case", ["coarse embeddings", "every embedding equal"])
+def test_retrieval_with_groups_of_interchangeable_images_counts_any_member_as_a_match(case):
+    """Images grouped (as stage 1 groups pairs by caption text): image i and caption j match when j's image is in
+    i's group; the recall is the ranking rule spelled out over that relation, in chunks or not."""
+    owners = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])  # 6 images, 8 captions
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    if case == "every embedding equal":
+        images, texts = torch.ones(6, 2), torch.ones(8, 2)
+    else:
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randint(0, 2, (6, 3), generator=generator).float()
+        texts = torch.randint(0, 2, (8, 3), generator=generator).float()
+    ks = (1, 2, 5)
+    result = retrieval_recall(images, texts, owners, ks=ks, chunk_size=4, image_groups=groups)
+    assert retrieval_recall(images, texts, owners, ks=ks, image_groups=groups) == result
+    match = groups[:, None] == groups[owners][None, :]
+    for k in ks:
+        assert result["image_to_text"][f"R@{k}"] == pytest.approx(_brute_force_recall(images @ texts.T, match, k))
+        assert result["text_to_image"][f"R@{k}"] == pytest.approx(_brute_force_recall(texts @ images.T, match.T, k))
+    if case == "every embedding equal":  # column 0 (caption 0, image 0, group 0) ranks first: groups 0 hit at R@1
+        assert result["image_to_text"]["R@1"] == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match="image_groups has 5 entries for 6 images"):
+        retrieval_recall(images, texts, owners, image_groups=groups[:5])
+
+
+def test_group_by_gives_each_key_its_first_occurrence():
+    first, group = group_by(["a red leaf", "a blue leaf", "a red leaf", "a red leaf", "a fish"])
+    assert first == [0, 1, 4] and group.tolist() == [0, 1, 0, 0, 2]
 
 
 def _clusters(n_per_class=40, n_classes=4, dim=16, spread=0.6, noise_seed=0):
@@ -369,6 +479,29 @@ def test_markdown_table_layout():
         "| m1 | 50.0 | 100.0 | 75.0 |\n"
         "| m2 | 25.0 | – | 25.0 |"
     )
+
+
+def test_the_report_has_a_per_class_accuracy_table_per_dataset():
+    """Per class: its image count and each model's recall, read from the confusion matrix (rows: true class)."""
+    record = {"top1": 0.5, "top5": None, "mean_per_class": 0.5, "macro_f1": 0.4, "n_skipped": 0, "empty_classes": []}
+    results = {
+        "datasets": {"leaves": {
+            "m1": {**record, "confusion_matrix": [[3, 1, 0], [2, 2, 0], [0, 0, 0]]},
+            "m2": {**record, "confusion_matrix": [[0, 4, 0], [0, 4, 0], [0, 0, 0]]},
+        }},
+        "mean": {"m1": record, "m2": record},
+        "dataset_info": {"leaves": {"display_name": "Leaves", "class_names": ["rust", "leaf | spot", "frozen"]}},
+    }
+    markdown = render_markdown_report(results)
+    assert (
+        "### Per-class accuracy\n\nThe share of each class's images predicted as that class (its recall).\n\n"
+        "#### Leaves\n\n"
+        "| Class | Images | m1 | m2 |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| rust | 4 | 75.0 | 0.0 |\n"
+        "| leaf \\| spot | 4 | 50.0 | 100.0 |\n"
+        "| frozen | 0 | – | – |\n"
+    ) in markdown
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -357,6 +357,7 @@ def test_images_deleted_or_corrupted_mid_run_are_skipped_and_counted(tmp_path, m
     assert (final / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_batch_unreadable_on_one_process_only_is_skipped_by_every_process(tmp_path):
     """With one image per process, a corrupt image leaves one process an empty batch. The other process must skip
     that step too: otherwise the processes pair different steps in the all-reduce and the feature gather, and an
@@ -459,6 +460,7 @@ def test_a_world_size_that_accelerate_does_not_see_is_refused(monkeypatch):
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))  # a launch Accelerate sees
 
 
+@pytest.mark.slow
 def test_torchrun_on_cpu_without_accelerate_cpu_processes_is_refused(caption_folder, tmp_path):
     """torchrun on CPU (like an FSDP config of `accelerate launch`) initialises torch.distributed with 2 processes
     while Accelerate stays single-process: both processes refuse before writing anything."""

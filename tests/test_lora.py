@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import training.lora
-from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
+from agriclip.errors import ExitCode
+from conftest import COLOURS, read_metrics, run_as_main, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from agriclip.images import open_image
@@ -113,6 +114,29 @@ def test_target_regex_errors_name_the_problem(tiny_model):
         resolve_lora_targets(tiny_model, ["backbone"], r"aligner|dino_model\..*\.q_proj")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         resolve_lora_targets(tiny_model, ["text"], r"text_model\.(")
+
+
+def test_a_target_regex_that_matches_nothing_is_one_line_and_exit_9_from_the_command_line(tiny_checkpoint,
+                                                                                         labelled_folder, tmp_path):
+    """`python -m training.lora_finetune`: bad input is one `prog: error:` line on stderr and exit status 9."""
+    code, err = run_as_main("training.lora_finetune", ["--model", tiny_checkpoint, "--output-dir", tmp_path / "run",
+                                                       "--log-with", "none", "--target-modules", "q_proj",
+                                                       *classification_flags(labelled_folder)])
+    assert code == ExitCode.INPUT == 9
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("python -m training.lora_finetune: error: LoRA target regex 'q_proj' "
+                                           "matches no module of the model; it must match whole module names")
+
+
+def test_a_model_folder_without_config_is_named_and_what_to_do_said(labelled_folder, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    code, err = run_as_main("training.lora_finetune", ["--model", tmp_path / "not-a-model", "--output-dir",
+                                                       tmp_path / "run", "--log-with", "none",
+                                                       *classification_flags(labelled_folder)])
+    assert code == ExitCode.INPUT
+    assert err.splitlines()[-1] == (f"python -m training.lora_finetune: error: {tmp_path / 'not-a-model'} has no "
+                                    "config.json: not a saved model folder (save it with save_pretrained, or build "
+                                    "one with `agriclip convert`)")
 
 
 def test_trainable_share_is_small_on_the_paper_layout():
@@ -345,6 +369,7 @@ def test_k_shot_lora_beats_zero_shot_on_an_embedded_task(tmp_path):
     assert results["adapted"]["top1"] >= results["zero_shot"]["top1"] + 0.1, results
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8 (cross-entropy is a batch mean),
     the aligner re-fit over the 12 training images included: each process reads its own shard (6 + 6), where a

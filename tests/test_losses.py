@@ -84,22 +84,23 @@ def test_dino_loss_matches_published_loop_with_centre_and_warmup():
     torch.manual_seed(0)
     batch = 3
     loss_fn = DINOLoss(
-        OUT_DIM, NUM_CROPS, num_epochs=5, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3
+        OUT_DIM, NUM_CROPS, num_steps=5, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_steps=3
     )
-    np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
+    # Warm-up step i of 3 takes 0.04 + 0.03 * (i + 1) / 3 (training.dino.cosine_schedule), then 0.07.
+    np.testing.assert_allclose(loss_fn.teacher_temp_schedule, [0.05, 0.06, 0.07, 0.07, 0.07])
     center = torch.randn(1, OUT_DIM)
     loss_fn.center.copy_(center)
     student_output = torch.randn(NUM_CROPS * batch, OUT_DIM, requires_grad=True)
     teacher_output = torch.randn(2 * batch, OUT_DIM)
 
-    output = loss_fn(student_output, teacher_output, epoch=1)
+    output = loss_fn(student_output, teacher_output, step=1)
 
-    expected = _reference_dino_loss(student_output, teacher_output, center, 0.1, 0.055, NUM_CROPS)
+    expected = _reference_dino_loss(student_output, teacher_output, center, 0.1, 0.06, NUM_CROPS)
     torch.testing.assert_close(output.loss, expected)
     output.loss.backward()
     assert student_output.grad.abs().sum() > 0
 
-    teacher_probs = torch.softmax((teacher_output - center) / 0.055, dim=-1)
+    teacher_probs = torch.softmax((teacher_output - center) / 0.06, dim=-1)
     entropy = -(teacher_probs * teacher_probs.log()).sum(-1).mean()
     torch.testing.assert_close(output.teacher_entropy, entropy)
     student_log_probs = torch.log_softmax(student_output.detach() / 0.1, dim=-1).chunk(NUM_CROPS)
@@ -114,22 +115,22 @@ def test_dino_loss_matches_published_loop_with_centre_and_warmup():
 
 def test_dino_centre_moves_after_the_loss_with_momentum():
     torch.manual_seed(0)
-    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1, center_momentum=0.9)
+    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1, center_momentum=0.9)
     initial = torch.randn(1, OUT_DIM)
     loss_fn.center.copy_(initial)
     teacher_output = torch.randn(2 * 3, OUT_DIM)
-    loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), teacher_output, epoch=0)
+    loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), teacher_output, step=0)
     torch.testing.assert_close(loss_fn.center, 0.9 * initial + 0.1 * teacher_output.mean(dim=0, keepdim=True))
     assert not loss_fn.center.requires_grad
     assert "center" in loss_fn.state_dict()
 
 
-def test_dino_loss_rejects_bad_shapes_and_epochs():
-    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=2)
+def test_dino_loss_rejects_bad_shapes_and_steps():
+    loss_fn = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=2)
     with pytest.raises(ValueError, match="teacher_output"):
-        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(3, OUT_DIM), epoch=0)
-    with pytest.raises(ValueError, match="epoch 2"):
-        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(6, OUT_DIM), epoch=2)
+        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(3, OUT_DIM), step=0)
+    with pytest.raises(ValueError, match="step 2"):
+        loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(6, OUT_DIM), step=2)
 
 
 class _ToyDualEncoder(nn.Module):
@@ -174,10 +175,10 @@ def _distributed_worker(rank, init_file, out_dir):
     uneven_loss = ContrastiveLoss()(*uneven_model(images[uneven], texts[uneven]))
     uneven_loss.backward()
 
-    dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
-    dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0)
-    uneven_dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
-    uneven_dino_output = uneven_dino_loss(student[:, uneven].flatten(0, 1), teacher[:, uneven].flatten(0, 1), epoch=0)
+    dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1)
+    dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), step=0)
+    uneven_dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1)
+    uneven_dino_output = uneven_dino_loss(student[:, uneven].flatten(0, 1), teacher[:, uneven].flatten(0, 1), step=0)
     results = {
         "loss": loss.detach(),
         "grads": {name: p.grad for name, p in model.module.named_parameters()},
@@ -231,8 +232,8 @@ def test_two_processes_share_the_dino_centre_of_the_global_batch(distributed_res
         torch.testing.assert_close(result["center"], centre)
         # The loss itself stays local: DDP averages its gradients.
         local = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
-        single = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
-        expected = single(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), epoch=0).loss
+        single = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1)
+        expected = single(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), step=0).loss
         torch.testing.assert_close(result["dino_loss"], expected)
     assert torch.equal(distributed_results[0]["center"], distributed_results[1]["center"])
 
@@ -241,8 +242,8 @@ def test_uneven_dino_batches_average_to_the_global_batch(distributed_results):
     """1 image on rank 0, 7 on rank 1: the centre is the global mean, and the mean over processes of the loss,
     entropy and KL (what DDP does to the gradients, what stage 2 logs) is the single-process value."""
     _, _, student, teacher = _global_data()
-    single = DINOLoss(OUT_DIM, NUM_CROPS, num_epochs=1)
-    expected = single(student.flatten(0, 1), teacher.flatten(0, 1), epoch=0)
+    single = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1)
+    expected = single(student.flatten(0, 1), teacher.flatten(0, 1), step=0)
     for index, value in enumerate((expected.loss, expected.teacher_entropy, expected.teacher_student_kl)):
         averaged = torch.stack([result["uneven_dino"][index] for result in distributed_results]).mean()
         torch.testing.assert_close(averaged, value.detach())

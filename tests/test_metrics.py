@@ -15,6 +15,7 @@ from evaluation.metrics import (
     classification_metrics,
     confusion_matrix,
     load_metric,
+    per_class_accuracy,
 )
 
 
@@ -106,6 +107,19 @@ def test_classification_metrics_agree_with_direct_computation():
     recalls = [(predictions[labels == c] == c).float().mean().item() for c in labels.unique()]
     assert metrics["mean_per_class"] == pytest.approx(np.mean(recalls))
     assert 0.0 <= metrics["macro_f1"] <= 1.0
+
+
+def test_per_class_accuracy_from_the_confusion_matrix_matches_the_metric_module(no_network):
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(60, 6, generator=generator)
+    labels = torch.randint(0, 5, (60,), generator=generator)  # class 5 has no images
+    per_class = per_class_accuracy(confusion_matrix(scores, labels, 6))
+    predictions = scores.argmax(dim=1)
+    direct = [(predictions[labels == c] == c).float().mean().item() for c in range(5)]
+    assert per_class[:5] == pytest.approx(direct) and per_class[5] is None
+    module = load_metric("mean_per_class_accuracy").compute(predictions=predictions, references=labels)
+    assert per_class[:5] == pytest.approx([module["per_class_accuracy"][c] for c in range(5)])
+    assert np.mean(per_class[:5]) == pytest.approx(classification_metrics(scores, labels, 6)["mean_per_class"])
 
 
 def test_classification_metrics_top5_is_none_with_five_classes_or_fewer():

@@ -31,6 +31,7 @@ def test_flags_from_config_values():
         "--batch-size", "8", "--freeze-text", "--adam-betas", "0.9", "0.98"]
 
 
+@pytest.mark.slow
 def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(tmp_path / "run")}))
@@ -42,6 +43,9 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     assert set(results["mean"]) == {"agriclip (aligned)", "agriclip (clip)"}
     card = ModelCard.load(checkpoint / "README.md")
     assert card.data.pipeline_tag == "zero-shot-image-classification"
+    # Named after the run, never after the staging folder the card was written in.
+    assert card.data.model_name == "run" and card.text.lstrip().startswith("# run")
+    assert "staging" not in (checkpoint / "README.md").read_text()
     # The card's model-index covers the checkpoint's own embedding ("aligned"): every metric the suite computed.
     reported = [(row["agriclip (aligned)"], metric) for row in results["datasets"].values()
                 for metric in ("top1", "top5", "mean_per_class", "macro_f1")]
@@ -108,3 +112,13 @@ def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_
             "same command again to continue") in capsys.readouterr().out
     assert not (output / "agriclip").exists() and not (output / RunLock.NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
+
+
+@pytest.mark.parametrize("name", sorted(training.run_all.CONFIGS))
+def test_packaged_configs_hold_only_flags_of_their_stage_scripts(name):
+    """Every key of a stage section is a flag of that stage's script: a renamed flag cannot break the demo or the
+    smoke run silently."""
+    config = yaml.safe_load(training.run_all.CONFIGS[name].read_text())
+    for stage, script in training.run_all.STAGES:
+        known = {action.dest for action in script.build_parser()._actions}
+        assert set(config.get(stage) or {}) <= known, (stage, sorted(set(config[stage]) - known))

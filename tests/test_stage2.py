@@ -1,6 +1,7 @@
 """Stage 2: DINO training with Accelerate — exports, exact resume, multi-process parity, collapse guard, k-NN,
 preemption."""
 
+import math
 import os
 import shutil
 import signal
@@ -11,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import training.distillation
-from conftest import read_metrics, run_script, write_labelled_folder
+from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
 from modeling_agriclip import AgriCLIPModel
-from training.distillation import CollapseError
+from training.distillation import CollapseError, knn_bank_and_queries
 from training.stage2_dino import main
 
 RUN = "stage2_dino"
@@ -60,6 +61,7 @@ def test_collapse_stops_the_run(caption_folder, tmp_path):
                    "--student-temp", "1000", "--collapse-window", "2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt_image", [False, True], ids=["even", "uneven"])
 def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption_folder, tmp_path):
     """2 CPU processes x 4 images equal 1 process x 8: losses, centre and weights (ViT backbone: no BatchNorm).
@@ -119,3 +121,128 @@ def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
     assert f"SIGTERM received: stopped; {kept}" in capsys.readouterr().out
     assert not (tmp_path / "run" / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
+
+
+def image_paths(dataset) -> list[str]:
+    return [row["image"]["path"] for row in dataset]
+
+
+def test_k_nn_bank_and_queries_come_from_the_splits_named(tmp_path):
+    """DINO's protocol: the train split is the memory bank and the test split the queries; without splits, seeded
+    halves of one labelled folder; splits of other classes are refused."""
+    knn = tmp_path / "knn"
+    write_labelled_folder(knn / "train", per_class=3)
+    write_labelled_folder(knn / "test", per_class=2, seed=1)
+    bank, queries, classes = knn_bank_and_queries(knn, "train", "test", seed=0)
+    assert classes == sorted(COLOURS)
+    assert sorted(image_paths(bank)) == sorted(str(path) for path in (knn / "train").rglob("*.png"))
+    assert sorted(image_paths(queries)) == sorted(str(path) for path in (knn / "test").rglob("*.png"))
+    assert bank["label"].count(classes.index("red")) == 3 and queries["label"].count(classes.index("red")) == 2
+
+    bank, queries, _ = knn_bank_and_queries(knn / "train", None, None, seed=0)
+    assert len(bank) == len(queries) == 6 and not set(image_paths(bank)) & set(image_paths(queries))
+    assert knn_bank_and_queries(knn / "train", None, None, seed=0)[1]["image"] == queries["image"]  # seeded
+
+    shutil.rmtree(knn / "test" / "red")
+    with pytest.raises(ValueError, match=r"knn: the k-NN bank \(split 'train'\) has classes \['blue', 'green', 'red', "
+                                         r"'yellow'\] but the queries \(split 'test'\) have \['blue', 'green', 'yellow'\]"):
+        knn_bank_and_queries(knn, "train", "test", seed=0)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--knn-bank-split", "train", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
+    (["--knn-query-split", "test", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
+    (["--knn-bank-split", "train", "--knn-query-split", "test"], "name splits of --knn-data: give --knn-data"),
+])
+def test_k_nn_splits_go_together_and_with_knn_data(flags, message, caption_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training.distillation, "run", lambda *args: pytest.fail("stage 2 started"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage2(caption_folder, tmp_path, *flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stage2_reads_the_columns_and_k_nn_splits_it_is_given(caption_folder, tmp_path, monkeypatch):
+    """--caption-column reaches the training data (a column not named `caption`), and the k-NN evaluation votes the
+    test split's 8 images by the train split's 12, before and after training."""
+    data = tmp_path / "data"
+    shutil.copytree(caption_folder, data)
+    for metadata in data.glob("*/metadata.jsonl"):
+        metadata.write_text(metadata.read_text().replace('"caption":', '"description":'))
+    write_labelled_folder(tmp_path / "knn" / "train", per_class=3)
+    write_labelled_folder(tmp_path / "knn" / "test", per_class=2, seed=1)
+    vote, sizes = training.distillation.knn_accuracy, []
+
+    def counted_vote(bank_x, bank_y, query_x, query_y, *args, **kwargs):
+        sizes.append((len(bank_x), len(query_x)))
+        return vote(bank_x, bank_y, query_x, query_y, *args, **kwargs)
+
+    monkeypatch.setattr(training.distillation, "knn_accuracy", counted_vote)
+    run_stage2(data, tmp_path / "run", "--max-steps", "1", "--caption-column", "description", "--knn-data",
+               str(tmp_path / "knn"), "--knn-bank-split", "train", "--knn-query-split", "test")
+    assert sizes == [(12, 8), (12, 8)]
+    assert [row["knn_top1"] for row in read_metrics(tmp_path / "run", RUN) if "knn_top1" in row]
+
+
+def _cosine(start, end, j, n):
+    """Step j of a cosine over n steps from `start` to `end`, written out."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * j / n))
+
+
+def test_every_schedule_spans_max_steps_beyond_the_epochs(caption_folder, tmp_path, capsys):
+    """--max-steps 6 over --epochs 1 of 4 steps: the run goes on into a second epoch, and the learning rate (warmed
+    up over 2 steps from the first), weight decay, teacher momentum and teacher temperature (1 epoch = 4 steps of
+    warm-up) follow their formulas over those 6 steps."""
+    run_stage2(caption_folder, tmp_path, "--epochs", "1", "--max-steps", "6", "--warmup-steps", "2", "--learning-rate",
+               "5e-4", "--min-learning-rate", "1e-6", "--warmup-teacher-temp", "0.02", "--teacher-temp", "0.04",
+               "--warmup-teacher-temp-epochs", "1")
+    rows = [row for row in read_metrics(tmp_path, RUN) if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    peak = 5e-4 * 8 / 256  # per 256 images, scaled to the total batch of 8
+    expected = {
+        "lr": [peak / 2, peak] + [_cosine(peak, 1e-6, j, 4) for j in range(4)],
+        "weight_decay": [_cosine(0.04, 0.4, j, 6) for j in range(6)],
+        "teacher_momentum": [_cosine(0.996, 1.0, j, 6) for j in range(6)],
+        "teacher_temp": [0.02 + 0.02 * (i + 1) / 4 for i in range(4)] + [0.04, 0.04],
+    }
+    for key, values in expected.items():
+        assert [row[key] for row in rows] == pytest.approx(values, rel=1e-9), key
+    assert (f"peak learning rate {peak:.4g} = 0.0005 per 256 images x 8 images / 256, after 2 warm-up steps"
+            in capsys.readouterr().out)
+
+
+def test_a_warm_up_in_epochs_ends_by_the_end_of_a_short_run(caption_folder, tmp_path):
+    """DINO's 10 warm-up epochs (40 steps here) in a 3-step run: the warm-up stops at the run's end, so the run
+    reaches its peak learning rate at its last step."""
+    run_stage2(caption_folder, tmp_path, "--max-steps", "3", "--warmup-epochs", "10", "--learning-rate", "5e-4")
+    peak = 5e-4 * 8 / 256
+    lrs = [row["lr"] for row in read_metrics(tmp_path, RUN) if "loss" in row]
+    assert lrs == pytest.approx([peak / 3, 2 * peak / 3, peak], rel=1e-9)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_default_collapse_window_scales_with_the_run(caption_folder, tmp_path, monkeypatch):
+    windows = []
+
+    def recorded(out_dim, window):
+        windows.append(window)
+        raise _Stop  # the window is known: no need to train 3000 steps
+
+    monkeypatch.setattr(training.distillation, "CollapseMonitor", recorded)
+    with pytest.raises(_Stop):
+        run_stage2(caption_folder, tmp_path / "long", "--max-steps", "3000", "--warmup-steps", "500")
+    with pytest.raises(_Stop):
+        run_stage2(caption_folder, tmp_path / "short", "--max-steps", "40")
+    assert windows == [500 + 300, 100]
+
+
+def test_a_collapse_error_names_the_flags_to_change(caption_folder, tmp_path):
+    with pytest.raises(CollapseError) as error:
+        run_stage2(caption_folder, tmp_path, "--max-steps", "4", "--teacher-temp", "1000", "--warmup-teacher-temp", "1000",
+                   "--student-temp", "1000", "--collapse-window", "2")
+    message = str(error.value)
+    assert "Stopped at step 2 of 4" in message and "--collapse-window (now 2 steps)" in message
+    for flag in ("--teacher-temp", "--center-momentum", "--momentum-teacher", "--learning-rate", "--out-dim"):
+        assert flag in message

@@ -1,5 +1,6 @@
 """Stage 3: fitting the aligner from streamed features, on one and two processes, closed form and SGD recipe."""
 
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,36 @@ def test_closed_form_equals_least_squares_on_the_extracted_features(tiny_checkpo
             assert torch.equal(value, original[key]), key
 
 
+def test_a_plain_folder_without_a_validation_split_holds_out_a_seeded_fraction(tiny_checkpoint, caption_folder, tmp_path,
+                                                                              capsys):
+    """An image folder of one split with `text` captions (the `datasets` convention): the aligner is fitted on 24 of
+    the 32 images, exactly (least squares on those alone), and MSE/R² reported on the other 8, which one line names."""
+    plain = tmp_path / "plain"
+    shutil.copytree(caption_folder / "train", plain)
+    rows = [json.loads(line) for line in (plain / "metadata.jsonl").read_text().splitlines()]
+    (plain / "metadata.jsonl").write_text("".join(json.dumps({"file_name": row["file_name"], "text": row["caption"]})
+                                                  + "\n" for row in rows))
+    cache = tmp_path / "features"
+    final = run_stage3(tiny_checkpoint, plain, tmp_path / "run", "--feature-cache", str(cache), "--val-fraction", "0.25")
+    assert f"validation: {plain} has no split 'validation' (splits: train), so 25% of the training pairs" in capsys.readouterr().out
+    train, validation = (load_file(cache / f"{name}-0-of-1.safetensors") for name in ("train", "validation"))
+    assert len(train["x"]) == 24 and len(validation["x"]) == 8
+    assert not (torch.cdist(train["x"], validation["x"]) == 0).any()  # disjoint
+    x, y = train["x"].double().numpy(), train["y"].double().numpy()
+    design = np.hstack([x, np.ones((len(x), 1))])
+    model = AgriCLIPModel.from_pretrained(final)
+    prediction = torch.from_numpy(x).float() @ model.aligner.weight.detach().T + model.aligner.bias.detach()
+    np.testing.assert_allclose(prediction.numpy(), design @ np.linalg.lstsq(design, y, rcond=None)[0], atol=1e-3)
+    assert 0 < read_metrics(tmp_path / "run", "stage3_align")[0]["val/r2"] < 1
+
+
+def test_a_missing_validation_split_named_explicitly_fails_before_anything_loads(tiny_checkpoint, caption_folder,
+                                                                                tmp_path, monkeypatch):
+    monkeypatch.setattr(training.alignment, "load_model_and_processor", lambda *args: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=r"captions\d*: no split 'test' for validation; splits: \['train', 'validation'\]"):
+        run_stage3(tiny_checkpoint, caption_folder, tmp_path, "--val-split", "test")
+
+
 def test_feature_cache_is_reused_for_the_same_model_and_data_only(tiny_checkpoint, caption_folder, tmp_path, caplog):
     cache = tmp_path / "cache"
     run_stage3(tiny_checkpoint, caption_folder, tmp_path / "first", "--feature-cache", str(cache))
@@ -75,6 +106,7 @@ def test_sgd_recipe_and_legacy_bias_scaling(tiny_checkpoint, caption_folder, tmp
     assert read_metrics(tmp_path / "a", "stage3_align")[0]["val/r2"] > read_metrics(tmp_path / "b", "stage3_align")[0]["val/r2"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_checkpoint, caption_folder, tmp_path):
     common = ["training.stage3_align", "--model", str(tiny_checkpoint), "--train-data", str(caption_folder),
               "--log-with", "none", "--batch-size", "5", "--ridge", "0.1"]

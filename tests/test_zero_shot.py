@@ -1,11 +1,13 @@
 """ZeroShotClassifier: prompt ensembles, the label cache, batching, AgriCLIP embedding sources and a CLIP baseline."""
 
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from agriclip.errors import SingleLabelWarning
 from agriclip.templates import check_template, check_templates, fill_templates
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 
@@ -87,6 +89,37 @@ def test_predict_returns_sorted_softmax_scores_like_the_pipeline(classifier, sam
     full = classifier.predict(sample_images[0], CLASSES, TEMPLATES, top_k=10)
     assert len(full) == 1 and sorted(entry["label"] for entry in full[0]) == sorted(CLASSES)
     assert sum(entry["score"] for entry in full[0]) == pytest.approx(1.0)
+
+
+def test_predict_with_a_single_label_warns_that_scores_are_relative_to_the_labels(classifier, sample_images):
+    with pytest.warns(SingleLabelWarning, match=r"a single label \('leaf rust'\) always scores 1.0: scores are softmax "
+                                                "probabilities over the labels given, relative to those labels only"):
+        (only,) = classifier.predict(sample_images[:1], CLASSES[:1], TEMPLATES)
+    assert only == [{"label": "leaf rust", "score": pytest.approx(1.0)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # several labels: no warning
+        classifier.predict(sample_images[:1], CLASSES[:2], TEMPLATES)
+
+
+def test_a_fusion_weight_of_its_own_leaves_the_config_and_the_other_classifiers_alone(
+    tiny_model, tiny_processor, sample_images
+):
+    base = ZeroShotClassifier(tiny_model, tiny_processor, embedding="aligned")
+    clip = base.with_embedding("clip").image_embeddings(sample_images)
+    aligned = base.image_embeddings(sample_images)
+    weighted = base.with_embedding("fused", fusion_weight=0.3)
+    torch.testing.assert_close(
+        weighted.image_embeddings(sample_images), F.normalize(0.3 * clip + 0.7 * aligned, dim=-1), atol=1e-5, rtol=1e-5
+    )
+    assert tiny_model.config.fusion_weight == 0.5  # untouched: the config's weight serves the plain "fused"
+    torch.testing.assert_close(
+        base.with_embedding("fused").image_embeddings(sample_images),
+        F.normalize(0.5 * clip + 0.5 * aligned, dim=-1), atol=1e-5, rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="weighs the 'fused' image embedding, but this classifier uses 'aligned'"):
+        base.with_embedding("aligned", fusion_weight=0.3)
+    with pytest.raises(ValueError, match=r"fusion_weight must lie in \[0, 1\], got 1.5"):
+        base.with_embedding("fused", fusion_weight=1.5).image_embeddings(sample_images)
 
 
 def test_works_under_inference_mode(classifier, sample_images):

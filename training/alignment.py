@@ -2,7 +2,9 @@
 
 Streams the images once through the frozen backbone and CLIP image tower and fits the linear aligner from the
 backbone's features into CLIP's image-embedding space (closed form from streamed statistics, or the paper's SGD
-recipe), with a feature cache keyed by everything the features depend on.
+recipe), with a feature cache keyed by everything the features depend on. MSE and R² are reported on the
+validation split, or on a seeded held-out fraction of the training images, not fitted on, when the data has none
+(`training.data.plan_validation`).
 """
 
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from training.aligner import AlignerStatistics, aligner_metrics, fit_closed_form, fit_sgd_recipe
 from agriclip.images import DecodeStats, counted
-from training.data import ImageTextCollator, load_image_text_dataset, process_shard_loader
+from training.data import ImageTextCollator, plan_validation, process_shard_loader
 from training.models import load_model_and_processor
 from training.runtime import (
     RunLock,
@@ -126,16 +128,20 @@ def run(args, resume_hint: str) -> Path:
 
 
 def align(args, accelerator) -> Path:
+    # First, from the split names alone: a missing split fails before the model and the data load.
+    validation = plan_validation(args.train_data, args.train_split, args.val_data, args.val_split, args.val_fraction,
+                                 args.seed)
+    if validation.notice:
+        accelerator.print(validation.notice)
     model, processor = load_model_and_processor(args.model)
     model.requires_grad_(False)
     model.eval().to(accelerator.device)
 
     decode_stats = DecodeStats()
     collate = ImageTextCollator(processor, decode_stats)
-    train_loader = process_shard_loader(load_image_text_dataset(args.train_data, split=args.train_split), accelerator,
-                                        args.batch_size, collate, args.num_workers)
-    val_loader = process_shard_loader(load_image_text_dataset(args.val_data or args.train_data, split=args.val_split),
-                                      accelerator, args.batch_size, collate, args.num_workers)
+    train_pairs, val_pairs = validation.load(args.image_column, args.caption_column)
+    train_loader = process_shard_loader(train_pairs, accelerator, args.batch_size, collate, args.num_workers)
+    val_loader = process_shard_loader(val_pairs, accelerator, args.batch_size, collate, args.num_workers)
     init_run_trackers(accelerator, RUN, args)
     cache = None
     if args.feature_cache:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agriclip.errors import SCRIPT_EXIT_CODES, run_script
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, epilog=SCRIPT_EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML or JSON build config (its keys: training/alive_builder.py).")
     parser.add_argument("--no-progress", action="store_true", help="Do not show the progress bar.")
     args = parser.parse_args(argv)
@@ -40,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __spec__.name)

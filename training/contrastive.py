@@ -2,23 +2,30 @@
 
 Contrastive image-text training of the CLIP towers: the symmetric InfoNCE of CLIP on the global batch (features
 gathered across processes with gradients); the backbone and the aligner stay frozen (stages 2 and 3).
+
+Validation (`validation_recall`) reports recall@1 and @5 in both directions over the validation pairs, matching by
+caption text: a retrieved caption that is the same text as the true one is a hit (image-to-text), and so is any image
+whose caption is the query's text (text-to-image). With template captions many images share one caption, and
+counting only pair i <-> caption i would read near zero for a perfect model. The pairs come from the validation
+split, or from a seeded held-out fraction of the training pairs when the data has none
+(`training.data.plan_validation`).
 """
 
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from evaluation.retrieval import retrieval_recall
+from evaluation.retrieval import group_by, retrieval_recall
 from agriclip.images import DecodeStats, counted
-from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset
-from training.dino import cosine_schedule, param_groups_without_decay
+from training.data import ROW_INDEX, ImageTextCollator, IndexedRows, ValidationPlan, plan_validation
+from training.dino import CropAndFlip, cosine_schedule, param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
@@ -33,16 +40,19 @@ from training.runtime import (
     export_atomically,
     init_run_trackers,
     make_accelerator,
+    process_rows,
     readable_on_every_process,
     report_decode_stats,
     resumable_batches,
     run_options,
+    run_steps,
     train_step,
 )
 
 RUN = "stage1_contrastive"
-# Options that only change what validation reports (see `training.runtime.run_options`).
-VALIDATION_OPTIONS = ("val_data", "val_split")
+# Options that only change what validation reports (see `training.runtime.run_options`), except --val-fraction when
+# it holds validation pairs out of the training data, which it then changes too (see `train`).
+VALIDATION_OPTIONS = ("val_data", "val_split", "val_fraction")
 
 
 def trainable_clip(model, freeze_text: bool, freeze_image: bool) -> None:
@@ -68,11 +78,41 @@ def contrastive_forward(model, batch, loss_fn: ContrastiveLoss, logit_scale: tor
     return loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale)
 
 
+def augmented(batch, augment, accelerator):
+    """The training batch with its pixels cropped and flipped on the device (`CropAndFlip`, its parameters drawn for
+    the global batch, so N processes see the crops of one); the batch itself without --augment."""
+    if augment is None:
+        return batch
+    pixels = batch["pixel_values"]
+    rows, global_batch_size = process_rows(accelerator, len(pixels))
+    return {**batch, "pixel_values": augment(pixels, rows=rows, global_batch_size=global_batch_size)}
+
+
+def run_summary(args, num_processes: int) -> str:
+    """The start-up banner's account of the recipe: the peak learning rate and its schedule, what one contrastive
+    loss contrasts under gradient accumulation, and the augmentation."""
+    pairs = args.batch_size * num_processes
+    lines = [f"stage 1: peak learning rate {args.learning_rate:g} after {args.warmup_steps} warm-up steps, cosine to "
+             f"{args.min_learning_rate:g}",
+             f"stage 1: each forward pass contrasts its own {args.batch_size} x {num_processes} process(es) = {pairs} "
+             "image-text pairs"]
+    if args.gradient_accumulation_steps > 1:
+        lines[-1] += (f"; the {args.gradient_accumulation_steps} accumulated passes average their gradients and add no "
+                      "negatives to each other's loss")
+    lines.append(f"stage 1: training images randomly cropped to {args.crop_scale[0]:g}-{args.crop_scale[1]:g} of their "
+                 f"area and flipped with probability {args.flip_prob:g}; validation images as they are" if args.augment
+                 else "stage 1: no augmentation (--augment adds random resized crops and flips)")
+    return "\n".join(lines)
+
+
 @torch.no_grad()
-def validation_recall(model, loader, accelerator) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@1/5 over the held-out pairs (pair i is image i with caption i)."""
+def validation_recall(model, loader, accelerator, captions: Sequence[str]) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@1/5 over the validation pairs, matching by caption text: image i and
+    caption j match when caption j is the same text as image i's caption (`retrieval_recall` with the pairs grouped
+    by caption), so an identical caption counts as the true one. `captions[r]` is the caption of row r of the
+    loader's `IndexedRows`, whose index each batch carries."""
     model.eval()
-    image_embeds, text_embeds = [], []
+    image_embeds, text_embeds, rows = [], [], []
     for batch in counted(loader):
         if not readable_on_every_process(batch, accelerator):
             continue
@@ -80,29 +120,33 @@ def validation_recall(model, loader, accelerator) -> dict[str, float]:
         texts = accelerator.unwrap_model(model).get_text_features(batch["input_ids"], batch["attention_mask"])
         image_embeds.append(accelerator.gather_for_metrics(images))
         text_embeds.append(accelerator.gather_for_metrics(texts))
+        rows.append(accelerator.gather_for_metrics(batch[ROW_INDEX]))
     model.train()
     if not image_embeds:
         summary = decode_totals(accelerator, loader.collate_fn.stats).summary()
         raise UnreadableDataError(f"validation: no batch of the validation pairs holds a readable image\n{summary}")
     images = torch.nn.functional.normalize(torch.cat(image_embeds).float(), dim=-1)
     texts = torch.nn.functional.normalize(torch.cat(text_embeds).float(), dim=-1)
-    recall = retrieval_recall(images, texts, torch.arange(len(texts)), ks=(1, 5))
+    _, same_caption = group_by(captions[row] for row in torch.cat(rows).tolist())
+    recall = retrieval_recall(images, texts, torch.arange(len(texts)), ks=(1, 5), image_groups=same_caption)
     return {f"val/{direction}_R@{k}": value for direction, values in recall.items() for k, value in
             ((key.removeprefix("R@"), v) for key, v in values.items())}
 
 
-def build_loaders(args, processor, decode_stats: DecodeStats) -> tuple[DataLoader, DataLoader]:
-    """The training loader (caption variants drawn from the seed, the epoch and each pair's index) and the
-    validation loader (each image with its fixed caption, so recall at the same weights reads the same)."""
-    train_data = IndexedRows(load_image_text_dataset(args.train_data, split=args.train_split))
-    val_data = load_image_text_dataset(args.val_data or args.train_data, split=args.val_split)
+def build_loaders(args, validation: ValidationPlan, processor,
+                  decode_stats: DecodeStats) -> tuple[DataLoader, DataLoader, list[str]]:
+    """The training loader (caption variants drawn from the seed, the epoch and each pair's index), the validation
+    loader (each image with its fixed caption, so recall at the same weights reads the same) and the validation
+    captions by row (what `validation_recall` matches on)."""
+    train_pairs, val_pairs = validation.load(args.image_column, args.caption_column)
+    train_data, val_data = IndexedRows(train_pairs), IndexedRows(val_pairs)
     # drop_last: every process must hold the same batch size for the global-batch loss.
     train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               collate_fn=ImageTextCollator(processor, decode_stats, seed=args.seed),
                               num_workers=args.num_workers, generator=dataloader_generator(args.seed))
     val_loader = DataLoader(val_data, batch_size=args.batch_size, collate_fn=ImageTextCollator(processor, decode_stats),
                             num_workers=args.num_workers)
-    return train_loader, val_loader
+    return train_loader, val_loader, list(val_pairs["caption"])
 
 
 def run(args, resume_hint: str = RESUME_HINT) -> Path:
@@ -116,12 +160,17 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
 
 
 def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
+    # First, from the split names alone: a missing split fails before the model and the data load.
+    validation = plan_validation(args.train_data, args.train_split, args.val_data, args.val_split, args.val_fraction,
+                                 args.seed)
+    if validation.notice:
+        accelerator.print(validation.notice)
     model, processor = load_model_and_processor(args.model)
     trainable_clip(model, args.freeze_text, args.freeze_image)
     model.train()
 
     decode_stats = DecodeStats()
-    train_loader, val_loader = build_loaders(args, processor, decode_stats)
+    train_loader, val_loader, val_captions = build_loaders(args, validation, processor, decode_stats)
 
     optimizer = torch.optim.AdamW(param_groups_without_decay(model, args.weight_decay), lr=args.learning_rate,
                                   betas=tuple(args.adam_betas), eps=args.adam_eps)
@@ -129,21 +178,28 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     logit_scale = accelerator.unwrap_model(model).logit_scale
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, epochs=max_steps, iters_per_epoch=1,
-                                  warmup_epochs=args.warmup_steps)
+    _, max_steps = run_steps(args, train_loader)
+    lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, max_steps, args.warmup_steps)
+    augment = None
+    if args.augment:
+        image_processor = processor.image_processor
+        augment = CropAndFlip(accelerator.unwrap_model(model).config.vision_config.image_size, args.crop_scale,
+                              args.flip_prob, image_processor.image_mean, image_processor.image_std).to(accelerator.device)
 
-    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=VALIDATION_OPTIONS),
+    # Held out of the training data, the validation pairs are training pairs no longer: --val-fraction then counts.
+    neutral = [name for name in VALIDATION_OPTIONS if not (validation.held_out and name == "val_fraction")]
+    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=neutral),
                                  args.allow_changed_config)
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     accelerator.print(f"stage 1: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
+    accelerator.print(run_summary(args, accelerator.num_processes))
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 1", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
     with PreemptionGuard(accelerator) as preemption:
         for batch in resumable_batches(train_loader, accelerator, position, max_steps, args.train_data):
+            batch = augmented(batch, augment, accelerator)
             loss = train_step(accelerator, model, optimizer,
                               lambda: contrastive_forward(model, batch, loss_fn, logit_scale),
                               float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
@@ -157,14 +213,15 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
                     "samples_per_second": samples / (time.perf_counter() - started)}
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if args.eval_every and position.step % args.eval_every == 0:
-                logs.update(validation_recall(model, val_loader, accelerator))
+                logs.update(validation_recall(model, val_loader, accelerator, val_captions))
             accelerator.log(logs, step=position.step)
             checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
-    final_metrics = validation_recall(model, val_loader, accelerator)
+    final_metrics = validation_recall(model, val_loader, accelerator, val_captions)
     accelerator.log(final_metrics, step=position.step)
-    accelerator.print(" ".join(f"{k}={v:.3f}" for k, v in final_metrics.items()))
+    accelerator.print("validation recall (a caption with the same text as the true one is a hit): "
+                      + " ".join(f"{k}={v:.3f}" for k, v in final_metrics.items()))
     report_decode_stats(accelerator, decode_stats)
     output = export_atomically(accelerator, Path(args.output_dir) / "final", accelerator.unwrap_model(model), processor)
     accelerator.print(f"stage 1 model written to {output}")

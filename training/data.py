@@ -12,8 +12,11 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -21,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.data_files import get_data_patterns
 from datasets.exceptions import DatasetGenerationError
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
@@ -40,6 +44,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SPLIT_NAMES = ("train", "validation", "test")
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+# The split a training stage validates on when none is named (see `plan_validation`).
+DEFAULT_VAL_SPLIT = "validation"
+
+# The caption column of an image folder, a saved or Hub dataset when none is named: the first of these it has
+# (`text` is the `datasets` imagefolder convention for captions).
+DEFAULT_CAPTION_COLUMNS = ("caption", "text")
 
 # Columns `load_image_text_dataset` keeps; `captions` holds an image's caption variants where the builder wrote them.
 IMAGE_TEXT_COLUMNS = ("image", "caption", "captions", "source", "label")
@@ -78,7 +89,8 @@ def caption_variant(variants: Sequence[str], seed: int, epoch: int, index: int) 
 class ImageTextCollator(DecodingCollator):
     """Collates `{"image", "caption"}` rows into processor inputs (input_ids, attention_mask, pixel_values).
 
-    Rows that carry `captions` (the caption variants of an image): with a `seed` (training), each gets the variant
+    Rows from `IndexedRows` give the batch their indices under `ROW_INDEX`. Rows that carry `captions` (the caption
+    variants of an image): with a `seed` (training), each gets the variant
     `caption_variant(variants, seed, epoch, row index)`, so every epoch sees a different variant and the draw is
     exact under resume and across processes; the rows must then come from `IndexedRows`. Without a seed
     (validation, feature extraction), each row keeps its `caption` (the first variant), the same at every call.
@@ -101,7 +113,11 @@ class ImageTextCollator(DecodingCollator):
     def collate(self, decoded):
         captions = [self._caption(row) for row, _ in decoded]
         images = [image for _, image in decoded]
-        return self.processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+        batch = self.processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
+        if all(ROW_INDEX in row for row, _ in decoded):
+            # Which rows the batch holds, unreadable ones skipped: what validation matches captions by.
+            batch[ROW_INDEX] = torch.tensor([row[ROW_INDEX] for row, _ in decoded], dtype=torch.long)
+        return batch
 
 
 class LabelledImageCollator(DecodingCollator):
@@ -314,6 +330,20 @@ def _matches(folder: Path, pattern: str) -> bool:
     return next(folder.glob(pattern), None) is not None
 
 
+@contextmanager
+def local_files_quietly():
+    """Around a `datasets` load of local files: its progress bars hidden ("Downloading data: 2150 files" for files
+    that are not downloaded, then "Generating train split"), and `datasets`' own setting restored after."""
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def _source_kind(source) -> str:
     if isinstance(source, (list, tuple)):
         return "webdataset"
@@ -444,10 +474,32 @@ def _metadata_rows(path: Path) -> Iterator[tuple[int, Mapping]]:
         yield number, row
 
 
-def _check_metadata_file(path: Path, caption_column: str) -> None:
+def _default_caption_column(columns) -> str | None:
+    """The caption column when none is named: `caption`, else `text` (the `datasets` imagefolder convention for
+    captions), else None."""
+    return next((name for name in DEFAULT_CAPTION_COLUMNS if name in columns), None)
+
+
+def _metadata_caption_column(path: Path) -> str:
+    """The caption column of a metadata file when none is named, as `_default_caption_column` picks it from the
+    columns `datasets` finds in the file (every key of its rows); `caption` when the file has neither."""
+    if path.suffix == ".csv":
+        header = csv.DictReader(io.StringIO(_utf8_text(path), newline="")).fieldnames or []
+        return _default_caption_column(header) or DEFAULT_CAPTION_COLUMNS[0]
+    keys = set()
+    for _, row in _metadata_rows(path):
+        if DEFAULT_CAPTION_COLUMNS[0] in row:
+            return DEFAULT_CAPTION_COLUMNS[0]
+        keys |= row.keys()
+    return _default_caption_column(keys) or DEFAULT_CAPTION_COLUMNS[0]
+
+
+def _check_metadata_file(path: Path, caption_column: str | None) -> None:
     """Reads an image folder's metadata file row by row to name the first problem (text that is not UTF-8, a line
     that is not JSON, an image path outside the folder, a bad caption): once `datasets` has failed, to say where,
-    and before a stream starts, which would otherwise meet the problem mid-training."""
+    and before a stream starts, which would otherwise meet the problem mid-training. `caption_column` None: the
+    file's default (`_metadata_caption_column`)."""
+    caption_column = caption_column or _metadata_caption_column(path)
     image_path = ContainedPaths(path.parent)
     for number, row in _metadata_rows(path):
         where = f"{path}: row {number}"
@@ -556,7 +608,7 @@ def load_image_text_dataset(
 
     Args:
         source: one of
-            - an image folder with `metadata.jsonl`/`metadata.csv` (`file_name` + caption), optionally in split
+            - an image folder with `metadata.jsonl`/`metadata.csv` (`file_name` + `caption` or `text`), optionally in split
               subfolders (`train/`, `validation/`);
             - an open_clip-style CSV/TSV of image path and caption (paths relative to the CSV; one split);
             - a folder written by `save_to_disk`;
@@ -566,7 +618,8 @@ def load_image_text_dataset(
         split: the split to load; CSV files and shard lists are one split each.
         streaming: return an IterableDataset (shards and Hub data are read lazily, nothing is copied to disk).
         image_column: image column; default: `filepath` for a CSV, else `image` or the first Image feature.
-        caption_column: caption column; default: `title` for a CSV, `txt` for WebDataset shards, else `caption`.
+        caption_column: caption column; default: `title` for a CSV, `txt` for WebDataset shards, else `caption`, or
+            `text` when there is no `caption` (the `datasets` imagefolder convention; with both, `caption` wins).
         separator: CSV separator; default: tab when the header has one, else comma.
 
     Returns:
@@ -589,7 +642,8 @@ def load_image_text_dataset(
     elif kind == "webdataset":
         files = _tar_files(source, split)
         where = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} shards)"
-        dataset = datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming)
+        with local_files_quietly():
+            dataset = datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming)
         metadata = dataset.features.get("json")
         if isinstance(metadata, dict):
             # Declared features survive the map, which an IterableDataset would otherwise forget.
@@ -603,10 +657,12 @@ def load_image_text_dataset(
         if kind == "imagefolder" and streaming:
             # A stream would meet the problems only while training, in messages that name no file: look now.
             for path in _metadata_files(Path(source), split):
-                _check_metadata_file(path, caption_column or "caption")
+                _check_metadata_file(path, caption_column)
         try:
             if kind == "imagefolder":
-                dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split=split, streaming=streaming)
+                with local_files_quietly():
+                    dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split=split,
+                                                    streaming=streaming)
             else:
                 dataset = datasets.load_dataset(str(source), split=split, streaming=streaming)
         except (DatasetGenerationError, pa.ArrowInvalid, UnicodeDecodeError) as error:
@@ -614,7 +670,7 @@ def load_image_text_dataset(
                 raise
             # `datasets` does not say which metadata file (or row) it could not read: find it.
             for path in _metadata_files(Path(source), split):
-                _check_metadata_file(path, caption_column or "caption")
+                _check_metadata_file(path, caption_column)
             reason = error.__cause__ or error
             raise ValueError(f"{source}: the image folder's metadata cannot be read: {reason}") from error
         except ValueError as error:
@@ -625,14 +681,21 @@ def load_image_text_dataset(
     if features is None:
         raise ValueError(f"{where}: the dataset does not declare its features, so its columns cannot be checked")
     image_column = _image_column(features, image_column, where)
-    caption_column = caption_column or "caption"
-    if caption_column not in features:
+    if caption_column is None:
+        caption_column = _default_caption_column(features)
+        if caption_column is None:
+            raise ValueError(f"{where}: no caption column (looked for {' or '.join(map(repr, DEFAULT_CAPTION_COLUMNS))}); "
+                             f"columns: {sorted(features)}; name it with caption_column= (--caption-column)")
+    elif caption_column not in features:
         raise ValueError(f"{where}: no caption column {caption_column!r}; columns: {sorted(features)}")
     # Undecoded first: renaming the columns of a stream otherwise decodes every image (and fails on a bad one).
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    dataset = dataset.rename_columns(
-        {old: new for old, new in ((image_column, "image"), (caption_column, "caption")) if old != new}
-    )
+    renames = {old: new for old, new in ((image_column, "image"), (caption_column, "caption")) if old != new}
+    # A column named like the chosen one's new name (a `caption` beside the chosen `text`) gives way to it.
+    clashing = [new for new in renames.values() if new in dataset.features]
+    if clashing:
+        dataset = dataset.remove_columns(clashing)
+    dataset = dataset.rename_columns(renames)
     dataset = dataset.select_columns([name for name in IMAGE_TEXT_COLUMNS if name in dataset.features])
     if isinstance(dataset, datasets.Dataset):
         image_folder = _ImageFolderRows(Path(source), split) if kind == "imagefolder" else None
@@ -642,3 +705,96 @@ def load_image_text_dataset(
     if streaming and isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset()
     return dataset
+
+
+def split_names(source) -> list[str] | None:
+    """The splits of an image-text source (as `load_image_text_dataset` reads it), found without loading it; None for
+    a source that is one split whole, which any split name reads: a CSV file, a list or glob of shards, a folder of
+    shards without split subfolders, a single saved Dataset. A Hub id asks the Hub for its split names."""
+    kind = _source_kind(source)
+    if kind == "csv":
+        return None
+    if kind == "webdataset":
+        if isinstance(source, (list, tuple)) or not Path(source).is_dir() or _matches(Path(source), "*.tar"):
+            return None
+        return sorted(entry.name for entry in os.scandir(source) if entry.is_dir() and _matches(Path(entry.path), "*.tar"))
+    if kind == "disk":
+        index = Path(source) / "dataset_dict.json"
+        return list(json.loads(index.read_text())["splits"]) if index.is_file() else None
+    if Path(source).is_dir():
+        # The splits `datasets.load_dataset` resolves the folder's files to (split subfolders or file-name keywords).
+        return [str(name) for name in get_data_patterns(str(source))]
+    return list(datasets.get_dataset_split_names(str(source)))
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """Where a training stage's pairs come from (see `plan_validation`): training on `train_split` of `train_data`;
+    validation on `val_split` of `val_data`, or, when `held_out` is set, on that fraction of the training pairs,
+    drawn with `seed` and removed from training. `notice` is the line that says so."""
+
+    train_data: object
+    train_split: str
+    val_data: object
+    val_split: str | None
+    held_out: float | None = None
+    seed: int = 0
+    notice: str | None = None
+
+    def load(self, image_column: str | None = None, caption_column: str | None = None):
+        """The training and validation datasets (`load_image_text_dataset` with these columns)."""
+        columns = {"image_column": image_column, "caption_column": caption_column}
+        train = load_image_text_dataset(self.train_data, split=self.train_split, **columns)
+        if self.held_out is None:
+            return train, load_image_text_dataset(self.val_data, split=self.val_split, **columns)
+        held_out = math.ceil(self.held_out * len(train))
+        if not 0 < held_out < len(train):
+            raise ValueError(f"{self.train_data}: {len(train)} training pairs are too few to hold {self.held_out:g} of "
+                             "them out for validation and train on the rest; give --val-data or a validation split")
+        order = np.random.default_rng(self.seed).permutation(len(train))
+        # Sorted: each part keeps the data's order. In memory: the index mappings are small, and N processes must
+        # not write the same cache file at once.
+        return (train.select(np.sort(order[held_out:]), keep_in_memory=True),
+                train.select(np.sort(order[:held_out]), keep_in_memory=True))
+
+
+def plan_validation(train_data, train_split: str, val_data, val_split: str | None, val_fraction: float,
+                    seed: int) -> ValidationPlan:
+    """Decides where a training stage validates, from the split names alone (`split_names`: nothing is loaded, so a
+    wrong split fails before any training work):
+
+    - `val_split` (default `DEFAULT_VAL_SPLIT`) of `val_data` (default: the training data), when it has that split;
+    - `val_data` of one split (a flat image folder, a CSV), when no `val_split` is named: all of it;
+    - otherwise, when neither `val_data` nor `val_split` is named (the training data has no validation split): a
+      fraction `val_fraction` of the training pairs, drawn with `seed` (the same pairs on every process and every
+      resume) and removed from training, said in `notice`.
+
+    Raises:
+        ValueError: naming the source and the splits it has, for a training split it lacks, for a validation split
+            named but missing (or named on a training source of one split, which would validate on the training
+            pairs), and for `val_data` of several splits none of which is `DEFAULT_VAL_SPLIT`.
+    """
+    train_splits = split_names(train_data)
+    if train_splits is not None and train_split not in train_splits:
+        raise ValueError(f"{train_data}: no split {train_split!r} to train on; splits: {sorted(train_splits)}; "
+                         "pass --train-split with one of them")
+    plan = ValidationPlan(train_data, train_split, val_data or train_data, val_split or DEFAULT_VAL_SPLIT, seed=seed)
+    splits = train_splits if val_data is None else split_names(val_data)
+    if splits is not None and plan.val_split in splits:
+        return plan
+    if val_data is not None and (splits is None or (val_split is None and len(splits) == 1)):
+        # All of --val-data: a source of one split is read whole under any split name.
+        return replace(plan, val_split=splits[0]) if splits else plan
+    if splits is None and val_split is not None:
+        raise ValueError(f"{train_data} is one split (a CSV file or shards without split folders): validating on "
+                         f"--val-split {val_split!r} would reuse the training pairs; give --val-data, or leave "
+                         "--val-split out to hold out --val-fraction of the training pairs")
+    if val_data is not None or val_split is not None:
+        hold_out = "" if val_data else ", or leave it out to hold out --val-fraction of the training pairs"
+        raise ValueError(f"{plan.val_data}: no split {plan.val_split!r} for validation; splits: {sorted(splits)}; "
+                         f"pass --val-split with one of them{hold_out}")
+    found = "it is one split" if splits is None else f"splits: {', '.join(sorted(splits))}"
+    notice = (f"validation: {train_data} has no split {DEFAULT_VAL_SPLIT!r} ({found}), so {100 * val_fraction:g}% of "
+              f"the training pairs, drawn with seed {seed}, are held out for validation and not trained on; "
+              "--val-data, --val-split or --val-fraction choose otherwise")
+    return replace(plan, val_data=None, val_split=None, held_out=val_fraction, notice=notice)

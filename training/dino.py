@@ -3,7 +3,8 @@
 Follows facebookresearch/dino (main_dino.py, utils.py, vision_transformer.DINOHead) with two changes of
 engineering, not of method: the multi-crop augmentations run batched on the training device with kornia
 instead of per image on PIL, and the backbone is any transformers vision model reduced to pooled features
-by `modeling_agriclip.modeling_agriclip.backbone_features`.
+by `modeling_agriclip.modeling_agriclip.backbone_features`. Also the home of what the other stages borrow: the
+per-step schedules, the parameter groups without weight decay and the batched crop-and-flip of stage 1.
 """
 
 from collections import deque
@@ -76,14 +77,15 @@ class DINOHead(nn.Module):
         return self.last_layer(hidden)
 
 
-def cancel_gradients_last_layer(model: nn.Module, epoch: int, freeze_last_layer_epochs: int) -> None:
-    """Drop the gradients of every DINOHead's last layer during the first `freeze_last_layer_epochs` epochs.
+def cancel_gradients_last_layer(model: nn.Module, step: int, freeze_last_layer_steps: int) -> None:
+    """Drop the gradients of every DINOHead's last layer during the first `freeze_last_layer_steps` optimizer steps.
 
     Call between `backward` and `optimizer.step`. A `None` gradient makes the optimizer skip the parameter
-    entirely (no update, no weight decay), which is what DINO does to avoid early instability. Works on a
-    DDP-wrapped model and with the parametrized weight norm (both magnitude and direction are covered).
+    entirely (no update, no weight decay), which is what DINO does to avoid early instability (for its first
+    epoch: pass the epochs times the optimizer steps per epoch). Works on a DDP-wrapped model and with the
+    parametrized weight norm (both magnitude and direction are covered).
     """
-    if epoch >= freeze_last_layer_epochs:
+    if step >= freeze_last_layer_steps:
         return
     for module in model.modules():
         if isinstance(module, DINOHead):
@@ -227,13 +229,7 @@ class MultiCropAugmentation(nn.Module):
                 f"MultiCropAugmentation: images must be a float batch (B, 3, H, W) in [0, 1], "
                 f"got dtype {images.dtype} and shape {tuple(images.shape)}"
             )
-        if rows is None:
-            rows, global_batch_size = torch.arange(len(images)), len(images)
-        elif global_batch_size is None or len(rows) != len(images) or rows.min() < 0 or rows.max() >= global_batch_size:
-            raise ValueError(
-                f"MultiCropAugmentation: rows must give the place of each of the {len(images)} images in a global "
-                f"batch of global_batch_size images, got rows {rows.tolist()} and global_batch_size {global_batch_size}"
-            )
+        rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(images), rows, global_batch_size)
         global_views = self._crops(images, self.global_crop, 2, rows, global_batch_size)
         global_1, global_2 = _apply_rows(self.global_color, global_views, _view_rows(rows, global_batch_size, 2),
                                          2 * global_batch_size).chunk(2)
@@ -247,6 +243,54 @@ class MultiCropAugmentation(nn.Module):
             local_views = _apply_rows(self.local_blur, local_views, local_rows, local_total)
             views.extend(self._normalize(local_views).chunk(self.num_local_crops))
         return views
+
+
+class CropAndFlip(nn.Module):
+    """Stage 1's training augmentation (CLIP's recipe as open_clip trains it): a bicubic random resized crop of
+    `scale` of the image area, resized to `size`, then a horizontal flip with probability `flip_prob`, batched on the
+    input's device with kornia.
+
+    Input: the processor's output, already normalised with `mean`/`std`. Both operations are geometric and the
+    bicubic weights of every output pixel sum to one, so cropping normalised pixels equals normalising cropped
+    [0, 1] pixels; the bicubic overshoot is clamped to the normalised image of [0, 1], as MultiCropAugmentation
+    clamps to [0, 1] before it normalises. Random parameters are drawn per image from torch's global RNG, for the
+    global batch under several processes (`rows`, `global_batch_size`), as in MultiCropAugmentation.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], flip_prob: float, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.crop = MultiCropAugmentation._resized_crop(size, tuple(scale))
+        self.flip = K.RandomHorizontalFlip(p=flip_prob)
+        mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("low", (0.0 - mean) / std, persistent=False)
+        self.register_buffer("high", (1.0 - mean) / std, persistent=False)
+
+    @torch.no_grad()
+    def forward(
+        self, pixels: torch.Tensor, rows: torch.Tensor | None = None, global_batch_size: int | None = None
+    ) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
+            raise ValueError(f"CropAndFlip: pixels must be a float batch (B, 3, H, W), got dtype {pixels.dtype} and "
+                             f"shape {tuple(pixels.shape)}")
+        rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(pixels), rows, global_batch_size)
+        cropped = _apply_rows(self.crop, pixels, rows, global_batch_size)
+        cropped = cropped.clamp(self.low.to(cropped.dtype), self.high.to(cropped.dtype))
+        return _apply_rows(self.flip, cropped, rows, global_batch_size)
+
+
+def _rows_in_global_batch(
+    name: str, batch_size: int, rows: torch.Tensor | None, global_batch_size: int | None
+) -> tuple[torch.Tensor, int]:
+    """`rows` and `global_batch_size` checked against a local batch of `batch_size` images; the batch itself when
+    `rows` is None (one process)."""
+    if rows is None:
+        return torch.arange(batch_size), batch_size
+    if global_batch_size is None or len(rows) != batch_size or rows.min() < 0 or rows.max() >= global_batch_size:
+        raise ValueError(
+            f"{name}: rows must give the place of each of the {batch_size} images in a global batch of "
+            f"global_batch_size images, got rows {rows.tolist()} and global_batch_size {global_batch_size}"
+        )
+    return rows, global_batch_size
 
 
 # kornia parameters that describe the whole call rather than one image each.
@@ -271,7 +315,7 @@ def _select_rows(params, rows: torch.Tensor, total: int, shape: torch.Size):
         elif isinstance(value, torch.Tensor) and value.shape[:1] == (total,):
             selected[name] = value[rows.to(value.device)]
         else:
-            raise ValueError(f"MultiCropAugmentation: kornia parameter {name!r} is not one value per image; cannot split it")
+            raise ValueError(f"kornia parameter {name!r} is not one value per image; cannot split it between processes")
     return selected
 
 
@@ -283,22 +327,28 @@ def _view_rows(rows: torch.Tensor, total: int, count: int) -> torch.Tensor:
 def cosine_schedule(
     base_value: float,
     final_value: float,
-    epochs: int,
-    iters_per_epoch: int,
-    warmup_epochs: int = 0,
+    total_steps: int,
+    warmup_steps: int = 0,
     start_warmup_value: float = 0.0,
 ) -> np.ndarray:
-    """Per-iteration values: linear warm-up from `start_warmup_value`, then cosine from `base_value` to `final_value`.
+    """One value per optimizer step of a run of `total_steps`: a linear warm-up over the first `warmup_steps` from
+    `start_warmup_value` to `base_value`, then a cosine from `base_value` to `final_value` over the rest.
 
-    Identical to DINO's utils.cosine_scheduler (used there for the learning rate, the weight decay and the
-    teacher momentum), including that the last value stops one step short of `final_value`.
+    Warm-up step i (from 0) takes start + (base - start) * (i + 1) / warmup_steps: the first step already moves and
+    the last one reaches `base_value`. DINO's utils.cosine_scheduler starts the warm-up at `start_warmup_value`
+    itself, so a learning rate warmed up from 0 wasted the run's first step. The cosine is DINO's: step
+    warmup_steps + j of the n after the warm-up takes final + (base - final) * (1 + cos(pi * j / n)) / 2, so the
+    last value stops one step short of `final_value`. Stages 1 and 2 and LoRA lay their schedules over the run's
+    optimizer steps (`training.runtime.run_steps`) with this function.
     """
-    if warmup_epochs > epochs:
-        raise ValueError(f"cosine_schedule: warmup_epochs ({warmup_epochs}) exceeds epochs ({epochs})")
-    warmup_iters = warmup_epochs * iters_per_epoch
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * iters_per_epoch - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"cosine_schedule: warmup_steps ({warmup_steps}) must be between 0 and total_steps "
+                         f"({total_steps}): a warm-up (--warmup-steps) cannot outlast the run (--max-steps, or --epochs "
+                         "x steps per epoch)")
+    fraction_done = np.arange(1, warmup_steps + 1) / max(warmup_steps, 1)
+    warmup = start_warmup_value + (base_value - start_warmup_value) * fraction_done
+    iters = np.arange(total_steps - warmup_steps)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine))
 
 
@@ -347,6 +397,17 @@ def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()
 
 
+def default_collapse_window(total_steps: int, warmup_steps: int, floor: int = 100) -> int:
+    """Consecutive collapsed-looking steps that stop a run by default: the learning-rate warm-up plus a tenth of the
+    run, and at least `floor`.
+
+    A run starts near uniform collapse (a fresh head's outputs are close to uniform and the student barely moves
+    while the learning rate warms up), and the EMA teacher follows the student only slowly; a fixed window stopped
+    short runs that were merely slow to leave that phase. Runs shorter than the window are never stopped.
+    """
+    return max(floor, warmup_steps + math.ceil(total_steps / 10))
+
+
 class CollapseMonitor:
     """Flags a collapsed DINO run from the per-step teacher entropy and teacher-student KL (DINO paper §5.3).
 
@@ -373,13 +434,15 @@ class CollapseMonitor:
             return (
                 f"DINO collapse (one-hot): teacher entropy stayed below {low:.3g} nats for {steps} steps "
                 f"(last {entropies[-1]:.3g}, max possible {self.max_entropy:.3g}); the teacher puts all mass on "
-                "one prototype. Check the centre momentum, the teacher temperature and the learning rate."
+                "one prototype: its sharpening outweighs the centring. A higher teacher temperature or a faster "
+                "centre (lower centre momentum) counters it; the learning rate matters too."
             )
         high = (1.0 - self.entropy_tolerance) * self.max_entropy
         if min(entropies) > high and max(kls) < self.kl_tolerance:
             return (
                 f"DINO collapse (uniform): teacher entropy stayed above {high:.3g} nats (log(out_dim) = "
                 f"{self.max_entropy:.3g}) with teacher-student KL below {self.kl_tolerance:.3g} for {steps} steps; "
-                "the outputs are uniform. Check the teacher temperature (sharpening) and the centre momentum."
+                "the outputs are uniform: the centring outweighs the sharpening. A lower teacher temperature (sharper "
+                "targets) counters it; the centre momentum and the learning rate matter too."
             )
         return None

@@ -28,6 +28,7 @@ from training.dino import (
     MultiCropWrapper,
     cancel_gradients_last_layer,
     cosine_schedule,
+    default_collapse_window,
     param_groups_without_decay,
     update_teacher,
 )
@@ -43,15 +44,17 @@ from training.runtime import (
     export_atomically,
     init_run_trackers,
     make_accelerator,
+    process_rows,
     report_decode_stats,
     resumable_batches,
     run_options,
+    run_steps,
     train_step,
 )
 
 RUN = "stage2_dino"
 # Options that only change what the k-NN evaluation reports (see `training.runtime.run_options`).
-KNN_OPTIONS = ("knn_data", "knn_k")
+KNN_OPTIONS = ("knn_data", "knn_bank_split", "knn_query_split", "knn_k")
 
 # The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
 OPTIMIZER_RECIPES = {
@@ -93,9 +96,28 @@ def load_backbone(args, model):
     return backbone
 
 
+def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None, seed: int):
+    """The labelled images of the k-NN evaluation: the memory bank, the queries and the class names.
+
+    DINO's protocol (eval_knn.py): `bank_split` of `source` (its train split) as the bank and `query_split` (its
+    validation or test split) as the queries, each split an image folder of class folders or a split of a saved
+    dataset (`training.data.load_labelled_dataset`). Without splits, one labelled set split in halves, seeded.
+    """
+    if bank_split is None:
+        labelled, class_names = load_labelled_dataset(source)
+        halves = labelled.train_test_split(test_size=0.5, seed=seed)
+        return halves["train"], halves["test"], class_names
+    bank, class_names = load_labelled_dataset(source, bank_split)
+    queries, query_classes = load_labelled_dataset(source, query_split)
+    if query_classes != class_names:
+        raise ValueError(f"{source}: the k-NN bank (split {bank_split!r}) has classes {class_names} but the queries "
+                         f"(split {query_split!r}) have {query_classes}; both splits need the same class folders")
+    return bank, queries, class_names
+
+
 @torch.no_grad()
 def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
-    """k-NN accuracy of the backbone's features: reference half against query half."""
+    """k-NN accuracy of the backbone's features: the queries (second loader) voted on by the memory bank (first)."""
     backbone.eval()
     features = []
     for loader in knn_sets["loaders"]:
@@ -107,22 +129,8 @@ def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
             labels.append(batch["labels"])
         features.append((torch.cat(chunks), torch.cat(labels)))
     backbone.train()
-    (train_x, train_y), (test_x, test_y) = features
-    return knn_accuracy(train_x, train_y, test_x, test_y, knn_sets["num_classes"], k=k)
-
-
-def process_rows(accelerator, batch_size: int) -> tuple[torch.Tensor, int]:
-    """Where this process's images sit in the global batch, and the global batch size.
-
-    The prepared DataLoader hands process p the p-th of every `num_processes` consecutive batches of the sampler,
-    so the global batch is the processes' batches in process order, as one process with a batch `num_processes`
-    times larger would see it. Local sizes can differ once unreadable images were skipped.
-    """
-    if accelerator.num_processes == 1:
-        return torch.arange(batch_size), batch_size
-    sizes = accelerator.gather(torch.tensor([batch_size], device=accelerator.device)).tolist()
-    first = sum(sizes[:accelerator.process_index])
-    return torch.arange(first, first + batch_size), sum(sizes)
+    (bank_x, bank_y), (query_x, query_y) = features
+    return knn_accuracy(bank_x, bank_y, query_x, query_y, knn_sets["num_classes"], k=k)
 
 
 def run(args, resume_hint: str = RESUME_HINT) -> Path:
@@ -155,7 +163,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     num_crops = 2 + args.num_local_crops
 
     decode_stats = DecodeStats()
-    dataset = load_image_text_dataset(args.train_data, split=args.train_split)
+    dataset = load_image_text_dataset(args.train_data, split=args.train_split, image_column=args.image_column,
+                                      caption_column=args.caption_column)
     collate = ImageCollator(size=math.ceil(global_size * 8 / 7), stats=decode_stats)
     # drop_last: the centre averages equal-size batches from every process.
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
@@ -169,24 +178,28 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         optimizer = torch.optim.AdamW(params, lr=0)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     teacher.to(accelerator.device)
-    dino_loss = DINOLoss(args.out_dim, num_crops, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum).to(accelerator.device)
+    steps_per_epoch, max_steps = run_steps(args, loader)
+    # DINO counts these in epochs; an epoch is `steps_per_epoch` optimizer steps, and a warm-up stops at the run's end.
+    warmup_steps = min(args.warmup_epochs * steps_per_epoch, max_steps) if args.warmup_steps is None else args.warmup_steps
+    teacher_temp_warmup_steps = min(args.warmup_teacher_temp_epochs * steps_per_epoch, max_steps)
+    freeze_last_layer_steps = args.freeze_last_layer_epochs * steps_per_epoch
+    dino_loss = DINOLoss(args.out_dim, num_crops, max_steps, args.warmup_teacher_temp, args.teacher_temp,
+                         teacher_temp_warmup_steps, args.student_temp, args.center_momentum).to(accelerator.device)
     accelerator.register_for_checkpointing(teacher, dino_loss)
 
-    iters_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_steps = min(args.max_steps or math.inf, args.epochs * iters_per_epoch)
-    lr_schedule = cosine_schedule(args.learning_rate * total_batch / 256.0, args.min_learning_rate, args.epochs,
-                                  iters_per_epoch, warmup_epochs=min(args.warmup_epochs, args.epochs))
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+    # DINO's linear scaling rule: --learning-rate is per 256 images of the total batch.
+    peak_lr = args.learning_rate * total_batch / 256.0
+    lr_schedule = cosine_schedule(peak_lr, args.min_learning_rate, max_steps, warmup_steps)
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, max_steps)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, max_steps)
 
     knn_sets = None
     if args.knn_data:
-        labelled, class_names = load_labelled_dataset(args.knn_data)
-        halves = labelled.train_test_split(test_size=0.5, seed=args.seed)
+        bank, queries, class_names = knn_bank_and_queries(args.knn_data, args.knn_bank_split, args.knn_query_split,
+                                                          args.seed)
         knn_collate = ImageCollator(size=global_size, stats=decode_stats)
         knn_sets = {"num_classes": len(class_names), "loaders": [
-            DataLoader(halves[name], batch_size=args.batch_size, collate_fn=knn_collate) for name in ("train", "test")]}
+            DataLoader(images, batch_size=args.batch_size, collate_fn=knn_collate) for images in (bank, queries)]}
 
     def normalise(pixels):
         return (pixels - augment.mean) / augment.std
@@ -198,10 +211,15 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": initial_knn}, step=0)
         accelerator.print(f"k-NN top-1 of the initial backbone: {initial_knn:.3f}")
+    collapse_window = default_collapse_window(max_steps, warmup_steps) if args.collapse_window is None else args.collapse_window
     accelerator.print(f"stage 2: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation, {num_crops} crops ({global_size}/{local_size} px), "
-                      f"{args.optimizer}, on {accelerator.device}")
-    collapse = CollapseMonitor(args.out_dim, window=args.collapse_window)
+                      f"{args.optimizer}, on {accelerator.device}\n"
+                      f"stage 2: peak learning rate {peak_lr:.4g} = {args.learning_rate:g} per 256 images x {total_batch} "
+                      f"images / 256, after {warmup_steps} warm-up steps, cosine to {args.min_learning_rate:g}; last layer "
+                      f"frozen for {min(freeze_last_layer_steps, max_steps)} steps, teacher temperature warm-up "
+                      f"{teacher_temp_warmup_steps} steps; stopped if collapsed for {collapse_window} steps in a row")
+    collapse = CollapseMonitor(args.out_dim, window=collapse_window)
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 
@@ -215,10 +233,9 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             with torch.no_grad():
                 teacher_output = teacher(crops[:2])
             output = train_step(
-                accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.epoch),
+                accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.step),
                 float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
-                before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.epoch,
-                                                                          args.freeze_last_layer_epochs),
+                before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.step, freeze_last_layer_steps),
             )
             samples += len(batch["pixel_values"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -233,12 +250,18 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl,
                     "lr": float(lr_schedule[position.step - 1]), "weight_decay": float(wd_schedule[position.step - 1]),
                     "teacher_momentum": float(momentum_schedule[position.step - 1]),
+                    "teacher_temp": float(dino_loss.teacher_temp_schedule[position.step - 1]),
                     "samples_per_second": samples / (time.perf_counter() - started)}
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             accelerator.log(logs, step=position.step)
             message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
             if message:
-                raise CollapseError(f"{message} (stopped at step {position.step})")
+                raise CollapseError(
+                    f"{message} Stopped at step {position.step} of {max_steps}. If the run is only slow to leave its "
+                    f"start-up phase, give a longer --collapse-window (now {collapse_window} steps); otherwise change "
+                    "--teacher-temp (--warmup-teacher-temp during its warm-up), --center-momentum, --momentum-teacher, "
+                    "--learning-rate or --out-dim."
+                )
             checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 

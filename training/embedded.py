@@ -40,6 +40,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from agriclip.atomic import replace_entries
+from agriclip.errors import SCRIPT_EXIT_CODES, run_script
 
 from .prompts import CaptionGenerator, DatasetMetadata
 
@@ -842,7 +843,10 @@ def build_embedded_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded procedural agricultural dataset (no download).")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description="Build the embedded procedural agricultural dataset (no download).",
+        epilog=SCRIPT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output", required=True, help="folder to write pretrain/, downstream/ and suite.yaml to")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files")
     parser.add_argument("--image-size", type=int, default=96, help="side of the square images in pixels")
@@ -872,4 +876,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __spec__.name)

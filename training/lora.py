@@ -6,7 +6,6 @@ options; its docstring describes the towers, objectives, evaluation and outputs)
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, replace
@@ -60,6 +59,7 @@ from training.runtime import (
     report_decode_stats,
     resumable_batches,
     run_options,
+    run_steps,
     train_step,
 )
 
@@ -463,7 +463,8 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         train_data, collate = task.train, LabelledImageCollator(processor, decode_stats)
         train_rows, train_collate = train_data, collate
     else:
-        train_data = load_image_text_dataset(args.train_data, split=args.train_split or "train")
+        train_data = load_image_text_dataset(args.train_data, split=args.train_split or "train",
+                                             image_column=args.image_column, caption_column=args.caption_column)
         # Training draws caption variants from the seed, the epoch and each pair's index; the re-fit needs images only.
         collate = ImageTextCollator(processor, decode_stats)
         train_rows, train_collate = IndexedRows(train_data), ImageTextCollator(processor, decode_stats, seed=args.seed)
@@ -495,16 +496,15 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
             return F.cross_entropy(objective(batch["pixel_values"]), labels) * share
         return contrastive_loss(objective, batch, loss_fn, embedding, logit_scale)
 
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, epochs=max_steps, iters_per_epoch=1,
-                                  warmup_epochs=args.warmup_steps)
+    _, max_steps = run_steps(args, train_loader)
+    lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, max_steps, args.warmup_steps)
     position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=PUBLISHING_OPTIONS),
                                  args.allow_changed_config)
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     accelerator.print(f"LoRA ({args.objective}, {embedding_name} image embedding): "
                       f"{len(train_data)} training examples, {max_steps} optimizer steps of {args.batch_size} x "
-                      f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}")
+                      f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}, "
+                      f"peak learning rate {args.learning_rate:g} after {args.warmup_steps} warm-up steps")
     progress = tqdm(total=max_steps, initial=position.step, desc="LoRA", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
 

@@ -41,7 +41,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.options import RESUME_HINT, add_model_argument, add_runtime_arguments, parse_args, script_parser
+from agriclip.errors import run_script
+from training.options import (
+    RESUME_HINT,
+    add_column_arguments,
+    add_model_argument,
+    add_runtime_arguments,
+    parse_args,
+    script_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", default=None,
                         help="classification: labelled images (one subfolder per class, or a datasets dataset with a ClassLabel "
                              "column); contrastive: image-caption pairs.")
+    add_column_arguments(parser)
     parser.add_argument("--train-split", default=None,
                         help="Split to train on (contrastive default: train; classification default: a seeded stratified half "
                              "of the evaluated split).")
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=0, help="Evaluate on the held-out images every N optimizer steps (0: only at the end).")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (AdamW).")
     parser.add_argument("--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay.")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="Linear warm-up steps before the cosine decay.")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases and norms).")
     parser.add_argument("--merge", action="store_true", help="Also write <output-dir>/merged: the adapter merged into a plain AgriCLIP folder.")
     parser.add_argument("--base-model-id", default=None,
@@ -99,6 +108,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error("classification needs either --train-data (labelled images) or --suite/--task")
         if args.eval_data:
             parser.error("--eval-data is for the contrastive objective; classification holds out --eval-split or half of its data")
+        if args.image_column or args.caption_column:
+            parser.error("--image-column and --caption-column name columns of image-caption pairs (the contrastive "
+                         "objective); classification reads class folders or a ClassLabel column")
     else:
         if not args.train_data:
             parser.error("contrastive needs --train-data (image-caption pairs)")
@@ -125,4 +137,4 @@ def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __spec__.name)

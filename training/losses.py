@@ -3,14 +3,13 @@
 from dataclasses import dataclass
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from modeling_agriclip.modeling_agriclip import clip_loss
-from training.dino import teacher_entropy
+from training.dino import cosine_schedule, teacher_entropy
 
 
 def _world_size() -> int:
@@ -105,49 +104,50 @@ class DINOLoss(nn.Module):
     After the loss, the centre moves towards the mean teacher output of the global batch (all processes).
     Under several processes each returned value is weighted by the process's share of the global batch, so that
     the mean over processes (DDP's gradient average, a logged mean) is that of the global batch.
+
+    The teacher temperature warms up linearly from `warmup_teacher_temp` to `teacher_temp` over the first
+    `warmup_teacher_temp_steps` of the run's `num_steps` optimizer steps (`training.dino.cosine_schedule`; DINO
+    steps it once per epoch), and stays at `teacher_temp` after.
     """
 
     def __init__(
         self,
         out_dim: int,
         num_crops: int,
-        num_epochs: int,
+        num_steps: int,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
+        warmup_teacher_temp_steps: int = 0,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
     ):
         super().__init__()
         if num_crops < 2:
             raise ValueError(f"DINOLoss: num_crops must count the 2 global crops, got {num_crops}")
-        if warmup_teacher_temp_epochs > num_epochs:
+        if warmup_teacher_temp_steps > num_steps:
             raise ValueError(
-                f"DINOLoss: warmup_teacher_temp_epochs ({warmup_teacher_temp_epochs}) exceeds num_epochs ({num_epochs})"
+                f"DINOLoss: warmup_teacher_temp_steps ({warmup_teacher_temp_steps}) exceeds num_steps ({num_steps})"
             )
         self.num_crops = num_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.full(num_epochs - warmup_teacher_temp_epochs, teacher_temp),
-            )
-        )
+        # A cosine from a value to itself is constant: the warm-up, then teacher_temp.
+        self.teacher_temp_schedule = cosine_schedule(teacher_temp, teacher_temp, num_steps, warmup_teacher_temp_steps,
+                                                     start_warmup_value=warmup_teacher_temp)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> DINOLossOutput:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, step: int) -> DINOLossOutput:
         if student_output.shape[0] % self.num_crops or teacher_output.shape[0] * self.num_crops != 2 * student_output.shape[0]:
             raise ValueError(
                 f"DINOLoss: expected student_output ({self.num_crops} * B, out_dim) and teacher_output (2 * B, out_dim), "
                 f"got {tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
             )
-        if not 0 <= epoch < len(self.teacher_temp_schedule):
-            raise ValueError(f"DINOLoss: epoch {epoch} is outside the teacher temperature schedule of {len(self.teacher_temp_schedule)} epochs")
+        if not 0 <= step < len(self.teacher_temp_schedule):
+            raise ValueError(f"DINOLoss: step {step} is outside the teacher temperature schedule of {len(self.teacher_temp_schedule)} steps")
         # float32 whatever the autocast dtype: sums over 65,536 prototypes lose too much in half precision.
         student_log_probs = nn.functional.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_log_probs = student_log_probs.unflatten(0, (self.num_crops, -1))
-        teacher_temp = float(self.teacher_temp_schedule[epoch])
+        teacher_temp = float(self.teacher_temp_schedule[step])
         teacher_probs = nn.functional.softmax((teacher_output.detach().float() - self.center) / teacher_temp, dim=-1)
         teacher_probs = teacher_probs.unflatten(0, (2, -1))
         # Sum over student views v != iq of log p_v = (sum over all views) - log p_iq: every pair in two

@@ -11,6 +11,7 @@ from accelerate.logging import get_logger
 
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.convert import PRESETS
+from modeling_agriclip.zero_shot import model_source_options
 
 logger = get_logger(__name__)
 
@@ -49,6 +50,11 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
     starts from random weights should never pass for one that starts from CLIP.
 
     Weights load in float32: precision during training comes from the launcher (mixed precision), never from the file.
+
+    Raises:
+        OSError: at once for a folder without config.json, or a Hub id offline and not cached or out of reach
+            (`modeling_agriclip.zero_shot.model_source_options`), saying what to do.
+        ValueError: for a JSON file that makes no AgriCLIPConfig, or a processor that does not fit the model.
     """
     if name_or_path in PRESETS or str(name_or_path).endswith(".json"):
         config = PRESETS[name_or_path]() if name_or_path in PRESETS else config_from_file(name_or_path)
@@ -60,8 +66,11 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
             "--output DIR` and pass --model DIR", main_process_only=True,
         )
         return model, AgriCLIPProcessor.from_config(config)
-    model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False)
-    processor = AgriCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    options = model_source_options(name_or_path)  # a folder without config.json, or a Hub out of reach: at once
+    # transformers does not pass local_files_only on to its lookup of a PEFT adapter.
+    model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False, **options,
+                                          adapter_kwargs=options)
+    processor = AgriCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False, **options)
     try:
         processor.check_fits(model.config)
     except ValueError as error:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from agriclip.errors import SCRIPT_EXIT_CODES
+
 
 # How to continue a stopped run, as a script run on its own says it; `training.run_all` passes its own.
 RESUME_HINT = "run the same command with --resume to continue"
@@ -37,8 +39,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def script_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The parser of the training script `module` (`__spec__.name`, also under `python -m`), with `description`
-    (its module docstring) and every default in its help."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=HelpFormatter)
+    (its module docstring), every default in its help, and the exit codes of `agriclip.errors.run_script`."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=SCRIPT_EXIT_CODES,
+                                   formatter_class=HelpFormatter)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -104,7 +107,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="Images per process per forward pass.")
     group.add_argument(
         "--gradient-accumulation-steps", type=int, default=1,
-        help="Forward passes per optimizer step: the gradient is averaged over batch size x processes x this images.",
+        help="Forward passes per optimizer step: the gradient is averaged over batch size x processes x this images. "
+             "A contrastive loss (stage 1, LoRA's contrastive objective) still contrasts each pass's own batch size x "
+             "processes pairs: accumulation averages the gradients of those losses and adds no negatives.",
     )
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="Clip the gradient norm to this (0 disables).")
     group.add_argument(
@@ -129,4 +134,42 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-with", default="auto",
         help="Accelerate tracker(s), comma-separated (e.g. tensorboard,wandb); 'auto': tensorboard when installed; "
              "'none'.",
+    )
+
+
+def add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--image-column` and `--caption-column`: the columns of the image-caption data (`training.data`'s defaults)."""
+    parser.add_argument(
+        "--image-column", default=None,
+        help="Image column of the data (default: `filepath` for a CSV, else `image` or the first image feature).",
+    )
+    parser.add_argument(
+        "--caption-column", default=None,
+        help="Caption column of the data (default: `title` for a CSV, `txt` for WebDataset shards, else `caption`, or "
+             "`text` when there is no `caption`, as `datasets` image folders name captions).",
+    )
+
+
+def held_out_fraction(text: str) -> float:
+    """argparse type of a fraction of the data strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction strictly between 0 and 1 is needed, not {text}")
+    return value
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--val-data`, `--val-split` and `--val-fraction` of a stage that reports `what` on held-out pairs
+    (`training.data.plan_validation` decides from them)."""
+    parser.add_argument("--val-data", default=None, help=f"Held-out image-caption pairs for {what} (default: --train-data).")
+    parser.add_argument(
+        "--val-split", default=None,
+        help=f"Split of --val-data for {what} (default: `validation`; without --val-data and --val-split, data that "
+             "has no `validation` split holds --val-fraction of its training pairs out instead; --val-data of one "
+             "split is used whole).",
+    )
+    parser.add_argument(
+        "--val-fraction", type=held_out_fraction, default=0.05,
+        help="Fraction of the training pairs held out, drawn with --seed and not trained on, when the data has no "
+             "validation split and neither --val-data nor --val-split is given.",
     )

@@ -1,6 +1,7 @@
 """The end-to-end AgriCLIP run: stages 1, 2 and 3 from one config file into one Hub-ready folder.
 
     python -m training.run_all                              # the demo: training/configs/demo.yaml
+    python -m training.run_all --config smoke               # checks an install end to end in seconds
     python -m training.run_all --config my_run.yaml         # your data and settings
 
 Each stage writes `<output_dir>/stageN/final`; a stage whose output exists is skipped, and an interrupted
@@ -14,16 +15,21 @@ Under `accelerate launch` the training stages use every process.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
+from agriclip.errors import SCRIPT_EXIT_CODES, run_script
 from training import stage1_contrastive, stage2_dino, stage3_align
 from training.options import load_config_file
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+# Packaged run configs, by name: the README demo, and a smoke run that checks an install end to end in seconds.
+CONFIGS = {name: Path(__file__).parent / "configs" / f"{name}.yaml" for name in ("demo", "smoke")}
 STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
 # How to continue a stopped end-to-end run: the stages' messages say this instead of their own `--resume` advice.
 RESUME_HINT = "run the same command again to continue (finished stages are skipped, an interrupted one resumes)"
@@ -52,12 +58,26 @@ def prepare_data(config: dict, output_dir: Path) -> dict:
 
         root = output_dir / "data"
         if not (root / "suite.yaml").is_file():
-            build_embedded_dataset(root, progress=True, **embedded)
+            with timed("embedded dataset"):
+                build_embedded_dataset(root, progress=True, **embedded)
         data = {"train_data": str(root / "pretrain"), "suite": str(root / "suite.yaml"), "name": "ALive-mini (embedded)",
                 "knn_data": str(root / "downstream" / "cattle-breed"), **data}
     if "train_data" not in data:
         raise ValueError("the run config's `data` section needs `embedded` or `train_data`")
     return data
+
+
+@contextmanager
+def timed(what: str):
+    """Prints how long `what` took: wall-clock seconds and CPU-seconds (this process's threads, and its finished
+    worker processes), so that a slow run says where its time goes."""
+    def cpu() -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    wall, started = time.perf_counter(), cpu()
+    yield
+    print(f"{what}: {time.perf_counter() - wall:.1f} s, {cpu() - started:.1f} CPU-s")
 
 
 def run_stages(config: dict, data: dict, output_dir: Path) -> Path:
@@ -74,7 +94,8 @@ def run_stages(config: dict, data: dict, output_dir: Path) -> Path:
                 options.setdefault("knn_data", data["knn_data"])
             if name != "stage3":
                 options["resume"] = True  # continues an interrupted run; starts fresh when there is no checkpoint
-            script.main(as_flags(options), resume_hint=RESUME_HINT)
+            with timed(name):
+                script.main(as_flags(options), resume_hint=RESUME_HINT)
         model = str(final)
     return Path(model)
 
@@ -104,12 +125,17 @@ def classify_demo_photo(checkpoint: Path, suite_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="Run config (YAML or JSON); default: the demo.")
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, epilog=SCRIPT_EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", default="demo",
+        help="Run config: a YAML or JSON file, or a packaged one by name: demo (the README demo, the default) or smoke "
+             "(the whole pipeline on a few images in seconds, to check an install; its numbers mean nothing).",
+    )
     parser.add_argument("--output-dir", default=None, help="Overrides the config's output_dir.")
     args = parser.parse_args(argv)
     try:
-        config = load_config_file(args.config)
+        config = load_config_file(CONFIGS.get(args.config, args.config))
     except (OSError, ValueError) as error:
         parser.error(str(error))
     output_dir = Path(args.output_dir or config.get("output_dir", "runs/agriclip"))
@@ -140,12 +166,15 @@ def run(config: dict, output_dir: Path) -> Path:
 
         evaluation = config.get("evaluation") or {}
         embeddings = ",".join(evaluation.get("embeddings", ["aligned", "clip", "fused"]))
-        results = run_suite(data["suite"], {"agriclip": f"{trained}:{embeddings}"}, output_dir / "evaluation",
-                            batch_size=evaluation.get("batch_size", 32))
+        with timed("evaluation"):
+            results = run_suite(data["suite"], {"agriclip": f"{trained}:{embeddings}"}, output_dir / "evaluation",
+                                batch_size=evaluation.get("batch_size", 32))
         print("\nzero-shot top-1 on the downstream tasks:\n" + render_markdown_table(results))
         write_json_atomically(staging / "eval_results.json", results)
     training_info = {**read_training_info(output_dir), "data": describe_caption_data(data["train_data"], name=data.get("name"))}
-    write_model_card(staging, eval_results=results, training_info=training_info, repo_id=config.get("repo_id"))
+    # Named after the run (or its repo), never after the staging folder the card is written into.
+    write_model_card(staging, eval_results=results, training_info=training_info, repo_id=config.get("repo_id"),
+                     model_name=None if config.get("repo_id") else output_dir.resolve().name)
     replace_folder(staging, checkpoint)
 
     if data.get("suite"):
@@ -156,4 +185,4 @@ def run(config: dict, output_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __spec__.name)

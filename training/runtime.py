@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -237,6 +238,22 @@ def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
     return not unreadable_on
 
 
+def process_rows(accelerator: Accelerator, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Where this process's images sit in the global batch, and the global batch size.
+
+    The prepared DataLoader hands process p the p-th of every `num_processes` consecutive batches of the sampler,
+    so the global batch is the processes' batches in process order, as one process with a batch `num_processes`
+    times larger would see it. Local sizes can differ once unreadable images were skipped. The augmentations draw
+    their parameters for the global batch and apply this process's rows (`training.dino.MultiCropAugmentation`,
+    `training.dino.CropAndFlip`).
+    """
+    if accelerator.num_processes == 1:
+        return torch.arange(batch_size), batch_size
+    sizes = accelerator.gather(torch.tensor([batch_size], device=accelerator.device)).tolist()
+    first = sum(sizes[:accelerator.process_index])
+    return torch.arange(first, first + batch_size), sum(sizes)
+
+
 def decode_totals(accelerator: Accelerator, stats: DecodeStats) -> DecodeStats:
     """The images decoded and skipped by all processes together (every process must call it)."""
     total = DecodeStats()
@@ -254,6 +271,14 @@ def report_decode_stats(accelerator: Accelerator, stats: DecodeStats) -> None:
 
 class UnreadableDataError(RuntimeError):
     """A whole epoch held no batch with a readable image: the run cannot make progress."""
+
+
+def run_steps(args: argparse.Namespace, loader) -> tuple[int, int]:
+    """The optimizer steps of one epoch of the prepared `loader` and of the whole run: `--max-steps` when given, else
+    `--epochs` epochs (a run longer than its epochs goes on into the next). The schedules of stages 1 and 2 and LoRA
+    span the run's steps (`training.dino.cosine_schedule`)."""
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    return steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch
 
 
 def resumable_batches(loader, accelerator: Accelerator, position: TrainingPosition, max_steps: int, data):

@@ -8,7 +8,8 @@ Streams the pretraining images once through the frozen backbone (stage 2) and th
 - `--method sgd`: the paper's recipe (scalar variance normalisation to 4.5, SGD, cosine schedule) with the
   features in memory, the bias exported correctly (`--legacy-bias-scaling` reproduces the original code's).
 
-Reports MSE and R² on a held-out split and writes the aligner into a complete AgriCLIP folder:
+Reports MSE and R² on a held-out split (or, for data without a `validation` split, on a seeded --val-fraction of
+the training images, not fitted on) and writes the aligner into a complete AgriCLIP folder:
 
     python -m training.stage3_align --model runs/stage2/final --train-data data/pretrain --output-dir runs/stage3
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.options import parse_args, script_parser
+from agriclip.errors import run_script
+from training.options import add_column_arguments, add_validation_arguments, parse_args, script_parser
 
 # How to redo a stopped stage 3, which keeps no checkpoints, when run on its own.
 RESTART_HINT = "run the same command again to start it over"
@@ -28,14 +30,14 @@ def build_parser():
     parser.add_argument("--model", required=True, help="AgriCLIP folder or Hub id holding the trained CLIP image tower and backbone.")
     parser.add_argument("--train-data", required=True, help="Images to fit on (any image-caption source; captions are ignored).")
     parser.add_argument("--train-split", default="train", help="Split of --train-data to fit on.")
-    parser.add_argument("--val-data", default=None, help="Held-out images for MSE and R² (default: --train-data).")
-    parser.add_argument("--val-split", default="validation", help="Split of --val-data to report on.")
+    add_column_arguments(parser)
+    add_validation_arguments(parser, "MSE and R²")
     parser.add_argument("--output-dir", required=True, help="Folder for the final AgriCLIP checkpoint, metrics and logs.")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per process per forward pass of feature extraction.")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                         help="Overrides the launcher's precision for feature extraction (statistics stay float64).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the SGD recipe.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the SGD recipe and of a held-out --val-fraction.")
     parser.add_argument("--feature-cache", default=None,
                         help="Folder to keep the extracted features in (safetensors per split and process); reused when present.")
     parser.add_argument("--method", choices=["closed-form", "sgd"], default="closed-form", help="How to fit the aligner.")
@@ -65,4 +67,4 @@ def main(argv: list[str] | None = None, resume_hint: str = RESTART_HINT) -> Path
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, __spec__.name)

@@ -98,6 +98,14 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
+def per_class_accuracy(confusion: list[list[int]]) -> list[float | None]:
+    """The accuracy (recall) of each class from a confusion matrix (rows: true class): its images predicted as it,
+    over its images; None for a class without images. Their mean over the classes that have images is the mean
+    per-class accuracy."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    return [float(counts[index, index] / total) if total else None for index, total in enumerate(counts.sum(axis=1))]
+
+
 def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
     """Counts of (true class, predicted class), rows the true class, the predictions those `classification_metrics`
     scores."""
