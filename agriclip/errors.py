@@ -73,24 +73,39 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, *loaded)
 
 
+# The packages of this distribution: an error raised inside one of them was raised on purpose, with a message.
+PACKAGES = ("agriclip", "modeling_agriclip", "training", "evaluation", "model_card")
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether `error` was raised by this distribution's own code, where the messages for bad input are written; a
+    ValueError from inside a library (a path function, a parser) is a bug or an unforeseen case, not bad input."""
+    traceback = error.__traceback__
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").partition(".")[0] in PACKAGES
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line: its lines joined by "; " (e.g. a decode summary naming files per reason)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
 
 
-def run_script(main: Callable[[], object], module: str) -> None:
+def run_command(main: Callable[[], object], module: str) -> None:
     """Runs a script's `main()` as its `if __name__ == "__main__":` entry point (`module`: its `__spec__.name`).
 
-    Bad input (a ValueError or OSError raised for data, settings or arguments, and the errors of
-    `INPUT_ERROR_CLASSES`) ends the process with one line `python -m MODULE: error: MESSAGE` on stderr and exit
-    status 9, a `CLIError` with its own status (`SCRIPT_EXIT_CODES`); anything else is a bug and keeps its traceback.
+    Bad input (a ValueError or OSError that this package's code raised for data, settings or arguments, and the
+    errors of `INPUT_ERROR_CLASSES`) ends the process with one line `python -m MODULE: error: MESSAGE` on stderr and
+    exit status 9, a `CLIError` with its own status (`SCRIPT_EXIT_CODES`); anything else, a ValueError raised inside a
+    library included, is a bug and keeps its traceback.
     A `main()` called directly (tests, `training.run_all`) raises its errors as they are.
     """
     try:
         main()
     except Exception as error:
-        if not isinstance(error, (CLIError, *_input_error_types())):
+        deliberate = isinstance(error, CLIError) or (isinstance(error, _input_error_types()) and _raised_here(error))
+        if not deliberate:
             raise
         print(f"python -m {module}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(int(error.code if isinstance(error, CLIError) else ExitCode.INPUT))

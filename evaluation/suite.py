@@ -79,7 +79,7 @@ from pathlib import Path
 import yaml
 
 from agriclip import IMAGE_EMBEDDINGS
-from agriclip.errors import SCRIPT_EXIT_CODES, run_script
+from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from agriclip.templates import get_templates
 
 
@@ -331,4 +331,4 @@ if __name__ == "__main__":
     # `evaluation.runner` imports (and checks with isinstance), so the package's own copy runs.
     from evaluation.suite import main as package_main
 
-    run_script(package_main, __spec__.name)
+    run_command(package_main, __spec__.name)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -525,31 +526,39 @@ def test_module_entry_point_exit_code(tmp_path):
     assert f"agriclip: error: cannot load the model '{tmp_path / 'missing-model'}': no such folder" in completed.stderr
 
 
-def test_scripts_report_bad_input_as_one_line_and_exit_9_and_keep_tracebacks_for_bugs(capsys):
-    """`agriclip.errors.run_script`, every `python -m` script's entry point."""
+def test_scripts_report_bad_input_as_one_line_and_exit_9_and_keep_tracebacks_for_bugs(capsys, tmp_path):
+    """`agriclip.errors.run_command`, every `python -m` script's entry point: the errors this package raises for bad
+    input are one line; anything else, a ValueError from inside a library included, keeps its traceback."""
     import importlib
 
-    from agriclip.errors import INPUT_ERROR_CLASSES, run_script
-    from training.runtime import RunLockedError
+    from agriclip.errors import INPUT_ERROR_CLASSES, run_command
+    from agriclip.templates import check_template
+    from training.options import load_config_file
+    from training.runtime import RunLock
 
-    def failing(error):
-        def main():
-            raise error
-        return main
-
-    for error in (ValueError("data/x.csv: row 3 has an empty caption"), FileNotFoundError("config.yaml does not exist"),
-                  RunLockedError("runs/a is in use by another run\n(pid 7)")):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RunLock.NAME).write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}))
+    bad_inputs = {
+        "template '{} with {}' has 2": lambda: check_template("{} with {}"),
+        f"config file {tmp_path / 'missing.yaml'} does not exist": lambda: load_config_file(tmp_path / "missing.yaml"),
+        f"{tmp_path / 'run'} is in use by another run": lambda: RunLock(tmp_path / "run").__enter__(),
+    }
+    for message, main in bad_inputs.items():
         with pytest.raises(SystemExit) as stop:
-            run_script(failing(error), "training.example")
+            run_command(main, "training.example")
         assert stop.value.code == ExitCode.INPUT
-        message = "; ".join(line.strip() for line in str(error).splitlines())
-        assert capsys.readouterr().err == f"python -m training.example: error: {message}\n"
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m training.example: error: {message}") and err.count("\n") == 1
+    def cannot_load():
+        raise CLIError(ExitCode.MODEL, "cannot load the model")
+
     with pytest.raises(SystemExit) as stop:
-        run_script(failing(CLIError(ExitCode.MODEL, "cannot load the model")), "training.example")
+        run_command(cannot_load, "training.example")
     assert stop.value.code == ExitCode.MODEL
-    for bug in (KeyError("step"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
-        with pytest.raises(type(bug)):  # a bug keeps its traceback
-            run_script(failing(bug), "training.example")
+    bugs = [lambda: {}["step"], lambda: os.path.commonpath(["/absolute", "relative"]), lambda: int("x")]
+    for bug in bugs:
+        with pytest.raises((KeyError, ValueError)):  # raised inside Python or a library: a bug keeps its traceback
+            run_command(bug, "training.example")
     # Every error the registry names exists where it says, so none silently falls back to a traceback.
     for module, names in INPUT_ERROR_CLASSES.items():
         for name in names:

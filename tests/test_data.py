@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from agriclip import images
+from conftest import write_caption_folder
 from agriclip.images import DECODE_REPORT, DecodeStats, ImageDecodeError, counted, open_image, read_image_bytes
 from training.data import (
     ROW_INDEX,
@@ -229,6 +230,14 @@ def test_skipped_images_are_counted_across_dataloader_workers(image_rows, tiny_p
     assert DECODE_REPORT not in batches[1]
     assert stats.decoded == 2 and stats.num_skipped == 3
     assert any(path.endswith("bad.jpg") for path in stats.skipped["truncated"])
+
+
+def test_an_image_folder_named_by_a_relative_path_loads(tmp_path, monkeypatch):
+    """`datasets` gives absolute image paths; the folder's own path may be relative (the README demo's is)."""
+    write_caption_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    dataset = load_image_text_dataset("data", split="train")
+    assert len(dataset) == 32 and dataset[0]["image"]["path"] == str(tmp_path / "data" / "train" / "0.png")
 
 
 def test_image_text_collator_draws_a_caption_variant_from_seed_epoch_and_index(image_rows):

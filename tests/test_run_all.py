@@ -32,10 +32,11 @@ def test_flags_from_config_values():
 
 
 @pytest.mark.slow
-def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_path, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**TINY_RUN, "output_dir": str(tmp_path / "run")}))
-    checkpoint = main(["--config", str(config)])
+def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_path, capsys, monkeypatch):
+    # Relative paths, as a user in their project folder writes them (the README demo's output_dir is relative).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**TINY_RUN, "output_dir": "run"}))
+    checkpoint = main(["--config", "run.yaml"])
     files = {p.name for p in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "modeling_agriclip.py",
             "README.md", "eval_results.json"} <= files

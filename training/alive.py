@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agriclip.errors import SCRIPT_EXIT_CODES, run_script
+from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, __spec__.name)
+    run_command(main, __spec__.name)

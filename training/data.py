@@ -522,14 +522,15 @@ class _ImageFolderRows:
     symlinks)."""
 
     def __init__(self, root: Path, split: str | None):
-        self.metadata_files = _metadata_files(root, split)
+        # Absolute paths throughout: `datasets` gives absolute image paths, the data folder may be relative.
+        self.metadata_files = [path.absolute() for path in _metadata_files(root, split)]
         # Deepest first: an image belongs to the metadata file nearest to it.
         self.folders = sorted({str(path.parent) for path in self.metadata_files}, key=len, reverse=True)
         self._folder_of: dict[str, str | None] = {}
         self._rules = {folder: ContainedPaths(folder) for folder in self.folders}
 
     def _folder(self, image: str) -> str | None:
-        parent = os.path.dirname(image)
+        parent = os.path.dirname(os.path.abspath(image))
         if parent not in self._folder_of:
             self._folder_of[parent] = next(
                 (folder for folder in self.folders if os.path.commonpath([folder, parent]) == folder), None
@@ -541,7 +542,7 @@ class _ImageFolderRows:
         if folder is None:
             return None
         # `datasets` joined the metadata folder and the row's file_name.
-        return self._rules[folder].problem(image[len(folder) :].lstrip(os.sep))
+        return self._rules[folder].problem(os.path.abspath(image)[len(folder) :].lstrip(os.sep))
 
     def locate(self, image: str | None) -> str | None:
         """"<metadata file>: row N" of the row naming `image` (read only on error), or None."""
@@ -551,7 +552,7 @@ class _ImageFolderRows:
                 continue
             for number, row in _metadata_rows(path):
                 name = row.get("file_name")
-                if isinstance(name, str) and os.path.normpath(os.path.join(folder, name)) == os.path.normpath(image):
+                if isinstance(name, str) and os.path.normpath(os.path.join(folder, name)) == os.path.abspath(image):
                     return f"{path}: row {number}"
         return None
 

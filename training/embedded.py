@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from agriclip.atomic import replace_entries
-from agriclip.errors import SCRIPT_EXIT_CODES, run_script
+from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 
 from .prompts import CaptionGenerator, DatasetMetadata
 
@@ -876,4 +876,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, __spec__.name)
+    run_command(main, __spec__.name)

@@ -39,7 +39,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def script_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The parser of the training script `module` (`__spec__.name`, also under `python -m`), with `description`
-    (its module docstring), every default in its help, and the exit codes of `agriclip.errors.run_script`."""
+    (its module docstring), every default in its help, and the exit codes of `agriclip.errors.run_command`."""
     return argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=SCRIPT_EXIT_CODES,
                                    formatter_class=HelpFormatter)
 

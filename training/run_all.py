@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
-from agriclip.errors import SCRIPT_EXIT_CODES, run_script
+from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from training import stage1_contrastive, stage2_dino, stage3_align
 from training.options import load_config_file
 
@@ -185,4 +185,4 @@ def run(config: dict, output_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, __spec__.name)
+    run_command(main, __spec__.name)

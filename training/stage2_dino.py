@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agriclip.errors import run_script
+from agriclip.errors import run_command
 from training.options import (
     RESUME_HINT,
     add_column_arguments,
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, __spec__.name)
+    run_command(main, __spec__.name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agriclip.errors import run_script
+from agriclip.errors import run_command
 from training.options import add_column_arguments, add_validation_arguments, parse_args, script_parser
 
 # How to redo a stopped stage 3, which keeps no checkpoints, when run on its own.
@@ -67,4 +67,4 @@ def main(argv: list[str] | None = None, resume_hint: str = RESTART_HINT) -> Path
 
 
 if __name__ == "__main__":
-    run_script(main, __spec__.name)
+    run_command(main, __spec__.name)
