@@ -543,9 +543,9 @@ def test_scripts_report_bad_input_as_one_line_and_exit_9_and_keep_tracebacks_for
         f"config file {tmp_path / 'missing.yaml'} does not exist": lambda: load_config_file(tmp_path / "missing.yaml"),
         f"{tmp_path / 'run'} is in use by another run": lambda: RunLock(tmp_path / "run").__enter__(),
     }
-    for message, main in bad_inputs.items():
+    for message, failing in bad_inputs.items():
         with pytest.raises(SystemExit) as stop:
-            run_command(main, "training.example")
+            run_command(failing, "training.example")
         assert stop.value.code == ExitCode.INPUT
         err = capsys.readouterr().err
         assert err.startswith(f"python -m training.example: error: {message}") and err.count("\n") == 1

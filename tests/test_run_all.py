@@ -58,7 +58,7 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
         assert (tmp_path / "run" / stage / "final" / "model.safetensors").is_file()
 
     before = (checkpoint / "model.safetensors").read_bytes()
-    main(["--config", str(config)])
+    main(["--config", "run.yaml"])
     printed = capsys.readouterr().out
     assert printed.count("done already") == 3
     assert (checkpoint / "model.safetensors").read_bytes() == before

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+from modeling_agriclip.commands import hide_weight_loading_bars
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.zero_shot import model_source_options
 
@@ -40,7 +42,7 @@ def config_from_file(path: str | Path) -> AgriCLIPConfig:
         raise ValueError(f"--model {path}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     try:
         return AgriCLIPConfig.from_dict(_merged(PRESETS[preset]().to_dict(), overrides))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, StrictDataclassError) as error:  # the config's own field checks
         raise ValueError(f"--model {path}: the values do not make an AgriCLIPConfig: {error}") from None
 
 
@@ -67,6 +69,7 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
         )
         return model, AgriCLIPProcessor.from_config(config)
     options = model_source_options(name_or_path)  # a folder without config.json, or a Hub out of reach: at once
+    hide_weight_loading_bars()
     # transformers does not pass local_files_only on to its lookup of a PEFT adapter.
     model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False, **options,
                                           adapter_kwargs=options)
