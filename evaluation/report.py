@@ -25,6 +25,14 @@ ZERO_SHOT_METRICS = {
     "macro_f1": "Macro-F1",
 }
 RECALL_DIRECTIONS = {"image_to_text": "I→T", "text_to_image": "T→I"}
+# The means a section may have (results schema in `evaluation.suite`), as their columns and plot groups are titled.
+SUMMARY_COLUMNS = {"mean": "Mean", "mean_fine_grained": "Fine-grained mean"}
+# The row (and plot marker) of chance levels: a uniform guess over each dataset's classes.
+CHANCE_LABEL = "Chance"
+CHANCE_NOTE = (
+    "Chance is the accuracy of a guess drawn uniformly from a dataset's C classes: 1/C for top-1 and mean per-class "
+    "accuracy, 5/C for top-5; a mean's chance is the mean of its datasets'."
+)
 # Unreadable files named per dataset in the markdown notes; results.json lists them all.
 MAX_LISTED_FILES = 10
 # Confusion-matrix panels per row: one per model, wrapped so many models stay legible.
@@ -55,20 +63,41 @@ def model_names(per_dataset: dict) -> list[str]:
     return list(dict.fromkeys(model for models in per_dataset.values() for model in models))
 
 
+def _summary_columns(section: dict) -> dict[str, str]:
+    """The section's means shown after its datasets: key in the results -> column title."""
+    return {key: title for key, title in SUMMARY_COLUMNS.items() if section.get(key) is not None}
+
+
+def _chance_values(results: dict, section: dict, metric: str) -> list[float | None]:
+    """The chance level of `metric` in each column of the section's table: its datasets, then its means (None
+    where there is none: macro-F1, top-5 with 5 classes or fewer, reports written before chance levels were)."""
+    info = results.get("dataset_info", {})
+    chance = section.get("chance") or {}
+    return [(info.get(dataset, {}).get("chance") or {}).get(metric) for dataset in section["datasets"]] + [
+        (chance.get(key) or {}).get(metric) for key in _summary_columns(section)
+    ]
+
+
 def render_markdown_table(results: dict, metric: str = "top1", section: dict | None = None) -> str:
-    """A markdown table of one metric (in %): one row per model, one column per dataset, then the mean.
+    """A markdown table of one metric (in %): one row per model, one column per dataset, then the mean (and the
+    fine-grained mean when the suite marks datasets fine-grained), and a last row of chance levels where the metric
+    has one.
 
     `section` is a ``{"datasets": ..., "mean": ...}`` part of the results (default: the zero-shot results).
     """
     section = section if section is not None else results
     per_dataset = section["datasets"]
-    header = ["Model"] + [_display_name(results, dataset) for dataset in per_dataset] + ["Mean"]
+    summaries = _summary_columns(section)
+    header = ["Model"] + [_display_name(results, dataset) for dataset in per_dataset] + list(summaries.values())
     rows = [
         [model]
         + [_percent(per_dataset[dataset].get(model, {}).get(metric)) for dataset in per_dataset]
-        + [_percent(section["mean"].get(model, {}).get(metric))]
+        + [_percent(section[key].get(model, {}).get(metric)) for key in summaries]
         for model in model_names(per_dataset)
     ]
+    chance = _chance_values(results, section, metric)
+    if any(value is not None for value in chance):
+        rows.append([CHANCE_LABEL] + [_percent(value) for value in chance])
     return _table(header, rows)
 
 
@@ -93,17 +122,21 @@ def _data_notes(results: dict) -> list[str]:
 
 def _per_class_table(results: dict, dataset: str) -> str:
     """One row per class of a dataset: its name, its image count and each model's accuracy on it (recall, from the
-    confusion matrix; – for a class without images)."""
+    confusion matrix; – for a class without images), then the chance level of that recall (every class's is the
+    dataset's mean per-class chance) where the results record it."""
     per_model = results["datasets"][dataset]
     class_names = results["dataset_info"][dataset]["class_names"]
+    chance = (results["dataset_info"][dataset].get("chance") or {}).get("mean_per_class")
     confusions = [record["confusion_matrix"] for record in per_model.values()]
     accuracies = [per_class_accuracy(confusion) for confusion in confusions]
     counts = [sum(row) for row in confusions[0]]
     rows = [
-        [name, str(count)] + [_percent(model_accuracies[index]) for model_accuracies in accuracies]
+        [name, str(count)]
+        + [_percent(model_accuracies[index]) for model_accuracies in accuracies]
+        + ([] if chance is None else [_percent(chance)])
         for index, (name, count) in enumerate(zip(class_names, counts))
     ]
-    return _table(["Class", "Images", *per_model], rows)
+    return _table(["Class", "Images", *per_model] + ([] if chance is None else [CHANCE_LABEL]), rows)
 
 
 def _few_shot_table(results: dict) -> str:
@@ -113,6 +146,9 @@ def _few_shot_table(results: dict) -> str:
         [model] + [_percent(by_k.get(str(k), {}).get("top1")) for k in shots]
         for model, by_k in few_shot["mean"].items()
     ]
+    chance = (few_shot.get("chance") or {}).get("mean")
+    if chance:
+        rows.append([CHANCE_LABEL] + [_percent((chance.get(str(k)) or {}).get("top1")) for k in shots])
     return _table(["Model"] + [f"{k}-shot" for k in shots], rows)
 
 
@@ -127,12 +163,47 @@ def _retrieval_table(results: dict, dataset: str) -> str:
     return _table(header, rows)
 
 
+def _fine_grained_datasets(results: dict) -> list[str]:
+    """The classification datasets the suite marks fine-grained, by display name."""
+    info = results.get("dataset_info", {})
+    return [_display_name(results, dataset) for dataset in results["datasets"] if info.get(dataset, {}).get("fine_grained")]
+
+
+def table_legend(results: dict) -> str:
+    """What the Chance row and the fine-grained mean are, where the results have them ("" where neither)."""
+    info = results.get("dataset_info", {})
+    fine_grained = _fine_grained_datasets(results)
+    sentences = [CHANCE_NOTE] if any(info.get(dataset, {}).get("chance") for dataset in results["datasets"]) else []
+    if fine_grained:
+        sentences.append(f"The fine-grained mean is over the fine-grained tasks: {', '.join(fine_grained)}.")
+    return " ".join(sentences)
+
+
+def mean_summary(results: dict, model: str, metric: str = "top1") -> str:
+    """`model`'s zero-shot mean of `metric` over every task, and over the fine-grained ones when there are some,
+    each beside its chance level where the results record it, as one sentence."""
+    clauses = []
+    for key in _summary_columns(results):
+        record = results[key].get(model) or {}
+        if record.get(metric) is None:
+            continue
+        if key == "mean_fine_grained":
+            tasks = "the fine-grained tasks"
+        else:
+            tasks = f"the {record['n_datasets']} tasks" if record.get("n_datasets") else "all tasks"
+        chance = ((results.get("chance") or {}).get(key) or {}).get(metric)
+        clauses.append(f"{_percent(record[metric])} % over {tasks}" + ("" if chance is None else f" (chance {_percent(chance)} %)"))
+    if not clauses:
+        return ""
+    return f"{model}: mean {ZERO_SHOT_METRICS.get(metric, metric).lower()} " + "; ".join(clauses) + "."
+
+
 def render_markdown_report(results: dict) -> str:
     """The whole markdown report: zero-shot tables per metric, per-class accuracy per dataset, data notes, linear
     probe, k-shot, retrieval."""
     parts = ["# Evaluation results", "All numbers are percentages."]
     if results.get("datasets"):
-        parts.append("## Zero-shot classification")
+        parts += [legend for legend in (table_legend(results),) if legend] + ["## Zero-shot classification"]
         for metric, title in ZERO_SHOT_METRICS.items():
             parts += [f"### {title}", render_markdown_table(results, metric)]
         parts += ["### Per-class accuracy", "The share of each class's images predicted as that class (its recall)."]
@@ -146,18 +217,26 @@ def render_markdown_report(results: dict) -> str:
     if results.get("few_shot"):
         parts += ["## k-shot linear probe (top-1, mean over datasets and seeds)", _few_shot_table(results)]
     if results.get("retrieval"):
-        parts.append("## Image-text retrieval (recall@k)")
+        parts += [
+            "## Image-text retrieval (recall@k)",
+            (
+                "No chance row here: a random ranking's recall@k depends on how many captions (and interchangeable "
+                "images) each query matches."
+            ),
+        ]
         for dataset in results["retrieval"]["datasets"]:
             parts += [f"### {_display_name(results, dataset)}", _retrieval_table(results, dataset)]
     return "\n\n".join(parts) + "\n"
 
 
 def grouped_bars_figure(results: dict, metric: str = "top1") -> Figure:
-    """Grouped bar chart of a zero-shot metric: one group per dataset (and the mean), one bar per model."""
+    """Grouped bar chart of a zero-shot metric: one group per dataset (then the mean, and the fine-grained mean when
+    there is one), one bar per model, and a dashed line across each group at its chance level."""
     per_dataset = results["datasets"]
     models = model_names(per_dataset)
-    groups = [_display_name(results, dataset) for dataset in per_dataset] + ["Mean"]
-    records = list(per_dataset.values()) + [results["mean"]]
+    summaries = _summary_columns(results)
+    groups = [_display_name(results, dataset) for dataset in per_dataset] + list(summaries.values())
+    records = list(per_dataset.values()) + [results[key] for key in summaries]
     width = 0.8 / len(models)
     positions = np.arange(len(groups))
     figure = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(models) / 2)), 4.5), layout="constrained")
@@ -165,6 +244,12 @@ def grouped_bars_figure(results: dict, metric: str = "top1") -> Figure:
     for index, model in enumerate(models):
         values = [100 * (record.get(model, {}).get(metric) or 0.0) for record in records]
         axes.bar(positions + (index - (len(models) - 1) / 2) * width, values, width, label=model)
+    chance = [(position, 100 * value) for position, value in zip(positions, _chance_values(results, results, metric))
+              if value is not None]
+    if chance:
+        at, levels = zip(*chance)
+        axes.hlines(levels, np.subtract(at, 0.45), np.add(at, 0.45), colors="black", linestyles="dashed",
+                    linewidth=1.2, label=CHANCE_LABEL)
     axes.set_xticks(positions, groups, rotation=30, ha="right")
     axes.set_ylabel(f"{ZERO_SHOT_METRICS.get(metric, metric)} (%)")
     axes.set_ylim(0, 100)
@@ -200,7 +285,8 @@ def confusion_matrix_figure(results: dict, dataset: str) -> Figure:
         axes.set_ylabel("True")
         axes.set_title(f"{model}: top-1 {_percent(record['top1'])}%", fontsize="medium")
     figure.colorbar(image, ax=list(panels[: len(per_model)]), shrink=0.8, label="Fraction of the true class")
-    figure.suptitle(_display_name(results, dataset))
+    chance = (results["dataset_info"][dataset].get("chance") or {}).get("top1")
+    figure.suptitle(_display_name(results, dataset) + ("" if chance is None else f" (chance top-1 {_percent(chance)}%)"))
     return figure
 
 

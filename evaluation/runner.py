@@ -5,7 +5,7 @@ command line.
 
 import logging
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from training.data import load_image_text_dataset, load_labelled_dataset
 
 from .linear_probe import k_shot_probe, stratified_split
 from .linear_probe import linear_probe as fit_linear_probe
-from .metrics import check_finite, classification_metrics, confusion_matrix
+from .metrics import CHANCE_KEYS, chance_levels, check_finite, classification_metrics, confusion_matrix
 from .report import model_names, write_report
 from .retrieval import group_captions, retrieval_recall
 from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config, parse_embedding
@@ -134,6 +134,22 @@ def _mean_over_datasets(per_dataset: Mapping[str, Mapping[str, Mapping]], keys: 
             means[model][key] = statistics.fmean(values) if values else None
         means[model]["n_datasets"] = len(records)
     return means
+
+
+def _chance_of_mean(datasets: Iterable[str], dataset_info: Mapping[str, Mapping], keys: Sequence[str]) -> dict | None:
+    """The chance level of a mean over `datasets`: the same mean of their chance levels (None without datasets)."""
+    per_dataset = {dataset: {"chance": dataset_info[dataset]["chance"]} for dataset in datasets}
+    return _mean_over_datasets(per_dataset, [key for key in keys if key in CHANCE_KEYS]).get("chance")
+
+
+def _summaries(per_dataset: Mapping[str, Mapping], dataset_info: Mapping[str, Mapping], keys: Sequence[str]) -> dict:
+    """A section's `mean` over every dataset, `mean_fine_grained` over the fine-grained ones (when there are some),
+    and the `chance` level of each."""
+    fine_grained = {dataset: models for dataset, models in per_dataset.items() if dataset_info[dataset]["fine_grained"]}
+    groups = {"mean": per_dataset, **({"mean_fine_grained": fine_grained} if fine_grained else {})}
+    summaries = {name: _mean_over_datasets(group, keys) for name, group in groups.items()}
+    summaries["chance"] = {name: _chance_of_mean(group, dataset_info, keys) for name, group in groups.items() if group}
+    return summaries
 
 
 def _zero_shot(spec: DatasetSpec, class_names, prompt_names, features, labels, stats, classifiers) -> dict:
@@ -266,6 +282,18 @@ def _few_shot_means(few_shot_results: dict, k_shots: Sequence[int]) -> dict:
     return means
 
 
+def _few_shot_chance(few_shot_results: dict, dataset_info: Mapping[str, Mapping], k_shots: Sequence[int]) -> dict:
+    """Per k, the chance level of the k-shot means: over the datasets that have a k-shot entry."""
+    chance = {}
+    for k in k_shots:
+        datasets = [
+            dataset for dataset, models in few_shot_results.items()
+            if any(by_k[str(k)] is not None for by_k in models.values())
+        ]
+        chance[str(k)] = _chance_of_mean(datasets, dataset_info, ("top1", "mean_per_class"))
+    return chance
+
+
 def _retrieval(spec: RetrievalSpec, classifiers, batch_size: int) -> dict:
     dataset = load_image_text_dataset(spec.path, **({} if spec.split is None else {"split": spec.split}))
     unique_rows, row_to_image = group_captions(list(dataset["image"]))
@@ -350,6 +378,8 @@ def run_suite(
             "prompt_names": prompt_names,
             "templates": spec.templates,
             "warnings": warnings,
+            "fine_grained": spec.fine_grained,
+            "chance": chance_levels(len(class_names)),
         }
         results["datasets"][spec.name] = _zero_shot(
             spec, class_names, prompt_names, features, labels, stats, classifiers
@@ -360,14 +390,15 @@ def run_suite(
                 probe_results[spec.name] = _linear_probe(spec, data, classifiers, seeds[0])
             if k_shots:
                 few_shot_results[spec.name] = _few_shot(spec, data, classifiers, k_shots, seeds)
-    results["mean"] = _mean_over_datasets(results["datasets"], ZERO_SHOT_KEYS)
+    results.update(_summaries(results["datasets"], dataset_info, ZERO_SHOT_KEYS))
     if linear_probe:
-        results["linear_probe"] = {
-            "datasets": probe_results,
-            "mean": _mean_over_datasets(probe_results, ZERO_SHOT_KEYS),
-        }
+        results["linear_probe"] = {"datasets": probe_results, **_summaries(probe_results, dataset_info, ZERO_SHOT_KEYS)}
     if k_shots:
-        results["few_shot"] = {"datasets": few_shot_results, "mean": _few_shot_means(few_shot_results, k_shots)}
+        results["few_shot"] = {
+            "datasets": few_shot_results,
+            "mean": _few_shot_means(few_shot_results, k_shots),
+            "chance": {"mean": _few_shot_chance(few_shot_results, dataset_info, k_shots)},
+        }
     if config.retrieval:
         results["retrieval"] = {"datasets": {}}
         for spec in config.retrieval:

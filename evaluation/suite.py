@@ -24,6 +24,7 @@ Suite YAML (paths are relative to the YAML file)::
                                                # (default: the class name with "_" -> " ")
         templates: leaf                        # a list of "{}" templates, or a name in
                                                # agriclip.templates.ZERO_SHOT_TEMPLATES (default: "default")
+        fine_grained: true                     # optional (default: false): counted in the fine-grained mean
     retrieval:                                 # image-text retrieval, optional
       - name: captions
         path: downstream/captions              # anything training.data.load_image_text_dataset reads
@@ -47,18 +48,31 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
           "confusion_matrix": [[int]] (rows: true class, columns: predicted class)}}},
       "mean": {MODEL: {"top1", "top5" (over datasets that have it), "mean_per_class", "macro_f1",
                        "n_datasets"}},                       # unweighted mean over datasets
+      "mean_fine_grained": {MODEL: {...}},   # as "mean", over the `fine_grained` datasets; only when there are some
+      "chance": {"mean": {"top1", "top5", "mean_per_class", "n_datasets"},
+                 "mean_fine_grained": {...}},               # the chance levels of those means
       "linear_probe": {"datasets": {DATASET: {MODEL: {"top1", "top5", "mean_per_class", "macro_f1",
-                        "l2", "val_top1", "n_train", "n_test"}}}, "mean": {MODEL: {...}}},   # with --linear-probe
+                        "l2", "val_top1", "n_train", "n_test"}}}, "mean": {MODEL: {...}},
+                       "mean_fine_grained": {MODEL: {...}}, "chance": {...}},   # with --linear-probe
       "few_shot": {"datasets": {DATASET: {MODEL: {K: {"top1", "top1_std", "mean_per_class", "n_seeds"} | null}}},
-                   "mean": {MODEL: {K: {"top1", "mean_per_class", "n_datasets"}}}},          # with --k-shot
+                   "mean": {MODEL: {K: {"top1", "mean_per_class", "n_datasets"}}},
+                   "chance": {"mean": {K: {"top1", "mean_per_class", "n_datasets"}}}},   # with --k-shot
       "retrieval": {"datasets": {DATASET: {MODEL: {"image_to_text": {"R@1", "R@5", "R@10"},
                     "text_to_image": {...}, "n_images", "n_captions", "n_skipped", "skipped_files"}}}},
       "dataset_info": {DATASET: {"display_name", "path", "split", "class_names", "prompt_names", "templates",
-                                 "warnings": [str]}},   # e.g. classes whose prompts are identical
+                                 "warnings": [str],     # e.g. classes whose prompts are identical
+                                 "fine_grained": bool,
+                                 "chance": {"top1", "top5" | null, "mean_per_class"}}},
       "models": {MODEL: {"path", "embedding", "fusion_weight" (the weight of the CLIP image embedding in a
                          fused one, null for other embeddings), "model_type"}},
       "settings": {"config", "batch_size", "device", "linear_probe", "k_shots", "seeds"}
     }
+
+Chance levels are those of a guess drawn uniformly from the dataset's classes (`evaluation.metrics.chance_levels`:
+1/C for top-1 and mean per-class accuracy, 5/C for top-5), and a mean's chance level is the mean of its datasets'
+(for k-shot, of the datasets that have an entry for K). Retrieval has none: with several captions per image and
+groups of interchangeable images, a random ranking's recall@k depends on every image's number of matches, and a
+single k/n would misstate it.
 
 K keys are strings (JSON object keys). A k-shot entry is null when no class has more than K training
 images, so no validation shots are left to choose the regularisation. Retrieval datasets' `dataset_info` holds
@@ -83,7 +97,7 @@ from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from agriclip.templates import get_templates
 
 
-DATASET_KEYS = ("name", "display_name", "path", "split", "train_split", "class_names", "templates")
+DATASET_KEYS = ("name", "display_name", "path", "split", "train_split", "class_names", "templates", "fine_grained")
 RETRIEVAL_KEYS = ("name", "display_name", "path", "split")
 
 
@@ -98,6 +112,7 @@ class DatasetSpec:
     train_split: str | None = None
     class_names: dict[str, str] = field(default_factory=dict)
     templates: list[str] = field(default_factory=lambda: get_templates("default"))
+    fine_grained: bool = False
 
     def prompt_names(self, dataset_classes: Sequence[str], where) -> list[str]:
         """The name put into the templates for each dataset class."""
@@ -162,6 +177,10 @@ def load_suite_config(path) -> SuiteConfig:
             templates = get_templates(entry.get("templates", "default"))
         except (KeyError, ValueError) as error:
             raise ValueError(f"{where}: templates: {error}") from error
+        fine_grained = entry.get("fine_grained", False)
+        # A string such as "no" would be truthy: only YAML's true and false are accepted.
+        if not isinstance(fine_grained, bool):
+            raise ValueError(f"{where}: fine_grained must be true or false; got {fine_grained!r}")
         datasets.append(
             DatasetSpec(
                 name=str(entry["name"]),
@@ -171,6 +190,7 @@ def load_suite_config(path) -> SuiteConfig:
                 train_split=entry.get("train_split"),
                 class_names={str(key): str(value) for key, value in class_names.items()},
                 templates=templates,
+                fine_grained=fine_grained,
             )
         )
     retrieval = [

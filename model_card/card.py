@@ -8,6 +8,10 @@ the training stages' saved flags and last logged metrics (how it was made), the 
 
     {
       "base_model": "openai/clip-vit-base-patch16",   # Hub id the run started from (card metadata `base_model`)
+      "initialisation": {"model": "tiny", "random": True,   # the first stage's --model; a preset or a JSON config
+                                                            # file is a start from random weights
+                         "backbone": {"model": "facebook/dinov2-small", "random": False}},   # only when stage 2
+                                                            # replaced the backbone (--backbone, --random-init)
       "stages": {                                     # run name -> the flags it ran with (`<run>/logs/<name>/config.json`)
         "stage1_contrastive": {"learning_rate": 5e-05, "batch_size": 256, ...},
         "stage2_dino": {...}, "stage3_align": {...}},
@@ -16,11 +20,16 @@ the training stages' saved flags and last logged metrics (how it was made), the 
         "name": "ALive", "hub_id": "org/alive",       # hub_id becomes card metadata `datasets`
         "num_pairs": 600000, "splits": {"train": 570000, "validation": 30000},
         "sources": ["PlantVillage", {"name": "fish-species", "pairs": 1200, "classes": 12}],
-        "caption_strategy": "How the captions were made (replaces the default description)."}
+        "caption_strategy": "How the captions were made (replaces the default description).",
+        "synthetic": False},                          # True: procedurally drawn images (training.embedded)
+      "baselines": {                                  # rows of the evaluation results that are comparisons, not this
+        "clip-control (clip)": "the equal-compute CLIP control: ..."}   # checkpoint: each said under the table
     }
 
-`read_training_info(run_dir)` fills `stages` and `final_metrics` from a run folder, `describe_caption_data(folder)`
-fills `data` from the image-caption folder the run trained on. Command line::
+The card's first paragraph is followed by a note that says what the evaluation numbers mean, from `initialisation`
+and `data`: a start from random weights or a synthetic dataset makes them a demonstration of the pipeline, not the
+paper's result. `read_training_info(run_dir)` fills `stages`, `final_metrics` and `initialisation` from a run folder,
+`describe_caption_data(folder)` fills `data` from the image-caption folder the run trained on. Command line::
 
     agriclip card runs/final --eval-results reports/eval/results.json --run-dir runs \\
         --train-data data/alive --training-info info.json --repo-id org/agriclip
@@ -39,8 +48,9 @@ from agriclip.atomic import atomic_path
 from agriclip.errors import CLIError, ExitCode
 from agriclip.files import parameter_counts
 
-from evaluation.report import ZERO_SHOT_METRICS, render_markdown_table
+from evaluation.report import ZERO_SHOT_METRICS, mean_summary, render_markdown_table, table_legend
 from modeling_agriclip import AgriCLIPConfig
+from modeling_agriclip.convert import names_random_weights
 from training.lora import default_target_modules
 
 MODEL_TEMPLATE = Path(__file__).with_name("template.md")
@@ -96,8 +106,9 @@ DEFAULT_CAPTION_STRATEGY = (
 
 
 def read_training_info(run_dir: str | Path) -> dict:
-    """`{"stages": ..., "final_metrics": ...}` from every `logs/<run name>/config.json` (and `metrics.jsonl`) under
-    `run_dir`, in run-name order (stage1_..., stage2_..., stage3_...)."""
+    """`{"stages": ..., "final_metrics": ..., "initialisation": ...}` from every `logs/<run name>/config.json` (and
+    `metrics.jsonl`) under `run_dir`, in run-name order (stage1_..., stage2_..., stage3_...); `initialisation` (see
+    `describe_initialisation`) only when the first stage recorded its `model`."""
     run_dir = Path(run_dir)
     found = {}
     for config_file in sorted(run_dir.rglob("logs/*/config.json")):
@@ -116,7 +127,27 @@ def read_training_info(run_dir: str | Path) -> dict:
             last = {key: value for row in rows for key, value in row.items() if key != "step"}
             if last:
                 final_metrics[name] = last
-    return {"stages": stages, "final_metrics": final_metrics}
+    initialisation = describe_initialisation(stages)
+    info = {"stages": stages, "final_metrics": final_metrics}
+    return {**info, "initialisation": initialisation} if initialisation else info
+
+
+def describe_initialisation(stages: Mapping[str, Mapping]) -> dict | None:
+    """Where a run's weights started, from its stages' flags in run order (None when the first stage recorded no
+    `model`): the first stage's `model`, random when it is a preset or a JSON config file (as `training.models`
+    loads them), and the backbone's own start when stage 2 replaced it (`backbone` weights, or `random_init` after
+    a start that was not random)."""
+    model = next(iter(stages.values()), {}).get("model")
+    if model is None:
+        return None
+    model = str(model)
+    initialisation = {"model": model, "random": names_random_weights(model)}
+    dino = stages.get("stage2_dino") or {}
+    if dino.get("backbone"):
+        initialisation["backbone"] = {"model": str(dino["backbone"]), "random": False}
+    elif dino.get("random_init") and not initialisation["random"]:
+        initialisation["backbone"] = {"model": None, "random": True}
+    return initialisation
 
 
 def load_eval_results(eval_results: Mapping | str | Path) -> dict:
@@ -176,9 +207,28 @@ def model_index_results(results: Mapping, model: str) -> list[EvalResult]:
     return entries
 
 
+def baseline_notes(results: Mapping, baselines: Mapping[str, str]) -> list[str]:
+    """One note per comparison row (`training_info["baselines"]`: name -> what it is), with its mean, so that the
+    table says which row is a baseline and what it stands for; a baseline missing from the results is an error, not
+    a comparison left out silently."""
+    missing = sorted(set(baselines) - set(results["mean"]))
+    if missing:
+        raise ValueError(f"baseline(s) {missing} not in the evaluation results; models: {sorted(results['mean'])}")
+    return [f"**{name}** is {what}. {mean_summary(results, name)}".strip() for name, what in baselines.items()]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model card
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# What stage 3 fitted the aligner to, by `config.alignment_objective`: the card's account of the third stage.
+ALIGNMENT_DESCRIPTIONS = {
+    "image-mse": "by minimising the mean squared error to the CLIP image embedding of each image (the paper's objective)",
+    "text-mse": "by least squares onto the CLIP text embeddings of each image's captions (their normalised mean)",
+    "contrastive": ("by image-to-text InfoNCE against the CLIP text embeddings of each image's captions, started from the "
+                    "least-squares solution onto them"),
+}
 
 
 def build_model_card(
@@ -208,12 +258,15 @@ def build_model_card(
     data = dict(training_info.get("data") or {})
     model_name = model_name or (repo_id or checkpoint_dir.resolve().name).split("/")[-1]
 
-    eval_entries, eval_tables = None, []
+    eval_entries, eval_tables, eval_notes = None, [], []
     if eval_results is not None:
         results = load_eval_results(eval_results)
         eval_model = eval_model or select_eval_model(results, config, checkpoint_dir)
         eval_entries = model_index_results(results, eval_model)
         eval_tables = [(ZERO_SHOT_METRICS[key], render_markdown_table(results, key)) for key in ("top1", "mean_per_class")]
+        eval_notes = [note for note in (mean_summary(results, eval_model),
+                                        *baseline_notes(results, training_info.get("baselines") or {}),
+                                        table_legend(results)) if note]
 
     card_data = ModelCardData(
         model_name=model_name,
@@ -235,12 +288,18 @@ def build_model_card(
         repo=repo_id or REPO_PLACEHOLDER,
         architecture=_architecture(config, checkpoint_dir),
         image_embedding=config.image_embedding,
+        alignment=ALIGNMENT_DESCRIPTIONS[config.alignment_objective],
+        alignment_objective=config.alignment_objective,
+        fusion_weight=config.fusion_weight,
         data=data,
+        initialisation=training_info.get("initialisation") or {},
+        numbers_note=numbers_note(training_info),
         sources_table=_sources_table(data.get("sources") or []),
         caption_strategy=data.get("caption_strategy") or DEFAULT_CAPTION_STRATEGY,
         stages=_stages(training_info.get("stages") or {}, training_info.get("final_metrics") or {}),
         eval_tables=eval_tables,
         eval_model=eval_model,
+        eval_notes=eval_notes,
         lora_towers=lora_towers,
         lora_target_modules=default_target_modules(config, lora_towers),
         citation=CITATION,
@@ -260,6 +319,49 @@ def write_model_card(
     path = Path(checkpoint_dir) / CARD_NAME
     _save_card(card, path)
     return path
+
+
+def numbers_note(training_info: Mapping) -> str | None:
+    """What the evaluation numbers mean, from where the weights started (`initialisation`) and what the training data
+    was (`data`), never assumed: None when neither is recorded. A start from random weights or a synthetic dataset
+    makes the accuracies a demonstration of the pipeline, not the paper's result."""
+    initialisation = training_info.get("initialisation") or {}
+    data = training_info.get("data") or {}
+    sentences = []
+    if initialisation:
+        sentences.append(_start_sentence(initialisation, training_info.get("base_model")))
+    if data.get("synthetic"):
+        name = f"**{data['name']}**, " if data.get("name") else ""
+        sentences.append(
+            f"It was trained on {name}a synthetic dataset of procedurally drawn images (`training.embedded`), not on "
+            "photos."
+        )
+    elif data.get("name"):
+        sentences.append(f"It was trained on **{data['name']}**.")
+    reasons = [reason for reason, applies in (("random initial weights", initialisation.get("random")),
+                                              ("synthetic training images", data.get("synthetic"))) if applies]
+    if reasons:
+        sentences.append(
+            f"With {' and '.join(reasons)}, its accuracies demonstrate that the pipeline works, not the paper's result"
+            + (": they say nothing about photos of real crops, fish or livestock." if data.get("synthetic") else ".")
+        )
+    return " ".join(sentences) or None
+
+
+def _start_sentence(initialisation: Mapping, base_model: str | None) -> str:
+    """Where the towers started: random weights (naming the preset or config file) or the weights of a model."""
+    model = initialisation["model"]
+    if initialisation.get("random"):
+        what = f"the model config `{model}`" if model.endswith(".json") else f"the `{model}` preset"
+        start = f"The towers of this checkpoint started from random weights ({what}), not from pretrained CLIP or DINO models"
+    else:
+        start = f"The towers of this checkpoint started from the weights of `{base_model or model}`"
+    backbone = initialisation.get("backbone")
+    if backbone and backbone.get("random"):
+        start += ", except the backbone, which stage 2 re-initialised at random"
+    elif backbone:
+        start += f"; the backbone from those of `{backbone['model']}` (stage 2)"
+    return start + "."
 
 
 def _architecture(config: AgriCLIPConfig, checkpoint_dir: Path) -> list[tuple[str, str]]:

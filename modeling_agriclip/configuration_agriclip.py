@@ -10,6 +10,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 IMAGE_EMBEDDINGS = ("aligned", "clip", "fused")
+# What stage 3 fitted the aligner to (`training.aligner.ALIGNMENT_OBJECTIVES`, which a test checks against this).
+ALIGNMENT_OBJECTIVES = ("image-mse", "text-mse", "contrastive")
 SUB_CONFIGS = ("text_config", "vision_config", "dino_config")
 
 # The CLIP BPE tokenizer's special tokens (modeling_agriclip.tokenizer); CLIPTextConfig's own pad default (1) differs.
@@ -41,7 +43,13 @@ class AgriCLIPConfig(PreTrainedConfig):
             the aligner, the paper's AgriCLIP), `"clip"` (the CLIP image tower, stage 1 alone) or `"fused"`
             (`fusion_weight * clip + (1 - fusion_weight) * aligned`, both L2-normalised first).
         fusion_weight (`float`, defaults to 0.5):
-            Weight of the CLIP image embedding in the `"fused"` mode.
+            Weight of the CLIP image embedding in the `"fused"` mode (stage 3 writes the weight it chose on validation
+            pairs of the pretraining data).
+        alignment_objective (`str`, defaults to `"image-mse"`):
+            What stage 3 fitted the aligner to: `"image-mse"` (least squares onto the CLIP image embedding, the paper),
+            `"text-mse"` (least squares onto the CLIP text embeddings of each image's captions) or `"contrastive"`
+            (InfoNCE against those text embeddings, started from the `"text-mse"` solution). A record only: every
+            objective maps into the same embedding space, and zero-shot uses the aligner the same way.
         image_mean, image_std (`list[float]`):
             The normalisation the processor applies to `pixel_values` (ImageNet by default, as the paper's backbone).
         clip_image_mean, clip_image_std, dino_image_mean, dino_image_std (`list[float]`):
@@ -65,6 +73,7 @@ class AgriCLIPConfig(PreTrainedConfig):
     logit_scale_init_value: float = 2.6592
     image_embedding: str = "aligned"
     fusion_weight: float = 0.5
+    alignment_objective: str = "image-mse"
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     clip_image_mean: list[float] | None = None
@@ -90,6 +99,10 @@ class AgriCLIPConfig(PreTrainedConfig):
             raise ValueError(f"image_embedding must be one of {IMAGE_EMBEDDINGS}, got {self.image_embedding!r}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must lie in [0, 1], got {self.fusion_weight}")
+        if self.alignment_objective not in ALIGNMENT_OBJECTIVES:
+            raise ValueError(
+                f"alignment_objective must be one of {ALIGNMENT_OBJECTIVES}, got {self.alignment_objective!r}"
+            )
         for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must hold 3 per-channel values, got {getattr(self, name)}")

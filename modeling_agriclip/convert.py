@@ -40,6 +40,12 @@ PRESETS = {
 }
 
 
+def names_random_weights(model: str | Path) -> bool:
+    """Whether a `--model` of the training scripts builds its weights at random: a preset name or a JSON file of
+    config values over one (`training.models.load_model_and_processor`), rather than a saved model."""
+    return str(model) in PRESETS or str(model).endswith(".json")
+
+
 def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Loads a `.pth`/`.pt` file of tensors without executing pickled code (`weights_only=True`)."""
     path = Path(path)

@@ -29,6 +29,14 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
 
 
+def fuse_image_embeddings(clip_embeds: torch.Tensor, aligned_embeds: torch.Tensor, weight: float) -> torch.Tensor:
+    """The `"fused"` image embedding: `weight` times the L2-normalised CLIP one plus `1 - weight` times the
+    L2-normalised aligned one (not normalised itself)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion_weight must lie in [0, 1], got {weight}")
+    return weight * F.normalize(clip_embeds, dim=-1) + (1.0 - weight) * F.normalize(aligned_embeds, dim=-1)
+
+
 def backbone_features(backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """Pooled features of a transformers vision backbone, shape `(batch_size, feature_size)`.
 
@@ -245,11 +253,8 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
             return self.aligner(self.get_backbone_features(pixel_values))
         if embedding == "fused":
             weight = self.config.fusion_weight if fusion_weight is None else fusion_weight
-            if not 0.0 <= weight <= 1.0:
-                raise ValueError(f"fusion_weight must lie in [0, 1], got {weight}")
-            clip_embeds = F.normalize(self.get_clip_image_features(pixel_values), dim=-1)
-            aligned_embeds = F.normalize(self.aligner(self.get_backbone_features(pixel_values)), dim=-1)
-            return weight * clip_embeds + (1.0 - weight) * aligned_embeds
+            return fuse_image_embeddings(self.get_clip_image_features(pixel_values),
+                                         self.aligner(self.get_backbone_features(pixel_values)), weight)
         raise ValueError(f"embedding must be one of 'aligned', 'clip', 'fused', got {embedding!r}")
 
     def forward(
@@ -290,5 +295,6 @@ __all__ = [
     "AgriCLIPPreTrainedModel",
     "backbone_features",
     "clip_loss",
+    "fuse_image_embeddings",
     "unreadable_weights_named",
 ]

@@ -16,15 +16,26 @@ from accelerate import Accelerator
 from torch import nn
 
 from conftest import finish_distributed_worker
+from modeling_agriclip.configuration_agriclip import ALIGNMENT_OBJECTIVES as CONFIG_OBJECTIVES
+from training import stage3_align
 from training.aligner import (
+    ALIGNMENT_OBJECTIVES,
     AlignerStatistics,
     AlignerWeights,
+    AlignmentData,
+    ContrastiveAlignment,
+    ImageMSE,
+    TextMSE,
     aligner_metrics,
+    create_objective,
     fit_closed_form,
+    fit_contrastive_head,
     fit_sgd_recipe,
     load_aligner_file,
+    relative_ridge,
     save_aligner_file,
 )
+from training.losses import CaptionTargetInfoNCE
 
 
 D_IN, D_OUT = 24, 6
@@ -323,3 +334,143 @@ def test_load_aligner_file_rejects_bad_files(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         load_aligner_file(path, expected_shape=(4, 7))
     assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alignment objectives
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_objective_table_the_config_and_the_command_name_the_same_objectives():
+    assert tuple(ALIGNMENT_OBJECTIVES) == CONFIG_OBJECTIVES == stage3_align.OBJECTIVES
+    assert all(ALIGNMENT_OBJECTIVES[name].name == name and ALIGNMENT_OBJECTIVES[name].__doc__ for name in CONFIG_OBJECTIVES)
+    assert isinstance(create_objective("text-mse"), TextMSE)
+    with pytest.raises(ValueError, match=r"unknown alignment objective 'mse'; choose one of \['image-mse'"):
+        create_objective("mse")
+
+
+def test_image_mse_is_the_closed_form_or_the_sgd_recipe():
+    x, y = make_features(n=300, offset=0.0)
+    stats = stream(x, y, [300])
+    closed = ImageMSE().fit(AlignmentData(stats), ridge=0.1)
+    torch.testing.assert_close(closed.weight, fit_closed_form(stats, ridge=0.1).weight, rtol=0, atol=0)
+    sgd = ImageMSE(sgd={"epochs": 2, "seed": 1})
+    assert sgd.needs_features and not sgd.has_ridge
+    fitted = sgd.fit(AlignmentData(stats, x=x, targets=y))
+    torch.testing.assert_close(fitted.weight, fit_sgd_recipe(x, y, epochs=2, seed=1).weight, rtol=0, atol=0)
+
+
+def caption_problem(n=400, variants=3, d_in=D_IN, d_out=D_OUT, seed=0):
+    """Features and, per image, `variants` unit-norm text embeddings of its captions (random, correlated with x)."""
+    x, _ = make_features(n=n, d_in=d_in, d_out=d_out, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    mapping = torch.randn(d_in, d_out, generator=generator)
+    texts = F.normalize(x[:, None, :] @ mapping + 4.0 * torch.randn(n, variants, d_out, generator=generator), dim=-1)
+    return x, texts
+
+
+def test_text_mse_equals_least_squares_on_one_pair_per_caption_variant():
+    """The caption target (mean of the normalised variants) gives the least-squares solution of one pair per variant,
+    computed independently by torch.linalg.lstsq on the replicated rows; streaming in uneven batches changes nothing."""
+    x, texts = caption_problem()
+    targets = texts.mean(dim=1)
+    weights = TextMSE().fit(AlignmentData(stream(x, targets, [7, 193, 1, 199])))
+    replicated = x.double().repeat_interleave(texts.shape[1], dim=0)
+    design = torch.cat([replicated, torch.ones(len(replicated), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, texts.reshape(-1, D_OUT).double()).solution
+    torch.testing.assert_close(weights.weight.double(), solution[:-1].T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights.bias.double(), solution[-1], rtol=1e-5, atol=1e-6)
+    assert_same_statistics(stream(x, targets, [7, 193, 1, 199]), stream(x, targets, [400]))
+
+
+def test_relative_ridge_is_a_fraction_of_the_mean_feature_variance():
+    x, y = make_features()
+    expected = x.double().var(dim=0, unbiased=False).mean().item()
+    assert math.isclose(relative_ridge(stream(x, y, [600]), 0.01), 0.01 * expected, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="fraction must be >= 0"):
+        relative_ridge(stream(x, y, [600]), -1.0)
+
+
+def test_caption_target_infonce_matches_a_hand_computation_over_distinct_targets():
+    generator = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    groups = torch.tensor([7, 3, 7, 9, 3])
+    targets[2], targets[4] = targets[0], targets[1]  # images of one group share their captions, so their target
+    loss = CaptionTargetInfoNCE()(images, targets, groups, logit_scale=math.log(10.0))
+    distinct = F.normalize(targets[[0, 1, 3]], dim=-1)  # groups 7, 3, 9
+    own = {7: 0, 3: 1, 9: 2}
+    expected = 0.0
+    for image, group in zip(F.normalize(images, dim=-1), groups.tolist()):
+        logits = 10.0 * distinct @ image
+        expected += -(logits[own[group]] - torch.logsumexp(logits, dim=0)) / 5
+    torch.testing.assert_close(loss, expected)
+    capped = CaptionTargetInfoNCE()(images, targets, groups, logit_scale=math.log(1000.0))
+    torch.testing.assert_close(capped, CaptionTargetInfoNCE()(images, targets, groups, logit_scale=math.log(100.0)))
+    with pytest.raises(ValueError, match="groups"):
+        CaptionTargetInfoNCE()(images, targets, groups[:3], logit_scale=0.0)
+
+
+def magnitude_problem(n, seed, classes=8, d_in=16, d_out=8):
+    """Caption-as-class data where least squares is not enough: each image is its class direction times a magnitude
+    spread over two decades (contrast, exposure), and the class targets share a large common component. Least
+    squares shrinks the faint images towards the mean target; InfoNCE compares directions only."""
+    fixed = torch.Generator().manual_seed(100)
+    class_targets = F.normalize(2.0 * torch.randn(d_out, generator=fixed) + torch.randn(classes, d_out, generator=fixed), dim=-1)
+    directions = torch.randn(classes, d_in, generator=fixed)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(classes, (n,), generator=generator)
+    magnitude = torch.empty(n).uniform_(math.log(0.1), math.log(10.0), generator=generator).exp()
+    x = magnitude[:, None] * directions[labels] + 0.3 * torch.randn(n, d_in, generator=generator)
+    return x, class_targets[labels], labels, class_targets
+
+
+def class_accuracy(weights, x, labels, class_targets):
+    """Held-out image-to-text recall@1 over the classes, by hand: the best-scoring class target is the image's."""
+    scores = F.normalize(F.linear(x, weights.weight, weights.bias), dim=-1) @ F.normalize(class_targets, dim=-1).T
+    return (scores.argmax(dim=1) == labels).float().mean().item()
+
+
+def full_infonce(weights, x, labels, class_targets, scale):
+    """The image-to-text InfoNCE over every class target, by hand."""
+    logits = scale * F.normalize(F.linear(x, weights.weight, weights.bias), dim=-1) @ F.normalize(class_targets, dim=-1).T
+    return F.cross_entropy(logits, labels).item()
+
+
+def test_contrastive_head_lowers_infonce_from_the_closed_form_and_beats_least_squares_held_out():
+    x, targets, labels, class_targets = magnitude_problem(800, seed=0)
+    x_test, _, labels_test, _ = magnitude_problem(400, seed=1)
+    start = fit_closed_form(stream(x, targets, [800]))
+    fit = fit_contrastive_head(x, targets, labels, start, logit_scale=math.log(1 / 0.07), epochs=20, lr=1e-2,
+                               batch_size=128)
+    scale = 1 / 0.07
+    assert full_infonce(fit.weights, x, labels, class_targets, scale) < 0.5 * full_infonce(start, x, labels, class_targets, scale)
+    assert fit.final_loss < 0.5 * fit.start_loss
+    least_squares, contrastive = (class_accuracy(w, x_test, labels_test, class_targets) for w in (start, fit.weights))
+    assert least_squares < 0.65 and contrastive > least_squares + 0.2, (least_squares, contrastive)
+
+
+def test_contrastive_head_is_seeded_and_exports_onto_the_raw_features():
+    x, targets, labels, _ = magnitude_problem(300, seed=0)
+    start = fit_closed_form(stream(x, targets, [300]))
+    runs = [fit_contrastive_head(x, targets, labels, start, logit_scale=2.0, epochs=2, batch_size=64, seed=seed)
+            for seed in (3, 3, 4)]
+    assert torch.equal(runs[0].weights.weight, runs[1].weights.weight)
+    assert torch.equal(runs[0].weights.bias, runs[1].weights.bias)
+    assert not torch.equal(runs[0].weights.weight, runs[2].weights.weight)
+    # No step taken: the head trained on standardised features comes back as the start, on the raw features.
+    still = fit_contrastive_head(x, targets, labels, start, logit_scale=2.0, epochs=1, lr=0.0, batch_size=64)
+    torch.testing.assert_close(F.linear(x, still.weights.weight, still.weights.bias), F.linear(x, start.weight, start.bias),
+                               rtol=1e-5, atol=1e-5)
+    assert math.isclose(still.start_loss, still.final_loss, rel_tol=1e-6)
+
+
+def test_contrastive_objective_starts_from_the_text_mse_closed_form_with_the_given_ridge():
+    x, targets, labels, _ = magnitude_problem(300, seed=0)
+    stats = stream(x, targets, [300])
+    objective = create_objective("contrastive", logit_scale=2.0, epochs=1, lr=0.0, batch_size=64)
+    assert isinstance(objective, ContrastiveAlignment) and objective.needs_features and objective.has_ridge
+    weights = objective.fit(AlignmentData(stats, x=x, targets=targets, groups=labels), ridge=1.0)
+    start = fit_closed_form(stats, ridge=1.0)
+    torch.testing.assert_close(F.linear(x, weights.weight, weights.bias), F.linear(x, start.weight, start.bias),
+                               rtol=1e-5, atol=1e-5)
+    assert set(objective.fit_metrics()) == {"train/infonce_start", "train/infonce_final"}

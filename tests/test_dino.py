@@ -4,6 +4,7 @@ import copy
 import math
 
 import kornia.augmentation as K
+from kornia.color import hsv_to_rgb, rgb_to_hsv
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from training.dino import (
     MULTICROP_PRESETS,
+    PHOTOMETRIC_RECIPES,
     CollapseMonitor,
     CropAndFlip,
     DINOHead,
@@ -256,6 +258,148 @@ def test_multicrop_augmentation_rejects_bad_input_and_presets():
         _augmentation()(torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8))
     with pytest.raises(ValueError, match="unknown preset"):
         MultiCropAugmentation("swin")
+
+    with pytest.raises(ValueError, match="unknown photometric recipe 'grey'"):
+        MultiCropAugmentation(photometric="grey")
+
+
+# DINO's DataAugmentationDINO (main_dino.py), per view: flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale
+# p=0.2; Gaussian blur p=1.0 (global 1), 0.1 (global 2), 0.5 (local); solarisation p=0.2 on global 2 only. The colour
+# recipe keeps the lighting changes (flip, brightness and contrast jitter, blur) and drops grayscale and solarisation.
+def _probabilities(photometric):
+    dino = photometric == "dino"
+    colour = {"RandomHorizontalFlip_0": 0.5, "ColorJitter_1": 0.8, "RandomGrayscale_2": 0.2 if dino else 0.0}
+    return {"global_color": colour, "local_color": colour, "global_1_blur": 1.0,
+            "global_2_blur": {"RandomGaussianBlur_0": 0.1, "RandomSolarize_1": 0.2 if dino else 0.0}, "local_blur": 0.5}
+
+
+@pytest.mark.parametrize("photometric", ["dino", "colour"])
+def test_photometric_recipes_draw_each_operation_with_its_probability(photometric):
+    torch.manual_seed(0)
+    augmentation = MultiCropAugmentation(photometric=photometric, num_local_crops=1, global_size=GLOBAL_SIZE,
+                                         local_size=LOCAL_SIZE)
+    draws = torch.Size((4000, 3, 8, 8))  # a probability's estimate is within 0.03 of it (4 standard deviations)
+    for name, expected in _probabilities(photometric).items():
+        params = getattr(augmentation, name).forward_parameters(draws)
+        observed = ({item.name: item.data["batch_prob"].float().mean().item() for item in params}
+                    if isinstance(params, list) else params["batch_prob"].float().mean().item())
+        assert observed == pytest.approx(expected, abs=0.03), name
+    solarize = augmentation.global_2_blur.forward_parameters(draws)[1].data
+    # PIL's ImageOps.solarize(threshold=128), as DINO calls it: pixels of 128 and above inverted, nothing added.
+    assert torch.all(solarize["thresholds"] == 0.5) and torch.all(solarize["additions"] == 0.0)
+
+
+def _luma(images):
+    """ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale weigh the channels."""
+    return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
+
+
+def _jitter_by_hand(images, params):
+    """torchvision's ColorJitter, which DINO applies, written out in the drawn order: brightness scales the image,
+    contrast blends it with its mean luma, saturation with each pixel's luma, hue turns the HSV hue by a fraction of a
+    turn; every step clips to [0, 1]."""
+    factors = [params[f"{name}_factor"].view(-1, 1, 1, 1) for name in ("brightness", "contrast", "saturation", "hue")]
+    out = images
+    for step in params["order"].tolist():
+        factor = factors[step]
+        if step == 0:
+            out = (out * factor).clamp(0, 1)
+        elif step == 1:
+            mean = _luma(out).mean(dim=(-2, -1), keepdim=True)
+            out = ((out - mean) * factor + mean).clamp(0, 1)
+        elif step == 2:
+            out = ((out - _luma(out)) * factor + _luma(out)).clamp(0, 1)
+        elif (factor != 0).any():
+            hsv = rgb_to_hsv(out)
+            hue = torch.remainder(hsv[:, :1] + factor * 2 * math.pi, 2 * math.pi)
+            out = hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+    return out
+
+
+def _forced(params, on):
+    """The parameters of a flip-jitter-grayscale sequence with every image's coin of the operations `on` heads and
+    of the others tails."""
+    for item in params:
+        item.data["batch_prob"] = torch.full_like(item.data["batch_prob"], 1.0 if item.name in on else 0.0)
+    return params
+
+
+@pytest.mark.parametrize("photometric", ["dino", "colour"])
+def test_the_colour_jitter_of_a_recipe_is_torchvision_s_with_its_ranges(photometric):
+    """The jitter forced on every image equals torchvision's, written out, with factors drawn from the recipe's
+    ranges: DINO's brightness and contrast 1 +- 0.4, saturation 1 +- 0.2, hue +- 0.1 of a turn; the colour recipe's
+    saturation and hue stay at their neutral values, so it changes lighting only."""
+    torch.manual_seed(0)
+    images = torch.rand(256, 3, 6, 6)
+    sequence = MultiCropAugmentation(photometric=photometric).global_color
+    params = _forced(sequence.forward_parameters(images.shape), on={"ColorJitter_1"})
+    jitter = params[1].data
+    torch.testing.assert_close(sequence(images, params=params), _jitter_by_hand(images, jitter), atol=2e-5, rtol=0)
+    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+    if photometric == "colour":
+        ranges |= {"saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+    for name, (low, high) in ranges.items():
+        factor = jitter[f"{name}_factor"]
+        # Within the range, and spread over it (256 uniform draws come within 2% of each end).
+        assert low <= factor.min() <= low + 0.02 * (high - low) + 1e-9, name
+        assert high - 0.02 * (high - low) - 1e-9 <= factor.max() <= high, name
+
+
+def test_the_grayscale_and_solarisation_of_the_dino_recipe_are_pil_s():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 6, 6)
+    augmentation = MultiCropAugmentation(photometric="dino")
+    params = _forced(augmentation.global_color.forward_parameters(images.shape), on={"RandomGrayscale_2"})
+    grey = augmentation.global_color(images, params=params)
+    torch.testing.assert_close(grey, _luma(images).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+
+    solarize = augmentation.global_2_blur[1]
+    params = solarize.forward_parameters(images.shape)
+    params["batch_prob"] = torch.ones_like(params["batch_prob"])
+    torch.testing.assert_close(solarize(images, params=params), torch.where(images >= 0.5, 1.0 - images, images))
+
+
+def _hue(pixels):
+    """The hue angle of RGB pixels (B, 3, ...): unchanged by any x -> a x + b with a > 0, the same on every channel."""
+    red, green, blue = pixels.unbind(1)
+    return torch.atan2(math.sqrt(3) * (green - blue), 2 * red - green - blue)
+
+
+def _unnormalised(view):
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return view * std + mean
+
+
+def _flat_coloured_images(count):
+    """Images of one colour each, every channel order of (0.55, 0.4, 0.25): no jitter of the colour recipe clips them."""
+    levels = torch.tensor([0.55, 0.4, 0.25])
+    colours = torch.stack([levels[torch.randperm(3)] for _ in range(count)])
+    return colours.view(count, 3, 1, 1).expand(-1, -1, 40, 40).contiguous()
+
+
+def test_the_colour_recipe_keeps_the_hue_and_channel_order_of_every_view():
+    """Flat coloured images through the whole augmentation: crops and blur keep them flat, so each view's pixels show
+    what the colour operations did. The colour recipe changes lighting only (hue and channel order kept, no view grey);
+    DINO's recipe greys about a fifth of the views and turns the hue of most others."""
+    torch.manual_seed(0)
+    images = _flat_coloured_images(48)
+    hue, order = _hue(images[:, :, 0, 0]), images[:, :, 0, 0].argsort(dim=1)
+    for view in MultiCropAugmentation(photometric="colour", num_local_crops=2, global_size=GLOBAL_SIZE,
+                                      local_size=LOCAL_SIZE)(images):
+        pixels = _unnormalised(view).flatten(2)  # (B, 3, pixels)
+        torch.testing.assert_close(_hue(pixels), hue[:, None].expand(-1, pixels.shape[-1]), atol=1e-3, rtol=0)
+        assert torch.equal(pixels.mean(dim=2).argsort(dim=1), order)
+
+    grey = turned = 0
+    views = MultiCropAugmentation(photometric="dino", num_local_crops=2, global_size=GLOBAL_SIZE,
+                                  local_size=LOCAL_SIZE)(images)
+    for view in views:
+        colour = _unnormalised(view).mean(dim=(2, 3))
+        is_grey = (colour.max(dim=1).values - colour.min(dim=1).values) < 1e-4
+        grey += int(is_grey.sum())
+        turn = torch.remainder(_hue(colour) - hue + math.pi, 2 * math.pi) - math.pi  # the shorter way round
+        turned += int((turn.abs() > 0.01)[~is_grey].sum())
+    assert 0.1 * 4 * 48 <= grey <= 0.3 * 4 * 48 and turned >= 0.5 * 4 * 48, (grey, turned)
 
 
 def test_param_groups_skip_decay_on_norms_biases_embeddings_and_scalars(tiny_model):

@@ -50,11 +50,21 @@ def test_suite_config_format(built):
     names = [entry["name"] for entry in suite["datasets"]]
     assert names == ["leaf-condition", "leaf-spot", "crop-condition", "fish-species", "cattle-breed"]
     for entry in suite["datasets"]:
-        assert set(entry) == {"name", "display_name", "path", "class_names", "templates"}
+        assert set(entry) == {"name", "display_name", "path", "class_names", "templates", "fine_grained"}
         assert get_templates(entry["templates"])
         dataset, classes = load_labelled_dataset(built / entry["path"])
         assert sorted(entry["class_names"]) == classes and len(dataset) >= len(classes)
         assert all(isinstance(name, str) and name for name in entry["class_names"].values())
+
+
+def test_the_fine_grained_tasks_are_marked_in_the_suite(built):
+    """Leaf spots (spot size and halo colour), cattle breeds (coat on one body shape) and crop-condition pairs
+    (held-out combinations of seen crops and conditions) are the fine-grained tasks; the evaluation suite reads the
+    flags."""
+    from evaluation.suite import load_suite_config
+
+    marked = [spec.name for spec in load_suite_config(built / "suite.yaml").datasets if spec.fine_grained]
+    assert marked == ["leaf-spot", "crop-condition", "cattle-breed"]
 
 
 def test_pretraining_split_reads_back_with_class_details(built):

@@ -30,8 +30,8 @@ from evaluation.linear_probe import (
     select_l2,
     stratified_split,
 )
-from evaluation.metrics import NonFiniteError
-from evaluation.report import render_markdown_report, render_markdown_table
+from evaluation.metrics import NonFiniteError, chance_levels, classification_metrics
+from evaluation.report import confusion_matrix_figure, grouped_bars_figure, render_markdown_report, render_markdown_table
 from evaluation.retrieval import group_by, group_captions, retrieval_recall
 from evaluation.runner import run_suite
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument
@@ -502,6 +502,156 @@ def test_the_report_has_a_per_class_accuracy_table_per_dataset():
         "| leaf \\| spot | 4 | 50.0 | 100.0 |\n"
         "| frozen | 0 | – | – |\n"
     ) in markdown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chance levels and the fine-grained mean
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 5, 6, 8, 10])
+def test_chance_levels_are_the_scores_of_a_uniformly_random_ranking(num_classes):
+    """Every class as the reference under every cyclic shift of a ranking: the reference's rank is uniform over
+    0..C-1, which is what a uniform guess gives, so the metrics score exactly the chance levels."""
+    labels = torch.arange(num_classes).repeat_interleave(num_classes)
+    shifts = torch.arange(num_classes).repeat(num_classes)
+    scores = ((torch.arange(num_classes)[None, :] + shifts[:, None]) % num_classes).float()
+    measured = classification_metrics(scores, labels, num_classes)
+    chance = chance_levels(num_classes)
+    assert chance["top1"] == pytest.approx(measured["top1"]) == pytest.approx(1 / num_classes)
+    assert chance["mean_per_class"] == pytest.approx(measured["mean_per_class"])
+    assert (chance["top5"] is None) == (measured["top5"] is None) == (num_classes <= 5)
+    if measured["top5"] is not None:
+        assert chance["top5"] == pytest.approx(measured["top5"]) == pytest.approx(5 / num_classes)
+
+
+def test_the_suite_records_and_shows_chance_and_the_fine_grained_mean(suite_run, embedded_suite):
+    """The embedded suite marks leaf-spot and cattle-breed (of the three here) fine-grained: their mean is its own
+    column beside the mean over all, and each dataset and mean has its chance level, 1/C from the class folders."""
+    _, output, _ = suite_run
+    saved = json.loads((output / "results.json").read_text())
+    folders = {task: [p for p in (embedded_suite.parent / "downstream" / task).iterdir() if p.is_dir()] for task in EMBEDDED_TASKS}
+    for task in EMBEDDED_TASKS:
+        n_classes = len(folders[task])
+        assert saved["dataset_info"][task]["chance"] == {
+            "top1": pytest.approx(1 / n_classes), "mean_per_class": pytest.approx(1 / n_classes),
+            "top5": None if n_classes <= 5 else pytest.approx(5 / n_classes)}
+    fine = ["leaf-spot", "cattle-breed"]
+    assert [task for task in EMBEDDED_TASKS if saved["dataset_info"][task]["fine_grained"]] == fine
+    for model in saved["mean"]:
+        for key in ("top1", "mean_per_class", "macro_f1"):
+            assert saved["mean_fine_grained"][model][key] == pytest.approx(np.mean([saved["datasets"][t][model][key] for t in fine]))
+        assert saved["mean_fine_grained"][model]["n_datasets"] == 2
+        # The mean over all datasets is unchanged by the flag.
+        assert saved["mean"][model]["top1"] == pytest.approx(np.mean([saved["datasets"][t][model]["top1"] for t in EMBEDDED_TASKS]))
+    assert saved["chance"]["mean"]["top1"] == pytest.approx(np.mean([1 / len(folders[t]) for t in EMBEDDED_TASKS]))
+    assert saved["chance"]["mean_fine_grained"]["top1"] == pytest.approx(np.mean([1 / len(folders[t]) for t in fine]))
+    # Top-5 only over the datasets with more than five classes, as the models' own top-5 mean.
+    with_top5 = [t for t in EMBEDDED_TASKS if len(folders[t]) > 5]
+    assert saved["chance"]["mean"]["top5"] == pytest.approx(np.mean([5 / len(folders[t]) for t in with_top5]))
+
+    markdown = (output / "results.md").read_text()
+    header = "| Model | Leaf spot diseases (fine-grained) | Fish species | Cattle breed | Mean | Fine-grained mean |"
+    chance = [1 / len(folders[t]) for t in EMBEDDED_TASKS]
+    chance_row = "| Chance | " + " | ".join(f"{100 * v:.1f}" for v in chance + [np.mean(chance), np.mean([chance[0], chance[2]])]) + " |"
+    top1_table = markdown.split("### Top-1 accuracy\n\n")[1].split("\n\n")[0]
+    assert top1_table.splitlines()[0] == header and top1_table.splitlines()[-1] == chance_row
+    assert "fine-grained tasks: Leaf spot diseases (fine-grained), Cattle breed." in markdown
+    macro_f1_table = markdown.split("### Macro-F1\n\n")[1].split("\n\n")[0]
+    assert "Chance" not in macro_f1_table  # macro-F1 has no closed-form chance level
+
+
+def _results_with_chance() -> dict:
+    """Two datasets (3 and 8 classes), one fine-grained, two models, shaped as run_suite writes them."""
+    record = {"top5": None, "mean_per_class": 0.5, "macro_f1": 0.4, "n_skipped": 0, "empty_classes": []}
+    return {
+        "datasets": {
+            "a": {"m1": {**record, "top1": 0.5, "confusion_matrix": [[1, 1, 0], [0, 1, 1], [0, 0, 2]]},
+                  "m2": {**record, "top1": 0.25, "confusion_matrix": [[2, 0, 0], [2, 0, 0], [2, 0, 0]]}},
+            "b": {"m1": {**record, "top1": 1.0, "confusion_matrix": np.eye(8, dtype=int).tolist()},
+                  "m2": {**record, "top1": 0.75, "confusion_matrix": np.eye(8, dtype=int).tolist()}},
+        },
+        "mean": {"m1": {"top1": 0.75, "n_datasets": 2}, "m2": {"top1": 0.5, "n_datasets": 2}},
+        "mean_fine_grained": {"m1": {"top1": 1.0, "n_datasets": 1}, "m2": {"top1": 0.75, "n_datasets": 1}},
+        "chance": {"mean": {"top1": (1 / 3 + 1 / 8) / 2, "top5": 5 / 8, "mean_per_class": (1 / 3 + 1 / 8) / 2},
+                   "mean_fine_grained": {"top1": 1 / 8, "top5": 5 / 8, "mean_per_class": 1 / 8}},
+        "dataset_info": {
+            "a": {"display_name": "Set A", "class_names": ["x", "y", "z"], "fine_grained": False, "chance": chance_levels(3)},
+            "b": {"display_name": "Set B", "class_names": list("abcdefgh"), "fine_grained": True, "chance": chance_levels(8)},
+        },
+    }
+
+
+def test_markdown_tables_end_with_a_chance_row_and_show_the_fine_grained_mean():
+    results = _results_with_chance()
+    assert render_markdown_table(results) == (
+        "| Model | Set A | Set B | Mean | Fine-grained mean |\n"
+        "| --- | ---: | ---: | ---: | ---: |\n"
+        "| m1 | 50.0 | 100.0 | 75.0 | 100.0 |\n"
+        "| m2 | 25.0 | 75.0 | 50.0 | 75.0 |\n"
+        "| Chance | 33.3 | 12.5 | 22.9 | 12.5 |"
+    )
+    # Top-5: no chance level for 3 classes, 5/8 for 8.
+    assert render_markdown_table(results, "top5").splitlines()[-1] == "| Chance | – | 62.5 | 62.5 | 62.5 |"
+    markdown = render_markdown_report(results)
+    # Per class: the chance level of a class's recall, 1/C, as the last column.
+    assert "| Class | Images | m1 | m2 | Chance |\n| --- | ---: | ---: | ---: | ---: |\n| x | 2 | 50.0 | 100.0 | 33.3 |" in markdown
+    assert "| a | 1 | 100.0 | 100.0 | 12.5 |" in markdown
+    assert "1/C for top-1 and mean per-class accuracy, 5/C for top-5" in markdown
+    # A report written before chance levels and fine-grained flags existed renders as it did.
+    for key in ("mean_fine_grained", "chance"):
+        del results[key]
+    for info in results["dataset_info"].values():
+        del info["chance"], info["fine_grained"]
+    assert render_markdown_table(results).splitlines()[0] == "| Model | Set A | Set B | Mean |"
+    assert "Chance" not in render_markdown_report(results)
+
+
+def test_plots_mark_the_chance_level_of_every_group():
+    """One dashed segment per group, across its bars, at its chance level; the mean groups get the mean chance."""
+    results = _results_with_chance()
+    axes = grouped_bars_figure(results).axes[0]
+    (chance,) = [collection for collection in axes.collections if collection.get_label() == "Chance"]
+    assert chance.get_linestyle()[0][1] is not None  # dashed, not solid
+    heights = [segment[0][1] for segment in chance.get_segments()]
+    assert heights == pytest.approx([100 / 3, 100 / 8, 100 * (1 / 3 + 1 / 8) / 2, 100 / 8])
+    centres = [np.mean(segment[:, 0]) for segment in chance.get_segments()]
+    assert centres == pytest.approx([0, 1, 2, 3])
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["Set A", "Set B", "Mean", "Fine-grained mean"]
+    assert "Chance" in [text.get_text() for text in axes.get_legend().get_texts()]
+    # Top-5: no marker where a dataset has no top-5 chance.
+    (top5,) = [c for c in grouped_bars_figure(results, "top5").axes[0].collections if c.get_label() == "Chance"]
+    assert [np.mean(segment[:, 0]) for segment in top5.get_segments()] == pytest.approx([1, 2, 3])
+    assert confusion_matrix_figure(results, "a").get_suptitle() == "Set A (chance top-1 33.3%)"
+
+
+def test_fine_grained_is_a_boolean_defaulting_to_false(tmp_path):
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "a", "path": "a"}, {"name": "b", "path": "b", "fine_grained": True}])
+    assert [spec.fine_grained for spec in load_suite_config(config).datasets] == [False, True]
+    for value in ("yes", 1, None):
+        bad = _write_yaml(tmp_path / "bad.yaml", [{"name": "a", "path": "a", "fine_grained": value}])
+        with pytest.raises(ValueError, match=r"bad.yaml: dataset 'a': fine_grained must be true or false"):
+            load_suite_config(bad)
+
+
+def test_linear_probe_and_k_shot_report_chance_and_the_fine_grained_mean(tmp_path, in_memory_model):
+    _write_class_folder(tmp_path / "leaves", {"healthy": 6, "rust": 6, "blight": 6})
+    _write_class_folder(tmp_path / "fish", {"goby": 4, "tuna": 4}, seed=1)
+    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "fine_grained": True},
+                                                   {"name": "fish", "path": "fish"}])
+    results = run_suite(config, in_memory_model, tmp_path / "out", linear_probe=True, k_shots=[1, 2], seeds=[0])
+    probe = results["linear_probe"]
+    assert probe["mean_fine_grained"]["agriclip"]["top1"] == probe["datasets"]["leaves"]["agriclip"]["top1"]
+    assert probe["chance"]["mean"]["top1"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert probe["chance"]["mean_fine_grained"]["top1"] == pytest.approx(1 / 3)
+    # 1-shot: both datasets; 2-shot: only leaves has a class with more than 2 training images (fish has 2 per class).
+    assert results["few_shot"]["datasets"]["fish"]["agriclip"]["2"] is None
+    assert results["few_shot"]["chance"]["mean"]["1"]["top1"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert results["few_shot"]["chance"]["mean"]["2"]["top1"] == pytest.approx(1 / 3)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    probe_table = markdown.split("## Linear probe (top-1)\n\n")[1].split("\n\n")[0]
+    assert probe_table.splitlines()[-1] == "| Chance | 33.3 | 50.0 | 41.7 | 33.3 |"
+    assert "| Model | 1-shot | 2-shot |" in markdown and "| Chance | 41.7 | 33.3 |" in markdown
 
 
 # ---------------------------------------------------------------------------------------------------------------

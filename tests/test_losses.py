@@ -1,7 +1,8 @@
-"""ContrastiveLoss and DINOLoss: hand computations, the temperature clamp, and 2-process (gloo) equivalence."""
+"""ContrastiveLoss, DINOLoss and KoLeoLoss: hand computations, the temperature clamp, and 2-process (gloo) equivalence."""
 
 from datetime import timedelta
 import math
+import re
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import finish_distributed_worker
-from training.losses import ContrastiveLoss, DINOLoss, share_of_global_batch
+from training.losses import ContrastiveLoss, DINOLoss, KoLeoLoss, share_of_global_batch
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -131,6 +132,59 @@ def test_dino_loss_rejects_bad_shapes_and_steps():
         loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(3, OUT_DIM), step=0)
     with pytest.raises(ValueError, match="step 2"):
         loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(6, OUT_DIM), step=2)
+
+
+def _reference_koleo(features, eps=1e-8):
+    """The KoLeo loss written out: each normalised row's distance to its nearest other row, by brute force over the
+    rows in plain Python, then -mean log(d + eps)."""
+    rows = [row / row.norm() for row in features.double()]
+    distances = [min(float((rows[i] - rows[j]).norm()) for j in range(len(rows)) if j != i) for i in range(len(rows))]
+    return -sum(math.log(d + eps) for d in distances) / len(distances)
+
+
+def test_koleo_loss_matches_the_nearest_neighbour_distances_written_out():
+    torch.manual_seed(0)
+    features = torch.randn(7, 5, requires_grad=True)
+    loss = KoLeoLoss()(features)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(_reference_koleo(features.detach()), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+    # float64 stays float64, and agrees with the brute force to its precision (cdist as a second reference).
+    doubled = torch.randn(9, 4, dtype=torch.float64)
+    normalised = doubled / doubled.norm(dim=1, keepdim=True)
+    nearest = torch.cdist(normalised, normalised).fill_diagonal_(float("inf")).min(dim=1).values
+    assert KoLeoLoss()(doubled).item() == pytest.approx(-torch.log(nearest + 1e-8).mean().item(), rel=1e-7)
+    assert KoLeoLoss()(doubled).item() == pytest.approx(_reference_koleo(doubled), rel=1e-7)
+
+
+def test_koleo_loss_normalises_its_rows():
+    torch.manual_seed(0)
+    features = torch.randn(6, 8)
+    scales = torch.tensor([0.01, 0.5, 1.0, 3.0, 40.0, 1000.0]).unsqueeze(1)
+    torch.testing.assert_close(KoLeoLoss()(features * scales), KoLeoLoss()(features))
+
+
+def test_koleo_loss_is_larger_for_a_batch_with_a_duplicate_than_a_spread_one():
+    spread = torch.eye(4)  # orthonormal: every nearest neighbour at sqrt(2)
+    assert KoLeoLoss()(spread).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)
+    duplicated = spread.clone()
+    duplicated[1] = duplicated[0]
+    assert KoLeoLoss()(duplicated).item() > KoLeoLoss()(spread).item() + 5
+    # All rows the same: distances of eps * sqrt(dim) (pairwise_distance adds eps to the difference) plus eps.
+    assert KoLeoLoss()(torch.ones(3, 4)).item() == pytest.approx(-math.log(1e-8 * (math.sqrt(4) + 1)), rel=1e-5)
+
+
+def test_koleo_loss_never_takes_a_row_as_its_own_neighbour():
+    # x and -x lie at dot product -1, DINOv2's value for the diagonal: each row's neighbour is still the other one.
+    pair = torch.tensor([[1.0, 2.0, 2.0], [-1.0, -2.0, -2.0]])
+    assert KoLeoLoss()(pair).item() == pytest.approx(-math.log(2.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5,), (2, 3, 4), (0, 5)])
+def test_koleo_loss_rejects_a_single_row_and_other_shapes(shape):
+    with pytest.raises(ValueError, match=rf"KoLeoLoss: .*at least 2 rows.*got {re.escape(str(shape))}"):
+        KoLeoLoss()(torch.randn(shape))
 
 
 class _ToyDualEncoder(nn.Module):

@@ -129,6 +129,21 @@ def test_card_without_results_or_training_info(checkpoint):
     assert ModelCard(str(card)).data.license == "apache-2.0"
 
 
+@pytest.mark.parametrize("objective, account", [
+    ("image-mse", "by minimising the mean squared error to the CLIP image embedding of each image"),
+    ("text-mse", "by least squares onto the CLIP text embeddings of each image's captions"),
+    ("contrastive", "by image-to-text InfoNCE against the CLIP text embeddings of each image's captions"),
+])
+def test_the_card_says_what_stage_3_fitted_and_the_fusion_weight_it_chose(checkpoint, objective, account):
+    config = AgriCLIPConfig.from_pretrained(checkpoint)
+    config.alignment_objective, config.fusion_weight = objective, 0.7
+    config.save_pretrained(checkpoint)
+    text = build_model_card(checkpoint).content
+    stage3 = text.split("3. **Cross-model alignment.**")[1].split("| Part |")[0]
+    assert account in " ".join(stage3.split()) and f"`alignment_objective: {objective}`" in stage3
+    assert "`fusion_weight`, the CLIP share, is\n0.7)" in text
+
+
 def test_eval_model_follows_the_checkpoint_image_embedding(tmp_path):
     results = suite_results(tmp_path)
     assert select_eval_model(results, AgriCLIPConfig.tiny(image_embedding="fused"), tmp_path) == "agriclip (fused)"
@@ -190,6 +205,128 @@ def test_card_command_line(checkpoint, tmp_path):
     assert len(ModelCard.load(checkpoint / "README.md").data.eval_results) == 2 * 3 + 1  # top-5 only where a dataset has > 5 classes
     # The LoRA recipe targets the tower behind the checkpoint's image embedding ("aligned": the backbone).
     assert 'target_modules=r"(?:dino_model' in text and "--towers backbone" in text
+
+
+def test_read_training_info_records_where_the_weights_started(tmp_path):
+    """From the first stage's `model` flag: a preset or a JSON config file is a random start; stage 2 may replace
+    the backbone's start."""
+    cases = [
+        ("tiny", {}, {"model": "tiny", "random": True}),
+        ("my_config.json", {}, {"model": "my_config.json", "random": True}),
+        ("checkpoints/from-clip", {}, {"model": "checkpoints/from-clip", "random": False}),
+        ("checkpoints/from-clip", {"random_init": True},
+         {"model": "checkpoints/from-clip", "random": False, "backbone": {"model": None, "random": True}}),
+        ("tiny", {"random_init": True}, {"model": "tiny", "random": True}),  # random all along
+        ("tiny", {"backbone": "facebook/dinov2-small"},
+         {"model": "tiny", "random": True, "backbone": {"model": "facebook/dinov2-small", "random": False}}),
+    ]
+    for index, (model, stage2_flags, expected) in enumerate(cases):
+        run_dir = tmp_path / str(index)
+        write_run(run_dir / "stage1", "stage1_contrastive", {"model": model}, [])
+        write_run(run_dir / "stage2", "stage2_dino", {"model": str(run_dir / "stage1" / "final"), **stage2_flags}, [])
+        assert read_training_info(run_dir)["initialisation"] == expected, model
+    write_run(tmp_path / "unrecorded", "stage1_contrastive", {"learning_rate": 1e-4}, [])
+    assert "initialisation" not in read_training_info(tmp_path / "unrecorded")
+
+
+def card_text(checkpoint, training_info, results=None) -> tuple[str, str]:
+    """The card's text and the part of it before the model description (its opening)."""
+    text = build_model_card(checkpoint, eval_results=results, training_info=training_info).content
+    return text, text.split("## Model description")[0]
+
+
+def test_the_card_says_plainly_that_a_demo_run_started_from_random_weights_on_synthetic_data(checkpoint, tmp_path):
+    """Read from the run: the stage log's `model` (the tiny preset) and the data marked synthetic."""
+    write_run(tmp_path / "run" / "stage1", "stage1_contrastive", {"model": "tiny"}, [])
+    info = {**read_training_info(tmp_path / "run"), "data": {"name": "ALive-mini (embedded)", "synthetic": True}}
+    text, opening = card_text(checkpoint, info, suite_results(checkpoint))
+    assert "**What these numbers mean.**" in opening
+    assert "started from random weights (the `tiny` preset), not from pretrained CLIP or DINO models" in opening
+    assert ("trained on **ALive-mini (embedded)**, a synthetic dataset of procedurally drawn images (`training.embedded`), "
+            "not on photos") in opening
+    assert "its accuracies demonstrate that the pipeline works, not the paper's result" in opening
+    assert "A CLIP dual encoder is trained from random weights" in text and "fine-tuned" not in text
+    # No sentence that holds only for a CLIP start or for photos.
+    assert "start from CLIP" not in text and "photographed in laboratories" not in text
+    assert "drawn procedurally (`training.embedded`), not photographed" in text
+
+
+def test_the_card_of_a_pretrained_start_on_real_data_says_so(checkpoint, tmp_path):
+    write_run(tmp_path / "run" / "stage1", "stage1_contrastive", {"model": "checkpoints/agriclip-from-clip"}, [])
+    info = {**TRAINING_INFO, **read_training_info(tmp_path / "run")}
+    text, opening = card_text(checkpoint, info)
+    assert ("**What these numbers mean.** The towers of this checkpoint started from the weights of "
+            "`openai/clip-vit-base-patch16`. It was trained on **ALive**.") in opening
+    for claim in ("random", "synthetic", "not the paper's result"):
+        assert claim not in opening
+    assert "is fine-tuned on agricultural image-caption pairs" in text and "start from CLIP" in text
+    # Without a base model the card names the folder the run started from.
+    _, opening = card_text(checkpoint, {**info, "base_model": None})
+    assert "started from the weights of `checkpoints/agriclip-from-clip`." in opening
+    # Nothing recorded: no note, nothing assumed.
+    _, opening = card_text(checkpoint, {})
+    assert "What these numbers mean" not in opening
+
+
+def test_the_card_shows_chance_levels_the_fine_grained_mean_and_any_extra_model(checkpoint):
+    """Results as run_suite writes them, with a fine-grained dataset and an extra model (an equal-compute control)
+    in the same run: the tables hold its row and a Chance row, and the text puts the checkpoint's means beside
+    their chance levels."""
+    results = suite_results(checkpoint)
+    control = "clip-control (clip)"
+    results["models"][control] = {"path": "/elsewhere/control", "embedding": "clip", "model_type": "agriclip"}
+    for dataset, n_classes in (("leaf-condition", 4), ("fish-species", 8)):
+        results["datasets"][dataset][control] = dict(results["datasets"][dataset]["clip-baseline"], top1=0.625)
+        results["dataset_info"][dataset]["chance"] = {"top1": 1 / n_classes, "top5": None if n_classes <= 5 else 5 / n_classes,
+                                                      "mean_per_class": 1 / n_classes}
+        results["dataset_info"][dataset]["fine_grained"] = dataset == "fish-species"
+    per_model = {model: [results["datasets"][d][model]["top1"] for d in results["datasets"]] for model in (*MODELS, control)}
+    results["mean"] = {model: {"top1": float(np.mean(values)), "n_datasets": 2} for model, values in per_model.items()}
+    results["mean_fine_grained"] = {model: {"top1": values[1], "n_datasets": 1} for model, values in per_model.items()}
+    results["chance"] = {"mean": {"top1": (1 / 4 + 1 / 8) / 2}, "mean_fine_grained": {"top1": 1 / 8}}
+    text = build_model_card(checkpoint, eval_results=results).content
+    top1 = text.split("### Top-1 accuracy\n\n")[1].split("\n\n")[0].splitlines()
+    assert top1[0] == "| Model | Leaf condition | Fish species | Mean | Fine-grained mean |"
+    assert f"| {control} | 62.5 | 62.5 | 62.5 | 62.5 |" in top1
+    assert top1[-1] == "| Chance | 25.0 | 12.5 | 18.8 | 12.5 |"
+    aligned = per_model["agriclip (aligned)"]
+    assert (f"agriclip (aligned): mean top-1 accuracy {100 * np.mean(aligned):.1f} % over the 2 tasks (chance 18.8 %); "
+            f"{100 * aligned[1]:.1f} % over the fine-grained tasks (chance 12.5 %).") in text
+    assert "The fine-grained mean is over the fine-grained tasks: Fish species." in text
+    # The extra model is a row, not this checkpoint: the model-index stays the checkpoint's own.
+    assert {e.metric_value for e in ModelCard(text).data.eval_results} >= set(aligned)
+    assert 0.625 not in {e.metric_value for e in ModelCard(text).data.eval_results}
+
+
+def test_the_card_says_which_row_is_a_baseline_and_indexes_only_the_checkpoint_s_own(checkpoint):
+    """As training.run_all writes it: the checkpoint (image embedding `clip`) evaluated from its stage-3 folder beside
+    an equal-compute control, an AgriCLIP folder evaluated with `clip` too. Only the name run_all passes tells them
+    apart; the card names the control's row and keeps it out of the model-index."""
+    config = AgriCLIPConfig.from_pretrained(checkpoint)
+    config.image_embedding = "clip"
+    config.save_pretrained(checkpoint)
+    results = suite_results(checkpoint)
+    control = "clip-control (clip)"
+    for name in ("agriclip (aligned)", "agriclip (clip)", "agriclip (fused)"):
+        results["models"][name]["path"] = "/run/stage3/final"
+    results["models"][control] = {"path": "/run/control/final", "embedding": "clip", "model_type": "agriclip"}
+    for dataset in results["datasets"]:
+        results["datasets"][dataset][control] = dict(results["datasets"][dataset]["clip-baseline"], top1=0.625)
+    results["mean"][control] = {"top1": 0.625, "n_datasets": 2}
+    with pytest.raises(ValueError, match=r"candidates \['agriclip \(clip\)', 'clip-control \(clip\)'\]"):
+        build_model_card(checkpoint, eval_results=results)
+    baselines = {control: "the equal-compute CLIP control: stage 1 alone for 18 epochs"}
+    text = build_model_card(checkpoint, eval_results=results, training_info={"baselines": baselines},
+                            eval_model="agriclip (clip)").content
+    assert f"| {control} | 62.5 | 62.5 |" in text and "the row\n**agriclip (clip)**" in text
+    assert ("**clip-control (clip)** is the equal-compute CLIP control: stage 1 alone for 18 epochs. clip-control "
+            "(clip): mean top-1 accuracy 62.5 % over the 2 tasks.") in text
+    own = results["datasets"]
+    assert sorted(e.metric_value for e in ModelCard(text).data.eval_results) == sorted(
+        own[d]["agriclip (clip)"][key] for d in own for key in METRIC_TYPES if own[d]["agriclip (clip)"][key] is not None)
+    with pytest.raises(ValueError, match=r"baseline\(s\) \['clip-control \(lora\)'\] not in the evaluation results"):
+        build_model_card(checkpoint, eval_results=results, training_info={"baselines": {"clip-control (lora)": "x"}},
+                         eval_model="agriclip (clip)")
 
 
 def test_describe_caption_data(tmp_path):

@@ -186,6 +186,33 @@ def test_config_errors_name_the_problem(tiny_config):
         AgriCLIPConfig(text_config=CLIPTextConfig(hidden_size=30, num_attention_heads=4))
 
 
+def test_config_records_the_alignment_objective_and_fusion_weight_through_save_load_and_remote_code(tmp_path):
+    folder = tmp_path / "model"
+    AgriCLIPModel(AgriCLIPConfig.tiny(alignment_objective="contrastive", fusion_weight=0.3)).save_pretrained(folder)
+    for loader in (AgriCLIPConfig, AutoConfig):
+        loaded = loader.from_pretrained(folder)
+        assert (loaded.alignment_objective, loaded.fusion_weight) == ("contrastive", 0.3)
+    # A checkpoint written before the field existed loads as the paper's objective.
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["alignment_objective"]
+    assert AgriCLIPConfig.from_dict(saved).alignment_objective == "image-mse"
+    with pytest.raises(Exception, match=r"alignment_objective must be one of \('image-mse', 'text-mse', 'contrastive'\)"):
+        AgriCLIPConfig.tiny(alignment_objective="mse")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path = [p for p in sys.path if p not in ("", ".")]
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(config).__module__.startswith("transformers_modules"), type(config).__module__
+        print("REMOTE", config.alignment_objective, config.fusion_weight)
+        """
+    )
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = run_subprocess([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300)
+    assert "REMOTE contrastive 0.3" in done.stdout, done.stderr[-3000:]
+
+
 def test_config_presets():
     assert AgriCLIPConfig.paper().backbone_hidden_size == 2048
     assert AgriCLIPConfig.paper().dino_config.model_type == "resnet"

@@ -1,10 +1,13 @@
-"""Stage 3 numerical core: the linear aligner from backbone features to the CLIP image-embedding space.
+"""Stage 3 numerical core: the linear aligner from backbone features into the CLIP embedding space.
 
-The aligner is an affine map ``y ≈ x Wᵀ + b`` fitted by mean squared error (Text-to-Concept style cross-model
-alignment). Its optimum has a closed form, so the default fit streams sufficient statistics over the data in one
-pass (`AlignerStatistics` + `fit_closed_form`): memory is independent of the number of images and the statistics
-sum across processes. The paper's SGD recipe is kept for parity (`fit_sgd_recipe`), and `load_aligner_file` /
-`save_aligner_file` read and write the official ``{"W", "b"}`` release format.
+The aligner is an affine map ``y ≈ x Wᵀ + b``. The paper fits it by mean squared error onto the CLIP image embedding
+(Text-to-Concept style cross-model alignment). That optimum has a closed form, so the default fit streams sufficient
+statistics over the data in one pass (`AlignerStatistics` + `fit_closed_form`): memory is independent of the number
+of images and the statistics sum across processes. The paper's SGD recipe is kept for parity (`fit_sgd_recipe`).
+The objectives stage 3 can fit by name are in one table, `ALIGNMENT_OBJECTIVES` (`create_objective`): the paper's,
+least squares onto the CLIP text embeddings of each image's captions, and a contrastive head started from it
+(`fit_contrastive_head`). `load_aligner_file` / `save_aligner_file` read and write the official ``{"W", "b"}``
+release format.
 """
 
 import logging
@@ -308,6 +311,16 @@ def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeig
     return AlignerWeights(weight=weight.float().contiguous(), bias=bias.float())
 
 
+def relative_ridge(stats: AlignerStatistics, fraction: float) -> float:
+    """The ridge of `fit_closed_form` that is `fraction` of the mean variance of a feature dimension,
+    `tr(Cxx) / D_in`: a grid of fractions means the same for features of any scale."""
+    if stats.n == 0:
+        raise ValueError("relative_ridge: the statistics hold no data")
+    if fraction < 0:
+        raise ValueError(f"relative_ridge: fraction must be >= 0, got {fraction}")
+    return fraction * (stats.sxx.diagonal().sum() / (stats.n * stats.in_features)).item()
+
+
 @torch.no_grad()
 def variance_scales(x: torch.Tensor, y: torch.Tensor, target_variance: float = 4.5) -> tuple[float, float]:
     """
@@ -385,6 +398,215 @@ def fit_sgd_recipe(
     return AlignerWeights(
         weight=(linear.weight.detach() * (c1 / c2)).contiguous(), bias=linear.bias.detach() * bias_scale
     )
+
+
+def _feature_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of features in memory (float64 over row chunks, returned as
+    float32); a constant dimension gets standard deviation 1."""
+    chunks = x.split(_CHUNK_ROWS)
+    mean = sum(chunk.sum(0, dtype=torch.float64) for chunk in chunks) / x.shape[0]
+    variance = sum((chunk.double() - mean).square().sum(0) for chunk in chunks) / x.shape[0]
+    std = variance.sqrt()
+    std[std == 0] = 1.0
+    return mean.float(), std.float()
+
+
+@dataclass(frozen=True)
+class ContrastiveFit:
+    """The head `fit_contrastive_head` trained, and its mean batch loss over the training pairs (in data order, the
+    training batch size) at the start, the closed-form solution, and at the end."""
+
+    weights: AlignerWeights
+    start_loss: float
+    final_loss: float
+
+
+def fit_contrastive_head(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    start: AlignerWeights,
+    logit_scale: float,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> ContrastiveFit:
+    """
+    A linear head on frozen features trained with image-to-text InfoNCE against frozen caption targets
+    (`training.losses.CaptionTargetInfoNCE`: over the distinct targets of each batch, temperature `exp(logit_scale)`
+    fixed), starting from `start` (the least-squares solution onto the same targets).
+
+    AdamW without weight decay: the loss compares L2-normalised outputs, so it does not depend on the scale of the
+    head, and decay would only shrink it (and so enlarge the steps). The head works on standardised features
+    (per-dimension mean and standard deviation of `x`), so that Adam's step means the same for every feature
+    dimension, and is exported back onto the raw features: `y = x Wᵀ + b`. Each epoch's order is `torch.randperm`
+    from a CPU `torch.Generator` seeded with `seed`; training runs on the device of `x`, deterministically.
+
+    Args:
+        x (`torch.Tensor` of shape `(n, D_in)`): backbone features.
+        targets (`torch.Tensor` of shape `(n, D_out)`): each image's caption target (normalised in the loss).
+        groups (`torch.Tensor` of shape `(n,)`): int64, equal for images with the same captions.
+    """
+    from training.losses import CaptionTargetInfoNCE  # transformers-heavy; the rest of this module needs only torch
+
+    if x.ndim != 2 or targets.shape != (x.shape[0], start.weight.shape[0]) or groups.shape != x.shape[:1]:
+        raise ValueError(
+            f"x, targets, groups: expected shapes (n, {start.weight.shape[1]}), (n, {start.weight.shape[0]}) and (n,), "
+            f"got {tuple(x.shape)}, {tuple(targets.shape)} and {tuple(groups.shape)}"
+        )
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"fit_contrastive_head: epochs must be >= 1 and batch_size >= 2, got {epochs} and {batch_size}")
+    mean, std = (moment.to(x.device) for moment in _feature_moments(x))
+    linear = nn.Linear(x.shape[1], targets.shape[1]).to(x.device)
+    with torch.no_grad():
+        weight = start.weight.to(x.device, torch.float32)
+        linear.weight.copy_(weight * std)
+        linear.bias.copy_(start.bias.to(x.device, torch.float32) + weight @ mean)
+    loss_fn = CaptionTargetInfoNCE()
+
+    def batch_loss(indices: torch.Tensor) -> torch.Tensor:
+        return loss_fn(linear((x[indices] - mean) / std), targets[indices], groups[indices], logit_scale)
+
+    @torch.no_grad()
+    def mean_loss() -> float:
+        batches = torch.arange(x.shape[0], device=x.device).split(batch_size)
+        return sum(batch_loss(indices).item() * len(indices) for indices in batches) / x.shape[0]
+
+    start_loss = mean_loss()
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        epoch_loss = torch.zeros((), device=x.device)
+        batches = torch.randperm(x.shape[0], generator=generator).to(x.device).split(batch_size)
+        for indices in batches:
+            loss = batch_loss(indices)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.detach()
+        logger.info("contrastive head epoch %d: mean batch InfoNCE %.4f", epoch, epoch_loss.item() / len(batches))
+    final_loss = mean_loss()
+    with torch.no_grad():
+        weight = linear.weight / std
+        bias = linear.bias - weight @ mean
+    return ContrastiveFit(AlignerWeights(weight=weight.contiguous(), bias=bias), start_loss, final_loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alignment objectives: what stage 3 fits the aligner to, by name (`create_objective`, as open_clip's create_loss).
+# ---------------------------------------------------------------------------------------------------------------
+
+# What an objective fits the backbone features onto: the CLIP image embedding of each image, or its caption target
+# (the mean of the L2-normalised CLIP text embeddings of its caption variants).
+TARGET_IMAGE, TARGET_TEXT = "image", "text"
+
+
+@dataclass(frozen=True)
+class AlignmentData:
+    """The training pairs of an objective: `stats`, the `AlignerStatistics` of (features, targets) over all
+    processes, and, for an objective that `needs_features`, the features themselves (`x`, `targets`, and `groups`:
+    int64, equal for images with the same captions), the same on every process."""
+
+    stats: AlignerStatistics
+    x: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+
+
+class ImageMSE:
+    """
+    `image-mse`, the paper's objective: least squares onto the CLIP image embedding of each image. The closed form
+    from the streamed statistics (`fit_closed_form`, with a ridge), or, given `sgd` (keyword arguments of
+    `fit_sgd_recipe`), the paper's SGD recipe on the features in memory (no ridge: it has weight decay).
+    """
+
+    name = "image-mse"
+    target = TARGET_IMAGE
+
+    def __init__(self, sgd: Mapping | None = None):
+        self.sgd = dict(sgd) if sgd is not None else None
+
+    @property
+    def needs_features(self) -> bool:
+        return self.sgd is not None
+
+    @property
+    def has_ridge(self) -> bool:
+        return self.sgd is None
+
+    def fit(self, data: AlignmentData, ridge: float = 0.0) -> AlignerWeights:
+        if self.sgd is not None:
+            return fit_sgd_recipe(data.x, data.targets, **self.sgd)
+        return fit_closed_form(data.stats, ridge=ridge)
+
+    def fit_metrics(self) -> dict[str, float]:
+        return {}
+
+
+class TextMSE:
+    """
+    `text-mse`: least squares onto each image's caption target, the mean of the L2-normalised CLIP text embeddings
+    of its caption variants, in closed form from the streamed statistics (`fit_closed_form`, with a ridge). With the
+    same number of variants per image this is least squares on one pair per variant: `Σ_v ‖t_v − ŷ‖²` is
+    `V ‖t̄ − ŷ‖²` plus a constant.
+    """
+
+    name = "text-mse"
+    target = TARGET_TEXT
+    needs_features = False
+    has_ridge = True
+
+    def fit(self, data: AlignmentData, ridge: float = 0.0) -> AlignerWeights:
+        return fit_closed_form(data.stats, ridge=ridge)
+
+    def fit_metrics(self) -> dict[str, float]:
+        return {}
+
+
+class ContrastiveAlignment:
+    """
+    `contrastive`: a linear head trained with image-to-text InfoNCE against the caption targets
+    (`fit_contrastive_head`), started from the `text-mse` closed form with the same ridge: for when least squares,
+    which weighs every output coordinate alike, is not what ranks an image's own caption first. The features are
+    in memory, the same on every process, so N processes fit what one does; the head trains on `device` (default:
+    where the features are). `fit_metrics` gives the InfoNCE of the last fit at its start and end.
+    """
+
+    name = "contrastive"
+    target = TARGET_TEXT
+    needs_features = True
+    has_ridge = True
+
+    def __init__(self, logit_scale: float, device: torch.device | str | None = None, **head_options):
+        """`head_options`: `epochs`, `lr`, `batch_size` and `seed` of `fit_contrastive_head`."""
+        self.options = {"logit_scale": logit_scale, **head_options}
+        self.device = device
+        self.result: ContrastiveFit | None = None
+
+    def fit(self, data: AlignmentData, ridge: float = 0.0) -> AlignerWeights:
+        start = fit_closed_form(data.stats, ridge=ridge)
+        device = self.device if self.device is not None else data.x.device
+        x, targets, groups = (tensor.to(device) for tensor in (data.x, data.targets, data.groups))
+        self.result = fit_contrastive_head(x, targets, groups, start, **self.options)
+        return AlignerWeights(weight=self.result.weights.weight.cpu(), bias=self.result.weights.bias.cpu())
+
+    def fit_metrics(self) -> dict[str, float]:
+        if self.result is None:
+            return {}
+        return {"train/infonce_start": self.result.start_loss, "train/infonce_final": self.result.final_loss}
+
+
+# The one table of objectives; `modeling_agriclip.configuration_agriclip.ALIGNMENT_OBJECTIVES` (which the Hub code
+# validates a config against) and `training.stage3_align.OBJECTIVES` (the light command) name the same, in order.
+ALIGNMENT_OBJECTIVES = {objective.name: objective for objective in (ImageMSE, TextMSE, ContrastiveAlignment)}
+
+
+def create_objective(name: str, **options):
+    """The alignment objective `name` of `ALIGNMENT_OBJECTIVES`, built with its `options`."""
+    if name not in ALIGNMENT_OBJECTIVES:
+        raise ValueError(f"unknown alignment objective {name!r}; choose one of {list(ALIGNMENT_OBJECTIVES)}")
+    return ALIGNMENT_OBJECTIVES[name](**options)
 
 
 def load_aligner_file(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None) -> AlignerWeights:

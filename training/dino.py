@@ -136,6 +136,29 @@ MULTICROP_PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class PhotometricRecipe:
+    """The colour operations of a multi-crop view: colour jitter (brightness, contrast, saturation, hue) with its
+    probability, grayscale probability, and whether the second global view may be solarised."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    jitter_prob: float
+    grayscale_prob: float
+    solarize: bool
+
+
+PHOTOMETRIC_RECIPES = {
+    # DINO's (and BYOL's) recipe: colour is mostly a nuisance on ImageNet.
+    "dino": PhotometricRecipe(0.4, 0.4, 0.2, 0.1, jitter_prob=0.8, grayscale_prob=0.2, solarize=True),
+    # For crops, fish and livestock colour often is the diagnosis (chlorosis, rust, a halo, a coat): lighting
+    # changes stay, hue and saturation shifts, grayscale and solarisation go.
+    "colour": PhotometricRecipe(0.4, 0.4, 0.0, 0.0, jitter_prob=0.8, grayscale_prob=0.0, solarize=False),
+}
+
+
 def blur_kernel_size(crop_size: int) -> int:
     """Odd Gaussian kernel size of about 10% of the crop side (SimCLR's rule), at least 3.
 
@@ -160,8 +183,10 @@ class MultiCropAugmentation(nn.Module):
 
     Per view, as in DINO: bicubic random resized crop, horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
     p=0.8, grayscale p=0.2, Gaussian blur sigma in (0.1, 2) with p=1.0 (global 1), 0.1 (global 2), 0.5 (local),
-    solarisation p=0.2 on global 2 only. Unlike PIL, the bicubic resize does not antialias: feed images
-    not much larger than the global crop (e.g. 256 px) to keep downscaling mild.
+    solarisation p=0.2 on global 2 only: the `photometric="dino"` recipe (the default). `photometric="colour"` keeps
+    the flip, the blur and the jitter of brightness and contrast (same ranges and probability) and leaves hue and
+    saturation factors, grayscale and solarisation out (`PHOTOMETRIC_RECIPES`). Unlike PIL, the bicubic resize does not
+    antialias: feed images not much larger than the global crop (e.g. 256 px) to keep downscaling mild.
     """
 
     def __init__(
@@ -172,21 +197,26 @@ class MultiCropAugmentation(nn.Module):
         local_size: int = 96,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        photometric: str = "dino",
     ):
         super().__init__()
+        if photometric not in PHOTOMETRIC_RECIPES:
+            raise ValueError(f"MultiCropAugmentation: unknown photometric recipe {photometric!r}, expected one of "
+                             f"{sorted(PHOTOMETRIC_RECIPES)}")
+        colour = PHOTOMETRIC_RECIPES[photometric]
         if preset not in MULTICROP_PRESETS:
             raise ValueError(f"MultiCropAugmentation: unknown preset {preset!r}, expected one of {sorted(MULTICROP_PRESETS)}")
         scales = MULTICROP_PRESETS[preset]
         self.num_local_crops = num_local_crops
         self.global_crop = self._resized_crop(global_size, scales.global_crops_scale)
         self.local_crop = self._resized_crop(local_size, scales.local_crops_scale)
-        self.global_color = self._flip_and_color_jitter()
-        self.local_color = self._flip_and_color_jitter()
+        self.global_color = self._flip_and_color_jitter(colour)
+        self.local_color = self._flip_and_color_jitter(colour)
         self.global_1_blur = self._blur(global_size, p=1.0)
         self.global_2_blur = K.ImageSequential(
             self._blur(global_size, p=0.1),
             # Thresholds (0.5, 0.5) and no additions reproduce PIL's ImageOps.solarize(threshold=128).
-            K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2),
+            K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2 if colour.solarize else 0.0),
         )
         self.local_blur = self._blur(local_size, p=0.5)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -200,11 +230,12 @@ class MultiCropAugmentation(nn.Module):
         return K.RandomResizedCrop((size, size), scale=scale, resample="bicubic", align_corners=False)
 
     @staticmethod
-    def _flip_and_color_jitter() -> nn.Module:
+    def _flip_and_color_jitter(colour: PhotometricRecipe) -> nn.Module:
         return K.ImageSequential(
             K.RandomHorizontalFlip(p=0.5),
-            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
-            K.RandomGrayscale(p=0.2),
+            K.ColorJitter(brightness=colour.brightness, contrast=colour.contrast, saturation=colour.saturation,
+                          hue=colour.hue, p=colour.jitter_prob),
+            K.RandomGrayscale(p=colour.grayscale_prob),
         )
 
     @staticmethod

@@ -1,7 +1,10 @@
 """Stage 2 of AgriCLIP, the work behind `python -m training.stage2_dino` (which parses the options).
 
 DINO self-distillation of the fine-grained backbone: a student (backbone + DINO head) matches the centred, sharpened
-outputs of its EMA teacher over multi-crop views (Caron et al. 2021), with the published recipes.
+outputs of its EMA teacher over multi-crop views (Caron et al. 2021), with the published recipes, and optionally
+DINOv2's KoLeo regulariser on the student's pooled features of the global crops (`--koleo-weight`). With k-NN data, the
+trained backbone is set against an untrained control of the same architecture, and `final/stage2_report.json` says
+how they compare.
 """
 
 
@@ -10,14 +13,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from agriclip.atomic import write_json_atomically
 from evaluation.knn import knn_accuracy
+from modeling_agriclip.convert import names_random_weights
 from modeling_agriclip.modeling_agriclip import backbone_features, unreadable_weights_named
 from agriclip.images import DecodeStats, counted
 from training.data import ImageCollator, load_image_text_dataset, load_labelled_dataset
@@ -32,9 +39,10 @@ from training.dino import (
     param_groups_without_decay,
     update_teacher,
 )
-from training.losses import DINOLoss
+from training.losses import DINOLoss, KoLeoLoss
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
+from training.stage2_dino import recipe_settings
 from training.runtime import (
     CheckpointManager,
     PreemptionGuard,
@@ -55,6 +63,14 @@ from training.runtime import (
 RUN = "stage2_dino"
 # Options that only change what the k-NN evaluation reports (see `training.runtime.run_options`).
 KNN_OPTIONS = ("knn_data", "knn_bank_split", "knn_query_split", "knn_k")
+# Options that decide nothing once the settings they stand for are resolved into the other options.
+NEUTRAL_OPTIONS = (*KNN_OPTIONS, "recipe")
+# Options added after stage-2 checkpoints were first written, each with the value that means what a checkpoint without
+# it did: left out of the recorded options at that value (`checkpoint_options`), so that such a checkpoint resumes under
+# it, while any other value still differs from the record and is refused.
+ADDED_OPTIONS = {"photometric": "dino", "koleo_weight": 0.0}
+# What stage 2 found, written into the exported checkpoint folder beside the weights it describes.
+REPORT = "stage2_report.json"
 
 # The two published recipes (DINO README): ViTs train with AdamW, the ResNet-50 with SGD.
 OPTIMIZER_RECIPES = {
@@ -67,8 +83,54 @@ class CollapseError(RuntimeError):
     """The DINO outputs collapsed (one-hot or uniform); training further would not recover."""
 
 
+def checkpoint_options(args, accelerator) -> dict:
+    """The options saved with each checkpoint and compared on resume (`training.runtime.run_options`), less those of
+    `ADDED_OPTIONS` at the value that a checkpoint written before them stands for."""
+    options = run_options(args, accelerator, neutral=NEUTRAL_OPTIONS)
+    return {name: value for name, value in options.items()
+            if not (name in ADDED_OPTIONS and value == ADDED_OPTIONS[name])}
+
+
+@dataclass
+class StudentLoss:
+    """The loss of a training step: DINO's (with its detached collapse indicators, `training.losses.DINOLossOutput`)
+    plus `koleo_weight` times `koleo`, the KoLeo terms of the global crops summed (detached; None without KoLeo)."""
+
+    loss: torch.Tensor
+    teacher_entropy: torch.Tensor
+    teacher_student_kl: torch.Tensor
+    koleo: torch.Tensor | None = None
+
+
+class PooledFeatures:
+    """Keeps the input of a DINO head at each forward: the pooled backbone features of every crop, in crop order
+    (`training.dino.MultiCropWrapper`), so the KoLeo term sees what the head sees, through the student's own forward
+    (under DDP too)."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.features = None
+        self.handle = head.register_forward_pre_hook(self.keep)
+
+    def keep(self, module, inputs):
+        self.features = inputs[0]
+
+    def take(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        return features
+
+
+def koleo_term(koleo: KoLeoLoss, features: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """DINOv2's KoLeo term: the KoLeo loss of each of the 2 global crops separately (rows [0, B) and [B, 2B) of the
+    pooled features), summed. Zero for a batch of fewer than 2 readable images, whose crops have no neighbour."""
+    if batch_size < 2:
+        return features.new_zeros((), dtype=torch.float32)
+    return sum(koleo(crop) for crop in features[:2 * batch_size].chunk(2))
+
+
 def resolve_recipe(args, backbone_type: str) -> None:
-    """Fills the options left unset from the published recipe of the backbone type."""
+    """Fills the crop scales and optimizer settings left unset from the published recipe of the backbone type (the
+    settings of `--recipe` are filled in by `training.stage2_dino.apply_recipe` already; a learning rate it leaves
+    unset is the optimizer's)."""
     is_resnet = backbone_type == "resnet"
     args.crop_recipe = args.crop_recipe or ("resnet" if is_resnet else "vit")
     args.optimizer = args.optimizer or ("sgd" if is_resnet else "adamw")
@@ -94,6 +156,31 @@ def load_backbone(args, model):
                 "AgriCLIP checkpoint around it first: agriclip convert --dino ... --clip ..."
             ) from None
     return backbone
+
+
+def resolved_recipe(args) -> tuple[dict, dict]:
+    """The `--recipe` settings the run uses and those given instead of the recipe's (`recipe_settings`), once
+    `resolve_recipe` has filled in the optimizer's."""
+    return recipe_settings(args, {"learning_rate": OPTIMIZER_RECIPES[args.optimizer]["learning_rate"]})
+
+
+def starts_random(args) -> bool:
+    """Whether the backbone starts from random weights, as the options say: --random-init, or a preset or JSON config
+    file as --model (`training.models.load_model_and_processor` builds those randomly), unless --backbone loads
+    weights over it. (A checkpoint folder whose backbone a previous stage left at its random initialisation does not
+    say so: it counts as not random.)"""
+    if getattr(args, "backbone", None):
+        return False
+    return bool(getattr(args, "random_init", False)) or names_random_weights(args.model)
+
+
+def untrained_backbone(config, seed: int):
+    """A backbone of the architecture of `config.dino_config`, built as `AgriCLIPModel` builds its `dino_model`, with
+    the random initialisation of its transformers class drawn under `seed` (the global RNG is left as it was)."""
+    kwargs = {"add_pooling_layer": False} if config.dino_config.model_type == "vit" else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModel.from_config(config.dino_config, **kwargs)
 
 
 def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None, seed: int):
@@ -158,8 +245,12 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     student = MultiCropWrapper(backbone, head)
     teacher = copy.deepcopy(student).requires_grad_(False)
     # The teacher's head always has a normalised last layer (DINO); only the student's may train its norm.
+    # KoLeo (after the copy: the teacher keeps no features) sees the student's pooled features.
+    pooled = PooledFeatures(head) if args.koleo_weight > 0 else None
+    koleo = KoLeoLoss()
     augment = MultiCropAugmentation(args.crop_recipe, args.num_local_crops, global_size, local_size,
-                                    mean=config.dino_image_mean, std=config.dino_image_std).to(accelerator.device)
+                                    mean=config.dino_image_mean, std=config.dino_image_std,
+                                    photometric=args.photometric).to(accelerator.device)
     num_crops = 2 + args.num_local_crops
 
     decode_stats = DecodeStats()
@@ -204,14 +295,21 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     def normalise(pixels):
         return (pixels - augment.mean) / augment.std
 
-    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=KNN_OPTIONS),
-                                 args.allow_changed_config)
+    position = checkpoints.start(args.resume, checkpoint_options(args, accelerator), args.allow_changed_config)
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
+    random_start = starts_random(args)
+    initial_knn = None  # evaluated at step 0 only: a resumed run reports no start
     if knn_sets and position.step == 0:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": initial_knn}, step=0)
-        accelerator.print(f"k-NN top-1 of the initial backbone: {initial_knn:.3f}")
+        accelerator.print(f"k-NN top-1 of the initial backbone{' (random weights)' if random_start else ''}: "
+                          f"{initial_knn:.3f}")
     collapse_window = default_collapse_window(max_steps, warmup_steps) if args.collapse_window is None else args.collapse_window
+    recipe_values, overridden = resolved_recipe(args)
+    accelerator.print(f"stage 2: recipe {args.recipe}: " + ", ".join(f"{name} {value:g}" for name, value in recipe_values.items())
+                      + (f"; given instead of the recipe's: {', '.join(sorted(overridden))}" if overridden else "")
+                      + f"; photometric {args.photometric}; KoLeo weight {args.koleo_weight:g}"
+                      + (" (off: the published DINO)" if pooled is None else ""))
     accelerator.print(f"stage 2: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
                       f"x {args.gradient_accumulation_steps} accumulation, {num_crops} crops ({global_size}/{local_size} px), "
                       f"{args.optimizer}, on {accelerator.device}\n"
@@ -222,6 +320,15 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     collapse = CollapseMonitor(args.out_dim, window=collapse_window)
     progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
     samples, started = 0, time.perf_counter()
+    last = {}  # the teacher's entropy and teacher-student KL of the last step of this segment
+
+    def student_loss(crops, teacher_output, batch_size) -> StudentLoss:
+        output = dino_loss(student(crops), teacher_output, position.step)
+        if pooled is None:
+            return StudentLoss(output.loss, output.teacher_entropy, output.teacher_student_kl)
+        term = koleo_term(koleo, pooled.take(), batch_size)
+        return StudentLoss(output.loss + args.koleo_weight * term, output.teacher_entropy, output.teacher_student_kl,
+                           term.detach())
 
     with PreemptionGuard(accelerator) as preemption:
         for batch in resumable_batches(loader, accelerator, position, max_steps, args.train_data):
@@ -233,7 +340,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             with torch.no_grad():
                 teacher_output = teacher(crops[:2])
             output = train_step(
-                accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, position.step),
+                accelerator, student, optimizer, lambda: student_loss(crops, teacher_output, len(pixels)),
                 float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
                 before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.step, freeze_last_layer_steps),
             )
@@ -244,15 +351,18 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             position.step += 1
             progress.update(1)
             # Means over the global batch, so every process logs and judges collapse on the same numbers.
-            loss, entropy, kl = accelerator.reduce(
-                torch.stack([output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]), reduction="mean"
-            ).tolist()
+            values = [output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]
+            if output.koleo is not None:
+                values.append(output.koleo)
+            loss, entropy, kl, *koleo_value = accelerator.reduce(torch.stack(values), reduction="mean").tolist()
             logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl,
+                    **({"koleo": koleo_value[0]} if koleo_value else {}),
                     "lr": float(lr_schedule[position.step - 1]), "weight_decay": float(wd_schedule[position.step - 1]),
                     "teacher_momentum": float(momentum_schedule[position.step - 1]),
                     "teacher_temp": float(dino_loss.teacher_temp_schedule[position.step - 1]),
                     "samples_per_second": samples / (time.perf_counter() - started)}
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            last = {"teacher_entropy": entropy, "teacher_student_kl": kl}
             accelerator.log(logs, step=position.step)
             message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
             if message:
@@ -265,18 +375,80 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
     progress.close()
 
+    knn = None
     if knn_sets:
         final_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": final_knn}, step=position.step)
         accelerator.print(f"k-NN top-1 of the trained teacher backbone: {final_knn:.3f}")
+        if random_start and initial_knn is not None:
+            # The start was an untrained backbone of this architecture already: it is the control.
+            untrained_knn, control = initial_knn, "the random start (step 0)"
+        else:
+            untrained = untrained_backbone(config, args.seed).to(accelerator.device)
+            untrained_knn = knn_evaluation(untrained, knn_sets, normalise, accelerator, args.knn_k)
+            control = f"a fresh random initialisation (seed {args.seed})"
+            del untrained
+        accelerator.log({"knn_top1_untrained": untrained_knn}, step=position.step)
+        knn = {"trained": final_knn, "start": initial_knn, "untrained": untrained_knn, "control": control}
+    report = stage2_report(args, knn, last, position.step, max_steps)
+    accelerator.print(summary_line(report))
     report_decode_stats(accelerator, decode_stats)
     model.dino_model.load_state_dict(teacher.backbone.state_dict())
     output_dir = Path(args.output_dir)
     backbone_processor = copy.deepcopy(processor.image_processor)
     backbone_processor.image_mean, backbone_processor.image_std = config.dino_image_mean, config.dino_image_std
     export_atomically(accelerator, output_dir / "backbone", teacher.backbone, backbone_processor)
-    final = export_atomically(accelerator, output_dir / "final", model, processor)
-    accelerator.print(f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}")
+    # The report goes into `final` with the weights it describes: both or neither.
+    report_file = SimpleNamespace(save_pretrained=lambda folder: write_json_atomically(Path(folder) / REPORT, report))
+    final = export_atomically(accelerator, output_dir / "final", model, processor, report_file)
+    accelerator.print(f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}; report: {final / REPORT}")
     accelerator.end_training()
     return final
 
+
+def stage2_report(args, knn: dict | None, last: dict, steps: int, max_steps: int) -> dict:
+    """What `final/stage2_report.json` holds: the recipe and its resolved settings, the photometric recipe and the KoLeo
+    weight (0: none, the published DINO), the k-NN top-1 of the trained
+    teacher backbone, of the start (None when this segment resumed) and of the untrained control (all None without
+    --knn-data), and the teacher's entropy (of at most ln(out_dim) nats) and teacher-student KL at the last step
+    (None when a resumed run had no step left)."""
+    values, overridden = resolved_recipe(args)
+    knn = knn or {}
+    return {
+        "recipe": args.recipe,
+        "recipe_settings": values,
+        "overridden": overridden,
+        "photometric": args.photometric,
+        "koleo_weight": args.koleo_weight,
+        "steps": steps,
+        "max_steps": max_steps,
+        "start_random": starts_random(args),
+        "knn_data": str(args.knn_data) if args.knn_data else None,
+        "knn_bank_split": args.knn_bank_split,
+        "knn_query_split": args.knn_query_split,
+        "knn_k": args.knn_k,
+        "knn_top1_trained": knn.get("trained"),
+        "knn_top1_start": knn.get("start"),
+        "knn_top1_untrained": knn.get("untrained"),
+        "untrained_control": knn.get("control"),
+        "teacher_entropy": last.get("teacher_entropy"),
+        "ln_out_dim": math.log(args.out_dim),
+        "teacher_student_kl": last.get("teacher_student_kl"),
+    }
+
+
+def summary_line(report: dict) -> str:
+    """One line of the report: the k-NN top-1 of the trained backbone against the untrained control, and where the
+    teacher's entropy and KL ended."""
+    parts = []
+    if report["knn_top1_trained"] is not None:
+        trained, untrained = report["knn_top1_trained"], report["knn_top1_untrained"]
+        name = Path(report["knn_data"]).name or report["knn_data"]
+        start = "" if report["knn_top1_start"] is None or report["start_random"] else f", start {report['knn_top1_start']:.3f}"
+        control = "; the random start" if report["untrained_control"].startswith("the random start") else ""
+        parts.append(f"k-NN top-1 ({name}): trained {trained:.3f}{start}, untrained control {untrained:.3f} "
+                     f"({trained - untrained:+.3f}{control})")
+    if report["teacher_entropy"] is not None:
+        parts.append(f"teacher entropy {report['teacher_entropy']:.2f} of ln K = {report['ln_out_dim']:.2f} at the end, "
+                     f"KL {report['teacher_student_kl']:.2f}")
+    return f"stage 2 (recipe {report['recipe']}): " + ("; ".join(parts) or "no step run and no k-NN data")

@@ -621,13 +621,15 @@ class EmbeddedSource:
 
 @dataclass(frozen=True)
 class DownstreamTask:
-    """A zero-shot task of the suite: class folders, the names used in prompts, and the templates."""
+    """A zero-shot task of the suite: class folders, the names used in prompts, the templates, and whether its
+    classes differ only in fine detail (the suite's fine-grained mean)."""
 
     name: str
     display_name: str
     drawings: dict[str, list[Drawing]]
     class_names: dict[str, str]
     templates: list[str] | str
+    fine_grained: bool = False
 
 
 def _condition_class(key: str) -> dict:
@@ -678,7 +680,8 @@ def _seen_leaf_drawings(condition: str) -> list[Drawing]:
 
 def downstream_tasks() -> list[DownstreamTask]:
     """The zero-shot suite. `leaf-spot` is decided by spot size and halo colour alone; `crop-condition` holds
-    crop-condition pairs never captioned in pretraining next to seen pairs with the same crops and conditions."""
+    crop-condition pairs never captioned in pretraining next to seen pairs with the same crops and conditions;
+    `cattle-breed` by coat colours and patterns on one body shape. These three are the fine-grained tasks."""
     spots = ("leaf_spot", "bacterial_spot", "frogeye_spot")
     pairs = HELD_OUT_PAIRS + SEEN_CONTROL_PAIRS
     return [
@@ -695,6 +698,7 @@ def downstream_tasks() -> list[DownstreamTask]:
             {key: _seen_leaf_drawings(key) for key in spots},
             {key: CONDITIONS[key].name for key in spots},
             ["a photo of a leaf with {}.", "a close-up photo of a crop leaf with {}."],
+            fine_grained=True,
         ),
         DownstreamTask(
             "crop-condition",
@@ -702,6 +706,7 @@ def downstream_tasks() -> list[DownstreamTask]:
             {f"{crop}_{key}": [("leaf", (crop, key))] for crop, key in pairs},
             {f"{crop}_{key}": f"a {crop} leaf with {CONDITIONS[key].name}" for crop, key in pairs},
             ["a photo of {}.", "a close-up photo of {}."],
+            fine_grained=True,
         ),
         DownstreamTask(
             "fish-species",
@@ -716,6 +721,7 @@ def downstream_tasks() -> list[DownstreamTask]:
             {key: [("cattle", (key,))] for key in CATTLE_BREEDS},
             {key: f"{breed.name} cow" for key, breed in CATTLE_BREEDS.items()},
             "livestock",
+            fine_grained=True,
         ),
     ]
 
@@ -811,6 +817,7 @@ def build_embedded_dataset(
                 "path": f"downstream/{task.name}",
                 "class_names": dict(task.class_names),
                 "templates": task.templates if isinstance(task.templates, str) else list(task.templates),
+                "fine_grained": task.fine_grained,
             }
         )
     (output_dir / "suite.yaml").write_text(yaml.safe_dump({"datasets": suite}, sort_keys=False))

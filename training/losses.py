@@ -1,4 +1,5 @@
-"""Training losses: CLIP's symmetric InfoNCE on the global batch (stage 1, LoRA) and the DINO loss (stage 2)."""
+"""Training losses: CLIP's symmetric InfoNCE on the global batch (stage 1, LoRA), InfoNCE against fixed caption
+targets (stage 3's contrastive alignment), and the DINO loss and DINOv2's KoLeo regulariser (stage 2)."""
 
 from dataclasses import dataclass
 import math
@@ -77,6 +78,39 @@ class ContrastiveLoss(nn.Module):
         scale = logit_scale.clamp(max=self.max_logit_scale).exp()
         logits_per_text = scale * text_embeds @ image_embeds.t()
         return clip_loss(logits_per_text)
+
+
+class CaptionTargetInfoNCE(nn.Module):
+    """Image-to-text InfoNCE of image embeddings against fixed text targets, over the distinct targets of the batch
+    (stage 3's contrastive alignment; the text side is frozen, so only the image side learns).
+
+    `groups` says which images share their captions (and so their target): the batch's targets are reduced to one
+    per group, and each image's cross-entropy runs over those distinct targets with its own as the positive. An
+    image is thus never pushed away from its own caption because another image of the batch has the same one, as
+    template captions ("a photo of a healthy tomato leaf") make common. Image-to-text only: zero-shot classification
+    ranks texts for an image. Both sides are L2-normalised here. The temperature is fixed: `logit_scale` is its log,
+    capped at `max_logit_scale` as in CLIP. Computed on the local batch only (no gathering across processes).
+    """
+
+    def __init__(self, max_logit_scale: float = math.log(100.0)):
+        super().__init__()
+        self.max_logit_scale = max_logit_scale
+
+    def forward(self, image_embeds: torch.Tensor, text_targets: torch.Tensor, groups: torch.Tensor,
+                logit_scale: float) -> torch.Tensor:
+        if image_embeds.ndim != 2 or image_embeds.shape != text_targets.shape or groups.shape != image_embeds.shape[:1]:
+            raise ValueError(
+                "CaptionTargetInfoNCE: image_embeds and text_targets must both be (batch, dim) and groups (batch,), got "
+                f"{tuple(image_embeds.shape)}, {tuple(text_targets.shape)} and {tuple(groups.shape)}"
+            )
+        distinct, positive = torch.unique(groups, return_inverse=True)
+        rows = torch.arange(len(groups), device=groups.device)
+        # One target per group: that of the group's first image in the batch.
+        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(0, positive, rows, "amin")
+        texts = nn.functional.normalize(text_targets[first], dim=-1)
+        scale = math.exp(min(float(logit_scale), self.max_logit_scale))
+        logits = scale * nn.functional.normalize(image_embeds, dim=-1) @ texts.t()
+        return nn.functional.cross_entropy(logits, positive)
 
 
 @dataclass
@@ -171,3 +205,42 @@ class DINOLoss(nn.Module):
         batch_center, count = total[:-1].unsqueeze(0), total[-1]
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1.0 - self.center_momentum)
         return int(count.item())
+
+
+class KoLeoLoss(nn.Module):
+    """DINOv2's KoLeo regulariser (Oquab et al. 2023, dinov2/loss/koleo_loss.py; Sablayrolles et al. 2019): the
+    Kozachenko-Leonenko estimator of the differential entropy of a batch of features, negated.
+
+    What it is for: minimising it spreads the L2-normalised features of a batch uniformly over the sphere, by pushing
+    each feature away from its nearest neighbour in the batch. DINOv2 adds it to the self-distillation loss (weight
+    0.1, on the student's CLS token of each global crop); it counters the features bunching together, as they do when
+    the teacher's outputs stay uniform or collapse, which short runs on little data show.
+
+    For `features` of shape (batch, dim), each row is L2-normalised (eps 1e-8), its nearest other row of the batch
+    found by the largest dot product, and d_i is the distance between the two (`pairwise_distance`, eps 1e-8); the
+    loss is -mean_i log(d_i + eps). A batch of identical rows gives -log(eps (sqrt(dim) + 1)), about 17 to 15 for dim
+    4 to 1,000 (`pairwise_distance` adds eps to the difference); one of orthonormal rows -log(sqrt 2). The rows' own
+    dot products are excluded with -inf where DINOv2 writes -1, which would let a row whose only other rows lie at
+    exactly -1 (a pair x, -x) pick itself. Computed on the local batch in float32 at least, with autocast off (as
+    DINOv2); the neighbours are chosen without gradient, the distances carry it.
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError(
+                f"KoLeoLoss: features must be (batch, dim) with a batch of at least 2 rows (each row needs a "
+                f"neighbour), got {tuple(features.shape)}"
+            )
+        with torch.autocast(features.device.type, enabled=False):
+            features = nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)),
+                                               p=2, dim=-1, eps=self.eps)
+            with torch.no_grad():
+                dots = features @ features.t()
+                dots.fill_diagonal_(float("-inf"))
+                neighbours = dots.argmax(dim=1)
+            distances = nn.functional.pairwise_distance(features, features[neighbours], p=2, eps=self.eps)
+            return -torch.log(distances + self.eps).mean()

@@ -12,7 +12,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.commands import hide_weight_loading_bars
-from modeling_agriclip.convert import PRESETS
+from modeling_agriclip.convert import PRESETS, names_random_weights
 from modeling_agriclip.zero_shot import model_source_options
 
 logger = get_logger(__name__)
@@ -58,7 +58,7 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
             (`modeling_agriclip.zero_shot.model_source_options`), saying what to do.
         ValueError: for a JSON file that makes no AgriCLIPConfig, or a processor that does not fit the model.
     """
-    if name_or_path in PRESETS or str(name_or_path).endswith(".json"):
+    if names_random_weights(name_or_path):
         config = PRESETS[name_or_path]() if name_or_path in PRESETS else config_from_file(name_or_path)
         model = AgriCLIPModel(config)
         parameters = sum(parameter.numel() for parameter in model.parameters())

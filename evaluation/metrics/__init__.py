@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES = ("topk_accuracy", "mean_per_class_accuracy", "macro_f1")
+# Top-k beside top-1; reported only for more classes than this, where it differs from a certainty.
+TOP_K = 5
 
 
 class NonFiniteError(ValueError):
@@ -88,13 +90,33 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     topk = load_metric("topk_accuracy")
     return {
         "top1": topk.compute(predictions=scores, references=references, k=1)["top_k_accuracy"],
-        "top5": topk.compute(predictions=scores, references=references, k=5)["top_k_accuracy"]
-        if num_classes > 5
+        "top5": topk.compute(predictions=scores, references=references, k=TOP_K)["top_k_accuracy"]
+        if num_classes > TOP_K
         else None,
         "mean_per_class": load_metric("mean_per_class_accuracy").compute(
             predictions=predictions, references=references
         )["mean_per_class_accuracy"],
         "macro_f1": load_metric("macro_f1").compute(predictions=predictions, references=references)["macro_f1"],
+    }
+
+
+# The metrics `chance_levels` gives.
+CHANCE_KEYS = ("top1", "top5", "mean_per_class")
+
+
+def chance_levels(num_classes: int) -> dict:
+    """The expected top-1, top-5 and mean per-class accuracy of a guess drawn uniformly from `num_classes` classes.
+
+    Whatever the class balance, such a guess names each image's class with probability 1/C, so top-1 and every
+    class's recall are 1/C; its top 5 hold the class with probability 5/C. Top-5 is None where
+    `classification_metrics` reports none (5 classes or fewer). Macro-F1 has no such simple form and is left out.
+    """
+    if num_classes < 1:
+        raise ValueError(f"chance levels need at least one class; got {num_classes}")
+    return {
+        "top1": 1 / num_classes,
+        "top5": TOP_K / num_classes if num_classes > TOP_K else None,
+        "mean_per_class": 1 / num_classes,
     }
 
 
