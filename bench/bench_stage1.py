@@ -2,11 +2,12 @@
 
 Ours: the stage-1 script's update (`training.contrastive.contrastive_forward` and
 `training.runtime.train_step` under an Accelerator: AgriCLIP forward through the CLIP towers, global-batch
-InfoNCE, finite-loss check, clipping, AdamW with parameter groups). Reference: plain PyTorch,
-`transformers.CLIPModel(return_loss=True)` with the same tower sizes, batch and optimizer. Both train on the same
+InfoNCE, finite-loss check, clipping, AdamW with parameter groups on torch's fused kernel as the stage-1 script
+builds it, `training.runtime.adamw`). Reference: plain PyTorch, `transformers.CLIPModel(return_loss=True)` with
+the same tower sizes, batch and optimizer settings (torch's default AdamW kernel). Both train on the same
 pre-made batches (data loading is benchmarked in bench_loading.py); their steps alternate and each side's median
 step counts, so that load from other processes hits both alike. Prints samples per second and the ratio (target
->= 0.95).
+>= 1.0).
 
     python bench/bench_stage1.py [--preset tiny|vit_b16] [--batch-size 32] [--steps 20] [--rounds 3]
 """
@@ -23,7 +24,7 @@ from modeling_agriclip import AgriCLIPModel
 from modeling_agriclip.convert import PRESETS
 from training.dino import param_groups_without_decay
 from training.losses import ContrastiveLoss
-from training.runtime import CheckpointManager, TrainingPosition, train_step
+from training.runtime import CheckpointManager, TrainingPosition, adamw, train_step
 from training.contrastive import contrastive_forward, trainable_clip
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     reference = CLIPModel(CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
                                      projection_dim=config.projection_dim)).train()
     accelerator = Accelerator()
-    ours_optimizer = torch.optim.AdamW(param_groups_without_decay(ours, 0.2), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+    ours_optimizer = adamw(param_groups_without_decay(ours, 0.2), accelerator.device, lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
     ours, ours_optimizer = accelerator.prepare(ours, ours_optimizer)
     reference_optimizer = torch.optim.AdamW(param_groups_without_decay(reference, 0.2), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ContrastiveLoss()
@@ -105,7 +106,7 @@ def main() -> None:
                               args.rounds, args.batch_size)
     print(f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, {accelerator.device}")
-    print_rates(rates, args.steps * args.rounds, "samples/s", " (target >= 0.95)")
+    print_rates(rates, args.steps * args.rounds, "samples/s", " (target >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,7 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         image_embedding: str | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> AgriCLIPOutput:
         r"""
@@ -273,11 +274,17 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
                 Whether to return the symmetric contrastive loss (requires as many texts as images).
             image_embedding (`str`, *optional*):
                 Overrides `config.image_embedding` for this call.
+            return_logits (`bool`, *optional*, defaults to `True`):
+                Whether to compute `logits_per_image` and `logits_per_text`. A caller that only reads the embeddings
+                (stage 1 computes its loss on the gathered global batch) skips the similarity matrix; they are then
+                `None` unless `return_loss` needs them.
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("AgriCLIPModel.forward needs both input_ids and pixel_values")
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_embedding), dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, position_ids), dim=-1)
+        if not (return_logits or return_loss):
+            return AgriCLIPOutput(text_embeds=text_embeds, image_embeds=image_embeds)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
         loss = clip_loss(logits_per_text) if return_loss else None
         return AgriCLIPOutput(

@@ -59,6 +59,35 @@ def test_contrastive_loss_matches_hand_computation_and_is_symmetric():
     torch.testing.assert_close(ContrastiveLoss()(3.0 * image_embeds, text_embeds, logit_scale), loss)
 
 
+def test_contrastive_loss_on_normalised_inputs_skips_normalising_and_matches_clip():
+    """`normalized=True` (what stage 1 passes for the unit-norm embeddings of `AgriCLIPModel.forward`) gives CLIP's
+    symmetric cross-entropy with the clamped temperature, and the loss and gradients of the path that normalised
+    inside the loss, to float rounding."""
+    torch.manual_seed(0)
+    raw_images, raw_texts = torch.randn(6, 5), torch.randn(6, 5)
+    for scale in (math.log(1 / 0.07), math.log(500.0)):  # below and above the clamp at 100
+        images, texts = raw_images.clone().requires_grad_(), raw_texts.clone().requires_grad_()
+        logit_scale = torch.tensor(scale, requires_grad=True)
+        once = ContrastiveLoss()(nn.functional.normalize(images, dim=-1), nn.functional.normalize(texts, dim=-1),
+                                 logit_scale, normalized=True)
+        once.backward()
+        reference = _reference_clip_loss(raw_images, raw_texts, torch.tensor(min(scale, math.log(100.0))))
+        torch.testing.assert_close(once, reference)
+
+        twice_images, twice_texts = raw_images.clone().requires_grad_(), raw_texts.clone().requires_grad_()
+        twice_scale = torch.tensor(scale, requires_grad=True)
+        # The replaced path: normalised by the model, then again by the loss.
+        twice = ContrastiveLoss()(nn.functional.normalize(twice_images, dim=-1),
+                                  nn.functional.normalize(twice_texts, dim=-1), twice_scale)
+        twice.backward()
+        torch.testing.assert_close(once, twice)
+        torch.testing.assert_close(images.grad, twice_images.grad)
+        torch.testing.assert_close(texts.grad, twice_texts.grad)
+        torch.testing.assert_close(logit_scale.grad, twice_scale.grad)
+        # And the loss that normalises raw inputs itself.
+        torch.testing.assert_close(ContrastiveLoss()(raw_images, raw_texts, torch.tensor(scale)), once.detach())
+
+
 def test_contrastive_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="ContrastiveLoss"):
         ContrastiveLoss()(torch.randn(4, 5), torch.randn(3, 5), torch.tensor(0.0))

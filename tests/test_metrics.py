@@ -13,6 +13,7 @@ from evaluation.metrics import (
     METRICS_DIR,
     NonFiniteError,
     classification_metrics,
+    classification_metrics_from_modules,
     confusion_matrix,
     load_metric,
     per_class_accuracy,
@@ -194,3 +195,123 @@ def test_every_metric_breaks_ties_as_argmax_does(case, no_network):
     if case == "every score equal":
         assert metrics["top1"] == pytest.approx((labels == 0).float().mean().item())
         assert metrics["top5"] == pytest.approx((labels < 5).float().mean().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tensor path against the `evaluate`-module path it replaced in the suite's inner loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _equivalence_case(case: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    generator = torch.Generator().manual_seed(sum(map(ord, case)))
+    if case == "random":
+        return torch.randn(300, 12, generator=generator), torch.randint(0, 12, (300,), generator=generator), 12
+    if case == "class never in the labels":  # classes 9 and 10 have no images, but are predicted
+        return torch.randn(200, 11, generator=generator), torch.randint(0, 9, (200,), generator=generator), 11
+    if case == "class never in the labels nor predicted":
+        scores = torch.randn(200, 8, generator=generator)
+        scores[:, 7] = -10.0
+        return scores, torch.randint(0, 7, (200,), generator=generator), 8
+    if case == "ties in scores":
+        return torch.randint(0, 3, (250, 9), generator=generator).float(), torch.randint(0, 9, (250,), generator=generator), 9
+    if case == "every score equal":
+        return torch.zeros(40, 7), torch.randint(0, 7, (40,), generator=generator), 7
+    if case == "3 classes, no top-5":
+        return torch.randn(90, 3, generator=generator), torch.randint(0, 3, (90,), generator=generator), 3
+    if case == "6 classes, top-5 just reported":
+        return torch.randn(90, 6, generator=generator), torch.randint(0, 6, (90,), generator=generator), 6
+    if case == "one example":
+        return torch.randn(1, 8, generator=generator), torch.tensor([3]), 8
+    if case == "float64 scores that tie once cast to float32":
+        scores = torch.randn(120, 8, generator=generator, dtype=torch.float64)
+        scores[:, 1] = scores[:, 0] + 1e-12  # distinct in float64, equal in float32 (the modules' storage type)
+        return scores, torch.randint(0, 8, (120,), generator=generator), 8
+    if case == "int32 labels":
+        return torch.randn(100, 10, generator=generator), torch.randint(0, 10, (100,), generator=generator).int(), 10
+    if case == "1,000 classes":
+        labels = torch.randint(0, 1000, (3000,), generator=generator)
+        # Scores leaning to the reference, so that every metric is far from 0, plus some ties.
+        scores = torch.randn(3000, 1000, generator=generator)
+        scores[torch.arange(3000), labels] += 2.5
+        scores[:500] = scores[:500].round()
+        return scores, labels, 1000
+    raise AssertionError(case)
+
+
+EQUIVALENCE_CASES = [
+    "random",
+    "class never in the labels",
+    "class never in the labels nor predicted",
+    "ties in scores",
+    "every score equal",
+    "3 classes, no top-5",
+    "6 classes, top-5 just reported",
+    "one example",
+    "float64 scores that tie once cast to float32",
+    "int32 labels",
+    "1,000 classes",
+]
+
+
+@pytest.mark.parametrize("case", EQUIVALENCE_CASES)
+def test_tensor_metrics_equal_the_evaluate_module_path(case, no_network):
+    scores, labels, num_classes = _equivalence_case(case)
+    fast = classification_metrics(scores, labels, num_classes)
+    reference = classification_metrics_from_modules(scores, labels, num_classes)
+    assert fast.keys() == reference.keys() == {"top1", "top5", "mean_per_class", "macro_f1"}
+    # The same operations on the same counts: equal to the last bit, not only to float tolerance.
+    assert fast == reference
+    assert all(isinstance(value, float) for value in fast.values() if value is not None)
+    assert (fast["top5"] is None) == (num_classes <= 5)
+
+
+@pytest.mark.parametrize("case", ["random", "ties in scores", "every score equal", "class never in the labels"])
+def test_tensor_metrics_equal_the_brute_force_ranking(case):
+    scores, labels, num_classes = _equivalence_case(case)
+    expected = _brute_force_metrics(scores, labels, num_classes)
+    metrics = classification_metrics(scores, labels, num_classes)
+    assert metrics == pytest.approx({key: expected[key] for key in metrics})
+    assert confusion_matrix(scores, labels, num_classes) == expected["confusion_matrix"]
+
+
+def test_tensor_metrics_chunked_ranking_matches_one_chunk(monkeypatch):
+    import evaluation.metrics as metrics_module
+
+    scores, labels, num_classes = _equivalence_case("ties in scores")
+    whole = classification_metrics(scores, labels, num_classes)
+    monkeypatch.setattr(metrics_module, "_RANK_CHUNK_ELEMENTS", 7 * num_classes)  # 7 rows a chunk, a ragged last one
+    assert classification_metrics(scores, labels, num_classes) == whole
+
+
+def test_confusion_matrix_matches_the_module_predictions():
+    scores, labels, num_classes = _equivalence_case("class never in the labels")
+    confusion = np.asarray(confusion_matrix(scores, labels, num_classes))
+    predictions = scores.numpy().argmax(axis=1)
+    expected = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(expected, (labels.numpy(), predictions), 1)
+    assert (confusion == expected).all() and confusion[9:].sum() == 0 and confusion[:, 9:].sum() > 0
+
+
+def test_labels_outside_the_classes_are_an_error():
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 3\)"):
+        classification_metrics(torch.eye(3), torch.tensor([0, 1, 3]), num_classes=3)
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 3\)"):
+        confusion_matrix(torch.eye(3), torch.tensor([0, -1, 2]), num_classes=3)
+
+
+def test_no_examples_is_an_error_as_in_the_module_path():
+    with pytest.raises(ValueError, match="No reference examples"):
+        classification_metrics(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), num_classes=7)
+    with pytest.raises(ValueError):  # the top-k module refuses the empty matrix first
+        classification_metrics_from_modules(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), num_classes=7)
+
+
+def test_classification_metrics_does_not_load_the_evaluate_modules(monkeypatch):
+    import evaluation.metrics as metrics_module
+
+    def refuse(name):
+        raise AssertionError(f"classification_metrics loaded the {name} module")
+
+    monkeypatch.setattr(metrics_module, "load_metric", refuse)
+    scores, labels, num_classes = _equivalence_case("random")
+    classification_metrics(scores, labels, num_classes)

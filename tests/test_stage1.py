@@ -15,8 +15,10 @@ from conftest import COLOURS, read_metrics, run_script
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from agriclip.images import DecodeStats, open_image
 from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset, plan_validation
-from training.runtime import NonFiniteLossError
-from training.contrastive import build_loaders, validation_recall
+from training.runtime import NonFiniteLossError, adamw
+from training.contrastive import build_loaders, contrastive_forward, trainable_clip, validation_recall
+from training.dino import param_groups_without_decay
+from training.losses import ContrastiveLoss
 from training.dino import CropAndFlip
 from training.stage1_contrastive import build_parser, main
 
@@ -34,6 +36,76 @@ def assert_same_tensors(expected: dict, actual: dict) -> None:
     differences = {key: (expected[key].double() - actual[key].double()).abs().max().item()
                    for key in expected if not torch.equal(expected[key], actual[key])}
     assert not differences, f"{len(differences)} of {len(expected)} tensors differ, max |diff| {max(differences.values()):.3g}"
+
+
+def _clip_batch(config, size=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    image = config.vision_config.image_size
+    return {"input_ids": torch.randint(0, config.text_config.vocab_size - 2, (size, 12), generator=generator),
+            "attention_mask": torch.ones(size, 12, dtype=torch.long),
+            "pixel_values": torch.randn(size, 3, image, image, generator=generator)}
+
+
+def test_contrastive_forward_matches_the_forward_with_logits_and_the_loss_that_normalises(tiny_config):
+    """Stage 1's loss without the forward's thrown-away logits and without the second normalisation: the same
+    loss and gradients as the path it replaced, to float rounding."""
+    torch.manual_seed(0)
+    model = AgriCLIPModel(tiny_config).train()
+    trainable_clip(model, freeze_text=False, freeze_image=False)
+    batch = _clip_batch(tiny_config)
+
+    lean = contrastive_forward(model, batch, ContrastiveLoss(), model.logit_scale)
+    lean.backward()
+    lean_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    outputs = model(**batch, image_embedding="clip")  # the replaced path: logits built, then the loss normalises
+    replaced = ContrastiveLoss()(outputs.image_embeds, outputs.text_embeds, model.logit_scale)
+    replaced.backward()
+    replaced_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(lean, replaced)
+    assert lean_grads.keys() == replaced_grads.keys() and "logit_scale" in lean_grads
+    for name in lean_grads:
+        torch.testing.assert_close(lean_grads[name], replaced_grads[name], msg=name)
+
+    with torch.no_grad():
+        embeddings_only = model(**batch, image_embedding="clip", return_logits=False)
+        full = model(**batch, image_embedding="clip", return_loss=True)
+    assert embeddings_only.logits_per_text is None and embeddings_only.logits_per_image is None
+    torch.testing.assert_close(embeddings_only.image_embeds, full.image_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(embeddings_only.text_embeds, full.text_embeds, rtol=0, atol=0)
+    # return_loss still computes what it needs.
+    assert model(**batch, return_loss=True, return_logits=False).loss is not None
+
+
+def test_adamw_uses_a_fused_or_foreach_kernel_and_steps_as_the_for_loop_does(tiny_config):
+    """`training.runtime.adamw` (stages 1 and 2, LoRA) takes torch's fused kernel on the CPU (multi-tensor `foreach`
+    where none fits), and a few of its steps with weight-decay groups equal those of torch's default for-loop AdamW
+    on the same parameters and gradients, to float tolerance."""
+    torch.manual_seed(0)
+    model = AgriCLIPModel(tiny_config)
+    trainable_clip(model, freeze_text=False, freeze_image=False)
+    loop_model = AgriCLIPModel(tiny_config)
+    loop_model.load_state_dict(model.state_dict())
+    trainable_clip(loop_model, freeze_text=False, freeze_image=False)
+    settings = {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6}
+    lean = adamw(param_groups_without_decay(model, 0.2), "cpu", **settings)
+    loop = torch.optim.AdamW(param_groups_without_decay(loop_model, 0.2), foreach=False, fused=False, **settings)
+    assert all(group["fused"] for group in lean.param_groups)
+    assert adamw(param_groups_without_decay(model, 0.2), "meta", **settings).param_groups[0]["foreach"]
+
+    start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in model.parameters() if p.requires_grad]
+        for optimizer, owner in ((lean, model), (loop, loop_model)):
+            for parameter, grad in zip((p for p in owner.parameters() if p.requires_grad), grads):
+                parameter.grad = grad.clone()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, parameter), loop_parameter in zip(model.named_parameters(), loop_model.parameters()):
+        torch.testing.assert_close(parameter, loop_parameter, msg=name)
+    assert not torch.equal(model.text_projection.weight, start["text_projection.weight"])
 
 
 def test_short_run_learns_and_exports(caption_folder, tmp_path):

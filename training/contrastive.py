@@ -34,6 +34,7 @@ from training.runtime import (
     PreemptionGuard,
     RunLock,
     UnreadableDataError,
+    adamw,
     dataloader_generator,
     decode_totals,
     exit_on_sigterm,
@@ -71,11 +72,12 @@ def contrastive_forward(model, batch, loss_fn: ContrastiveLoss, logit_scale: tor
     """The stage-1 loss of one batch: InfoNCE between CLIP image and text embeddings.
 
     The towers run through `model.forward` (the DDP wrapper's hooks need it); the global-batch loss is computed
-    outside, on the gathered embeddings.
+    outside, on the gathered embeddings. The forward skips its own logits (the loss builds those of the global batch)
+    and its embeddings come L2-normalised, so the loss does not normalise them again.
     """
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_embedding="clip")
-    return loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale)
+                    pixel_values=batch["pixel_values"], image_embedding="clip", return_logits=False)
+    return loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale, normalized=True)
 
 
 def augmented(batch, augment, accelerator):
@@ -172,8 +174,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     decode_stats = DecodeStats()
     train_loader, val_loader, val_captions = build_loaders(args, validation, processor, decode_stats)
 
-    optimizer = torch.optim.AdamW(param_groups_without_decay(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=tuple(args.adam_betas), eps=args.adam_eps)
+    optimizer = adamw(param_groups_without_decay(model, args.weight_decay), accelerator.device, lr=args.learning_rate,
+                      betas=tuple(args.adam_betas), eps=args.adam_eps)
     loss_fn = ContrastiveLoss()
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 

@@ -47,6 +47,7 @@ from training.runtime import (
     CheckpointManager,
     PreemptionGuard,
     RunLock,
+    adamw,
     dataloader_generator,
     exit_on_sigterm,
     export_atomically,
@@ -266,7 +267,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
     else:
-        optimizer = torch.optim.AdamW(params, lr=0)
+        optimizer = adamw(params, accelerator.device, lr=0)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     teacher.to(accelerator.device)
     steps_per_epoch, max_steps = run_steps(args, loader)

@@ -50,6 +50,7 @@ from training.runtime import (
     CheckpointManager,
     PreemptionGuard,
     RunLock,
+    adamw,
     dataloader_generator,
     exit_on_sigterm,
     export_atomically,
@@ -479,7 +480,7 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         objective = PromptClassifier(peft_model, processor, task.prompt_names, task.templates, embedding, "text" in args.towers)
     else:
         objective, loss_fn = peft_model, ContrastiveLoss()
-    optimizer = torch.optim.AdamW(param_groups_without_decay(objective, args.weight_decay), lr=args.learning_rate)
+    optimizer = adamw(param_groups_without_decay(objective, args.weight_decay), accelerator.device, lr=args.learning_rate)
     objective, optimizer, train_loader = accelerator.prepare(objective, optimizer, train_loader)
     checkpoint_trainable_weights_only(accelerator)
     held_out_loader = refit_loader = None

@@ -48,7 +48,8 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE between image and text embeddings, with a learnable temperature, on the global batch.
 
-    The embeddings are L2-normalised here. Under several processes the local embeddings of every process are
+    The embeddings are L2-normalised here, unless the caller passes `normalized=True` for embeddings that already
+    are (`AgriCLIPModel.forward` returns them so): normalising twice only costs time. Under several processes the local embeddings of every process are
     gathered with gradients, so each process computes the loss of the whole global batch: the value equals
     the single-process loss on the concatenated batch, and so do the gradients after DDP averages them
     (see `forward`). Local batch sizes may differ between processes (e.g. after unreadable images were skipped).
@@ -58,14 +59,16 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.max_logit_scale = max_logit_scale
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                normalized: bool = False) -> torch.Tensor:
         if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
             raise ValueError(
                 "ContrastiveLoss: image_embeds and text_embeds must both be (batch, dim), got "
                 f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
             )
-        image_embeds = nn.functional.normalize(image_embeds, dim=-1)
-        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        if not normalized:
+            image_embeds = nn.functional.normalize(image_embeds, dim=-1)
+            text_embeds = nn.functional.normalize(text_embeds, dim=-1)
         if _world_size() > 1:
             # The backward of all_gather sums the gradients that all W processes send to each local slice.
             # Every process computes the same global loss L, so each local embedding receives W * dL/dx, and
