@@ -26,18 +26,17 @@ import statistics
 from pathlib import Path
 
 from evaluation.runner import run_suite
+from model_card.card import read_training_info
 from training import run_all, stage2_dino, stage3_align
 from training.options import load_config_file
 
-OBJECTIVES = ("image-mse", "text-mse", "contrastive")
 # Stage 2 set against the demo's, at the demo's epochs and batch size: the variant's folder, whether it drops the
 # demo's recipe settings (`RECIPE_KEYS`), and the options it trains with over the rest.
 STAGE2_VARIANTS = {
     "stage 2 published recipe": ("stage2-published", True, {"recipe": "published"}),
     "stage 2 without KoLeo": ("stage2-no-koleo", False, {"koleo_weight": 0.0}),
 }
-RECIPE_KEYS = ("recipe", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "momentum_teacher", "learning_rate",
-               "warmup_epochs", "num_local_crops", "koleo_weight")
+RECIPE_KEYS = ("recipe", *stage2_dino.PUBLISHED, "koleo_weight")
 # Stage 3's score on its validation pairs of each evaluated embedding (image-to-text recall@1, by its
 # --validation-match): what chose the fusion weight, and what may choose between variants.
 VALIDATION_SCORES = {"aligned": "val/aligned/image_to_text_R@1", "fused": "val/fused_chosen/image_to_text_R@1",
@@ -52,12 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def last_metrics(stage_dir: Path, run_name: str) -> dict:
-    """The last value of every metric a stage logged (`logs/<run>/metrics.jsonl`)."""
-    rows = (stage_dir / "logs" / run_name / "metrics.jsonl").read_text().splitlines()
-    return {key: value for row in map(json.loads, filter(None, rows)) for key, value in row.items()}
-
-
 def seeded_config(config: dict, seed: int, data: dict | None) -> dict:
     """`config` with every training section seeded with `seed` and, after the first seed, the first seed's data."""
     seeded = {**config, **({"data": data} if data else {})}
@@ -69,10 +62,8 @@ def seeded_config(config: dict, seed: int, data: dict | None) -> dict:
 
 def stage3(config: dict, model: Path, train_data: str, output_dir: Path, objective: str, cache: Path) -> Path:
     options = {**(config.get("stage3") or {}), "objective": objective, "model": str(model), "train_data": train_data,
-               "output_dir": str(output_dir), "feature_cache": str(cache)}
-    if not (output_dir / "final").is_dir():
-        stage3_align.main(run_all.as_flags(options))
-    return output_dir / "final"
+               "feature_cache": str(cache)}
+    return run_all.train_into(f"stage 3 ({output_dir.name})", stage3_align, options, output_dir)
 
 
 def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple[dict, dict]:
@@ -80,23 +71,22 @@ def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple
     seed_config = seeded_config(config, seed, data)
     run_dir = root / f"seed{seed}"
     run_all.run(seed_config, run_dir)
-    data = {**run_all.prepare_data(seed_config, run_dir)}
+    data = run_all.prepare_data(seed_config, run_dir)
     train_data = data["train_data"]
     demo_objective = (config.get("stage3") or {}).get("objective", "image-mse")
     variants = {}
-    for objective in OBJECTIVES:
+    for objective in stage3_align.OBJECTIVES:
         variants[f"stage 3 {objective}"] = stage3(seed_config, run_dir / "stage2" / "final", train_data,
                                                   run_dir / "ablation" / f"stage3-{objective}", objective,
                                                   run_dir / "ablation" / "features-stage2")
     stage2_dirs = {}
     for name, (folder, own_recipe, variant_options) in STAGE2_VARIANTS.items():
         stage2_dirs[name] = run_dir / "ablation" / folder
-        if not (stage2_dirs[name] / "final").is_dir():
-            options = {key: value for key, value in (seed_config.get("stage2") or {}).items()
-                       if not (own_recipe and key in RECIPE_KEYS)}
-            options |= {**variant_options, "model": str(run_dir / "stage1" / "final"), "train_data": train_data,
-                        "output_dir": str(stage2_dirs[name]), "knn_data": data.get("knn_data")}
-            stage2_dino.main(run_all.as_flags(options))
+        options = {key: value for key, value in (seed_config.get("stage2") or {}).items()
+                   if not (own_recipe and key in RECIPE_KEYS)}
+        options |= {**variant_options, "model": str(run_dir / "stage1" / "final"), "train_data": train_data,
+                    "knn_data": data.get("knn_data")}
+        run_all.train_into(f"stage 2 ({folder})", stage2_dino, options, stage2_dirs[name])
         variants[name] = stage3(seed_config, stage2_dirs[name] / "final", train_data,
                                 run_dir / "ablation" / f"stage3-after-{folder}", demo_objective,
                                 run_dir / "ablation" / f"features-{folder}")
@@ -114,7 +104,7 @@ def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple
             rows[entry] = {"mean": results["mean"][entry]["top1"] * 100,
                            "fine-grained": results["mean_fine_grained"][entry]["top1"] * 100}
             if name in variants:
-                stage3_metrics = last_metrics(variants[name].parent, "stage3_align")
+                stage3_metrics = read_training_info(variants[name].parent)["final_metrics"]["stage3_align"]
                 rows[entry] |= {"held-out R²": stage3_metrics["val/r2"],
                                 "validation R@1": stage3_metrics[VALIDATION_SCORES[embedding]]}
                 if embedding == "fused":

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,3 +259,18 @@ def run_as_main(module: str, argv: list[str]) -> tuple[int, str]:
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
     return code, stderr.getvalue()
+
+
+def assert_same_tensors(expected: dict, actual: dict) -> None:
+    """Every tensor equal bit for bit; otherwise says how many differ and by how much at most."""
+    assert expected.keys() == actual.keys()
+    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item()
+                   for key in expected if not torch.equal(expected[key], actual[key])}
+    assert not differences, f"{len(differences)} of {len(expected)} tensors differ, max |diff| {max(differences.values()):.3g}"
+
+
+def kill_before_last_checkpoint(run_dir: Path, last_step: int, output: str = "final") -> None:
+    """Leaves a finished run as a kill just after its next-to-last checkpoint would: its `output` and its
+    `checkpoint-<last_step>` removed, so that `--resume` continues from the checkpoint before."""
+    shutil.rmtree(run_dir / output)
+    shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{last_step}")

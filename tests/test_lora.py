@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from transformers import pipeline
 
 import training.lora
 from agriclip.errors import ExitCode
-from conftest import COLOURS, read_metrics, run_as_main, run_script, write_labelled_folder
+from conftest import (COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_as_main,
+                      run_script, write_labelled_folder)
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from agriclip.images import open_image
@@ -273,12 +273,9 @@ def test_exact_resume(tiny_checkpoint, labelled_folder, tmp_path):
     assert {p.name for p in (interrupted / "checkpoints" / "checkpoint-2").iterdir()} >= {"adapter_state.safetensors", "optimizer.bin"}
     assert not list((interrupted / "checkpoints" / "checkpoint-2").glob("model*.safetensors"))
     # Simulate a run killed after step 2: only the step-2 checkpoint survives (mid-epoch: 3 batches per epoch).
-    shutil.rmtree(interrupted / "adapter")
-    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-4")
+    kill_before_last_checkpoint(interrupted, 4, output="adapter")
     resumed = load_file(run_lora(tiny_checkpoint, interrupted, *flags, "--resume") / "adapter" / "adapter_model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    assert_same_tensors(straight, resumed)
 
 
 def test_resnet_backbone_with_aligner_refit(resnet_checkpoint, labelled_folder, tmp_path):

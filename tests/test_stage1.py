@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import training.contrastive
-from conftest import COLOURS, read_metrics, run_script
+from conftest import COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_script
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from agriclip.images import DecodeStats, open_image
 from training.data import ImageTextCollator, IndexedRows, load_image_text_dataset, plan_validation
@@ -28,14 +28,6 @@ RUN = "stage1_contrastive"
 def run_stage1(data, output, *flags):
     return main(["--model", "tiny", "--train-data", str(data), "--output-dir", str(output), "--batch-size", "8",
                  "--log-with", "none", *flags])
-
-
-def assert_same_tensors(expected: dict, actual: dict) -> None:
-    """Every tensor equal bit for bit; otherwise says how many differ and by how much at most."""
-    assert expected.keys() == actual.keys()
-    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item()
-                   for key in expected if not torch.equal(expected[key], actual[key])}
-    assert not differences, f"{len(differences)} of {len(expected)} tensors differ, max |diff| {max(differences.values()):.3g}"
 
 
 def _clip_batch(config, size=6, seed=0):
@@ -128,9 +120,7 @@ def test_exact_resume_with_caption_variants(variant_caption_folder, tmp_path):
     straight = load_file(run_stage1(variant_caption_folder, tmp_path / "straight", *flags) / "model.safetensors")
     interrupted = tmp_path / "interrupted"
     run_stage1(variant_caption_folder, interrupted, *flags)
-    # Simulate a run killed after step 3: only the step-3 checkpoint survives.
-    shutil.rmtree(interrupted / "final")
-    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-6")
+    kill_before_last_checkpoint(interrupted, 6)  # killed after step 3: only the step-3 checkpoint survives
     resumed = load_file(run_stage1(variant_caption_folder, interrupted, *flags, "--resume") / "model.safetensors")
     assert_same_tensors(straight, resumed)
 
@@ -417,8 +407,7 @@ def test_augmented_run_resumes_exactly(caption_folder, tmp_path):
     straight = load_file(run_stage1(caption_folder, tmp_path / "straight", *flags) / "model.safetensors")
     interrupted = tmp_path / "interrupted"
     run_stage1(caption_folder, interrupted, *flags)
-    shutil.rmtree(interrupted / "final")
-    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-4")
+    kill_before_last_checkpoint(interrupted, 4)
     resumed = load_file(run_stage1(caption_folder, interrupted, *flags, "--resume") / "model.safetensors")
     assert_same_tensors(straight, resumed)
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import training.distillation
-from conftest import COLOURS, read_metrics, run_script, write_labelled_folder
+from conftest import (COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_script,
+                      write_labelled_folder)
 from evaluation.knn import knn_accuracy
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from training.distillation import CollapseError, knn_bank_and_queries, starts_random
@@ -61,11 +62,9 @@ def test_exact_resume(caption_folder, tmp_path):
     straight = load_file(run_stage2(caption_folder, tmp_path / "straight", *flags) / "model.safetensors")
     interrupted = tmp_path / "interrupted"
     run_stage2(caption_folder, interrupted, *flags)
-    shutil.rmtree(interrupted / "final")
-    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-4")
+    kill_before_last_checkpoint(interrupted, 4)
     resumed = load_file(run_stage2(caption_folder, interrupted, *flags, "--resume") / "model.safetensors")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    assert_same_tensors(straight, resumed)
 
 
 def test_collapse_stops_the_run(caption_folder, tmp_path):
