@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import struct
@@ -21,6 +22,7 @@ from agriclip import images
 from conftest import write_caption_folder
 from agriclip.images import DECODE_REPORT, DecodeStats, ImageDecodeError, counted, open_image, read_image_bytes
 from training.data import (
+    IMAGE_TEXT_COLUMNS,
     ROW_INDEX,
     ImageCollator,
     ImageTextCollator,
@@ -496,8 +498,61 @@ def test_a_bad_text_caption_of_a_stream_is_named_by_file_and_row_before_it_start
     write_text_caption_folder(tmp_path / "data", [(png, "" if index == 2 else caption) for index, (png, caption, *_)
                                                   in enumerate(pairs)])
     metadata = tmp_path / "data" / "metadata.jsonl"
-    with pytest.raises(ValueError, match=rf"^{metadata}: row 3 \(image 2\.png\): the caption is empty"):
+    with pytest.raises(ValueError, match=rf"^{metadata}: row 3 \(image \S*/data/2\.png\): the caption is empty"):
         load_image_text_dataset(tmp_path / "data", streaming=True)
+
+
+def datasets_rows(folder, split) -> list[dict]:
+    """The rows `datasets`' own imagefolder loader reads from `folder`, with load_image_text_dataset's columns."""
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split).cast_column(
+        "image", datasets.Image(decode=False))
+    columns = [name for name in IMAGE_TEXT_COLUMNS if name in loaded.column_names]
+    return sorted(({name: row[name] for name in columns} | {"image": row["image"]["path"]} for row in
+                   loaded.select_columns(columns)), key=lambda row: row["image"])
+
+
+def our_rows(dataset) -> list[dict]:
+    return sorted(({**row, "image": row["image"]["path"]} for row in dataset), key=lambda row: row["image"])
+
+
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+def test_an_image_folder_index_reads_what_datasets_reads_without_listing_the_images(tmp_path, pairs, metadata,
+                                                                                  monkeypatch):
+    """Split folders at any depth and under `datasets`' other split names (`val/` is validation), shard
+    subfolders, a nested metadata file and hidden folders: the same rows as `datasets.load_dataset("imagefolder")`,
+    found without `datasets` resolving any file, and listing each folder a few times, not once per split pattern."""
+    root = tmp_path / "alive"
+    write_image_folder(root / "data" / "train" / "shard-0", pairs[:3], metadata)
+    write_image_folder(root / "data" / "train" / "shard-1", pairs[3:5], metadata)
+    write_image_folder(root / "data" / "val", pairs[5:], metadata)
+    write_image_folder(root / "data" / "train" / ".cache", pairs[:1], metadata)  # hidden: skipped by both
+    expected = {split: datasets_rows(root, split) for split in ("train", "validation")}
+    assert [len(rows) for rows in expected.values()] == [5, 1]
+
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.fspath(path)) or real_scandir(path))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("datasets resolved the folder"))
+    assert split_names(root) == ["train", "validation"]
+    for split, rows in expected.items():
+        listed.clear()
+        assert our_rows(load_image_text_dataset(root, split=split)) == rows
+        # Each folder at most thrice: the sniff of the source's kind (up to the first metadata file), the walk, the
+        # path check of its rows; `datasets` lists it once per split pattern.
+        assert max(listed.count(folder) for folder in listed) <= 3
+    flat = tmp_path / "flat"
+    write_image_folder(flat, pairs, metadata)
+    assert split_names(flat) == ["train"]
+    with pytest.raises(ValueError, match=r"flat: no split 'validation'; splits: \['train'\]"):
+        load_image_text_dataset(flat, split="validation")
+
+
+def test_an_image_folder_without_file_names_is_named(tmp_path, pairs):
+    write_image_folder(tmp_path / "data", pairs)
+    metadata = tmp_path / "data" / "metadata.jsonl"
+    metadata.write_text(json.dumps({"image": "imgs/0.png", "caption": "a leaf"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{metadata}: no file_name column"):
+        load_image_text_dataset(tmp_path / "data")
 
 
 def test_split_names_are_found_without_loading(tmp_path, pairs, monkeypatch):
