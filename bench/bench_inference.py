@@ -1,7 +1,8 @@
 """Zero-shot inference throughput: `agriclip classify-folder` against the transformers pipeline, printed as ratios.
 
-Same model, images and labels on every side, measured in one run: a model of a preset layout (random weights, built
-locally, nothing downloaded) saved once to a temporary folder, `--images` generated PNG photos of `--size` pixels, and
+Same model, images and labels on every side, measured in one run: a model of `--model`'s layout (random weights,
+built locally, nothing downloaded; by default bench_stage1's `small`, whose towers dominate the cost as at real
+sizes) saved once to a temporary folder, `--images` generated PNG photos of `--size` pixels, and
 `--labels` class names with the one template "a photo of {}.".
 
 Sides:
@@ -10,17 +11,21 @@ Sides:
   preprocessed by the DataLoader, in decoding workers where the machine has cores to spare, batched forward of the
   image tower alone, CSV written); steady state: the same inference through `classify_files` with the model loaded
   and the label embeddings cached;
-- the `zero-shot-image-classification` pipeline on the same AgriCLIP folder, as usually called (one image per
-  forward, the label prompts re-encoded for every image), and with `batch_size=--batch-size`;
-- the same pipeline on a transformers `CLIPModel` with the same text and image tower sizes: what the pipeline costs
-  without AgriCLIP.
+- the reference of the headline: the `zero-shot-image-classification` pipeline on the same AgriCLIP folder, called
+  on the list of photos with the labels and `batch_size=--batch-size`, as a user who batches calls it (it still
+  encodes the label prompts with every batch of images);
+- the same pipeline called without `batch_size` (one image per forward, the label prompts re-encoded for every
+  image), as usually called;
+- the batched pipeline on a transformers `CLIPModel` with the same text and image tower sizes: what the pipeline
+  costs without AgriCLIP.
 
 Measures:
 
 - "cold img/s": loading plus one pass over the photos, each side in its own fresh process (the command-line
   experience; loading is a fixed cost, so the cold ratio grows with `--images` towards the warm one);
 - "warm img/s": models loaded once in this process, then `--repeats` rounds that run every side in turn (interleaved,
-  so that a change of load on a shared machine hits every side alike); the fastest pass of each side counts;
+  so that a change of load on a shared machine hits every side alike): min / median / max over the rounds, and the
+  ratios of the medians and of each round's passes (the sides of one round ran one after the other);
 - "CPU ms/img": CPU time of the warm passes (all threads and DataLoader workers) per image, steadier than wall time
   on a shared machine;
 - peak memory of each cold process: `resource.getrusage(RUSAGE_SELF).ru_maxrss` (resident set: Python, torch, the
@@ -28,17 +33,18 @@ Measures:
   side pays), the largest DataLoader worker (`RUSAGE_CHILDREN`; workers share their parent's pages copy-on-write, so
   this overstates what they add), and on CUDA `torch.cuda.max_memory_allocated`.
 
-The top-1 agreement of the command and the pipeline on the same model is printed as a check that both compute the
-same predictions.
+The top-1 agreement of the command and the batched pipeline on the same model is printed as a check that both
+compute the same predictions.
 
-    python bench/bench_inference.py [--preset tiny|vit_b16|paper] [--images 64] [--labels 20] [--batch-size 32]
-        [--num-workers N] [--device cpu|cuda] [--threads N] [--repeats 3]
+    python bench/bench_inference.py [--model small|tiny|vit_b16|paper|FILE.json] [--images 64] [--labels 20]
+        [--batch-size 32] [--num-workers N] [--device cpu|cuda] [--threads N] [--repeats 3]
 """
 
 import argparse
 import csv
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,19 +64,21 @@ LABELS = (
     "yellow leaf curl", "target spot", "anthracnose", "scab", "black rot", "canker", "downy mildew", "fresh fish",
     "stale fish", "goat",
 )
-SIDES = ("agriclip classify-folder", "pipeline (AgriCLIP)", "pipeline (AgriCLIP), batched", "pipeline (CLIPModel)")
+SIDES = ("agriclip classify-folder", "pipeline (AgriCLIP), batched", "pipeline (AgriCLIP), unbatched",
+         "pipeline (CLIPModel), batched")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--preset", choices=("tiny", "vit_b16", "paper"), default="tiny", help="AgriCLIPConfig preset of the model."
+        "--model", default="small",
+        help="Layout of the model: small (bench_stage1's), a preset or a JSON file of AgriCLIPConfig values over one.",
     )
     parser.add_argument("--images", type=int, default=64, help="Number of generated photos.")
     parser.add_argument("--size", type=int, default=256, help="Side of the generated photos in pixels.")
     parser.add_argument("--labels", type=int, default=20, help=f"Number of class names (at most {len(LABELS)}).")
     parser.add_argument(
-        "--batch-size", type=int, default=32, help="Images per forward of the command and of the batched pipeline."
+        "--batch-size", type=int, default=32, help="Images per forward of the command and of the batched pipelines."
     )
     parser.add_argument(
         "--num-workers", type=int, default=None, help="Decoding workers of the command (default: the command's own)."
@@ -83,9 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch intra-op threads of every side (default: torch's). On a machine shared with other jobs, 1 keeps "
         "the many small operations of the per-image pipeline from waiting on descheduled threads.",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="Interleaved warm rounds; the fastest pass of each side counts."
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved warm rounds.")
     # Internal: the child processes that build the models and photos, and that run one side cold.
     parser.add_argument("--task", choices=("prepare", *SIDES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -99,10 +105,11 @@ def prepare(workdir: Path, args) -> None:
     from PIL import Image
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+    from bench.bench_stage1 import bench_config
+    from modeling_agriclip import AgriCLIPModel, AgriCLIPProcessor
 
     torch.manual_seed(0)
-    config = getattr(AgriCLIPConfig, args.preset)()
+    config = bench_config(args.model)
     processor = AgriCLIPProcessor.from_config(config)
     AgriCLIPModel(config).save_pretrained(workdir / "agriclip")
     processor.save_pretrained(workdir / "agriclip")
@@ -141,9 +148,9 @@ def _pipeline(side: str, args):
     """The pipeline of a pipeline side and the keyword arguments of its calls."""
     from transformers import pipeline
 
-    model = args.workdir / ("clip" if side == "pipeline (CLIPModel)" else "agriclip")
+    model = args.workdir / ("clip" if "CLIPModel" in side else "agriclip")
     classifier = pipeline("zero-shot-image-classification", model=str(model), device=args.device)
-    batch = {"batch_size": args.batch_size} if side.endswith("batched") else {}
+    batch = {"batch_size": args.batch_size} if side.endswith(", batched") else {}
     return classifier, {"candidate_labels": list(LABELS[: args.labels]), "hypothesis_template": TEMPLATE, **batch}
 
 
@@ -225,7 +232,8 @@ def run_task(task: str, workdir: Path, argv: list[str]) -> dict | None:
 
 
 def measure_warm(args) -> dict[str, dict]:
-    """Every side loaded in this process; `--repeats` interleaved rounds after one warm-up pass each."""
+    """Every side loaded in this process; `--repeats` interleaved rounds after one warm-up pass each. Returns each
+    side's images per second of every round, in round order, and its CPU time per image."""
     from modeling_agriclip.commands import find_images
 
     set_threads(args)
@@ -243,11 +251,23 @@ def measure_warm(args) -> dict[str, dict]:
             cpu[side] += cpu_seconds() - start_cpu
     return {
         side: {
-            "warm_images_per_s": len(files) / min(seconds[side]),
+            "warm_images_per_s": [len(files) / value for value in seconds[side]],
             "warm_cpu_ms_per_image": 1000 * cpu[side] / (args.repeats * len(files)),
         }
         for side in SIDES
     }
+
+
+def ratio_line(cli: dict, other: dict) -> str:
+    """classify-folder against one other side: warm (ratio of the medians, then of each round's passes), cold, and
+    CPU time per image."""
+    cli_warm, other_warm = cli["warm_images_per_s"], other["warm_images_per_s"]
+    per_round = " ".join(f"{mine / theirs:.2f}" for mine, theirs in zip(cli_warm, other_warm))
+    return (
+        f"warm {statistics.median(cli_warm) / statistics.median(other_warm):.2f}x (per round: {per_round}), "
+        f"cold {cli['cold_images_per_s'] / other['cold_images_per_s']:.2f}x, "
+        f"CPU time per image {other['warm_cpu_ms_per_image'] / cli['warm_cpu_ms_per_image']:.2f}x less"
+    )
 
 
 def main(argv=None) -> None:
@@ -270,28 +290,28 @@ def main(argv=None) -> None:
             results[side].update(warm)
 
     print(
-        f"{args.images} PNG photos {args.size}x{args.size}, {args.labels} labels, template {TEMPLATE!r}, preset "
-        f"{args.preset}, device {args.device}, {args.threads or 'default'} threads, batch {args.batch_size}; cold = loading + one pass in a fresh process, "
-        f"warm = fastest of {args.repeats} interleaved passes with the models loaded"
+        f"{args.images} PNG photos {args.size}x{args.size}, {args.labels} labels, template {TEMPLATE!r}, model "
+        f"{args.model}, device {args.device}, {args.threads or 'default'} threads, batch {args.batch_size}; cold = "
+        f"loading + one pass in a fresh process, warm = {args.repeats} interleaved passes with the models loaded"
     )
-    header = ("cold img/s", "warm img/s", "CPU ms/img", "peak RSS", "after imports", "worker")
+    header = ("cold img/s", "warm min", "warm median", "warm max", "CPU ms/img", "peak RSS", "after imports", "worker")
     print(f"{'side':<32}" + "".join(f"{name:>14}" for name in header))
     for side, result in results.items():
-        cells = [f"{result[key]:.1f}" for key in ("cold_images_per_s", "warm_images_per_s", "warm_cpu_ms_per_image")]
+        warm = result["warm_images_per_s"]
+        values = (result["cold_images_per_s"], min(warm), statistics.median(warm), max(warm),
+                  result["warm_cpu_ms_per_image"])
+        cells = [f"{value:.1f}" for value in values]
         cells += [f"{result[key]:.0f} MiB" for key in ("peak_rss_mib", "import_rss_mib")]
         cells.append("-" if result["worker_peak_rss_mib"] is None else f"{result['worker_peak_rss_mib']:.0f} MiB")
         cuda = "" if result["cuda_peak_mib"] is None else f"  cuda peak {result['cuda_peak_mib']:.0f} MiB"
         print(f"{side:<32}" + "".join(f"{cell:>14}" for cell in cells) + cuda)
-    cli = results[SIDES[0]]
-    for side in SIDES[1:]:
-        other = results[side]
-        print(
-            f"ratio classify-folder / {side}: cold {cli['cold_images_per_s'] / other['cold_images_per_s']:.1f}x, "
-            f"warm {cli['warm_images_per_s'] / other['warm_images_per_s']:.1f}x, "
-            f"CPU time per image {other['warm_cpu_ms_per_image'] / cli['warm_cpu_ms_per_image']:.1f}x less"
-        )
-    agree = sum(a == b for a, b in zip(cli["top1"], results[SIDES[1]]["top1"]))
-    print(f"top-1 agreement of classify-folder and the pipeline on the same model: {agree}/{len(cli['top1'])}")
+    cli, reference = results[SIDES[0]], SIDES[1]
+    print(f"headline, classify-folder / {reference} (batch_size={args.batch_size}, the same labels): "
+          + ratio_line(cli, results[reference]))
+    for side in SIDES[2:]:
+        print(f"classify-folder / {side}: " + ratio_line(cli, results[side]))
+    agree = sum(a == b for a, b in zip(cli["top1"], results[reference]["top1"]))
+    print(f"top-1 agreement of classify-folder and the batched pipeline on the same model: {agree}/{len(cli['top1'])}")
     print(
         "Memory: peak resident set (ru_maxrss) of each side's cold process; 'after imports' is its baseline before "
         "any model is loaded; 'worker' is the largest DataLoader worker (shares pages with its parent; '-' when none "

@@ -1,24 +1,30 @@
-"""Throughput of the batched kornia MultiCropAugmentation against DINO's per-image PIL pipeline.
+"""Throughput of the batched MultiCropAugmentation against DINO's per-image PIL pipeline, measured in the same run.
 
-Both sides make the same views from the same images: 2 global and N local crops per image, with DINO's
-random resized crop (bicubic), flip, colour jitter, grayscale, Gaussian blur and solarisation, then a float
-tensor normalised with the ImageNet statistics. The PIL side is the reference measured in the same run,
-one image at a time in this process (as one DataLoader worker would run it). Run from the repository
-root (or with the package installed):
+Both sides make the same views from the same images: 2 global and N local crops per image, with DINO's random resized
+crop, flip, colour jitter, grayscale, Gaussian blur and solarisation, then a float tensor normalised with the ImageNet
+statistics. Ours (`training.dino.MultiCropAugmentation`) takes the batch as a uint8 tensor and includes the copy to the
+device and the conversion to float. The reference is `PILMultiCrop`, DINO's DataAugmentationDINO (main_dino.py)
+written with PIL only, one image at a time in this process, as one DataLoader worker runs it. The sides alternate call
+by call on the same batch, so that load from other processes hits both alike; the bench prints the load average
+before and after, and torch's thread count (the PIL side runs on one thread). Prints each side's views per second
+(min / median / max over the timed calls), then ours / PIL: the ratio of the medians, the paired ratios of the calls
+that ran one after the other (min / median / max) and each round's ratio of total time. Target: >= 1.5x on the CPU.
+Run from the repository root (or with the package installed):
 
-    python -m bench.bench_multicrop --num-images 64 --image-size 256 --num-local-crops 6
+    python -m bench.bench_multicrop [--num-images 64] [--image-size 256] [--num-local-crops 6] [--calls 2] [--rounds 3]
 """
 
 import argparse
 import math
+import os
 import random
-import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from bench.bench_stage1 import alternating_seconds, print_comparison
 from training.dino import MULTICROP_PRESETS, MultiCropAugmentation
 
 
@@ -95,26 +101,9 @@ class PILMultiCrop:
         return [torch.stack(view) for view in zip(*per_image)]
 
 
-def best_seconds(functions: dict, repeats: int, device: torch.device) -> dict:
-    """Best of `repeats` timed calls per function (call each once before, to warm up).
-
-    The functions take turns, so that load from other processes on a shared machine hits every side alike.
-    """
-
-    def timed(function):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    best = {name: math.inf for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            best[name] = min(best[name], timed(function))
-    return best
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was besides this bench."""
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def main():
@@ -125,8 +114,9 @@ def main():
     parser.add_argument("--local-size", type=int, default=96, help="side of the local crops")
     parser.add_argument("--num-local-crops", type=int, default=6, help="local crops per image")
     parser.add_argument("--preset", choices=sorted(MULTICROP_PRESETS), default="vit", help="DINO crop-scale recipe")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side, alternating (the best is kept)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the kornia side")
+    parser.add_argument("--calls", type=int, default=2, help="timed calls per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the timed calls")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of our side")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -136,28 +126,34 @@ def main():
     uint8_batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
     pil_pipeline = PILMultiCrop(args.preset, args.num_local_crops, args.global_size, args.local_size)
-    kornia_pipeline = MultiCropAugmentation(
+    our_pipeline = MultiCropAugmentation(
         args.preset, num_local_crops=args.num_local_crops, global_size=args.global_size, local_size=args.local_size
     ).to(device)
 
-    # The kornia side includes the host-to-device copy and the uint8-to-float conversion.
-    def run_kornia():
-        return kornia_pipeline(uint8_batch.to(device, non_blocking=True).float().div_(255))
+    def ours(batch):
+        views = our_pipeline(batch["tensor"].to(device, non_blocking=True).float().div_(255))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return views
 
-    pil_views, kornia_views = pil_pipeline(pil_images), run_kornia()  # also the warm-up calls
-    if [v.shape for v in pil_views] != [v.shape for v in kornia_views]:
-        raise SystemExit(f"bench_multicrop: the pipelines disagree on view shapes: {[tuple(v.shape) for v in pil_views]} vs {[tuple(v.shape) for v in kornia_views]}")
+    def reference(batch):
+        return pil_pipeline(batch["pil"])
+
+    batch = {"tensor": uint8_batch, "pil": pil_images}
+    pil_views, our_views = reference(batch), ours(batch)  # also the warm-up calls
+    if [v.shape for v in pil_views] != [v.shape for v in our_views]:
+        raise SystemExit(f"bench_multicrop: the pipelines disagree on view shapes: {[tuple(v.shape) for v in pil_views]} "
+                         f"vs {[tuple(v.shape) for v in our_views]}")
 
     views = args.num_images * (2 + args.num_local_crops)
-    seconds = best_seconds({"pil": lambda: pil_pipeline(pil_images), "kornia": run_kornia}, args.repeats, device)
-    pil_seconds, kornia_seconds = seconds["pil"], seconds["kornia"]
-    print(
-        f"{args.num_images} images of {args.image_size}px -> 2 x {args.global_size}px + {args.num_local_crops} x "
-        f"{args.local_size}px views, preset {args.preset}; torch threads {torch.get_num_threads()}, kornia on {device}"
-    )
-    print(f"PIL per-image loop (reference): {views / pil_seconds:10.1f} views/s  ({pil_seconds * 1e3:8.1f} ms/batch)")
-    print(f"kornia batched:                 {views / kornia_seconds:10.1f} views/s  ({kornia_seconds * 1e3:8.1f} ms/batch)")
-    print(f"ratio kornia / PIL: {pil_seconds / kornia_seconds:.2f}x")
+    print(f"{args.num_images} images of {args.image_size}px -> 2 x {args.global_size}px + {args.num_local_crops} x "
+          f"{args.local_size}px views ({views} per call), preset {args.preset}; ours on {device} with "
+          f"{torch.get_num_threads()} torch threads; {args.calls} calls x {args.rounds} rounds")
+    print("reference: DINO's DataAugmentationDINO per image on PIL (bench_multicrop.PILMultiCrop), one thread")
+    print(f"load average (1 / 5 / 15 min) before: {load_average()}")
+    seconds = alternating_seconds({"ours, batched": ours, "PIL per image": reference}, [batch] * args.calls, args.rounds)
+    print(f"load average (1 / 5 / 15 min) after:  {load_average()}")
+    print_comparison(seconds, views, "views/s", " (target >= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
-"""Stage-2 training throughput: the DINO step fed by the batched kornia multi-crop against the same step fed by
-DINO's per-image PIL multi-crop, measured in the same run.
+"""Stage-2 training throughput: the whole step (multi-crop augmentation, then the DINO update) with our batched
+multi-crop against the same step fed by DINO's per-image PIL multi-crop, measured in the same run.
 
-Both sides run the stage-2 update on the same images: multi-crop views, the teacher on the 2 global views, the
-student on all views, the DINO loss, `training.runtime.train_step` (finite-loss check, clipping, AdamW) and the
-EMA teacher update. Ours makes the views with `MultiCropAugmentation` on the training device from the batch tensor;
-the reference makes them one image at a time with `bench_multicrop.PILMultiCrop`, as DINO's DataLoader workers do,
-here in this process. The steps alternate and each side's median step counts, so that load from other processes
-hits both alike. Prints training samples per second of each and the ratio. Run from the repository root:
+Every contender runs the stage-2 update of `training.distillation` on the same images: the teacher on the 2 global
+views, the student on all views, the DINO loss, `training.runtime.train_step` (finite-loss check, clipping, AdamW on
+`training.runtime.adamw`'s kernel) and the EMA teacher update. Contenders:
+
+- "batched multi-crop + step" (ours): `MultiCropAugmentation` makes the views on the training device from the batch
+  tensor (uint8, converted to float there), as stage 2 does;
+- "PIL multi-crop + step": `bench_multicrop.PILMultiCrop` makes them one image at a time, as DINO's DataLoader
+  workers do, here in this process;
+- "step on ready views": the update alone on views made before timing, the reference for the DINO step itself: the
+  ceiling of any augmentation, and ours / it is the share of the step the batched multi-crop leaves.
+
+The contenders alternate step by step on the same batches, so that load from other processes hits all alike; the
+bench prints the load average before and after, and torch's thread count. Prints each one's training samples per
+second (min / median / max over the timed steps), then ours against each reference: the ratio of the medians, the
+paired ratios of the steps that ran one after the other (min / median / max) and each round's ratio of total time.
+Target: ours >= 1.2x the PIL path on the CPU. Run from the repository root:
 
     python -m bench.bench_stage2 [--preset tiny|vit_b16] [--batch-size 32] [--num-local-crops 6] [--steps 10]
 """
@@ -20,14 +30,14 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from bench.bench_multicrop import PILMultiCrop
-from bench.bench_stage1 import alternating_rates, print_rates
+from bench.bench_multicrop import PILMultiCrop, load_average
+from bench.bench_stage1 import alternating_seconds, print_comparison
 from modeling_agriclip import AgriCLIPModel
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.modeling_agriclip import backbone_features
 from training.dino import DINOHead, MultiCropAugmentation, MultiCropWrapper, param_groups_without_decay, update_teacher
 from training.losses import DINOLoss
-from training.runtime import CheckpointManager, TrainingPosition, train_step
+from training.runtime import CheckpointManager, TrainingPosition, adamw, train_step
 
 
 def main() -> None:
@@ -51,7 +61,7 @@ def main() -> None:
     student = MultiCropWrapper(backbone.train(), DINOHead(feature_size, args.out_dim))
     teacher = copy.deepcopy(student).requires_grad_(False)
     accelerator = Accelerator(cpu=args.device == "cpu")
-    optimizer = torch.optim.AdamW(param_groups_without_decay(student, 0.04), lr=0)
+    optimizer = adamw(param_groups_without_decay(student, 0.04), accelerator.device, lr=0)
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     dino_loss = DINOLoss(args.out_dim, 2 + args.num_local_crops, num_steps=1).to(accelerator.device)
@@ -67,6 +77,12 @@ def main() -> None:
         for batch in pixels
     ]
 
+    def batched_views(batch):
+        return augment(batch["tensor"].to(accelerator.device, non_blocking=True).float().div_(255))
+
+    for batch in batches:
+        batch["views"] = batched_views(batch)
+
     def dino_step(crops):
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
@@ -76,19 +92,24 @@ def main() -> None:
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize(accelerator.device)
 
-    def ours(batch):
-        dino_step(augment(batch["tensor"].to(accelerator.device, non_blocking=True).float().div_(255)))
-
-    def reference(batch):
-        dino_step([view.to(accelerator.device, non_blocking=True) for view in pil_augment(batch["pil"])])
-
-    for step in (ours, reference):  # warm-up
+    steps = {
+        "batched multi-crop + step": lambda batch: dino_step(batched_views(batch)),
+        "PIL multi-crop + step": lambda batch: dino_step(
+            [view.to(accelerator.device, non_blocking=True) for view in pil_augment(batch["pil"])]),
+        "step on ready views": lambda batch: dino_step(batch["views"]),
+    }
+    for step in steps.values():  # warm-up
         step(batches[0])
-    rates = alternating_rates({"kornia multi-crop": ours, "PIL multi-crop": reference}, batches, args.rounds, args.batch_size)
-    print(f"preset {args.preset} ({backbone.config.model_type} backbone), batch {args.batch_size}, 2 x {global_size}px + "
-          f"{args.num_local_crops} x {local_size}px views, {args.steps} steps x {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads, {accelerator.device}")
-    print_rates(rates, args.steps * args.rounds, "training samples/s")
+    print(f"preset {args.preset} ({backbone.config.model_type} backbone), batch {args.batch_size} of {side}px images -> "
+          f"2 x {global_size}px + {args.num_local_crops} x {local_size}px views, {args.out_dim} prototypes; "
+          f"{args.steps} steps x {args.rounds} rounds; {torch.get_num_threads()} torch threads, {accelerator.device}")
+    print("references: DINO's per-image PIL multi-crop (bench_multicrop.PILMultiCrop, one thread) feeding the same "
+          "step; the step alone on ready views")
+    print(f"load average (1 / 5 / 15 min) before: {load_average()}")
+    seconds = alternating_seconds(steps, batches, args.rounds)
+    print(f"load average (1 / 5 / 15 min) after:  {load_average()}")
+    print_comparison(seconds, args.batch_size, "training samples/s")
+    print("  target: batched multi-crop + step >= 1.2x PIL multi-crop + step")
 
 
 if __name__ == "__main__":

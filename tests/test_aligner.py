@@ -89,6 +89,68 @@ def test_closed_form_matches_numpy_lstsq():
     assert relative_error(weights.bias, expected_bias) <= 1e-6
 
 
+def torch_peak_bytes(function):
+    """The largest sum of live torch allocations while `function` runs (torch's CPU allocator, which tracemalloc
+    does not see), from the profiler's allocation and free events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    events = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    peak = live = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def test_blocked_statistics_and_factorisation_equal_the_float64_normal_equations_and_keep_the_statistics():
+    """600 feature dimensions: three blocks of the fit's factorisation, the last one partial; batches of one row,
+    of several float64 slices and of a partial one."""
+    n, d_in = 1500, 600
+    x, y = make_features(n=n, d_in=d_in, d_out=8, seed=3)
+    stats = stream(x, y, [1, 700, 799])
+    assert torch.equal(stats.sxx, stats.sxx.mT)  # exactly symmetric: what the fit relies on
+    xd, yd = x.double(), y.double()
+    xc, yc = xd - xd.mean(0), yd - yd.mean(0)
+    torch.testing.assert_close(stats.sxx, xc.T @ xc, rtol=1e-10, atol=1e-7)
+    torch.testing.assert_close(stats.sxy, xc.T @ yc, rtol=1e-10, atol=1e-7)
+    saved = stats.state_dict()
+    for ridge in (0.0, 0.05):
+        weights = fit_closed_form(stats, ridge=ridge)
+        weight = torch.linalg.solve(xc.T @ xc / n + ridge * torch.eye(d_in, dtype=torch.float64), xc.T @ yc / n).T
+        bias = yd.mean(0) - weight @ xd.mean(0)
+        assert relative_error(weights.weight, weight.numpy()) <= 1e-6, ridge
+        assert relative_error(weights.bias, bias.numpy()) <= 1e-6, ridge
+    for key, value in stats.state_dict().items():
+        assert torch.equal(value, saved[key]), key  # the factor was written into sxx and undone, bit for bit
+
+
+def test_singular_features_beyond_the_first_block_fall_back_to_the_minimum_norm_solution(caplog):
+    """The factorisation stops part-way, in its second block; the statistics are restored before the fallback."""
+    x, y = make_features(n=1000, d_in=300, d_out=6, seed=4)
+    duplicated = torch.cat([x, x[:, :2]], dim=1)
+    stats = stream(duplicated, y, [1000])
+    saved = stats.state_dict()
+    with caplog.at_level(logging.WARNING, logger="training.aligner"):
+        weights = fit_closed_form(stats)
+    assert "singular" in caplog.text
+    expected_weight, expected_bias = numpy_lstsq(duplicated, y)
+    assert relative_error(weights.weight, expected_weight) <= 1e-6
+    assert relative_error(weights.bias, expected_bias) <= 1e-6
+    for key, value in stats.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_update_and_fit_allocate_no_float64_batch_nor_a_second_covariance_matrix():
+    """An update converts a batch to float64 a slice at a time; the fit factors in the redundant triangle of sxx
+    and solves in place: its temporaries are the solution and a block row, not D_in x D_in matrices."""
+    d_in, d_out = 1024, 16
+    x, y = make_features(n=2000, d_in=d_in, d_out=d_out, seed=5)
+    stats = AlignerStatistics(d_in, d_out)
+    assert torch_peak_bytes(lambda: stats.update(x, y)) < 8 * x.numel() / 4
+    assert torch_peak_bytes(lambda: fit_closed_form(stats)) < 8 * d_in * d_in / 2
+
+
 def test_streaming_merge_and_add_equal_one_pass():
     x, y = make_features()
     whole = stream(x, y, [600])

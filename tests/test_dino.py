@@ -1,20 +1,23 @@
 """DINO building blocks: head, multi-crop wrapper and augmentation, schedules, EMA, parameter groups, collapse watch."""
 
 import copy
+import dataclasses
 import math
+import random
 
-import kornia.augmentation as K
 from kornia.color import hsv_to_rgb, rgb_to_hsv
 import numpy as np
+from PIL import Image, ImageFilter
 import pytest
 import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from training import dino
 from training.dino import (
+    BLUR_KERNEL_SIZE,
     MULTICROP_PRESETS,
-    PHOTOMETRIC_RECIPES,
     CollapseMonitor,
     CropAndFlip,
     DINOHead,
@@ -24,6 +27,8 @@ from training.dino import (
     cosine_schedule,
     default_collapse_window,
     param_groups_without_decay,
+    random_resized_boxes,
+    resized_crops,
     teacher_entropy,
     update_teacher,
 )
@@ -181,6 +186,7 @@ def test_multicrop_augmentation_shapes_and_normalised_ranges():
     torch.manual_seed(0)
     views = _augmentation()(torch.rand(4, 3, 48, 40))
     assert [tuple(view.shape) for view in views] == [(4, 3, GLOBAL_SIZE, GLOBAL_SIZE)] * 2 + [(4, 3, LOCAL_SIZE, LOCAL_SIZE)] * 3
+    assert all(view.dtype == torch.float32 for view in views)
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     for view in views:
         pixels = view * std + mean
@@ -207,11 +213,15 @@ def test_multicrop_augmentation_draws_per_image_crops():
     views = augmentation(torch.rand(1, 3, 48, 48).expand(6, -1, -1, -1))
     for view in views:
         assert len({tuple(row.flatten().tolist()) for row in view}) == 6
-    boxes = augmentation.local_crop._params["src"]
-    assert len({tuple(box.flatten().tolist()) for box in boxes}) == len(boxes)
+    boxes = augmentation.draw(6, 48, 48)[1].boxes.flatten(0, 1)
+    assert len({tuple(box.tolist()) for box in boxes}) == len(boxes)
 
 
-def test_processes_applying_their_rows_of_the_global_draw_see_the_single_process_crops():
+# Pixels per chunk that split both view groups of 6 images unevenly (2 and 9 images a chunk), and the default.
+@pytest.mark.parametrize("chunk_pixels", [5000, None], ids=["small-chunks", "default-chunks"])
+def test_processes_applying_their_rows_of_the_global_draw_see_the_single_process_crops(chunk_pixels, monkeypatch):
+    if chunk_pixels is not None:
+        monkeypatch.setattr(dino, "_CPU_CHUNK_PIXELS", chunk_pixels)
     images = torch.rand(6, 3, 48, 48)
     augmentation = _augmentation(num_local_crops=2)
     torch.manual_seed(3)
@@ -231,28 +241,6 @@ def test_multicrop_augmentation_rejects_rows_outside_the_global_batch():
             _augmentation()(images, rows=rows, global_batch_size=total)
 
 
-def test_upsampled_crops_keep_flat_regions_flat_up_to_the_border():
-    augmentation = _augmentation()
-    crops = augmentation.global_crop(torch.full((8, 3, 24, 24), 0.5))  # 24 px images upsampled to 32 px crops
-    torch.testing.assert_close(crops, torch.full_like(crops, 0.5))
-
-
-@pytest.mark.parametrize("preset", sorted(MULTICROP_PRESETS))
-def test_multicrop_presets_set_the_crop_areas(preset):
-    torch.manual_seed(0)
-    augmentation = _augmentation(preset, num_local_crops=1)
-    side = 64
-    augmentation(torch.rand(32, 3, side, side))
-    scales = MULTICROP_PRESETS[preset]
-    for crop, (low, high) in [(augmentation.global_crop, scales.global_crops_scale), (augmentation.local_crop, scales.local_crops_scale)]:
-        boxes = crop._params["src"]  # corners (x, y): top-left, top-right, bottom-right, bottom-left (inclusive)
-        widths = boxes[:, 1, 0] - boxes[:, 0, 0] + 1
-        heights = boxes[:, 2, 1] - boxes[:, 1, 1] + 1
-        areas = widths * heights / side**2
-        # Pixel rounding moves an area by at most one row and one column.
-        assert areas.min() >= low - 2 / side and areas.max() <= high + 2 / side
-
-
 def test_multicrop_augmentation_rejects_bad_input_and_presets():
     with pytest.raises(ValueError, match="MultiCropAugmentation"):
         _augmentation()(torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8))
@@ -263,30 +251,138 @@ def test_multicrop_augmentation_rejects_bad_input_and_presets():
         MultiCropAugmentation(photometric="grey")
 
 
-# DINO's DataAugmentationDINO (main_dino.py), per view: flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale
-# p=0.2; Gaussian blur p=1.0 (global 1), 0.1 (global 2), 0.5 (local); solarisation p=0.2 on global 2 only. The colour
+def _torchvision_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params (top, left, height, width), one box at a time with Python's random."""
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical distribution functions."""
+    a, b = np.sort(a), np.sort(b)
+    points = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, points, side="right") / len(a) - np.searchsorted(b, points, side="right") / len(b)).max()
+
+
+@pytest.mark.parametrize("preset", sorted(MULTICROP_PRESETS))
+def test_crop_boxes_are_distributed_as_torchvision_draws_them_one_at_a_time(preset):
+    """Area, aspect ratio and centre of 3,000 boxes of each view group drawn at once, against 3,000 of torchvision's
+    get_params: at most 0.064 apart in Kolmogorov-Smirnov distance (the 1e-5 critical value of two samples this size),
+    every box inside the image and within the preset's area range."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    height, width, count = 48, 64, 3000
+    scales = MULTICROP_PRESETS[preset]
+    for scale in (scales.global_crops_scale, scales.local_crops_scale):
+        ours = random_resized_boxes(count, height, width, scale).double().numpy()
+        theirs = np.array([_torchvision_box(rng, height, width, scale) for _ in range(count)], dtype=np.float64)
+        for boxes in (ours, theirs):
+            top, left, h, w = boxes.T
+            assert np.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width))
+        statistics = {"area": lambda b: b[:, 2] * b[:, 3] / (height * width), "log aspect": lambda b: np.log(b[:, 3] / b[:, 2]),
+                      "centre y": lambda b: b[:, 0] + b[:, 2] / 2, "centre x": lambda b: b[:, 1] + b[:, 3] / 2}
+        for name, statistic in statistics.items():
+            assert _ks_distance(statistic(ours), statistic(theirs)) < 0.064, (scale, name)
+        areas = statistics["area"](ours)
+        # Pixel rounding moves an area by at most one row and one column.
+        assert areas.min() >= scale[0] - 2 / height and areas.max() <= scale[1] + 2 / height
+
+
+@pytest.mark.parametrize("height, width", [(20, 200), (200, 20)])
+def test_a_box_that_never_fits_is_torchvision_s_central_crop(height, width):
+    torch.manual_seed(0)
+    expected = _torchvision_box(random.Random(0), height, width, (0.9, 1.0))
+    assert sorted(expected[2:]) == [20, 27]  # the nearest ratio in (3/4, 4/3) on the short side
+    assert {tuple(box.tolist()) for box in random_resized_boxes(50, height, width, (0.9, 1.0))} == {expected}
+
+
+def _smooth_image(height, width):
+    """A smooth uint8 RGB image (sines of 29-41 px periods): resampling filters agree on it to a few grey levels, so
+    that comparing crops checks their geometry."""
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    waves = [0.5 + 0.3 * torch.sin(2 * math.pi * (x / 41 + y / 29) + phase) for phase in (0.0, 2.0, 4.0)]
+    return (torch.stack(waves) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_crops_sample_their_boxes_where_pil_resizes_them(mode):
+    """Each crop against PIL's bicubic resize of its box, as DINO makes it, and its mirror image against PIL's flip: a
+    one-pixel shift of the box would be 0.05 off."""
+    pixels = _smooth_image(48, 64)
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    boxes = torch.tensor([[3, 5, 30, 20], [0, 0, 48, 64], [10, 20, 12, 9], [7, 1, 41, 60], [20, 40, 28, 24]])
+    for flip in (False, True):
+        crops = resized_crops(pixels[None].float() / 255, boxes[:, None], torch.full((5, 1), flip), 32, mode)[:, 0]
+        for (top, left, height, width), crop in zip(boxes.tolist(), crops):
+            expected = image.resize((32, 32), Image.BICUBIC, box=(left, top, left + width, top + height))
+            if flip:
+                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+            expected = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255
+            torch.testing.assert_close(crop, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_crops_of_a_flat_image_stay_flat_up_to_the_border(mode):
+    torch.manual_seed(0)
+    boxes = random_resized_boxes(16, 24, 24, (0.05, 1.0)).view(2, 8, 4)
+    crops = resized_crops(torch.full((8, 3, 24, 24), 0.5), boxes, torch.rand(2, 8) < 0.5, 32, mode)  # up and down
+    torch.testing.assert_close(crops, torch.full_like(crops, 0.5))
+
+
+# DINO's DataAugmentationDINO (main_dino.py), per view (global 1, global 2, local): flip p=0.5, ColorJitter(0.4, 0.4,
+# 0.2, 0.1) with p=0.8, grayscale p=0.2; Gaussian blur p=1.0, 0.1, 0.5; solarisation p=0.2 on global 2 only. The colour
 # recipe keeps the lighting changes (flip, brightness and contrast jitter, blur) and drops grayscale and solarisation.
 def _probabilities(photometric):
     dino = photometric == "dino"
-    colour = {"RandomHorizontalFlip_0": 0.5, "ColorJitter_1": 0.8, "RandomGrayscale_2": 0.2 if dino else 0.0}
-    return {"global_color": colour, "local_color": colour, "global_1_blur": 1.0,
-            "global_2_blur": {"RandomGaussianBlur_0": 0.1, "RandomSolarize_1": 0.2 if dino else 0.0}, "local_blur": 0.5}
+    return {"flip": (0.5, 0.5, 0.5), "jitter": (0.8, 0.8, 0.8), "grayscale": (0.2 if dino else 0.0,) * 3,
+            "blur": (1.0, 0.1, 0.5), "solarize": (0.0, 0.2 if dino else 0.0, 0.0)}
 
 
 @pytest.mark.parametrize("photometric", ["dino", "colour"])
 def test_photometric_recipes_draw_each_operation_with_its_probability(photometric):
     torch.manual_seed(0)
-    augmentation = MultiCropAugmentation(photometric=photometric, num_local_crops=1, global_size=GLOBAL_SIZE,
+    augmentation = MultiCropAugmentation(photometric=photometric, num_local_crops=2, global_size=GLOBAL_SIZE,
                                          local_size=LOCAL_SIZE)
-    draws = torch.Size((4000, 3, 8, 8))  # a probability's estimate is within 0.03 of it (4 standard deviations)
+    global_views, local_views = augmentation.draw(4000, 8, 8)  # a probability within 0.03 (4 standard deviations)
     for name, expected in _probabilities(photometric).items():
-        params = getattr(augmentation, name).forward_parameters(draws)
-        observed = ({item.name: item.data["batch_prob"].float().mean().item() for item in params}
-                    if isinstance(params, list) else params["batch_prob"].float().mean().item())
-        assert observed == pytest.approx(expected, abs=0.03), name
-    solarize = augmentation.global_2_blur.forward_parameters(draws)[1].data
-    # PIL's ImageOps.solarize(threshold=128), as DINO calls it: pixels of 128 and above inverted, nothing added.
-    assert torch.all(solarize["thresholds"] == 0.5) and torch.all(solarize["additions"] == 0.0)
+        coins = getattr(global_views, name)
+        observed = [coins[0], coins[1], getattr(local_views, name)]
+        assert [coin.float().mean().item() for coin in observed] == pytest.approx(expected, abs=0.03), name
+
+
+@pytest.mark.parametrize("photometric", ["dino", "colour"])
+def test_jitter_factors_orders_and_blur_sigmas_are_drawn_as_torchvision_and_dino_draw_them(photometric):
+    """Factors uniform on the recipe's ranges (DINO's brightness and contrast 1 +- 0.4, saturation 1 +- 0.2, hue +- 0.1
+    of a turn; the colour recipe's saturation and hue neutral), each view's order of the four a uniform permutation
+    (torchvision's randperm per call, one image per call in DINO), blur sigmas uniform on (0.1, 2)."""
+    torch.manual_seed(0)
+    params = MultiCropAugmentation(photometric=photometric).draw(2000, 8, 8)[0]  # 4,000 views
+    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+    if photometric == "colour":
+        ranges |= {"saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+    uniform = np.linspace(0, 1, 4000)
+    for factor, (name, (low, high)) in zip(params.factors.flatten(0, 1).T, ranges.items()):
+        assert low - 1e-6 <= factor.min() and factor.max() <= high + 1e-6, name
+        if high > low:
+            assert _ks_distance((factor.numpy() - low) / (high - low), uniform) < 0.04, name
+    orders = params.order.flatten(0, 1)
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand_as(orders))
+    assert len({tuple(order.tolist()) for order in orders}) == 24
+    for step in range(4):
+        assert torch.bincount(orders[:, step], minlength=4).float().div(len(orders)).sub(0.25).abs().max() < 0.03
+    sigma = params.sigma.flatten().numpy()
+    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and _ks_distance((sigma - 0.1) / 1.9, uniform) < 0.04
 
 
 def _luma(images):
@@ -294,69 +390,110 @@ def _luma(images):
     return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
 
 
-def _jitter_by_hand(images, params):
-    """torchvision's ColorJitter, which DINO applies, written out in the drawn order: brightness scales the image,
-    contrast blends it with its mean luma, saturation with each pixel's luma, hue turns the HSV hue by a fraction of a
-    turn; every step clips to [0, 1]."""
-    factors = [params[f"{name}_factor"].view(-1, 1, 1, 1) for name in ("brightness", "contrast", "saturation", "hue")]
-    out = images
-    for step in params["order"].tolist():
-        factor = factors[step]
-        if step == 0:
-            out = (out * factor).clamp(0, 1)
-        elif step == 1:
-            mean = _luma(out).mean(dim=(-2, -1), keepdim=True)
-            out = ((out - mean) * factor + mean).clamp(0, 1)
-        elif step == 2:
-            out = ((out - _luma(out)) * factor + _luma(out)).clamp(0, 1)
-        elif (factor != 0).any():
-            hsv = rgb_to_hsv(out)
-            hue = torch.remainder(hsv[:, :1] + factor * 2 * math.pi, 2 * math.pi)
-            out = hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
-    return out
+def _jitter_by_hand(images, factors, orders):
+    """torchvision's ColorJitter, which DINO applies one image at a time, written out for each image in its own order:
+    brightness scales the image, contrast blends it with its mean luma, saturation with each pixel's luma, hue turns
+    the HSV hue by a fraction of a turn; every step clips to [0, 1]."""
+    jittered = []
+    for image, factor, order in zip(images, factors, orders):
+        out = image[None]
+        for step in order.tolist():
+            if step == 0:
+                out = (out * factor[0]).clamp(0, 1)
+            elif step == 1:
+                mean = _luma(out).mean()
+                out = ((out - mean) * factor[1] + mean).clamp(0, 1)
+            elif step == 2:
+                out = ((out - _luma(out)) * factor[2] + _luma(out)).clamp(0, 1)
+            else:
+                hsv = rgb_to_hsv(out)
+                hue = torch.remainder(hsv[:, :1] + factor[3] * 2 * math.pi, 2 * math.pi)
+                out = hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+        jittered.append(out[0])
+    return torch.stack(jittered)
 
 
-def _forced(params, on):
-    """The parameters of a flip-jitter-grayscale sequence with every image's coin of the operations `on` heads and
-    of the others tails."""
-    for item in params:
-        item.data["batch_prob"] = torch.full_like(item.data["batch_prob"], 1.0 if item.name in on else 0.0)
-    return params
+_COINS = ("flip", "jitter", "grayscale", "blur", "solarize")
+
+
+def _plain(params, side, **on):
+    """`params` with every crop the whole `side` x `side` image (at the views' own size: the image itself) and the coins
+    of the operations `on` heads, of the others tails."""
+    coins = {name: torch.full_like(getattr(params, name), name in on) for name in _COINS}
+    boxes = torch.tensor([0, 0, side, side]).expand_as(params.boxes)
+    return dataclasses.replace(params, boxes=boxes, **coins)
+
+
+def _views(group, images, params, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    """The views (views, B, 3, size, size) of a view group from `params`, normalised with `mean` and `std`."""
+    return torch.stack(group(images, params, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)))
+
+
+def test_a_whole_image_crop_is_the_image_its_flip_the_mirror_image_and_views_are_normalised_with_the_statistics():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 8, 8)
+    group = MultiCropAugmentation(global_size=8).global_views
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.1)
+    expected = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    plain = _views(group, images, _plain(group.draw(4, 8, 8), 8), mean, std)
+    torch.testing.assert_close(plain, expected.expand(2, -1, -1, -1, -1), atol=1e-5, rtol=0)
+    flipped = _views(group, images, _plain(group.draw(4, 8, 8), 8, flip=True), mean, std)
+    torch.testing.assert_close(flipped, expected.flip(-1).expand(2, -1, -1, -1, -1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("photometric", ["dino", "colour"])
-def test_the_colour_jitter_of_a_recipe_is_torchvision_s_with_its_ranges(photometric):
-    """The jitter forced on every image equals torchvision's, written out, with factors drawn from the recipe's
-    ranges: DINO's brightness and contrast 1 +- 0.4, saturation 1 +- 0.2, hue +- 0.1 of a turn; the colour recipe's
-    saturation and hue stay at their neutral values, so it changes lighting only."""
+def test_the_colour_jitter_of_a_recipe_is_torchvision_s_in_each_view_s_own_order(photometric):
+    """The jitter forced on every view equals torchvision's, written out, with each view's drawn factors and order;
+    the colour recipe's neutral saturation and hue leave those steps out."""
     torch.manual_seed(0)
-    images = torch.rand(256, 3, 6, 6)
-    sequence = MultiCropAugmentation(photometric=photometric).global_color
-    params = _forced(sequence.forward_parameters(images.shape), on={"ColorJitter_1"})
-    jitter = params[1].data
-    torch.testing.assert_close(sequence(images, params=params), _jitter_by_hand(images, jitter), atol=2e-5, rtol=0)
-    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
-    if photometric == "colour":
-        ranges |= {"saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
-    for name, (low, high) in ranges.items():
-        factor = jitter[f"{name}_factor"]
-        # Within the range, and spread over it (256 uniform draws come within 2% of each end).
-        assert low <= factor.min() <= low + 0.02 * (high - low) + 1e-9, name
-        assert high - 0.02 * (high - low) - 1e-9 <= factor.max() <= high, name
+    images = torch.rand(128, 3, 6, 6)
+    group = MultiCropAugmentation(photometric=photometric, global_size=6).global_views
+    params = _plain(group.draw(128, 6, 6), 6, jitter=True)
+    expected = torch.stack([_jitter_by_hand(images, params.factors[view], params.order[view]) for view in range(2)])
+    torch.testing.assert_close(_views(group, images, params), expected, atol=2e-5, rtol=0)
 
 
 def test_the_grayscale_and_solarisation_of_the_dino_recipe_are_pil_s():
     torch.manual_seed(0)
     images = torch.rand(8, 3, 6, 6)
-    augmentation = MultiCropAugmentation(photometric="dino")
-    params = _forced(augmentation.global_color.forward_parameters(images.shape), on={"RandomGrayscale_2"})
-    grey = augmentation.global_color(images, params=params)
-    torch.testing.assert_close(grey, _luma(images).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+    group = MultiCropAugmentation(photometric="dino", global_size=6).global_views
+    grey = _views(group, images, _plain(group.draw(8, 6, 6), 6, grayscale=True))
+    torch.testing.assert_close(grey, _luma(images).expand(2, -1, 3, -1, -1), atol=1e-6, rtol=0)
+    solarised = _views(group, images, _plain(group.draw(8, 6, 6), 6, solarize=True))
+    # PIL's ImageOps.solarize(threshold=128), as DINO calls it: pixels from half up inverted, nothing added.
+    torch.testing.assert_close(solarised, torch.where(images >= 0.5, 1.0 - images, images).expand(2, -1, -1, -1, -1))
 
-    solarize = augmentation.global_2_blur[1]
-    params = solarize.forward_parameters(images.shape)
-    params["batch_prob"] = torch.ones_like(params["batch_prob"])
-    torch.testing.assert_close(solarize(images, params=params), torch.where(images >= 0.5, 1.0 - images, images))
+
+def test_the_blur_is_a_gaussian_of_the_drawn_sigma_over_13_taps_with_pil_s_edges_and_strength():
+    """Against a 2-D convolution written out in numpy (the Gaussian of each view's sigma over +-6 px, edge pixels
+    repeated), and against PIL's GaussianBlur(radius=sigma), as DINO blurs: white noise keeps the same share of its
+    spread under both, within 5% (PIL approximates the Gaussian by three box blurs)."""
+    assert BLUR_KERNEL_SIZE == 13
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 20, 20)
+    group = MultiCropAugmentation(global_size=20).global_views
+    params = _plain(group.draw(4, 20, 20), 20, blur=True)
+    blurred = _views(group, images, params)
+    taps = np.arange(-6, 7)
+    for view in range(2):
+        for index, image in enumerate(images.double().numpy()):
+            gaussian = np.exp(-0.5 * (taps / params.sigma[view, index].item()) ** 2)
+            kernel = np.outer(gaussian, gaussian) / gaussian.sum() ** 2
+            windows = np.lib.stride_tricks.sliding_window_view(np.pad(image, ((0, 0), (6, 6), (6, 6)), mode="edge"),
+                                                               (13, 13), axis=(1, 2))
+            expected = np.einsum("chwij,ij->chw", windows, kernel)
+            np.testing.assert_allclose(blurred[view, index].numpy(), expected, atol=1e-5)
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    group = MultiCropAugmentation(global_size=64).global_views
+    params = _plain(group.draw(3, 64, 64), 64, blur=True)
+    params.sigma[0] = torch.tensor([0.5, 1.0, 2.0])
+    ours = _views(group, torch.from_numpy(noise).permute(2, 0, 1).float().div(255).expand(3, -1, -1, -1), params)[0]
+    inner = slice(8, -8)  # away from the border, where the two repeat edge pixels differently
+    for sigma, view in zip((0.5, 1.0, 2.0), ours):
+        theirs = np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=np.float64) / 255
+        ratio = view[:, inner, inner].std().item() / theirs[inner, inner].std()
+        assert ratio == pytest.approx(1.0, abs=0.05), sigma
 
 
 def _hue(pixels):
@@ -498,15 +635,15 @@ def _normalised(images):
 
 
 def test_crop_and_flip_of_normalised_pixels_equals_normalising_the_crops_of_unit_pixels():
-    """Stage 1 augments the processor's normalised pixels: the same as cropping, clamping and flipping [0, 1] pixels
-    with kornia (the same draws under the same seed), then normalising."""
+    """Stage 1 augments the processor's normalised pixels: the same as cropping, flipping and clamping [0, 1] pixels
+    (the same draws under the same seed), then normalising."""
     images = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     augment = CropAndFlip(32, (0.3, 1.0), 0.5, CLIP_MEAN, CLIP_STD)
     torch.manual_seed(0)
     augmented = augment(_normalised(images))
-    torch.manual_seed(0)
-    crops = K.RandomResizedCrop((32, 32), scale=(0.3, 1.0), resample="bicubic", align_corners=False)(images)
-    expected = _normalised(K.RandomHorizontalFlip(p=0.5)(crops.clamp(0.0, 1.0)))
+    torch.manual_seed(0)  # the same draws: the boxes, then the coins
+    boxes, flip = random_resized_boxes(6, 40, 40, (0.3, 1.0)), torch.rand(6) < 0.5
+    expected = _normalised(resized_crops(images, boxes[None], flip[None], 32, "bicubic")[0].clamp(0.0, 1.0))
     assert augmented.shape == (6, 3, 32, 32)
     torch.testing.assert_close(augmented, expected, rtol=1e-5, atol=1e-5)
     plain = _normalised(torch.nn.functional.interpolate(images, size=32, mode="bicubic", align_corners=False))

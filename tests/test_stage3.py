@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections import Counter
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from conftest import read_metrics, run_script, write_labelled_folder
 from model_card.card import read_training_info
 from modeling_agriclip import AgriCLIPModel, AgriCLIPProcessor
 from training.aligner import AlignerStatistics, AlignerWeights, TextMSE, create_objective
-from training.alignment import choose_fusion_weight, choose_ridge
+from training.alignment import caption_variants, choose_fusion_weight, choose_ridge
 from training.data import load_image_text_dataset
 from training.stage3_align import FUSION_GRID, main
 
@@ -182,6 +183,46 @@ def test_text_mse_fits_least_squares_onto_the_mean_text_embedding_of_the_caption
     metrics = read_metrics(tmp_path / "run", "stage3_align")[0]
     assert metrics["objective"] == "text-mse" and metrics["ridge"] == 0.1
     assert not any(key.startswith("val/ridge@") for key in metrics)  # --ridge given: no search
+
+
+def test_captions_are_encoded_only_where_used_and_each_caption_set_once_per_split(
+        tiny_checkpoint, variant_caption_folder, tmp_path, monkeypatch):
+    """image-mse reads its training pairs for their images alone, and encodes the validation pairs' caption sets
+    (what the fusion weight is chosen against); text-mse also its training pairs'. Either way each distinct caption
+    set is tokenised and encoded once per split (the folder has 4 per split, of 3 variants, over 32 + 16 images).
+    The image features do not depend on whether the captions were read, and the validation targets equal each
+    image's own captions encoded alone."""
+    tokenised = []
+    call = AgriCLIPProcessor.__call__
+
+    def recording(self, text=None, images=None, **kwargs):
+        tokenised.extend(text or [])
+        return call(self, text=text, images=images, **kwargs)
+
+    monkeypatch.setattr(AgriCLIPProcessor, "__call__", recording)
+    rows = {split: load_image_text_dataset(variant_caption_folder, split=split) for split in ("train", "validation")}
+    sets = {split: {tuple(sorted(caption_variants(row))) for row in rows[split]} for split in rows}
+    once = {split: Counter(caption for captions in sets[split] for caption in captions) for split in sets}
+    run_stage3(tiny_checkpoint, variant_caption_folder, tmp_path / "image", "--ridge", "0.1",
+               "--feature-cache", str(tmp_path / "image-features"))
+    assert Counter(tokenised) == once["validation"]
+    tokenised.clear()
+    run_stage3(tiny_checkpoint, variant_caption_folder, tmp_path / "text", "--objective", "text-mse", "--ridge", "0.1",
+               "--feature-cache", str(tmp_path / "text-features"))
+    assert Counter(tokenised) == once["train"] + once["validation"]
+
+    image_only, with_captions = (load_file(tmp_path / f"{name}-features" / "train-0-of-1.safetensors")
+                                 for name in ("image", "text"))
+    assert set(image_only) == {"x", "y"} and {"t", "caption_key"} <= set(with_captions)
+    assert torch.equal(image_only["x"], with_captions["x"]) and torch.equal(image_only["y"], with_captions["y"])
+    model = AgriCLIPModel.from_pretrained(tiny_checkpoint).eval()
+    processor = AgriCLIPProcessor.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        expected = torch.stack([torch.nn.functional.normalize(model.get_text_features(
+            **call(processor, text=caption_variants(row), return_tensors="pt")), dim=-1).mean(0)
+            for row in rows["validation"]])
+    validation = load_file(tmp_path / "image-features" / "validation-0-of-1.safetensors")
+    torch.testing.assert_close(validation["t"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_ridge_and_the_fusion_weight_are_chosen_on_the_validation_features(tiny_checkpoint, caption_folder,

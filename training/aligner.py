@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 
 # Rows per float64 working copy when a function walks over features held in memory.
 _CHUNK_ROWS = 4096
+# Rows per float64 working copy of a batch folded into `AlignerStatistics`: the largest temporary of a streamed fit,
+# 256 x (D_in + D_out) doubles (5 MiB at 2048 -> 512, against the 32 MiB of sxx), and matrix products still large
+# enough to run at full speed.
+_UPDATE_ROWS = 256
+# Side of the square blocks in which `sxx` is walked over a triangle at a time (`_mirror_lower`, the factorisation of
+# `fit_closed_form`): each block's temporaries are a few 256 x 256 or 256 x D_in doubles.
+_BLOCK = 256
+
+
+def _blocks(size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + _BLOCK, size)) for start in range(0, size, _BLOCK)]
+
+
+def _upper_mask(size: int, device) -> torch.Tensor:
+    """The upper triangle, diagonal included, of a square block."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
+
+
+def _mirror_lower(matrix: torch.Tensor) -> None:
+    """Overwrites the strict upper triangle of a square `matrix` by the transpose of its strict lower triangle, in
+    place, a block at a time (no temporary of the matrix's size)."""
+    for start, stop in _blocks(matrix.shape[0]):
+        block = matrix[start:stop, start:stop]
+        block.copy_(torch.where(_upper_mask(stop - start, matrix.device), block.mT, block))
+        matrix[start:stop, stop:].copy_(matrix[stop:, start:stop].mT)
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,12 @@ class AlignerStatistics:
     (`XᵀX = sxx + n μx μxᵀ`, ...) follow from them. Batches are folded in with the pairwise update of Chan, Golub and
     LeVeque (1979), so no large uncentred sum is ever formed and then cancelled: the fit keeps its precision when the
     features have a mean that is large against their spread (ReLU features do).
+
+    `sxx` is kept exactly symmetric: batches are folded into its lower triangle only (about half the products of a
+    full `XᵀX`), and every change ends by mirroring the lower triangle onto the upper. That makes the strict upper
+    triangle redundant, so `fit_closed_form` can factor in it and restore it exactly instead of copying the matrix.
+    A batch is converted to float64 and centred a `_UPDATE_ROWS` slice at a time, so no float64 copy of a whole batch
+    is made.
 
     Multi-process runs accumulate locally and then call `all_reduce` once; `state_dict` / `load_state_dict` make the
     object checkpointable mid-stream (including through `accelerator.register_for_checkpointing`).
@@ -81,7 +112,8 @@ class AlignerStatistics:
     def _shift(self, n: int, mean_x: torch.Tensor, mean_y: torch.Tensor) -> None:
         """
         Moves count, means and co-moments to those of the union with `n` more samples of means `mean_x`, `mean_y`
-        (Chan et al. pairwise update); the caller adds the new samples' own centred co-moments.
+        (Chan et al. pairwise update), the caller having added the new samples' own centred co-moments (to the lower
+        triangle of `sxx` at least); ends with `sxx` symmetric again.
         """
         total = self.n + n
         weight = self.n * n / total
@@ -93,6 +125,7 @@ class AlignerStatistics:
         self.mean_x.add_(delta_x, alpha=n / total)
         self.mean_y.add_(delta_y, alpha=n / total)
         self.n = total
+        _mirror_lower(self.sxx)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "AlignerStatistics":
@@ -111,15 +144,33 @@ class AlignerStatistics:
             raise ValueError(f"x and y: batch sizes differ ({x.shape[0]} vs {y.shape[0]})")
         if x.shape[0] == 0:
             return self
-        xc = x.to(self.device, torch.float64, copy=True)
-        yc = y.to(self.device, torch.float64, copy=True)
-        mean_x, mean_y = xc.mean(0), yc.mean(0)
-        xc.sub_(mean_x)
-        yc.sub_(mean_y)
-        # Accumulating in place avoids a D_in x D_in temporary per batch.
-        self.sxx.addmm_(xc.mT, xc)
-        self.sxy.addmm_(xc.mT, yc)
-        self.syy.add_(yc.square().sum(0))
+        rows = x.shape[0]
+        # One float64 buffer per side, _UPDATE_ROWS rows, refilled slice by slice for both passes over the batch
+        # (a float64 `sum(dtype=...)` would convert the whole batch at once).
+        x_buffer = torch.empty(min(rows, _UPDATE_ROWS), self.in_features, dtype=torch.float64, device=self.device)
+        y_buffer = torch.empty(min(rows, _UPDATE_ROWS), self.out_features, dtype=torch.float64, device=self.device)
+
+        def float64_slices():
+            for start in range(0, rows, _UPDATE_ROWS):
+                stop = min(start + _UPDATE_ROWS, rows)
+                yield x_buffer[: stop - start].copy_(x[start:stop]), y_buffer[: stop - start].copy_(y[start:stop])
+
+        mean_x, mean_y = torch.zeros_like(self.mean_x), torch.zeros_like(self.mean_y)
+        for x_slice, y_slice in float64_slices():
+            mean_x.add_(x_slice.sum(0))
+            mean_y.add_(y_slice.sum(0))
+        mean_x.div_(rows)
+        mean_y.div_(rows)
+        blocks = _blocks(self.in_features)
+        for xc, yc in float64_slices():
+            xc.sub_(mean_x)
+            yc.sub_(mean_y)
+            # The centred co-moment of the batch is the sum of its slices' products around the batch mean;
+            # accumulated in place (no D_in x D_in temporary), on and below the diagonal blocks only.
+            for low, high in blocks:
+                self.sxx[low:high, :high].addmm_(xc[:, low:high].mT, xc[:, :high])
+            self.sxy.addmm_(xc.mT, yc)
+            self.syy.add_(yc.square_().sum(0))
         self._shift(x.shape[0], mean_x, mean_y)
         return self
 
@@ -169,6 +220,7 @@ class AlignerStatistics:
         self.sxy = reduce_fn(self.sxy.addr(delta_x, delta_y, alpha=self.n))
         self.syy = reduce_fn(self.syy.add(delta_y.square(), alpha=self.n))
         self.mean_x, self.mean_y, self.n = mean_x, mean_y, total
+        _mirror_lower(self.sxx)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -200,6 +252,7 @@ class AlignerStatistics:
         self.n = int(state_dict["n"])
         for key in expected:
             setattr(self, key, state_dict[key].to(self.device, torch.float64).clone())
+        _mirror_lower(self.sxx)
 
     @torch.no_grad()
     def metrics(self, weights: AlignerWeights) -> dict[str, float]:
@@ -262,6 +315,39 @@ def aligner_metrics(weights: AlignerWeights, x: torch.Tensor, y: torch.Tensor) -
 COLLINEARITY_RTOL = 1e-10
 
 
+def _factor_in_upper(sxx: torch.Tensor, n: int, pivots: torch.Tensor, scale: torch.Tensor) -> bool:
+    """
+    Writes the upper Cholesky factor `U` of the equilibrated matrix `UᵀU = S⁻¹ (sxx/n + ridge·I) S⁻¹` into the
+    upper triangle of the symmetric `sxx`, diagonal included, leaving its strict lower triangle as it was: a
+    right-looking block Cholesky, whose temporaries are a block and a block row. `pivots` is the diagonal of
+    `sxx/n + ridge·I`, `scale` the diagonal of `S`. Returns False, the upper triangle part-way, when a block is not
+    positive definite.
+    """
+    device = sxx.device
+    blocks = _blocks(sxx.shape[0])
+    for start, stop in blocks:
+        sxx[start:stop, stop:].div_(n).div_(scale[start:stop, None]).div_(scale[stop:])
+        block = sxx[start:stop, start:stop]
+        scaled = block / n / scale[start:stop, None] / scale[start:stop]
+        block.copy_(torch.where(_upper_mask(stop - start, device), scaled, block))
+    sxx.diagonal().copy_(pivots / scale / scale)
+    for start, stop in blocks:
+        block = sxx[start:stop, start:stop]
+        upper = _upper_mask(stop - start, device)
+        factor, info = torch.linalg.cholesky_ex(torch.where(upper, block, block.mT), upper=True)
+        if info.item() != 0:
+            return False
+        block.copy_(torch.where(upper, factor, block))
+        panel = sxx[start:stop, stop:]
+        panel.copy_(torch.linalg.solve_triangular(factor.mT, panel, upper=False))
+        for low, high in blocks:
+            if low >= stop:
+                rows = panel[:, low - stop : high - stop]
+                sxx[low:high, high:].addmm_(rows.mT, panel[:, high - stop :], alpha=-1)
+                sxx[low:high, low:high].sub_((rows.mT @ rows).triu_())
+    return True
+
+
 @torch.no_grad()
 def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeights:
     """
@@ -279,6 +365,13 @@ def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeig
     the largest are dropped). It is the minimum-norm solution in standardised units: exactly duplicated dimensions
     get equal shares and constant ones zero weight.
 
+    Memory: the working set of the fit is `stats` itself (sxx, D_in², and sxy, D_in x D_out, float64) and the
+    solution (D_in x D_out float64). The factor needs no matrix of its own: `sxx` is exactly symmetric
+    (`AlignerStatistics`), so the factor is written into its upper triangle while the lower one keeps the
+    statistics, the right-hand side is solved in place, and the upper triangle is restored from the lower one
+    afterwards (also on an error), leaving `stats` bit for bit as it was: the ridge grid of stage 3 refits the same
+    statistics. The singular fallback builds the equilibrated matrix apart, and its eigendecomposition.
+
     Returns:
         `AlignerWeights` in float32 on the device of `stats`.
     """
@@ -286,18 +379,26 @@ def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeig
         raise ValueError("fit_closed_form: the statistics hold no data")
     if ridge < 0:
         raise ValueError(f"fit_closed_form: ridge must be >= 0, got {ridge}")
-    equilibrated = stats.sxx / stats.n
-    equilibrated.diagonal().add_(ridge)
-    scale = equilibrated.diagonal().sqrt()
+    sxx = stats.sxx
+    diagonal = sxx.diagonal().clone()  # the factor's diagonal overwrites it
+    pivots = diagonal / stats.n + ridge
+    scale = pivots.sqrt()
     scale[scale == 0] = 1.0  # a constant dimension: its row and column are zero, any scale keeps them zero
-    equilibrated.div_(scale[:, None]).div_(scale)  # in place: D_in x D_in float64 matrices dominate the memory
-    rhs = stats.sxy / stats.n / scale[:, None]
-    # Cholesky "succeeds" on a numerically singular matrix with a tiny positive pivot and returns a huge, meaningless
-    # solution; a pivot is the variance of a standardised dimension left unexplained by the previous ones.
-    chol, info = torch.linalg.cholesky_ex(equilibrated)
-    if info.item() == 0 and chol.diagonal().square().min().item() > COLLINEARITY_RTOL:
-        solution = torch.cholesky_solve(rhs, chol)
-    else:
+    solution = stats.sxy / stats.n
+    solution.div_(scale[:, None])  # the right-hand side S⁻¹ Cxy, solved in place
+    try:
+        # Cholesky "succeeds" on a numerically singular matrix with a tiny positive pivot and returns a huge,
+        # meaningless solution; a pivot is the variance of a standardised dimension left unexplained by the previous
+        # ones.
+        factored = (_factor_in_upper(sxx, stats.n, pivots, scale)
+                    and sxx.diagonal().square().min().item() > COLLINEARITY_RTOL)
+        if factored:
+            torch.linalg.solve_triangular(sxx.mT, solution, upper=False, out=solution)  # Uᵀ Z = S⁻¹ Cxy
+            torch.linalg.solve_triangular(sxx, solution, upper=True, out=solution)  # U (S Wᵀ) = Z
+    finally:
+        _mirror_lower(sxx)
+        sxx.diagonal().copy_(diagonal)
+    if not factored:
         logger.warning(
             "fit_closed_form: the feature covariance (%d dims, ridge=%g) is singular; using the minimum-norm "
             "pseudo-inverse solution. Constant or collinear feature dimensions cause this; a large enough ridge "
@@ -305,10 +406,13 @@ def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeig
             stats.in_features,
             ridge,
         )
-        solution = torch.linalg.pinv(equilibrated, rtol=COLLINEARITY_RTOL, hermitian=True) @ rhs
-    weight = (solution / scale[:, None]).mT
+        equilibrated = stats.sxx / stats.n
+        equilibrated.diagonal().add_(ridge)
+        equilibrated.div_(scale[:, None]).div_(scale)
+        solution = torch.linalg.pinv(equilibrated, rtol=COLLINEARITY_RTOL, hermitian=True) @ solution
+    weight = solution.div_(scale[:, None]).mT
     bias = stats.mean_y - weight @ stats.mean_x
-    return AlignerWeights(weight=weight.float().contiguous(), bias=bias.float())
+    return AlignerWeights(weight=weight.to(torch.float32, memory_format=torch.contiguous_format), bias=bias.float())
 
 
 def relative_ridge(stats: AlignerStatistics, fraction: float) -> float:

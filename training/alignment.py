@@ -1,9 +1,15 @@
 """Stage 3 of AgriCLIP, the work behind `python -m training.stage3_align` (which parses the options).
 
-Streams the images once through the frozen backbone, the CLIP image tower and (for the caption targets) the CLIP text
-tower, with a feature cache keyed by everything the features depend on, and fits the linear aligner from the
-backbone's features by the objective `--objective` names (`training.aligner.ALIGNMENT_OBJECTIVES`): onto CLIP's image
-embedding (the paper), or onto the CLIP text embeddings of each image's captions (closed form, or a contrastive head).
+Streams the images once through the frozen backbone and the CLIP image tower and, where the caption targets are
+needed, each distinct caption set once through the CLIP text tower, with a feature cache keyed by everything the
+features depend on, and fits the linear aligner from the backbone's features by the objective `--objective` names
+(`training.aligner.ALIGNMENT_OBJECTIVES`): onto CLIP's image embedding (the paper), or onto the CLIP text embeddings
+of each image's captions (closed form, or a contrastive head).
+
+What reads the captions: the caption targets of the validation pairs, always (the fusion weight is chosen by
+image-to-text recall against them, and with them the text objectives' ridge), and those of the training pairs for
+the text objectives only (`text-mse` fits onto them, `contrastive` also contrasts by their caption sets). The
+training pairs of `image-mse` are read for their images alone: their captions are neither tokenised nor encoded.
 
 Everything stage 3 chooses, it chooses on its validation pairs, never on downstream images: the validation split, or
 a seeded held-out fraction of the training images, not fitted on, when the data has none
@@ -89,31 +95,71 @@ def label_key(row: Mapping) -> int:
     return _int64_key([row.get("source"), row.get("label")])
 
 
-class CaptionVariantsCollator(DecodingCollator):
-    """Collates `{"image", "caption", "captions"}` rows into the processor's `pixel_values` and every caption variant
-    of each row (`caption_variants`) tokenised (`input_ids`, `attention_mask`), with `variant_owner`, the row of the
-    batch each variant belongs to, and each row's `caption_key` and `label_key`."""
+class PairCollator(DecodingCollator):
+    """Collates `{"image", "caption", "captions"}` rows into the processor's `pixel_values` and, with `captions`,
+    each row's caption variants (`caption_variants`, as text: `CaptionTargets` tokenises only the caption sets it has
+    not encoded yet), `caption_key` and `label_key`. Without `captions` a row's captions are not touched."""
 
-    def __init__(self, processor, stats: DecodeStats | None = None):
+    def __init__(self, processor, captions: bool, stats: DecodeStats | None = None):
         super().__init__(stats)
         self.processor = processor
+        self.captions = captions
 
     def collate(self, decoded):
-        variants = [caption_variants(row) for row, _ in decoded]
-        batch = self.processor(text=[caption for captions in variants for caption in captions],
-                               images=[image for _, image in decoded], return_tensors="pt", padding=True, truncation=True)
-        batch["variant_owner"] = torch.repeat_interleave(torch.arange(len(variants)),
-                                                         torch.tensor([len(captions) for captions in variants]))
-        batch["caption_key"] = torch.tensor([caption_key(captions) for captions in variants], dtype=torch.long)
-        batch["label_key"] = torch.tensor([label_key(row) for row, _ in decoded], dtype=torch.long)
+        images = [image for _, image in decoded]
+        batch = {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+        if self.captions:
+            variants = [caption_variants(row) for row, _ in decoded]
+            batch["caption_variants"] = variants
+            batch["caption_key"] = torch.tensor([caption_key(captions) for captions in variants], dtype=torch.long)
+            batch["label_key"] = torch.tensor([label_key(row) for row, _ in decoded], dtype=torch.long)
         return batch
 
 
+class CaptionTargets:
+    """
+    The caption targets of one split: each distinct caption set's (`caption_key`) mean of the L2-normalised CLIP text
+    embeddings of its variants, tokenised and encoded once, in the first batch that holds it, and kept for the images
+    after it with the same set (in any order: the same target up to float rounding). What is kept is one
+    `projection_dim` float32 vector per distinct set: at most one per image, and far fewer when captions repeat, as
+    captions written from class names do.
+    """
+
+    def __init__(self, model, processor, accelerator):
+        self.model = model
+        self.processor = processor
+        self.accelerator = accelerator
+        self.targets: dict[int, torch.Tensor] = {}
+
+    def __call__(self, variants: Sequence[Sequence[str]], keys: torch.Tensor) -> torch.Tensor:
+        """The targets of a batch's rows, by their caption `variants` and `caption_key`s."""
+        keys = keys.tolist()
+        new = {}
+        for captions, key in zip(variants, keys):
+            if key not in self.targets:
+                new.setdefault(key, captions)
+        if new:
+            device = self.accelerator.device
+            texts = self.processor(text=[caption for captions in new.values() for caption in captions],
+                                   return_tensors="pt")
+            with self.accelerator.autocast():
+                embeddings = self.model.get_text_features(texts["input_ids"].to(device),
+                                                          texts["attention_mask"].to(device))
+            counts = torch.tensor([len(captions) for captions in new.values()], device=device)
+            owner = torch.repeat_interleave(torch.arange(len(new), device=device), counts)
+            sums = embeddings.new_zeros(len(new), embeddings.shape[1], dtype=torch.float32)
+            sums.index_add_(0, owner, F.normalize(embeddings.float(), dim=-1))
+            self.targets.update(zip(new, sums / counts[:, None]))
+        return torch.stack([self.targets[key] for key in keys])
+
+
 @torch.no_grad()
-def extract_features(model, loader, accelerator, description: str, text: bool):
+def extract_features(model, processor, loader, accelerator, description: str, text: bool):
     """Yields per batch of this process's shard, in float32: `x`, the backbone features, `y`, the CLIP image
-    embeddings, and with `text`, `t`, the caption targets (each image's mean of the L2-normalised CLIP text
-    embeddings of its caption variants), and their `caption_key` and `label_key`."""
+    embeddings, and with `text` (a loader of `PairCollator(captions=True)`), `t`, the caption targets (each image's
+    mean of the L2-normalised CLIP text embeddings of its caption variants, `CaptionTargets`), and their
+    `caption_key` and `label_key`."""
+    targets = CaptionTargets(model, processor, accelerator) if text else None
     for batch in tqdm(counted(loader), desc=description, total=len(loader), disable=not accelerator.is_local_main_process):
         if batch is None:
             continue
@@ -121,14 +167,9 @@ def extract_features(model, loader, accelerator, description: str, text: bool):
         with accelerator.autocast():
             x = model.get_backbone_features(pixel_values)
             y = model.get_clip_image_features(pixel_values)
-            if text:
-                texts = model.get_text_features(batch["input_ids"].to(accelerator.device),
-                                                batch["attention_mask"].to(accelerator.device))
         features = {"x": x.float(), "y": y.float()}
         if text:
-            owner = batch["variant_owner"].to(accelerator.device)
-            sums = torch.zeros_like(features["y"]).index_add_(0, owner, F.normalize(texts.float(), dim=-1))
-            features["t"] = sums / torch.bincount(owner, minlength=len(x))[:, None]
+            features["t"] = targets(batch["caption_variants"], batch["caption_key"])
             features["caption_key"] = batch["caption_key"].to(accelerator.device)
             features["label_key"] = batch["label_key"].to(accelerator.device)
         yield features
@@ -174,7 +215,7 @@ def text_tower_key(model, processor, accelerator) -> str:
     return digest.hexdigest()
 
 
-def cached_features(model, loader, accelerator, cache: FeatureCache | None, name: str, text: bool) -> dict:
+def cached_features(model, processor, loader, accelerator, cache: FeatureCache | None, name: str, text: bool) -> dict:
     """All features of a shard in memory (`extract_features`' keys; the caption targets with `text`), read from or
     written to `cache` when given.
 
@@ -202,7 +243,7 @@ def cached_features(model, loader, accelerator, cache: FeatureCache | None, name
                            "caption targets; extracting again")
         except Exception as error:  # truncated, corrupt, or not a feature file: it is only a cache
             logger.warning(f"feature cache {path} cannot be read ({error}); extracting the features again")
-    batches = list(extract_features(model, loader, accelerator, f"features ({name})", text))
+    batches = list(extract_features(model, processor, loader, accelerator, f"features ({name})", text))
     # An empty shard (more processes than images) still has the features' shapes.
     features = {feature: torch.cat([batch[feature].cpu() for batch in batches]) if batches else
                 _empty_feature(model.config, feature) for feature in wanted}
@@ -224,7 +265,7 @@ def _sum_over_processes(accelerator):
     return lambda tensor: accelerator.reduce(tensor, reduction="sum")
 
 
-def streamed_statistics(model, loader, accelerator, cache: FeatureCache | None, name: str,
+def streamed_statistics(model, processor, loader, accelerator, cache: FeatureCache | None, name: str,
                         target: str) -> AlignerStatistics:
     """Sufficient statistics of (backbone features, `target`) of a split over all processes, from the feature cache
     or one pass over the images (memory independent of their number)."""
@@ -232,9 +273,9 @@ def streamed_statistics(model, loader, accelerator, cache: FeatureCache | None, 
     stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
     text = target == TARGET_TEXT
     if cache is not None:
-        batches = [cached_features(model, loader, accelerator, cache, name, text)]
+        batches = [cached_features(model, processor, loader, accelerator, cache, name, text)]
     else:
-        batches = extract_features(model, loader, accelerator, f"statistics ({name})", text)
+        batches = extract_features(model, processor, loader, accelerator, f"statistics ({name})", text)
     for features in batches:
         stats.update(features["x"], features[TARGET_FEATURES[target]])
     return stats.all_reduce(_sum_over_processes(accelerator))
@@ -254,12 +295,13 @@ def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunk[:count] for chunk, count in zip(rows, counts)]).cpu()
 
 
-def training_data(objective, model, loader, accelerator, cache: FeatureCache | None) -> AlignmentData:
+def training_data(objective, model, processor, loader, accelerator, cache: FeatureCache | None) -> AlignmentData:
     """What `objective.fit` needs: the statistics over all processes and, for an objective that `needs_features`,
     the features of all processes, in the order one process would see them."""
     if not objective.needs_features:
-        return AlignmentData(streamed_statistics(model, loader, accelerator, cache, "train", objective.target))
-    features = cached_features(model, loader, accelerator, cache, "train", objective.target == TARGET_TEXT)
+        return AlignmentData(streamed_statistics(model, processor, loader, accelerator, cache, "train",
+                                                 objective.target))
+    features = cached_features(model, processor, loader, accelerator, cache, "train", objective.target == TARGET_TEXT)
     target = TARGET_FEATURES[objective.target]
     config = model.config
     stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
@@ -369,24 +411,26 @@ def align(args, accelerator) -> Path:
     model.requires_grad_(False)
     model.eval().to(accelerator.device)
 
+    objective = build_objective(args, model, accelerator.device)
+    train_text = objective.target == TARGET_TEXT
     decode_stats = DecodeStats()
-    collate = CaptionVariantsCollator(processor, decode_stats)
     train_pairs, val_pairs = validation.load(args.image_column, args.caption_column)
     if args.validation_match == "label" and "label" not in val_pairs.column_names:
         raise ValueError(f"--validation-match label needs a `label` column in the validation pairs; they have "
                          f"{sorted(val_pairs.column_names)}: use --validation-match caption")
-    train_loader = process_shard_loader(train_pairs, accelerator, args.batch_size, collate, args.num_workers)
-    val_loader = process_shard_loader(val_pairs, accelerator, args.batch_size, collate, args.num_workers)
+    train_loader = process_shard_loader(train_pairs, accelerator, args.batch_size,
+                                        PairCollator(processor, train_text, decode_stats), args.num_workers)
+    # Validation always needs the caption targets: the fusion weight is chosen against them.
+    val_loader = process_shard_loader(val_pairs, accelerator, args.batch_size,
+                                      PairCollator(processor, True, decode_stats), args.num_workers)
     init_run_trackers(accelerator, RUN, args)
     cache = None
     if args.feature_cache:
         cache = FeatureCache(Path(args.feature_cache), towers_key(model, processor, accelerator),
                              text_tower_key(model, processor, accelerator))
 
-    objective = build_objective(args, model, accelerator.device)
-    data = training_data(objective, model, train_loader, accelerator, cache)
-    # Validation always needs the caption targets: the fusion weight is chosen against them.
-    val_features = cached_features(model, val_loader, accelerator, cache, "validation", text=True)
+    data = training_data(objective, model, processor, train_loader, accelerator, cache)
+    val_features = cached_features(model, processor, val_loader, accelerator, cache, "validation", text=True)
     val = {feature: gather_rows(accelerator, tensor) for feature, tensor in val_features.items()}
     if len(val["x"]) == 0:
         summary = decode_totals(accelerator, decode_stats).summary()

@@ -1,7 +1,7 @@
 """DINO building blocks for stage 2 (self-distillation with multi-crop and an EMA teacher).
 
 Follows facebookresearch/dino (main_dino.py, utils.py, vision_transformer.DINOHead) with two changes of
-engineering, not of method: the multi-crop augmentations run batched on the training device with kornia
+engineering, not of method: the multi-crop augmentations run batched on the training device with torch
 instead of per image on PIL, and the backbone is any transformers vision model reduced to pooled features
 by `modeling_agriclip.modeling_agriclip.backbone_features`. Also the home of what the other stages borrow: the
 per-step schedules, the parameter groups without weight decay and the batched crop-and-flip of stage 1.
@@ -9,12 +9,10 @@ per-step schedules, the parameter groups without weight decay and the batched cr
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import groupby
 import math
 
-import kornia.augmentation as K
-from kornia.augmentation.container.params import ParamItem
 import numpy as np
 import torch
 from torch import nn
@@ -159,34 +157,266 @@ PHOTOMETRIC_RECIPES = {
 }
 
 
-def blur_kernel_size(crop_size: int) -> int:
-    """Odd Gaussian kernel size of about 10% of the crop side (SimCLR's rule), at least 3.
+# DINO's utils.GaussianBlur draws PIL's radius, the standard deviation in pixels of the resized crop, from this range.
+BLUR_SIGMA = (0.1, 2.0)
+# 2 * ceil(3 * 2) + 1 = 13 taps: +-3 standard deviations of the largest sigma (99.7% of its mass), and wider than
+# PIL's blur itself, which approximates the Gaussian by three box blurs (of radius 1.375 at sigma 2: +-5 px in all).
+# The same at every crop size, since DINO's radius is in pixels of the crop.
+BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+# torchvision RandomResizedCrop's aspect-ratio range, and its tries at a box inside the image before a central crop.
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_TRIES = 10
 
-    DINO blurs with PIL's radius = sigma in (0.1, 2) pixels of the resized crop; a kernel of 10% of the side
-    covers 2.5 sigma of the largest sigma at 96 px and more at 224 px.
+
+def random_resized_boxes(count: int, height: int, width: int, scale: tuple[float, float]) -> torch.Tensor:
+    """`count` crop boxes (top, left, height, width) in pixels of a `height` x `width` image, int64 on the CPU.
+
+    torchvision's RandomResizedCrop.get_params, as DINO crops, for all boxes at once: each box tries up to
+    `CROP_TRIES` areas uniform in `scale` of the image and aspect ratios log-uniform in `CROP_RATIO`, keeps the first
+    that fits, at a uniform position; a box that never fits is the central crop of the ratio nearest the image's.
     """
-    return 2 * max(1, round(0.05 * crop_size)) + 1
+    uniform = torch.rand(2, CROP_TRIES, count, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniform[0])
+    ratio = torch.exp(math.log(CROP_RATIO[0]) + math.log(CROP_RATIO[1] / CROP_RATIO[0]) * uniform[1])
+    widths, heights = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
+    fits = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+    first = fits.long().argmax(dim=0, keepdim=True)  # the first try that fits
+    crop_h, crop_w = heights.gather(0, first)[0], widths.gather(0, first)[0]
+    if width / height < CROP_RATIO[0]:
+        central_h, central_w = round(width / CROP_RATIO[0]), width
+    elif width / height > CROP_RATIO[1]:
+        central_h, central_w = height, round(height * CROP_RATIO[1])
+    else:
+        central_h, central_w = height, width
+    fitted = fits.any(dim=0)
+    crop_h, crop_w = crop_h.where(fitted, central_h), crop_w.where(fitted, central_w)
+    position = torch.rand(2, count, dtype=torch.float64)
+    top = (position[0] * (height - crop_h + 1)).long().where(fitted, (height - crop_h) // 2)
+    left = (position[1] * (width - crop_w + 1)).long().where(fitted, (width - crop_w) // 2)
+    return torch.stack([top, left, crop_h, crop_w], dim=-1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """The crops `boxes` (views, B, 4) of `images` (B, C, H, W), each resized to `size` x `size` with `grid_sample`'s
+    `mode` and mirrored where `flip` (views, B), as (views, B, C, size, size): one `grid_sample` for all of them.
+
+    Output pixel x of a box of width w at `left` samples the image at left + (x + 0.5) w / size on the half-pixel grid,
+    where PIL's resize of the box puts it (and a mirrored crop at left + (size - x - 0.5) w / size); rows likewise. An
+    image's views lie one below the other in one sampling grid, so the images are not copied per view. Taps beyond the
+    image repeat its edge pixels, as PIL's resize clips them, so a flat image stays flat.
+    """
+    views, count = boxes.shape[:2]
+    _, _, height, width = images.shape
+    boxes = boxes.to(images.device, images.dtype)
+    top, left, crop_h, crop_w = boxes.unbind(-1)
+    fraction = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
+    across = fraction.expand(views, count, size).where(~flip.to(images.device)[..., None], 1 - fraction)
+    # grid_sample's coordinates run from -1 to 1 over the image's outer pixel edges (align_corners=False).
+    grid = images.new_empty(count, views, size, size, 2)
+    grid[..., 0] = ((left[..., None] + across * crop_w[..., None]) * (2 / width) - 1).transpose(0, 1)[:, :, None, :]
+    grid[..., 1] = ((top[..., None] + fraction * crop_h[..., None]) * (2 / height) - 1).transpose(0, 1)[..., None]
+    crops = nn.functional.grid_sample(images, grid.view(count, views * size, size, 2), mode=mode, padding_mode="border",
+                                      align_corners=False)
+    return crops.view(count, -1, views, size, size).permute(2, 0, 1, 3, 4)
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma (B, 1, H, W), the weights of PIL's convert("L") and of torchvision's rgb_to_grayscale."""
+    red, green, blue = images.unbind(1)
+    return (0.299 * red).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
+
+
+# torchvision's ColorJitter operations on float images, in place, each image (B, 3, H, W) with its factor (B,).
+def _adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return images.mul_(factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return images.mul_(factor).add_(other * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def _adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # Summed in float64: the order of a float32 sum depends on how many images the call holds (a lone image's sum is
+    # split between threads), and an image's views must not depend on how the batch is split between processes.
+    mean = _luma(images).mean(dim=(-2, -1), keepdim=True, dtype=torch.float64).to(images.dtype)
+    return _blend(images, mean, factor)
+
+
+def _adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _luma(images), factor)
+
+
+def _adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue (the HSV hue turned by `factor` of a turn) without the round trip through HSV.
+
+    A hue turn keeps each pixel's value (its largest channel) and chroma (largest minus smallest); with the hue h in
+    sixths of a turn, channel n of red, green, blue = 5, 3, 1 is value - chroma * clamp(min(k, 4 - k), 0, 1) for
+    k = (n + h) mod 6, HSV-to-RGB in closed form.
+    """
+    red, green, blue = images.unbind(1)
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
+    # torchvision's _rgb2hsv hue, in sixths of a turn: which channel is largest picks the sector. A grey pixel (no
+    # chroma) has every numerator 0, so the clamped divisor leaves its hue 0.
+    sixths = torch.where(red == value, green - blue,
+                         torch.where(green == value, (blue - red).add_(chroma, alpha=2), (red - green).add_(chroma, alpha=4)))
+    sixths.div_(chroma.clamp_min(torch.finfo(images.dtype).tiny)).add_(6.0 * factor.view(-1, 1, 1))
+    for channel, offset in zip((red, green, blue), (5.0, 3.0, 1.0)):
+        k = torch.remainder(sixths + offset, 6.0)
+        torch.addcmul(value, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0, out=channel)
+    return images
+
+
+# In the order of their factors.
+_JITTER = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+
+
+def _blur_weights(sigma: torch.Tensor) -> torch.Tensor:
+    """The normalised Gaussian of each `sigma` (pixels) over `BLUR_KERNEL_SIZE` taps, (N, taps) in float64: computed
+    for all views at once, so that a view's weights do not depend on which others a chunk blurs with it."""
+    radius = BLUR_KERNEL_SIZE // 2
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (taps / sigma.double()[:, None]) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _gaussian_blur(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each image blurred by its own `_blur_weights` (B, taps), rows then columns, with edge pixels repeated beyond the
+    border as PIL's blur does.
+
+    As a weighted sum of shifted copies: on the CPU a grouped convolution with one kernel per image and channel ran
+    2-4x slower at 96-224 px.
+    """
+    _, _, height, width = images.shape
+    radius = BLUR_KERNEL_SIZE // 2
+    weights = weights.T[..., None, None, None]  # (taps, B, 1, 1, 1)
+    padded = nn.functional.pad(images, (radius,) * 4, mode="replicate")
+    rows = padded[:, :, :height] * weights[0]
+    for tap in range(1, BLUR_KERNEL_SIZE):
+        rows.addcmul_(padded[:, :, tap:tap + height], weights[tap])
+    blurred = rows[..., :width] * weights[0]
+    for tap in range(1, BLUR_KERNEL_SIZE):
+        blurred.addcmul_(rows[..., tap:tap + width], weights[tap])
+    return blurred
+
+
+@dataclass
+class ViewParams:
+    """The random parameters of `views` views of each of N images: every field is (views, N, ...), on the CPU.
+
+    `boxes` holds each crop's (top, left, height, width) in input pixels, `factors` its jitter's brightness, contrast,
+    saturation and hue factors and `order` the jitter's operations (indices into those four) in the order applied;
+    the rest are coins, and `sigma` the blur's standard deviation in pixels of the crop.
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    jitter: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
+    grayscale: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+
+    def select(self, rows: torch.Tensor | slice) -> "ViewParams":
+        """The parameters of the views of the images `rows` (along N)."""
+        return ViewParams(*(getattr(self, field.name)[:, rows] for field in fields(self)))
+
+
+def _apply_where(images: torch.Tensor, chosen: torch.Tensor, operation: Callable, *values: torch.Tensor) -> None:
+    """`operation` on the `images` (N, ...) that `chosen` (N, bool, CPU) picks, with their rows of `values`, in place:
+    only the chosen images are computed."""
+    index = chosen.nonzero().squeeze(1)
+    if len(index) == 0:
+        return
+    subset = operation(images[index.to(images.device)], *(value[index].to(images.device, images.dtype) for value in values))
+    images.index_copy_(0, index.to(images.device), subset)
+
+
+# Pixels of views augmented at a time on the CPU: every operation's inputs and outputs then stay in the caches, and
+# no intermediate is large enough for the allocator to map fresh pages for it (page faults cost more than the
+# arithmetic). Other devices take the whole batch at once.
+_CPU_CHUNK_PIXELS = 2**20
+
+
+class _ViewGroup:
+    """`count` views of `size` px of every image, the global or the local ones: their random parameters and their
+    augmentation, one batched operation at a time for all of them (per chunk of images on the CPU)."""
+
+    def __init__(self, count: int, size: int, scale: tuple[float, float], colour: PhotometricRecipe,
+                 blur_prob: Sequence[float], solarize_prob: Sequence[float]):
+        self.count, self.size, self.scale, self.colour = count, size, scale, colour
+        ranges = [(max(0.0, 1 - colour.brightness), 1 + colour.brightness),
+                  (max(0.0, 1 - colour.contrast), 1 + colour.contrast),
+                  (max(0.0, 1 - colour.saturation), 1 + colour.saturation), (-colour.hue, colour.hue)]
+        self.low, self.high = torch.tensor(ranges, dtype=torch.float64).T
+        # As torchvision's ColorJitter, an operation of no range (factor 1, or a hue turn of 0) is left out.
+        self.jitter_ops = [op for op, (low, high) in enumerate(ranges) if low != high]
+        self.blur_prob, self.solarize_prob = torch.tensor(blur_prob)[:, None], torch.tensor(solarize_prob)[:, None]
+
+    def draw(self, total: int, height: int, width: int) -> ViewParams:
+        """The parameters of the views of `total` images of `height` x `width`, from torch's global RNG."""
+        shape = (self.count, total)
+        boxes = random_resized_boxes(self.count * total, height, width, self.scale).view(*shape, 4)
+        coins = torch.rand(5, *shape)
+        factors = (self.low + (self.high - self.low) * torch.rand(*shape, 4, dtype=torch.float64)).float()
+        order = torch.rand(*shape, 4).argsort(dim=-1)
+        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand(shape)
+        return ViewParams(boxes, coins[0] < 0.5, coins[1] < self.colour.jitter_prob, factors, order,
+                          coins[2] < self.colour.grayscale_prob, coins[3] < self.blur_prob, sigma,
+                          coins[4] < self.solarize_prob)
+
+    def __call__(self, images: torch.Tensor, params: ViewParams, mean: torch.Tensor, std: torch.Tensor) -> list[torch.Tensor]:
+        batch = len(images)
+        views = images.new_empty(self.count, batch, 3, self.size, self.size)
+        step = max(1, _CPU_CHUNK_PIXELS // (self.count * self.size**2)) if images.device.type == "cpu" else batch
+        for start in range(0, batch, step):
+            chunk = slice(start, start + step)
+            views[:, chunk] = self._augment(images[chunk], params.select(chunk)).sub_(mean).div_(std)
+        return list(views.unbind(0))
+
+    def _augment(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        views = resized_crops(images, params.boxes, params.flip, self.size, "bilinear").contiguous()
+        flat = views.flatten(0, 1)
+        jitter, factors, order = params.jitter.flatten(), params.factors.flatten(0, 1), params.order.flatten(0, 1)
+        for step in range(4):  # each view's own order, as DINO jitters one image at a time
+            for op in self.jitter_ops:
+                _apply_where(flat, jitter & (order[:, step] == op), _JITTER[op], factors[:, op])
+        _apply_where(flat, params.grayscale.flatten(), lambda chosen: _luma(chosen).expand_as(chosen))
+        _apply_where(flat, params.blur.flatten(), _gaussian_blur, _blur_weights(params.sigma.flatten()))
+        # PIL's ImageOps.solarize(threshold=128), as DINO calls it: pixels from half up are inverted.
+        _apply_where(flat, params.solarize.flatten(), lambda chosen: torch.where(chosen >= 0.5, 1.0 - chosen, chosen))
+        return views
 
 
 class MultiCropAugmentation(nn.Module):
-    """DINO multi-crop augmentation (DataAugmentationDINO), batched on the input's device with kornia.
+    """DINO multi-crop augmentation (DataAugmentationDINO), batched on the input's device.
 
-    Input: float images (B, 3, H, W) in [0, 1]. Output: a list of 2 global crops followed by
-    `num_local_crops` local crops, each (B, 3, size, size) and normalised with `mean`/`std`. Every random
-    parameter is drawn per image (kornia's `same_on_batch=False`) from torch's global RNG, so
-    `torch.manual_seed` makes the crops reproducible.
+    Input: float images (B, 3, H, W) in [0, 1]. Output: a list of 2 global crops followed by `num_local_crops` local
+    crops, each (B, 3, size, size) and normalised with `mean`/`std`. Every random parameter is drawn per view from
+    torch's global RNG on the CPU, all at once at the start of a call (`draw`), so `torch.manual_seed` makes the crops
+    reproducible, the same on every device.
 
     Under several processes, pass `rows`, the indices of this process's images in the global batch, and
-    `global_batch_size`: the parameters are drawn for the whole global batch on every process (which all hold
-    the same RNG state) and each process applies those of its own rows. An image's crops then depend on its
-    place in the global batch only, not on how the batch is split between processes.
+    `global_batch_size`: the parameters are drawn for the whole global batch on every process (which all hold the same
+    RNG state) and each process augments its own rows with them. An image's crops then depend on its place in the
+    global batch only, not on how the batch is split between processes.
 
-    Per view, as in DINO: bicubic random resized crop, horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
-    p=0.8, grayscale p=0.2, Gaussian blur sigma in (0.1, 2) with p=1.0 (global 1), 0.1 (global 2), 0.5 (local),
-    solarisation p=0.2 on global 2 only: the `photometric="dino"` recipe (the default). `photometric="colour"` keeps
-    the flip, the blur and the jitter of brightness and contrast (same ranges and probability) and leaves hue and
-    saturation factors, grayscale and solarisation out (`PHOTOMETRIC_RECIPES`). Unlike PIL, the bicubic resize does not
-    antialias: feed images not much larger than the global crop (e.g. 256 px) to keep downscaling mild.
+    Per view, as in DINO: random resized crop (torchvision's boxes), horizontal flip p=0.5,
+    ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 in the view's own random order, grayscale p=0.2, Gaussian blur sigma in
+    (0.1, 2) px with p=1.0 (global 1), 0.1 (global 2), 0.5 (local), solarisation p=0.2 on global 2 only: the
+    `photometric="dino"` recipe (the default). `photometric="colour"` keeps the flip, the blur and the jitter of
+    brightness and contrast (same ranges and probability) and leaves hue and saturation factors, grayscale and
+    solarisation out (`PHOTOMETRIC_RECIPES`).
+
+    The crops are resampled bilinearly (`resized_crops`, one call per chunk of images), where DINO resizes with PIL's
+    antialiased bicubic filter. Against PIL's own crops of 1/f-noise images (natural images' spectrum) at stage 2's
+    input size, bilinear views differ by about 4 grey levels of 255 (RMS) at every scale; bicubic ones without
+    antialiasing by 2 on the global views and by 8 on local views downscaled 1.4-2x, at three times the cost on the
+    CPU. Neither antialiases: feed images not much larger than the global crop (stage 2's collator hands 8/7 of it, so
+    that local crops shrink at most about 2x).
     """
 
     def __init__(
@@ -208,48 +438,16 @@ class MultiCropAugmentation(nn.Module):
             raise ValueError(f"MultiCropAugmentation: unknown preset {preset!r}, expected one of {sorted(MULTICROP_PRESETS)}")
         scales = MULTICROP_PRESETS[preset]
         self.num_local_crops = num_local_crops
-        self.global_crop = self._resized_crop(global_size, scales.global_crops_scale)
-        self.local_crop = self._resized_crop(local_size, scales.local_crops_scale)
-        self.global_color = self._flip_and_color_jitter(colour)
-        self.local_color = self._flip_and_color_jitter(colour)
-        self.global_1_blur = self._blur(global_size, p=1.0)
-        self.global_2_blur = K.ImageSequential(
-            self._blur(global_size, p=0.1),
-            # Thresholds (0.5, 0.5) and no additions reproduce PIL's ImageOps.solarize(threshold=128).
-            K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2 if colour.solarize else 0.0),
-        )
-        self.local_blur = self._blur(local_size, p=0.5)
+        self.global_views = _ViewGroup(2, global_size, scales.global_crops_scale, colour, blur_prob=(1.0, 0.1),
+                                       solarize_prob=(0.0, 0.2 if colour.solarize else 0.0))
+        self.local_views = _ViewGroup(num_local_crops, local_size, scales.local_crops_scale, colour,
+                                      blur_prob=(0.5,) * num_local_crops, solarize_prob=(0.0,) * num_local_crops)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    @staticmethod
-    def _resized_crop(size: int, scale: tuple[float, float]) -> nn.Module:
-        # align_corners=False resizes on the half-pixel grid, like PIL. kornia's "slice" mode (the default)
-        # resizes each crop on its own; the batched "resample" mode pads with zeros, which the bicubic taps
-        # pull into the border pixels of upsampled crops (up to +12% on a flat grey image).
-        return K.RandomResizedCrop((size, size), scale=scale, resample="bicubic", align_corners=False)
-
-    @staticmethod
-    def _flip_and_color_jitter(colour: PhotometricRecipe) -> nn.Module:
-        return K.ImageSequential(
-            K.RandomHorizontalFlip(p=0.5),
-            K.ColorJitter(brightness=colour.brightness, contrast=colour.contrast, saturation=colour.saturation,
-                          hue=colour.hue, p=colour.jitter_prob),
-            K.RandomGrayscale(p=colour.grayscale_prob),
-        )
-
-    @staticmethod
-    def _blur(size: int, p: float) -> nn.Module:
-        return K.RandomGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0), p=p)
-
-    def _crops(self, images: torch.Tensor, crop: nn.Module, count: int, rows: torch.Tensor, total: int) -> torch.Tensor:
-        # Crop each view from the full images, then run the photometric ops once on all views of this size:
-        # one batched call instead of one per view, and no copy of the full-resolution batch per view.
-        # Bicubic overshoots [0, 1]; PIL clips it when it writes uint8.
-        return torch.cat([_apply_rows(crop, images, rows, total) for _ in range(count)]).clamp_(0.0, 1.0)
-
-    def _normalize(self, views: torch.Tensor) -> torch.Tensor:
-        return (views - self.mean) / self.std
+    def draw(self, total: int, height: int, width: int) -> tuple[ViewParams, ViewParams]:
+        """The parameters of the global and of the local views of `total` images of `height` x `width`."""
+        return self.global_views.draw(total, height, width), self.local_views.draw(total, height, width)
 
     @torch.no_grad()
     def forward(
@@ -261,25 +459,17 @@ class MultiCropAugmentation(nn.Module):
                 f"got dtype {images.dtype} and shape {tuple(images.shape)}"
             )
         rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(images), rows, global_batch_size)
-        global_views = self._crops(images, self.global_crop, 2, rows, global_batch_size)
-        global_1, global_2 = _apply_rows(self.global_color, global_views, _view_rows(rows, global_batch_size, 2),
-                                         2 * global_batch_size).chunk(2)
-        views = [self._normalize(_apply_rows(self.global_1_blur, global_1, rows, global_batch_size)),
-                 self._normalize(_apply_rows(self.global_2_blur, global_2, rows, global_batch_size))]
-        if self.num_local_crops > 0:
-            local_rows = _view_rows(rows, global_batch_size, self.num_local_crops)
-            local_total = self.num_local_crops * global_batch_size
-            local_views = self._crops(images, self.local_crop, self.num_local_crops, rows, global_batch_size)
-            local_views = _apply_rows(self.local_color, local_views, local_rows, local_total)
-            local_views = _apply_rows(self.local_blur, local_views, local_rows, local_total)
-            views.extend(self._normalize(local_views).chunk(self.num_local_crops))
+        views = []
+        for group, params in zip((self.global_views, self.local_views), self.draw(global_batch_size, *images.shape[-2:])):
+            if group.count:
+                views.extend(group(images, params.select(rows), self.mean, self.std))
         return views
 
 
 class CropAndFlip(nn.Module):
     """Stage 1's training augmentation (CLIP's recipe as open_clip trains it): a bicubic random resized crop of
     `scale` of the image area, resized to `size`, then a horizontal flip with probability `flip_prob`, batched on the
-    input's device with kornia.
+    input's device (`resized_crops`, the flip folded into the crop).
 
     Input: the processor's output, already normalised with `mean`/`std`. Both operations are geometric and the
     bicubic weights of every output pixel sum to one, so cropping normalised pixels equals normalising cropped
@@ -290,8 +480,7 @@ class CropAndFlip(nn.Module):
 
     def __init__(self, size: int, scale: tuple[float, float], flip_prob: float, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.crop = MultiCropAugmentation._resized_crop(size, tuple(scale))
-        self.flip = K.RandomHorizontalFlip(p=flip_prob)
+        self.size, self.scale, self.flip_prob = size, tuple(scale), flip_prob
         mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.register_buffer("low", (0.0 - mean) / std, persistent=False)
         self.register_buffer("high", (1.0 - mean) / std, persistent=False)
@@ -304,16 +493,17 @@ class CropAndFlip(nn.Module):
             raise ValueError(f"CropAndFlip: pixels must be a float batch (B, 3, H, W), got dtype {pixels.dtype} and "
                              f"shape {tuple(pixels.shape)}")
         rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(pixels), rows, global_batch_size)
-        cropped = _apply_rows(self.crop, pixels, rows, global_batch_size)
-        cropped = cropped.clamp(self.low.to(cropped.dtype), self.high.to(cropped.dtype))
-        return _apply_rows(self.flip, cropped, rows, global_batch_size)
+        boxes = random_resized_boxes(global_batch_size, *pixels.shape[-2:], self.scale)
+        flip = torch.rand(global_batch_size) < self.flip_prob
+        cropped = resized_crops(pixels, boxes[None, rows], flip[None, rows], self.size, "bicubic")[0]
+        return cropped.clamp(self.low.to(cropped.dtype), self.high.to(cropped.dtype))
 
 
 def _rows_in_global_batch(
     name: str, batch_size: int, rows: torch.Tensor | None, global_batch_size: int | None
 ) -> tuple[torch.Tensor, int]:
-    """`rows` and `global_batch_size` checked against a local batch of `batch_size` images; the batch itself when
-    `rows` is None (one process)."""
+    """`rows` (on the CPU) and `global_batch_size` checked against a local batch of `batch_size` images; the batch
+    itself when `rows` is None (one process)."""
     if rows is None:
         return torch.arange(batch_size), batch_size
     if global_batch_size is None or len(rows) != batch_size or rows.min() < 0 or rows.max() >= global_batch_size:
@@ -321,38 +511,7 @@ def _rows_in_global_batch(
             f"{name}: rows must give the place of each of the {batch_size} images in a global batch of "
             f"global_batch_size images, got rows {rows.tolist()} and global_batch_size {global_batch_size}"
         )
-    return rows, global_batch_size
-
-
-# kornia parameters that describe the whole call rather than one image each.
-_BATCH_PARAMS = {"order"}
-
-
-def _apply_rows(augmentation: nn.Module, images: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    """`augmentation` on `images` with parameters drawn for a batch of `total` images, of which `images` are `rows`."""
-    params = augmentation.forward_parameters(torch.Size((total, *images.shape[1:])))
-    return augmentation(images, params=_select_rows(params, rows, total, images.shape))
-
-
-def _select_rows(params, rows: torch.Tensor, total: int, shape: torch.Size):
-    if isinstance(params, list):  # an ImageSequential: one ParamItem per augmentation
-        return [ParamItem(item.name, _select_rows(item.data, rows, total, shape)) for item in params]
-    selected = {}
-    for name, value in params.items():
-        if name == "forward_input_shape":
-            selected[name] = torch.tensor(shape)
-        elif name in _BATCH_PARAMS:
-            selected[name] = value
-        elif isinstance(value, torch.Tensor) and value.shape[:1] == (total,):
-            selected[name] = value[rows.to(value.device)]
-        else:
-            raise ValueError(f"kornia parameter {name!r} is not one value per image; cannot split it between processes")
-    return selected
-
-
-def _view_rows(rows: torch.Tensor, total: int, count: int) -> torch.Tensor:
-    """Rows of this process's images in `count` views of the global batch stacked view after view."""
-    return torch.cat([rows + view * total for view in range(count)])
+    return rows.cpu(), global_batch_size
 
 
 def cosine_schedule(

@@ -114,7 +114,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="Clip the gradient norm to this (0 disables).")
     group.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-        help="Overrides the launcher's setting (default: `accelerate launch --mixed-precision`, or its config, decides).",
+        help="Overrides the launcher's setting (default: `accelerate launch --mixed-precision`, or its config, decides). "
+             "bf16 runs on the CPU too (autocast; weights and checkpoints stay float32): faster on CPUs with "
+             "AVX512-BF16 or AMX-BF16, emulated and often slower elsewhere (`python -m bench.bench_precision` measures it).",
     )
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
     group.add_argument("--checkpoint-every", type=int, default=100, help="Save a resumable checkpoint every N optimizer steps.")
