@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from bench.bench_aligner import torch_peak_bytes
 from conftest import finish_distributed_worker
 from modeling_agriclip.configuration_agriclip import ALIGNMENT_OBJECTIVES as CONFIG_OBJECTIVES
 from training import stage3_align
@@ -87,20 +88,6 @@ def test_closed_form_matches_numpy_lstsq():
     assert weights.weight.dtype == torch.float32 and weights.weight.shape == (D_OUT, D_IN)
     assert relative_error(weights.weight, expected_weight) <= 1e-6
     assert relative_error(weights.bias, expected_bias) <= 1e-6
-
-
-def torch_peak_bytes(function):
-    """The largest sum of live torch allocations while `function` runs (torch's CPU allocator, which tracemalloc
-    does not see), from the profiler's allocation and free events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
-        function()
-    events = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
-    peak = live = 0
-    for _, change in events:
-        live += change
-        peak = max(peak, live)
-    return peak
 
 
 def test_blocked_statistics_and_factorisation_equal_the_float64_normal_equations_and_keep_the_statistics():

@@ -584,8 +584,9 @@ class ImageFolderIndex:
         features = datasets.Features.from_arrow_schema(rows.schema)
         features["image"] = datasets.Image(decode=False)
         # Keyed by the listing of its metadata files, so that `datasets` does not hash every row for a fingerprint.
-        listing = hashlib.sha256(repr([(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files])
-                                 .encode()).hexdigest()[:16]
+        stats = [(str(path), path.stat()) for path in files]
+        listing = hashlib.sha256(repr([(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats]).encode())
+        listing = listing.hexdigest()[:16]
         return datasets.Dataset(datasets.table.InMemoryTable(rows), info=datasets.DatasetInfo(features=features),
                                 fingerprint=listing)
 

@@ -51,7 +51,7 @@ def build_parser():
     augment.add_argument("--augment", action="store_true",
                          help="Augment the training images as open_clip trains CLIP (a random resized crop, resized "
                               "back to the model's image size), plus a horizontal flip, batched on the training device "
-                              "with kornia; the validation images are never augmented.")
+                              "(training.dino.CropAndFlip); the validation images are never augmented.")
     augment.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0), metavar=("MIN", "MAX"),
                          help="With --augment: the crop's share of the processed image's area (open_clip's).")
     augment.add_argument("--flip-prob", type=float, default=0.5, help="With --augment: probability of a horizontal flip.")

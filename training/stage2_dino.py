@@ -3,7 +3,7 @@
 A student (backbone + DINO head) sees 2 global and N local crops of each image; a teacher, the exponential
 moving average of the student, sees the global crops; the student learns to match the teacher's centred,
 sharpened outputs (Caron et al. 2021, as in facebookresearch/dino main_dino.py). Multi-crop augmentation runs
-batched on the training device (kornia). Runs the same under `python` and `accelerate launch`:
+batched on the training device (training.dino.MultiCropAugmentation). Runs the same under `python` and `accelerate launch`:
 
     python -m training.stage2_dino --model runs/stage1/final --train-data data/pretrain --output-dir runs/stage2
 
