@@ -1,7 +1,7 @@
 """AgriCLIP's light core: what every part of the package shares and what a command needs before it loads a model.
 
-Nothing here imports torch, transformers or datasets, so that `agriclip --help`, argument errors and the checks of
-a command's inputs answer at once:
+Nothing here imports torch or transformers, and only `agriclip.sources` imports datasets, so that `agriclip --help`,
+argument errors and the checks of a command's inputs answer at once:
 
 - `agriclip.cli`: the `agriclip` command (also `python -m agriclip`); each subcommand loads its heavy
   implementation only once its arguments are valid;
@@ -10,6 +10,8 @@ a command's inputs answer at once:
 - `agriclip.atomic`: files and folders written whole or not at all;
 - `agriclip.files`: paths that other files name (image paths in metadata, weight shards), checked before opening;
 - `agriclip.errors`: the failures and warnings of the commands and scripts, and their exit codes.
+- `agriclip.sources`: the data sources that training and evaluation read (image-caption pairs and labelled
+  images from image folders, CSVs, saved or Hub datasets and WebDataset shards); inference never imports it.
 
 The model itself (config, model, processor, zero-shot classifier) is `modeling_agriclip`; importing that package
 registers AgriCLIP with the transformers Auto classes.

@@ -4,4 +4,5 @@ import sys
 
 from agriclip.cli import main
 
+
 sys.exit(main())

@@ -115,4 +115,12 @@ def replace_entries(staging: str | os.PathLike, folder: str | os.PathLike, owned
     shutil.rmtree(staging)
 
 
-__all__ = ["atomic_open", "atomic_path", "replace_entries", "replace_folder", "write_bytes_atomically", "write_json_atomically", "write_text_atomically"]
+__all__ = [
+    "atomic_open",
+    "atomic_path",
+    "replace_entries",
+    "replace_folder",
+    "write_bytes_atomically",
+    "write_json_atomically",
+    "write_text_atomically",
+]

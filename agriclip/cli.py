@@ -39,8 +39,9 @@ The model is an AgriCLIP or transformers CLIP folder, or a Hub id: --model, or t
 variable. Images are files, folders (walked recursively) and glob patterns; unreadable images are listed on stderr
 and skipped. Each label is put into every template (default {DEFAULT_TEMPLATES[0]!r}); several templates form a
 prompt ensemble. Scores are softmax probabilities over the labels given, so they compare those labels only: a
-single label always scores 1.0. No command runs code from a model folder or asks on stdin whether to. Every file a
-command writes is written whole or not at all. `agriclip COMMAND --help` describes each command.
+single label always scores 1.0; for a model trained with SigLIP's sigmoid loss (config contrastive_loss "siglip") each
+is the sigmoid probability of its own label instead. No command runs code from a model folder or asks on stdin whether
+to. Every file a command writes is written whole or not at all. `agriclip COMMAND --help` describes each command.
 """
 
 EXIT_CODES = """\
@@ -221,21 +222,37 @@ def _command(commands, name: str, help: str, run: str, check=None, epilog: str |
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="agriclip", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="agriclip",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    predict = _command(commands, "predict", "Zero-shot classify images; print the top labels.",
-                       "modeling_agriclip.commands:run_predict", check_labelled, OUTPUTS, needs_model=True)
+    predict = _command(
+        commands,
+        "predict",
+        "Zero-shot classify images; print the top labels.",
+        "modeling_agriclip.commands:run_predict",
+        check_labelled,
+        OUTPUTS,
+        needs_model=True,
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
     _add_label_options(predict, required=True)
     predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
     predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
     _add_model_options(predict)
 
-    folder = _command(commands, "classify-folder", "Zero-shot classify every image under a folder into a file.",
-                      "modeling_agriclip.commands:run_classify_folder", check_classify_folder, OUTPUTS,
-                      needs_model=True)
+    folder = _command(
+        commands,
+        "classify-folder",
+        "Zero-shot classify every image under a folder into a file.",
+        "modeling_agriclip.commands:run_classify_folder",
+        check_classify_folder,
+        OUTPUTS,
+        needs_model=True,
+    )
     folder.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
     _add_label_options(folder, required=True)
     folder.add_argument("--output", type=Path, required=True, help="Predictions file (.csv or .json).")
@@ -245,73 +262,143 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(folder)
 
-    embed = _command(commands, "embed", "Write image and/or label embeddings to .safetensors or .npy.",
-                     "modeling_agriclip.commands:run_embed", check_embed, EMBED_OUTPUTS, needs_model=True)
+    embed = _command(
+        commands,
+        "embed",
+        "Write image and/or label embeddings to .safetensors or .npy.",
+        "modeling_agriclip.commands:run_embed",
+        check_embed,
+        EMBED_OUTPUTS,
+        needs_model=True,
+    )
     embed.add_argument("images", nargs="*", metavar="IMAGE", help="Image files, folders or glob patterns.")
     _add_label_options(embed, required=False)
     embed.add_argument("--output", type=Path, required=True, help="Embeddings file (.safetensors or .npy).")
     _add_model_options(embed)
 
-    info = _command(commands, "info", "Describe a checkpoint: towers, sizes, embedding mode, model card (the weights "
-                    "are not loaded).", "modeling_agriclip.commands:run_info", needs_model=True)
-    info.add_argument("model", nargs="?", default=os.environ.get(MODEL_ENV), metavar="MODEL",
-                      help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).")
+    info = _command(
+        commands,
+        "info",
+        "Describe a checkpoint: towers, sizes, embedding mode, model card (the weights are not loaded).",
+        "modeling_agriclip.commands:run_info",
+        needs_model=True,
+    )
+    info.add_argument(
+        "model",
+        nargs="?",
+        default=os.environ.get(MODEL_ENV),
+        metavar="MODEL",
+        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
+    )
     info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
 
     convert = _command(
-        commands, "convert", "Build an AgriCLIP checkpoint (model + processor) from pretrained parts; a part not given "
+        commands,
+        "convert",
+        "Build an AgriCLIP checkpoint (model + processor) from pretrained parts; a part not given "
         "comes randomly initialised from --preset. Official .pth files are read with torch.load(weights_only=True).",
         "modeling_agriclip.convert:run",
     )
     convert.add_argument("--output", required=True, help="Folder to write the AgriCLIP checkpoint to.")
-    convert.add_argument("--clip", help="transformers CLIP checkpoint (folder or Hub id) for the text and image towers.")
-    convert.add_argument("--dino", help="transformers ViT/DINOv2/ResNet checkpoint (folder or Hub id) for the backbone.")
+    convert.add_argument(
+        "--clip", help="transformers CLIP checkpoint (folder or Hub id) for the text and image towers."
+    )
+    convert.add_argument(
+        "--dino", help="transformers ViT/DINOv2/ResNet/ConvNeXt checkpoint (folder or Hub id) for the backbone."
+    )
     convert.add_argument("--official-dino", help="Official AgriCLIP DINO ResNet state dict (torchvision layout, .pth).")
     convert.add_argument("--official-aligner", help="Official AgriCLIP aligner file holding W (out, in) and b (out,).")
-    convert.add_argument("--preset", default="paper",
-                         help="Layout of the parts not given: tiny, tiny_resnet, paper (ViT-B/16 + ResNet-50, the "
-                              "default) or vit_b16.")
-    convert.add_argument("--image-embedding", choices=IMAGE_EMBEDDINGS,
-                         help="Image embedding zero-shot compares with text (default: aligned, the paper's).")
+    convert.add_argument(
+        "--preset",
+        default="paper",
+        help="Layout of the parts not given: tiny, tiny_<backbone> (tiny_resnet, tiny_dinov2, "
+        "tiny_convnext), paper (ViT-B/16 + ResNet-50, the default) or vit_b16.",
+    )
+    convert.add_argument(
+        "--image-embedding",
+        choices=IMAGE_EMBEDDINGS,
+        help="Image embedding zero-shot compares with text (default: aligned, the paper's).",
+    )
 
-    tokenizer = _command(commands, "tokenizer", "Write OpenAI CLIP's tokenizer, rebuilt offline from the BPE file "
-                         "open-clip-torch ships.", "modeling_agriclip.commands:run_tokenizer")
-    tokenizer.add_argument("--output", required=True, help="Folder to write tokenizer.json and tokenizer_config.json to.")
-    tokenizer.add_argument("--bpe", default=None, help="Path of bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's).")
+    tokenizer = _command(
+        commands,
+        "tokenizer",
+        "Write OpenAI CLIP's tokenizer, rebuilt offline from the BPE file open-clip-torch ships.",
+        "modeling_agriclip.commands:run_tokenizer",
+    )
+    tokenizer.add_argument(
+        "--output", required=True, help="Folder to write tokenizer.json and tokenizer_config.json to."
+    )
+    tokenizer.add_argument(
+        "--bpe", default=None, help="Path of bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's)."
+    )
 
-    card = _command(commands, "card", "Write the model card (README.md) of a checkpoint, or with --dataset the "
-                    "dataset card of an ALive-style dataset folder.", "model_card.card:run")
+    card = _command(
+        commands,
+        "card",
+        "Write the model card (README.md) of a checkpoint, or with --dataset the "
+        "dataset card of an ALive-style dataset folder.",
+        "model_card.card:run",
+    )
     card.add_argument("folder", type=Path, help="The checkpoint (or, with --dataset, dataset) folder.")
     card.add_argument("--dataset", action="store_true", help="Write a dataset card for an ALive-style dataset folder.")
-    card.add_argument("--repo-id", default=None, help="The Hub repo the card is for (org/name), used in names and examples.")
+    card.add_argument(
+        "--repo-id", default=None, help="The Hub repo the card is for (org/name), used in names and examples."
+    )
     card.add_argument("--eval-results", type=Path, default=None, help="results.json of `python -m evaluation.suite`.")
-    card.add_argument("--eval-model", default=None, help="This checkpoint's model name in --eval-results (default: found "
-                      "from its image embedding).")
-    card.add_argument("--run-dir", type=Path, default=None, help="Folder of the training runs; their logs give the settings.")
+    card.add_argument(
+        "--eval-model",
+        default=None,
+        help="This checkpoint's model name in --eval-results (default: found from its image embedding).",
+    )
+    card.add_argument(
+        "--run-dir", type=Path, default=None, help="Folder of the training runs; their logs give the settings."
+    )
     card.add_argument("--training-info", type=Path, default=None, help="JSON file of training_info (data, base_model).")
-    card.add_argument("--train-data", type=Path, default=None, help="The image-caption folder the model was trained on.")
+    card.add_argument(
+        "--train-data", type=Path, default=None, help="The image-caption folder the model was trained on."
+    )
     card.add_argument("--pretty-name", default=None, help="Dataset card title (with --dataset).")
     card.add_argument("--description", default=None, help="Dataset card first paragraph (with --dataset).")
-    card.add_argument("--license", default="other", help="Dataset license id (with --dataset; default: other, the "
-                      "sources' own licenses).")
+    card.add_argument(
+        "--license",
+        default="other",
+        help="Dataset license id (with --dataset; default: other, the sources' own licenses).",
+    )
 
     publish = _command(
-        commands, "publish", "Check a checkpoint, LoRA adapter or dataset folder and upload it to the Hub in one commit. "
+        commands,
+        "publish",
+        "Check a checkpoint, LoRA adapter or dataset folder and upload it to the Hub in one commit. "
         "Only an allow-list of what such a folder is goes up, never a link out of the folder, and no file whose bytes "
         "hold a token or a private key; the folder's custom-code files must equal the installed package's unless "
-        "--trust-remote-code. The token comes from HF_TOKEN or `hf auth login`.", "model_card.publish:run",
+        "--trust-remote-code. The token comes from HF_TOKEN or `hf auth login`.",
+        "model_card.publish:run",
     )
-    publish.add_argument("folder", type=Path, help="Checkpoint or LoRA adapter folder (or, with --dataset, dataset folder).")
-    publish.add_argument("--repo-id", required=True, help="The Hub repo to publish to, org/name; created when missing.")
-    publish.add_argument("--dataset", action="store_true", help="Publish an ALive-style dataset folder to a dataset repo.")
-    publish.add_argument("--revision", default=None, help="Branch to commit to, created from main when missing (default: main).")
-    publish.add_argument("--private", action="store_true", help="Create the repo private (refused for an existing public repo).")
-    publish.add_argument("--commit-message", default=None, help="Title of the commit (default: 'Upload ... <folder name>').")
-    publish.add_argument("--dry-run", action="store_true", help="Only check the folder and print what would be uploaded.")
     publish.add_argument(
-        "--trust-remote-code", action="store_true",
+        "folder", type=Path, help="Checkpoint or LoRA adapter folder (or, with --dataset, dataset folder)."
+    )
+    publish.add_argument("--repo-id", required=True, help="The Hub repo to publish to, org/name; created when missing.")
+    publish.add_argument(
+        "--dataset", action="store_true", help="Publish an ALive-style dataset folder to a dataset repo."
+    )
+    publish.add_argument(
+        "--revision", default=None, help="Branch to commit to, created from main when missing (default: main)."
+    )
+    publish.add_argument(
+        "--private", action="store_true", help="Create the repo private (refused for an existing public repo)."
+    )
+    publish.add_argument(
+        "--commit-message", default=None, help="Title of the commit (default: 'Upload ... <folder name>')."
+    )
+    publish.add_argument(
+        "--dry-run", action="store_true", help="Only check the folder and print what would be uploaded."
+    )
+    publish.add_argument(
+        "--trust-remote-code",
+        action="store_true",
         help="Run the folder's custom-code files and compare their outputs with the installed package's, where they are "
-             "not the package's files (without it no code of the folder runs, and such files are refused).",
+        "not the package's files (without it no code of the folder runs, and such files are refused).",
     )
     return parser
 

@@ -68,8 +68,12 @@ INPUT_ERROR_CLASSES = {
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
-    loaded = [getattr(sys.modules[module], name) for module, names in INPUT_ERROR_CLASSES.items()
-              if module in sys.modules for name in names]
+    loaded = [
+        getattr(sys.modules[module], name)
+        for module, names in INPUT_ERROR_CLASSES.items()
+        if module in sys.modules
+        for name in names
+    ]
     return (ValueError, OSError, *loaded)
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # process-global `Image.MAX_IMAGE_PIXELS`, which any other library may change.
 MAX_IMAGE_PIXELS = 89_478_485
 
+
 class ImageDecodeError(ValueError):
     """An image that cannot be decoded. `reason` is one of a few short keys used to count skipped files."""
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 
+
 def check_template(template) -> str:
     """Returns `template` if it is a prompt template: a string with exactly one `{}` (the class name) and no other
     format field. Literal braces are written `{{` and `}}`, as in `str.format`.
@@ -24,16 +25,22 @@ def check_template(template) -> str:
     if not isinstance(template, str):
         raise ValueError(f"template {template!r} is not a string; give text with '{{}}' for the class name")
     try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as error:
         raise ValueError(
             f"template {template!r} is not a format string ({error}); write '{{{{' and '}}}}' for literal braces"
         ) from None
     if not fields:
         raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
-    others = [("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
-              for name, spec, conversion in fields if (name, spec, conversion) != ("", "", None)]
+    others = [
+        ("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+        for name, spec, conversion in fields
+        if (name, spec, conversion) != ("", "", None)
+    ]
     if others:
         raise ValueError(
             f"template {template!r} has the format field(s) {', '.join(others)}; the only field allowed is one '{{}}' "

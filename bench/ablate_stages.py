@@ -30,6 +30,7 @@ from model_card.card import read_training_info
 from training import run_all, stage2_dino, stage3_align
 from training.options import load_config_file
 
+
 # Stage 2 set against the demo's, at the demo's epochs and batch size: the variant's folder, whether it drops the
 # demo's recipe settings (`RECIPE_KEYS`), and the options it trains with over the rest.
 STAGE2_VARIANTS = {
@@ -39,8 +40,11 @@ STAGE2_VARIANTS = {
 RECIPE_KEYS = ("recipe", *stage2_dino.PUBLISHED, "koleo_weight")
 # Stage 3's score on its validation pairs of each evaluated embedding (image-to-text recall@1, by its
 # --validation-match): what chose the fusion weight, and what may choose between variants.
-VALIDATION_SCORES = {"aligned": "val/aligned/image_to_text_R@1", "fused": "val/fused_chosen/image_to_text_R@1",
-                     "fused@0.5": "val/fused@0.5/image_to_text_R@1"}
+VALIDATION_SCORES = {
+    "aligned": "val/aligned/image_to_text_R@1",
+    "fused": "val/fused_chosen/image_to_text_R@1",
+    "fused@0.5": "val/fused@0.5/image_to_text_R@1",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +65,13 @@ def seeded_config(config: dict, seed: int, data: dict | None) -> dict:
 
 
 def stage3(config: dict, model: Path, train_data: str, output_dir: Path, objective: str, cache: Path) -> Path:
-    options = {**(config.get("stage3") or {}), "objective": objective, "model": str(model), "train_data": train_data,
-               "feature_cache": str(cache)}
+    options = {
+        **(config.get("stage3") or {}),
+        "objective": objective,
+        "model": str(model),
+        "train_data": train_data,
+        "feature_cache": str(cache),
+    }
     return run_all.train_into(f"stage 3 ({output_dir.name})", stage3_align, options, output_dir)
 
 
@@ -76,41 +85,71 @@ def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple
     demo_objective = (config.get("stage3") or {}).get("objective", "image-mse")
     variants = {}
     for objective in stage3_align.OBJECTIVES:
-        variants[f"stage 3 {objective}"] = stage3(seed_config, run_dir / "stage2" / "final", train_data,
-                                                  run_dir / "ablation" / f"stage3-{objective}", objective,
-                                                  run_dir / "ablation" / "features-stage2")
+        variants[f"stage 3 {objective}"] = stage3(
+            seed_config,
+            run_dir / "stage2" / "final",
+            train_data,
+            run_dir / "ablation" / f"stage3-{objective}",
+            objective,
+            run_dir / "ablation" / "features-stage2",
+        )
     stage2_dirs = {}
     for name, (folder, own_recipe, variant_options) in STAGE2_VARIANTS.items():
         stage2_dirs[name] = run_dir / "ablation" / folder
-        options = {key: value for key, value in (seed_config.get("stage2") or {}).items()
-                   if not (own_recipe and key in RECIPE_KEYS)}
-        options |= {**variant_options, "model": str(run_dir / "stage1" / "final"), "train_data": train_data,
-                    "knn_data": data.get("knn_data")}
+        options = {
+            key: value
+            for key, value in (seed_config.get("stage2") or {}).items()
+            if not (own_recipe and key in RECIPE_KEYS)
+        }
+        options |= {
+            **variant_options,
+            "model": str(run_dir / "stage1" / "final"),
+            "train_data": train_data,
+            "knn_data": data.get("knn_data"),
+        }
         run_all.train_into(f"stage 2 ({folder})", stage2_dino, options, stage2_dirs[name])
-        variants[name] = stage3(seed_config, stage2_dirs[name] / "final", train_data,
-                                run_dir / "ablation" / f"stage3-after-{folder}", demo_objective,
-                                run_dir / "ablation" / f"features-{folder}")
-    variants["no stage 2 (untrained backbone)"] = stage3(seed_config, run_dir / "stage1" / "final", train_data,
-                                                         run_dir / "ablation" / "stage3-no-stage2", demo_objective,
-                                                         run_dir / "ablation" / "features-stage1")
-    models = {"clip tower": f"{run_dir / 'stage1' / 'final'}:clip",
-              "clip-control": f"{run_dir / 'control' / 'final'}:clip"}
+        variants[name] = stage3(
+            seed_config,
+            stage2_dirs[name] / "final",
+            train_data,
+            run_dir / "ablation" / f"stage3-after-{folder}",
+            demo_objective,
+            run_dir / "ablation" / f"features-{folder}",
+        )
+    variants["no stage 2 (untrained backbone)"] = stage3(
+        seed_config,
+        run_dir / "stage1" / "final",
+        train_data,
+        run_dir / "ablation" / "stage3-no-stage2",
+        demo_objective,
+        run_dir / "ablation" / "features-stage1",
+    )
+    models = {
+        "clip tower": f"{run_dir / 'stage1' / 'final'}:clip",
+        "clip-control": f"{run_dir / 'control' / 'final'}:clip",
+    }
     models |= {name: f"{path}:aligned,fused,fused@0.5" for name, path in variants.items()}
     results = run_suite(data["suite"], models, run_dir / "ablation" / "evaluation", batch_size=64)
     rows = {}
     for name, spec in models.items():
         for embedding in spec.rsplit(":", 1)[1].split(","):
             entry = f"{name} ({embedding})"
-            rows[entry] = {"mean": results["mean"][entry]["top1"] * 100,
-                           "fine-grained": results["mean_fine_grained"][entry]["top1"] * 100}
+            rows[entry] = {
+                "mean": results["mean"][entry]["top1"] * 100,
+                "fine-grained": results["mean_fine_grained"][entry]["top1"] * 100,
+            }
             if name in variants:
                 stage3_metrics = read_training_info(variants[name].parent)["final_metrics"]["stage3_align"]
-                rows[entry] |= {"held-out R²": stage3_metrics["val/r2"],
-                                "validation R@1": stage3_metrics[VALIDATION_SCORES[embedding]]}
+                rows[entry] |= {
+                    "held-out R²": stage3_metrics["val/r2"],
+                    "validation R@1": stage3_metrics[VALIDATION_SCORES[embedding]],
+                }
                 if embedding == "fused":
                     rows[entry]["fusion weight"] = stage3_metrics["fusion_weight"]
-    reports = {name: json.loads((folder / "final" / "stage2_report.json").read_text())
-               for name, folder in {"demo": run_dir / "stage2", **stage2_dirs}.items()}
+    reports = {
+        name: json.loads((folder / "final" / "stage2_report.json").read_text())
+        for name, folder in {"demo": run_dir / "stage2", **stage2_dirs}.items()
+    }
     for entry, row in rows.items():
         variant = entry.rsplit(" (", 1)[0]
         if variant in reports or variant.startswith("stage 3"):
@@ -118,13 +157,23 @@ def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple
             row |= {"k-NN trained": report["knn_top1_trained"], "k-NN untrained": report["knn_top1_untrained"]}
         elif variant.startswith("no stage 2"):
             row["k-NN untrained"] = reports["demo"]["knn_top1_start"]  # this variant's backbone: stage 2's start
-    rows["chance"] = {"mean": results["chance"]["mean"]["top1"] * 100,
-                      "fine-grained": results["chance"]["mean_fine_grained"]["top1"] * 100}
+    rows["chance"] = {
+        "mean": results["chance"]["mean"]["top1"] * 100,
+        "fine-grained": results["chance"]["mean_fine_grained"]["top1"] * 100,
+    }
     return rows, data
 
 
 def summarise(per_seed: list[dict]) -> str:
-    columns = ["mean", "fine-grained", "validation R@1", "held-out R²", "fusion weight", "k-NN trained", "k-NN untrained"]
+    columns = [
+        "mean",
+        "fine-grained",
+        "validation R@1",
+        "held-out R²",
+        "fusion weight",
+        "k-NN trained",
+        "k-NN untrained",
+    ]
     lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for entry in per_seed[0]:
         cells = []

@@ -81,10 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sgd-epochs", type=int, default=PAPER_EPOCHS, help="SGD recipe epochs (the paper: 70); fewer are projected."
     )
     parser.add_argument(
-        "--contrastive-epochs", type=int, default=CONTRASTIVE_EPOCHS,
+        "--contrastive-epochs",
+        type=int,
+        default=CONTRASTIVE_EPOCHS,
         help="Contrastive head epochs (stage 3's default: 20); fewer are projected.",
     )
-    parser.add_argument("--num-captions", type=int, default=20_000, help="Distinct caption sets of the text objectives.")
+    parser.add_argument(
+        "--num-captions", type=int, default=20_000, help="Distinct caption sets of the text objectives."
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each method (the first is measured).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data, the SGD recipe and the head.")
     return parser.parse_args(argv)
@@ -106,8 +110,11 @@ class SyntheticPairs:
         generator = torch.Generator()
         generator.set_state(self.state)
         rows = min(args.batch_size, args.num_samples)
-        x, y, noise = (torch.empty(rows, args.in_features), torch.empty(rows, args.out_features),
-                       torch.empty(rows, args.out_features))
+        x, y, noise = (
+            torch.empty(rows, args.in_features),
+            torch.empty(rows, args.out_features),
+            torch.empty(rows, args.out_features),
+        )
         for start in range(0, args.num_samples, args.batch_size):
             rows = min(args.batch_size, args.num_samples - start)
             x_batch = torch.randn(rows, args.in_features, generator=generator, out=x[:rows]).add_(0.5).relu_()
@@ -125,7 +132,8 @@ class SyntheticCaptions:
         self.args = args
         generator = torch.Generator().manual_seed(args.seed + 1)
         self.targets = torch.nn.functional.normalize(
-            torch.randn(args.num_captions, args.out_features, generator=generator), dim=-1)
+            torch.randn(args.num_captions, args.out_features, generator=generator), dim=-1
+        )
         self.mapping = torch.randn(args.out_features, args.in_features, generator=generator)
         self.state = generator.get_state()
 
@@ -162,8 +170,11 @@ def torch_peak_bytes(function) -> int:
     """The largest sum of live torch allocations while `function` runs (what it allocates beyond what was live)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         function()
-    events = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     live = peak = 0
     for _, change in events:
         live += change
@@ -252,18 +263,34 @@ def contrastive(args: argparse.Namespace):
         closed = fit_closed_form(stats)
         setup_seconds = time.perf_counter() - begin
         begin = time.perf_counter()
-        fit = fit_contrastive_head(x, targets, groups, closed, LOGIT_SCALE, epochs=args.contrastive_epochs,
-                                   batch_size=CONTRASTIVE_BATCH_SIZE, seed=args.seed)
+        fit = fit_contrastive_head(
+            x,
+            targets,
+            groups,
+            closed,
+            LOGIT_SCALE,
+            epochs=args.contrastive_epochs,
+            batch_size=CONTRASTIVE_BATCH_SIZE,
+            seed=args.seed,
+        )
         head_seconds = time.perf_counter() - begin
         begin = time.perf_counter()
         with torch.no_grad():
             loss_fn = CaptionTargetInfoNCE()
             for rows in torch.arange(args.num_samples).split(CONTRASTIVE_BATCH_SIZE):
-                loss_fn(torch.nn.functional.linear(x[rows], fit.weights.weight, fit.weights.bias), targets[rows],
-                        groups[rows], LOGIT_SCALE)
+                loss_fn(
+                    torch.nn.functional.linear(x[rows], fit.weights.weight, fit.weights.bias),
+                    targets[rows],
+                    groups[rows],
+                    LOGIT_SCALE,
+                )
         pass_seconds = time.perf_counter() - begin
-        return {"seconds": setup_seconds + head_seconds, "setup_seconds": setup_seconds, "pass_seconds": pass_seconds,
-                "report": lambda: {"start_loss": fit.start_loss, "final_loss": fit.final_loss}}
+        return {
+            "seconds": setup_seconds + head_seconds,
+            "setup_seconds": setup_seconds,
+            "pass_seconds": pass_seconds,
+            "report": lambda: {"start_loss": fit.start_loss, "final_loss": fit.final_loss},
+        }
 
     return lambda: SyntheticCaptions(args), run
 
@@ -287,8 +314,11 @@ def sgd_recipe(args: argparse.Namespace):
         def report():
             # The original export's bias is b′·c1/c2 where the exact one is b′/c2: the same fit, bias times c1.
             legacy = AlignerWeights(weight=weights.weight, bias=weights.bias * c1)
-            return {"metrics": aligner_metrics(weights, x, y), "legacy_metrics": aligner_metrics(legacy, x, y),
-                    "c1": c1}
+            return {
+                "metrics": aligner_metrics(weights, x, y),
+                "legacy_metrics": aligner_metrics(legacy, x, y),
+                "c1": c1,
+            }
 
         return {"seconds": seconds, "scale_seconds": scale_seconds, "report": report}
 
@@ -304,8 +334,9 @@ def in_fresh_process(name: str, args: argparse.Namespace, profiled: bool = False
 
 
 def spread(result: dict) -> str:
-    return (f"min {result['times'][0]:7.2f} / median {result['median']['seconds']:7.2f} / "
-            f"max {result['times'][-1]:7.2f} s")
+    return (
+        f"min {result['times'][0]:7.2f} / median {result['median']['seconds']:7.2f} / max {result['times'][-1]:7.2f} s"
+    )
 
 
 def load_average() -> str:
@@ -326,19 +357,27 @@ def main(argv=None) -> None:
 
     working_set = closed_form_working_set(args)
     statistics_bytes = 8 * args.in_features * (args.in_features + args.out_features)
-    print(f"image-mse streamed closed form:  {spread(closed)}  peak RSS {closed['peak_kib'] / 1024:7.1f} MiB  "
-          f"torch {closed['torch_peak_bytes'] / MIB:7.1f} MiB  r2 {closed['metrics']['r2']:.5f}  "
-          f"r2_global {closed['metrics']['r2_global']:.5f}")
-    print(f"  theoretical working set {working_set / MIB:.1f} MiB (statistics {statistics_bytes / MIB:.1f} + solution "
-          f"{8 * args.in_features * args.out_features / MIB:.1f} + one float32 batch "
-          f"{(working_set - statistics_bytes - 8 * args.in_features * args.out_features) / MIB:.1f}): peak torch "
-          f"allocations / working set {closed['torch_peak_bytes'] / working_set:.3f}, peak RSS / working set "
-          f"{closed['peak_kib'] * 1024 / working_set:.3f}")
-    print(f"SGD recipe, {args.sgd_epochs} epoch(s), in memory:  {spread(sgd)}  peak RSS "
-          f"{sgd['peak_kib'] / 1024:7.1f} MiB  torch {sgd['torch_peak_bytes'] / MIB:7.1f} MiB  "
-          f"r2 {sgd['metrics']['r2']:.5f}  r2_global {sgd['metrics']['r2_global']:.5f}")
-    print(f"  same fit, legacy bias export (c1 = {sgd['c1']:.3f}): r2 {sgd['legacy_metrics']['r2']:.5f}  "
-          f"r2_global {sgd['legacy_metrics']['r2_global']:.5f}")
+    print(
+        f"image-mse streamed closed form:  {spread(closed)}  peak RSS {closed['peak_kib'] / 1024:7.1f} MiB  "
+        f"torch {closed['torch_peak_bytes'] / MIB:7.1f} MiB  r2 {closed['metrics']['r2']:.5f}  "
+        f"r2_global {closed['metrics']['r2_global']:.5f}"
+    )
+    print(
+        f"  theoretical working set {working_set / MIB:.1f} MiB (statistics {statistics_bytes / MIB:.1f} + solution "
+        f"{8 * args.in_features * args.out_features / MIB:.1f} + one float32 batch "
+        f"{(working_set - statistics_bytes - 8 * args.in_features * args.out_features) / MIB:.1f}): peak torch "
+        f"allocations / working set {closed['torch_peak_bytes'] / working_set:.3f}, peak RSS / working set "
+        f"{closed['peak_kib'] * 1024 / working_set:.3f}"
+    )
+    print(
+        f"SGD recipe, {args.sgd_epochs} epoch(s), in memory:  {spread(sgd)}  peak RSS "
+        f"{sgd['peak_kib'] / 1024:7.1f} MiB  torch {sgd['torch_peak_bytes'] / MIB:7.1f} MiB  "
+        f"r2 {sgd['metrics']['r2']:.5f}  r2_global {sgd['metrics']['r2_global']:.5f}"
+    )
+    print(
+        f"  same fit, legacy bias export (c1 = {sgd['c1']:.3f}): r2 {sgd['legacy_metrics']['r2']:.5f}  "
+        f"r2_global {sgd['legacy_metrics']['r2_global']:.5f}"
+    )
     sgd_seconds = sgd["median"]["seconds"]
     if args.sgd_epochs != PAPER_EPOCHS:
         scale_seconds = sgd["median"]["scale_seconds"]
@@ -349,12 +388,16 @@ def main(argv=None) -> None:
             f"from the median run: {per_epoch:.1f} s/epoch x {PAPER_EPOCHS} + {scale_seconds:.1f} s scale "
             f"computation = {sgd_seconds:.1f} s; its R² is that of {args.sgd_epochs} epoch(s)."
         )
-    print(f"text-mse streamed closed form:   {spread(text)}  peak RSS {text['peak_kib'] / 1024:7.1f} MiB  "
-          f"r2 {text['metrics']['r2']:.5f}")
+    print(
+        f"text-mse streamed closed form:   {spread(text)}  peak RSS {text['peak_kib'] / 1024:7.1f} MiB  "
+        f"r2 {text['metrics']['r2']:.5f}"
+    )
     head_seconds = head["median"]["seconds"]
-    print(f"contrastive head, {args.contrastive_epochs} epoch(s), in memory: {spread(head)}  peak RSS "
-          f"{head['peak_kib'] / 1024:7.1f} MiB  InfoNCE {head['start_loss']:.4f} (closed form) -> "
-          f"{head['final_loss']:.4f}  ({head['median']['setup_seconds']:.1f} s statistics and closed form)")
+    print(
+        f"contrastive head, {args.contrastive_epochs} epoch(s), in memory: {spread(head)}  peak RSS "
+        f"{head['peak_kib'] / 1024:7.1f} MiB  InfoNCE {head['start_loss']:.4f} (closed form) -> "
+        f"{head['final_loss']:.4f}  ({head['median']['setup_seconds']:.1f} s statistics and closed form)"
+    )
     if args.contrastive_epochs != CONTRASTIVE_EPOCHS:
         fixed = head["median"]["setup_seconds"] + 2 * head["median"]["pass_seconds"]
         per_epoch = (head_seconds - fixed) / args.contrastive_epochs
@@ -367,15 +410,20 @@ def main(argv=None) -> None:
         )
     print(f"load average at the end: {load_average()}")
     closed_seconds = closed["median"]["seconds"]
-    print(f"SGD recipe / image-mse closed form, peak memory: torch allocations "
-          f"{sgd['torch_peak_bytes'] / closed['torch_peak_bytes']:.2f}x, "
-          f"RSS {sgd['peak_kib'] / closed['peak_kib']:.2f}x")
+    print(
+        f"SGD recipe / image-mse closed form, peak memory: torch allocations "
+        f"{sgd['torch_peak_bytes'] / closed['torch_peak_bytes']:.2f}x, "
+        f"RSS {sgd['peak_kib'] / closed['peak_kib']:.2f}x"
+    )
     print("ratios to the image-mse closed form of this run (median time, peak RSS):")
-    rows = [(f"SGD recipe ({PAPER_EPOCHS} epochs)", sgd_seconds, sgd["peak_kib"]),
-            ("text-mse closed form", text["median"]["seconds"], text["peak_kib"]),
-            (f"contrastive head ({CONTRASTIVE_EPOCHS} epochs)", head_seconds, head["peak_kib"])]
+    rows = [
+        (f"SGD recipe ({PAPER_EPOCHS} epochs)", sgd_seconds, sgd["peak_kib"]),
+        ("text-mse closed form", text["median"]["seconds"], text["peak_kib"]),
+        (f"contrastive head ({CONTRASTIVE_EPOCHS} epochs)", head_seconds, head["peak_kib"]),
+    ]
     for name, seconds, peak in rows:
         print(f"  {name:32s} time {seconds / closed_seconds:7.2f}x   memory {peak / closed['peak_kib']:7.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -57,8 +57,13 @@ print(time.perf_counter() - started)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 100_000, 600_000],
-                        help="Training pairs per folder (validation: a tenth more).")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000, 600_000],
+        help="Training pairs per folder (validation: a tenth more).",
+    )
     parser.add_argument("--root", default="/tmp/agriclip-first-step", help="Where the folders are written and kept.")
     parser.add_argument("--repeats", type=int, default=3, help="Fresh processes per size.")
     parser.add_argument("--shard-size", type=int, default=1000, help="Images per shard folder, as the ALive builder.")
@@ -71,8 +76,9 @@ def write_folder(folder: Path, pairs: int, shard_size: int) -> bool:
     done = folder / "complete"
     if done.is_file():
         return False
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (90, 160, 40)).save(buffer, "PNG")
@@ -83,16 +89,25 @@ def write_folder(folder: Path, pairs: int, shard_size: int) -> bool:
             name = f"{index // shard_size:05d}/{index:07d}.png"
             (folder / split / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / split / name).write_bytes(png)
-            rows.append(json.dumps({"file_name": name, "caption": f"a leaf with early blight, number {index}",
-                                    "source": "generated"}))
+            rows.append(
+                json.dumps(
+                    {"file_name": name, "caption": f"a leaf with early blight, number {index}", "source": "generated"}
+                )
+            )
         (folder / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     done.write_text("")
     return True
 
 
 def timed(script: str, folder: Path) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPOSITORY, capture_output=True,
-                            text=True, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     return result.stdout.split()
 
 
@@ -108,15 +123,19 @@ def main(argv=None) -> None:
         runs = [timed(FIRST_STEP, folder) for _ in range(args.repeats)]
         seconds = [float(run[0]) for run in runs]
         median = statistics.median(seconds)
-        print(f"{pairs:>7} + {pairs // 10} pairs ({runs[0][1]} train rows, {runs[0][2]} validation rows; folder "
-              f"{written}): first batch after "
-              f"min {min(seconds):.2f} / median {median:.2f} / max {max(seconds):.2f} s, "
-              f"{median / pairs * 100_000:.2f} s per 100k pairs")
+        print(
+            f"{pairs:>7} + {pairs // 10} pairs ({runs[0][1]} train rows, {runs[0][2]} validation rows; folder "
+            f"{written}): first batch after "
+            f"min {min(seconds):.2f} / median {median:.2f} / max {max(seconds):.2f} s, "
+            f"{median / pairs * 100_000:.2f} s per 100k pairs"
+        )
         if pairs == min(args.pairs):
             reference = [float(timed(DATASETS_REFERENCE, folder)[0]) for _ in range(args.repeats)]
-            print(f"{'':>7}   reference datasets.load_dataset('imagefolder') of both splits: min {min(reference):.2f}"
-                  f" / median {statistics.median(reference):.2f} / max {max(reference):.2f} s; ratio of medians "
-                  f"{statistics.median(reference) / median:.1f}x")
+            print(
+                f"{'':>7}   reference datasets.load_dataset('imagefolder') of both splits: min {min(reference):.2f}"
+                f" / median {statistics.median(reference):.2f} / max {max(reference):.2f} s; ratio of medians "
+                f"{statistics.median(reference) / median:.1f}x"
+            )
 
 
 if __name__ == "__main__":

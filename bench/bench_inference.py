@@ -58,20 +58,50 @@ sys.path.insert(0, str(REPO))
 
 TEMPLATE = "a photo of {}."
 LABELS = (
-    "leaf rust", "powdery mildew", "early blight", "late blight", "bacterial spot", "leaf mold", "septoria leaf spot",
-    "spider mites", "mosaic virus", "healthy leaf", "nitrogen deficiency", "potassium deficiency", "weeds",
-    "tilapia", "salmon", "catfish", "Holstein cow", "Jersey cow", "Angus cattle", "chicken droppings",
-    "yellow leaf curl", "target spot", "anthracnose", "scab", "black rot", "canker", "downy mildew", "fresh fish",
-    "stale fish", "goat",
+    "leaf rust",
+    "powdery mildew",
+    "early blight",
+    "late blight",
+    "bacterial spot",
+    "leaf mold",
+    "septoria leaf spot",
+    "spider mites",
+    "mosaic virus",
+    "healthy leaf",
+    "nitrogen deficiency",
+    "potassium deficiency",
+    "weeds",
+    "tilapia",
+    "salmon",
+    "catfish",
+    "Holstein cow",
+    "Jersey cow",
+    "Angus cattle",
+    "chicken droppings",
+    "yellow leaf curl",
+    "target spot",
+    "anthracnose",
+    "scab",
+    "black rot",
+    "canker",
+    "downy mildew",
+    "fresh fish",
+    "stale fish",
+    "goat",
 )
-SIDES = ("agriclip classify-folder", "pipeline (AgriCLIP), batched", "pipeline (AgriCLIP), unbatched",
-         "pipeline (CLIPModel), batched")
+SIDES = (
+    "agriclip classify-folder",
+    "pipeline (AgriCLIP), batched",
+    "pipeline (AgriCLIP), unbatched",
+    "pipeline (CLIPModel), batched",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", default="small",
+        "--model",
+        default="small",
         help="Layout of the model: small (bench_stage1's), a preset or a JSON file of AgriCLIPConfig values over one.",
     )
     parser.add_argument("--images", type=int, default=64, help="Number of generated photos.")
@@ -298,16 +328,23 @@ def main(argv=None) -> None:
     print(f"{'side':<32}" + "".join(f"{name:>14}" for name in header))
     for side, result in results.items():
         warm = result["warm_images_per_s"]
-        values = (result["cold_images_per_s"], min(warm), statistics.median(warm), max(warm),
-                  result["warm_cpu_ms_per_image"])
+        values = (
+            result["cold_images_per_s"],
+            min(warm),
+            statistics.median(warm),
+            max(warm),
+            result["warm_cpu_ms_per_image"],
+        )
         cells = [f"{value:.1f}" for value in values]
         cells += [f"{result[key]:.0f} MiB" for key in ("peak_rss_mib", "import_rss_mib")]
         cells.append("-" if result["worker_peak_rss_mib"] is None else f"{result['worker_peak_rss_mib']:.0f} MiB")
         cuda = "" if result["cuda_peak_mib"] is None else f"  cuda peak {result['cuda_peak_mib']:.0f} MiB"
         print(f"{side:<32}" + "".join(f"{cell:>14}" for cell in cells) + cuda)
     cli, reference = results[SIDES[0]], SIDES[1]
-    print(f"headline, classify-folder / {reference} (batch_size={args.batch_size}, the same labels): "
-          + ratio_line(cli, results[reference]))
+    print(
+        f"headline, classify-folder / {reference} (batch_size={args.batch_size}, the same labels): "
+        + ratio_line(cli, results[reference])
+    )
     for side in SIDES[2:]:
         print(f"classify-folder / {side}: " + ratio_line(cli, results[side]))
     agree = sum(a == b for a, b in zip(cli["top1"], results[reference]["top1"]))

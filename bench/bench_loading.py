@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from training.data import ImageCollator, ImageTextCollator, load_image_text_dataset, resize_center_crop  # noqa: E402
+from agriclip.sources import load_image_text_dataset  # noqa: E402
+from training.data import ImageCollator, ImageTextCollator, resize_center_crop  # noqa: E402
 from training.embedded import build_embedded_dataset, pretraining_sources  # noqa: E402
 
 

@@ -48,8 +48,10 @@ def main():
     scores = torch.randn(args.num_images, args.num_classes, generator=generator)
     scores[torch.arange(args.num_images), labels] += 2.0
 
-    print(f"{args.num_images} images x {args.num_classes} classes, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"{args.num_images} images x {args.num_classes} classes, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
     print(f"load average before: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
     classification_metrics(scores, labels, args.num_classes)  # warm-up
     fast, fast_seconds = _times(classification_metrics, scores, labels, args.num_classes, args.rounds)
@@ -58,7 +60,9 @@ def main():
     )
     print(_line("classification_metrics (tensors)", fast_seconds))
     print(_line("evaluate modules (reference)", reference_seconds))
-    print(f"ratio of medians (reference / tensors): {statistics.median(reference_seconds) / statistics.median(fast_seconds):.1f}x")
+    print(
+        f"ratio of medians (reference / tensors): {statistics.median(reference_seconds) / statistics.median(fast_seconds):.1f}x"
+    )
     print(f"tensors:   {fast}")
     print(f"reference: {reference}")
     print(f"identical: {fast == reference}")

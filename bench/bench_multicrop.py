@@ -71,7 +71,9 @@ class PILMultiCrop:
         hue = Image.fromarray(np.asarray(hue, dtype=np.uint8) + shift, "L")
         return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
 
-    def view(self, image: Image.Image, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> torch.Tensor:
+    def view(
+        self, image: Image.Image, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+    ) -> torch.Tensor:
         image = self.random_resized_crop(image, size, scale)
         if self.rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -142,16 +144,22 @@ def main():
     batch = {"tensor": uint8_batch, "pil": pil_images}
     pil_views, our_views = reference(batch), ours(batch)  # also the warm-up calls
     if [v.shape for v in pil_views] != [v.shape for v in our_views]:
-        raise SystemExit(f"bench_multicrop: the pipelines disagree on view shapes: {[tuple(v.shape) for v in pil_views]} "
-                         f"vs {[tuple(v.shape) for v in our_views]}")
+        raise SystemExit(
+            f"bench_multicrop: the pipelines disagree on view shapes: {[tuple(v.shape) for v in pil_views]} "
+            f"vs {[tuple(v.shape) for v in our_views]}"
+        )
 
     views = args.num_images * (2 + args.num_local_crops)
-    print(f"{args.num_images} images of {args.image_size}px -> 2 x {args.global_size}px + {args.num_local_crops} x "
-          f"{args.local_size}px views ({views} per call), preset {args.preset}; ours on {device} with "
-          f"{torch.get_num_threads()} torch threads; {args.calls} calls x {args.rounds} rounds")
+    print(
+        f"{args.num_images} images of {args.image_size}px -> 2 x {args.global_size}px + {args.num_local_crops} x "
+        f"{args.local_size}px views ({views} per call), preset {args.preset}; ours on {device} with "
+        f"{torch.get_num_threads()} torch threads; {args.calls} calls x {args.rounds} rounds"
+    )
     print("reference: DINO's DataAugmentationDINO per image on PIL (bench_multicrop.PILMultiCrop), one thread")
     print(f"load average (1 / 5 / 15 min) before: {load_average()}")
-    seconds = alternating_seconds({"ours, batched": ours, "PIL per image": reference}, [batch] * args.calls, args.rounds)
+    seconds = alternating_seconds(
+        {"ours, batched": ours, "PIL per image": reference}, [batch] * args.calls, args.rounds
+    )
     print(f"load average (1 / 5 / 15 min) after:  {load_average()}")
     print_comparison(seconds, views, "views/s", " (target >= 1.5x)")
 

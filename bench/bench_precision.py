@@ -48,6 +48,7 @@ from training.losses import DINOLoss
 from training.runtime import CheckpointManager, TrainingPosition, adamw, train_step
 from training.stage2_dino import PUBLISHED
 
+
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # Stage 2's defaults with AdamW (training.stage2_dino): 5e-4 per 256 images, weight decay 0.04 at the start,
 # gradients clipped at 3.
@@ -66,9 +67,11 @@ def cpu_description() -> str:
             flags = set(value.split())
             break
     seen = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    return (f"{name}; /proc/cpuinfo flags: {seen}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"oneDNN bf16 {'supported' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not supported'}; "
-            f"{torch.get_num_threads()} threads")
+    return (
+        f"{name}; /proc/cpuinfo flags: {seen}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN bf16 {'supported' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not supported'}; "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def stage2_step(config, accelerator: Accelerator, keep_autocast: bool = True):
@@ -77,9 +80,15 @@ def stage2_step(config, accelerator: Accelerator, keep_autocast: bool = True):
     backbone = AgriCLIPModel(config).dino_model
     size = config.vision_config.image_size
     feature_size = backbone_features(backbone.eval(), torch.zeros(1, 3, size, size)).shape[-1]
-    student = MultiCropWrapper(backbone.train(), DINOHead(feature_size, PUBLISHED["out_dim"],
-                                                          hidden_dim=PUBLISHED["head_hidden_dim"],
-                                                          bottleneck_dim=PUBLISHED["head_bottleneck_dim"]))
+    student = MultiCropWrapper(
+        backbone.train(),
+        DINOHead(
+            feature_size,
+            PUBLISHED["out_dim"],
+            hidden_dim=PUBLISHED["head_hidden_dim"],
+            bottleneck_dim=PUBLISHED["head_bottleneck_dim"],
+        ),
+    )
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = adamw(param_groups_without_decay(student, STAGE2_WEIGHT_DECAY), accelerator.device, lr=0)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -92,9 +101,18 @@ def stage2_step(config, accelerator: Accelerator, keep_autocast: bool = True):
     def step(crops):
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
-        train_step(accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, 0),
-                   STAGE2_LEARNING_RATE, STAGE2_MAX_GRAD_NORM, position, checkpoints)
+        train_step(
+            accelerator,
+            student,
+            optimizer,
+            lambda: dino_loss(student(crops), teacher_output, 0),
+            STAGE2_LEARNING_RATE,
+            STAGE2_MAX_GRAD_NORM,
+            position,
+            checkpoints,
+        )
         update_teacher(accelerator.unwrap_model(student), teacher, PUBLISHED["momentum_teacher"])
+
     return step
 
 
@@ -109,19 +127,23 @@ def make_views(size: int, batch_size: int, count: int) -> list[list[torch.Tensor
 def compare(name: str, steps: dict, batches: list, batch_size: int, args) -> None:
     """Warms the sides up, times them alternately and prints the comparison (bf16 first)."""
     for step in steps.values():
-        for batch in batches[:args.warmup_steps]:
+        for batch in batches[: args.warmup_steps]:
             step(batch)
     seconds = alternating_seconds(steps, batches, args.rounds)
-    print(f"{name}: batch {batch_size}, {args.steps} steps x {args.rounds} rounds after {args.warmup_steps} warm-up "
-          "steps")
+    print(
+        f"{name}: batch {batch_size}, {args.steps} steps x {args.rounds} rounds after {args.warmup_steps} warm-up steps"
+    )
     print_comparison(seconds, batch_size, "samples/s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small",
-                        help=f"Tower sizes: small (bench_stage1's default), a preset ({', '.join(sorted(PRESETS))}) "
-                             "or a JSON file of AgriCLIPConfig values over a preset.")
+    parser.add_argument(
+        "--model",
+        default="small",
+        help=f"Tower sizes: small (bench_stage1's default), a preset ({', '.join(sorted(PRESETS))}) "
+        "or a JSON file of AgriCLIPConfig values over a preset.",
+    )
     parser.add_argument("--stages", type=int, nargs="+", choices=(1, 2), default=(1, 2), help="Stages to measure.")
     parser.add_argument("--batch-size", type=int, default=32, help="Image-text pairs per stage-1 step.")
     parser.add_argument("--stage2-batch-size", type=int, default=8, help="Images per stage-2 step (10 views each).")
@@ -135,13 +157,17 @@ def main() -> None:
     print(f"model {args.model}; {cpu_description()}; {accelerator.device}")
     if 1 in args.stages:
         torch.manual_seed(0)
-        steps = {"stage 1, bf16": stage1_step(config, accelerator),
-                 "stage 1, float32": stage1_step(config, accelerator, keep_autocast=False)}
+        steps = {
+            "stage 1, bf16": stage1_step(config, accelerator),
+            "stage 1, float32": stage1_step(config, accelerator, keep_autocast=False),
+        }
         compare("stage 1", steps, make_batches(config, args.batch_size, args.steps), args.batch_size, args)
     if 2 in args.stages:
         torch.manual_seed(0)
-        steps = {"stage 2, bf16": stage2_step(config, accelerator),
-                 "stage 2, float32": stage2_step(config, accelerator, keep_autocast=False)}
+        steps = {
+            "stage 2, bf16": stage2_step(config, accelerator),
+            "stage 2, float32": stage2_step(config, accelerator, keep_autocast=False),
+        }
         views = make_views(config.vision_config.image_size, args.stage2_batch_size, args.steps)
         compare("stage 2", steps, views, args.stage2_batch_size, args)
 

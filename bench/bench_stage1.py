@@ -47,12 +47,49 @@ from training.losses import ContrastiveLoss
 from training.models import config_from_file
 from training.runtime import CheckpointManager, TrainingPosition, adamw, train_step
 
+
 # Stage 1's recipe (training.stage1_contrastive's defaults).
 LEARNING_RATE, WEIGHT_DECAY, BETAS, EPS, MAX_GRAD_NORM = 5e-5, 0.2, (0.9, 0.98), 1e-6, 1.0
 SMALL_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
-WORDS = ("leaf", "tomato", "wheat", "rust", "spots", "brown", "yellow", "lesions", "field", "close", "up", "of", "a",
-         "with", "healthy", "blight", "mildew", "powdery", "white", "on", "the", "plant", "crop", "green", "edges",
-         "young", "cattle", "fish", "fresh", "soil", "weeds", "rows", "in", "photo", "showing", "small", "dark")
+WORDS = (
+    "leaf",
+    "tomato",
+    "wheat",
+    "rust",
+    "spots",
+    "brown",
+    "yellow",
+    "lesions",
+    "field",
+    "close",
+    "up",
+    "of",
+    "a",
+    "with",
+    "healthy",
+    "blight",
+    "mildew",
+    "powdery",
+    "white",
+    "on",
+    "the",
+    "plant",
+    "crop",
+    "green",
+    "edges",
+    "young",
+    "cattle",
+    "fish",
+    "fresh",
+    "soil",
+    "weeds",
+    "rows",
+    "in",
+    "photo",
+    "showing",
+    "small",
+    "dark",
+)
 
 
 def small_config() -> AgriCLIPConfig:
@@ -117,33 +154,44 @@ def print_comparison(seconds: dict[str, list[list[float]]], batch_size: int, uni
     width = max(map(len, seconds))
     for name, rounds in seconds.items():
         rates = sorted(batch_size / value for value in sum(rounds, []))
-        print(f"  {name:{width}s} {unit}: min {rates[0]:8.2f}  median {statistics.median(rates):8.2f}  "
-              f"max {rates[-1]:8.2f}  ({len(rates)} steps)")
+        print(
+            f"  {name:{width}s} {unit}: min {rates[0]:8.2f}  median {statistics.median(rates):8.2f}  "
+            f"max {rates[-1]:8.2f}  ({len(rates)} steps)"
+        )
     (ours, ours_rounds), *references = seconds.items()
     ours_steps = sum(ours_rounds, [])
     for reference, rounds in references:
         reference_steps = sum(rounds, [])
         paired = sorted(theirs / mine for mine, theirs in zip(ours_steps, reference_steps))
         per_round = " ".join(f"{sum(theirs) / sum(mine):.3f}" for mine, theirs in zip(ours_rounds, rounds))
-        print(f"  {ours} / {reference}: {statistics.median(reference_steps) / statistics.median(ours_steps):.3f}x "
-              f"(paired steps: min {paired[0]:.3f}, median {statistics.median(paired):.3f}, max {paired[-1]:.3f}; "
-              f"per round: {per_round}){target}")
+        print(
+            f"  {ours} / {reference}: {statistics.median(reference_steps) / statistics.median(ours_steps):.3f}x "
+            f"(paired steps: min {paired[0]:.3f}, median {statistics.median(paired):.3f}, max {paired[-1]:.3f}; "
+            f"per round: {per_round}){target}"
+        )
 
 
 def bare_clip_model(config: AgriCLIPConfig) -> CLIPModel:
     """A transformers CLIPModel with the towers of `config`, in training mode."""
-    return CLIPModel(CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
-                                projection_dim=config.projection_dim)).train()
+    return CLIPModel(
+        CLIPConfig(
+            text_config=config.text_config.to_dict(),
+            vision_config=config.vision_config.to_dict(),
+            projection_dim=config.projection_dim,
+        )
+    ).train()
 
 
 def bare_loop_step(model: CLIPModel, optimizer: torch.optim.Optimizer):
     """The training step of a bare loop: CLIP's own loss, backward, clipping, the optimizer step."""
+
     def step(batch):
         loss = model(**batch, return_loss=True).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad()
+
     return step
 
 
@@ -153,26 +201,38 @@ def stage1_step(config: AgriCLIPConfig, accelerator: Accelerator, keep_autocast:
     wraps it in (what the same step is under `--mixed-precision no`)."""
     model = AgriCLIPModel(config).train()
     trainable_clip(model, freeze_text=False, freeze_image=False)
-    optimizer = adamw(param_groups_without_decay(model, WEIGHT_DECAY), accelerator.device, lr=LEARNING_RATE,
-                      betas=BETAS, eps=EPS)
+    optimizer = adamw(
+        param_groups_without_decay(model, WEIGHT_DECAY), accelerator.device, lr=LEARNING_RATE, betas=BETAS, eps=EPS
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     if not keep_autocast:
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     loss_fn = ContrastiveLoss()
-    logit_scale = accelerator.unwrap_model(model).logit_scale
     checkpoints, position = CheckpointManager(accelerator, "unused-bench-dir"), TrainingPosition()
 
     def step(batch):
-        train_step(accelerator, model, optimizer, lambda: contrastive_forward(model, batch, loss_fn, logit_scale),
-                   LEARNING_RATE, MAX_GRAD_NORM, position, checkpoints)
+        train_step(
+            accelerator,
+            model,
+            optimizer,
+            lambda: contrastive_forward(model, batch, loss_fn),
+            LEARNING_RATE,
+            MAX_GRAD_NORM,
+            position,
+            checkpoints,
+        )
+
     return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small",
-                        help=f"Tower sizes of every side: small, a preset ({', '.join(sorted(PRESETS))}) or a JSON "
-                             "file of AgriCLIPConfig values over a preset.")
+    parser.add_argument(
+        "--model",
+        default="small",
+        help=f"Tower sizes of every side: small, a preset ({', '.join(sorted(PRESETS))}) or a JSON "
+        "file of AgriCLIPConfig values over a preset.",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="Image-text pairs per step.")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
     parser.add_argument("--rounds", type=int, default=3, help="Passes over the timed steps.")
@@ -184,26 +244,34 @@ def main() -> None:
     accelerator = Accelerator()
     steps = {"agriclip stage 1": stage1_step(config, accelerator)}
     default_model, fused_model = bare_clip_model(config), bare_clip_model(config)
-    default_adamw = torch.optim.AdamW(param_groups_without_decay(default_model, WEIGHT_DECAY), lr=LEARNING_RATE,
-                                      betas=BETAS, eps=EPS)
-    fused_adamw = adamw(param_groups_without_decay(fused_model, WEIGHT_DECAY), accelerator.device, lr=LEARNING_RATE,
-                        betas=BETAS, eps=EPS)
+    default_adamw = torch.optim.AdamW(
+        param_groups_without_decay(default_model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=BETAS, eps=EPS
+    )
+    fused_adamw = adamw(
+        param_groups_without_decay(fused_model, WEIGHT_DECAY),
+        accelerator.device,
+        lr=LEARNING_RATE,
+        betas=BETAS,
+        eps=EPS,
+    )
     steps["bare loop, default AdamW"] = bare_loop_step(default_model, default_adamw)
     steps["bare loop, fused AdamW"] = bare_loop_step(fused_model, fused_adamw)
 
     batches = make_batches(config, args.batch_size, args.steps)
     for step in steps.values():
-        for batch in batches[:args.warmup_steps]:
+        for batch in batches[: args.warmup_steps]:
             step(batch)
     seconds = alternating_seconds(steps, batches, args.rounds)
     lengths = [batch["input_ids"].shape[1] for batch in batches]
     vision, text = config.vision_config, config.text_config
-    print(f"model {args.model}: CLIP towers text {text.hidden_size} wide x {text.num_hidden_layers}, image "
-          f"{vision.hidden_size} x {vision.num_hidden_layers} on {vision.image_size} px / {vision.patch_size} px "
-          f"patches; "
-          f"batch {args.batch_size}, text padded to {min(lengths)}-{max(lengths)} tokens as the collator pads; "
-          f"{args.steps} steps x {args.rounds} rounds after {args.warmup_steps} warm-up steps; "
-          f"{torch.get_num_threads()} threads, {accelerator.device}")
+    print(
+        f"model {args.model}: CLIP towers text {text.hidden_size} wide x {text.num_hidden_layers}, image "
+        f"{vision.hidden_size} x {vision.num_hidden_layers} on {vision.image_size} px / {vision.patch_size} px "
+        f"patches; "
+        f"batch {args.batch_size}, text padded to {min(lengths)}-{max(lengths)} tokens as the collator pads; "
+        f"{args.steps} steps x {args.rounds} rounds after {args.warmup_steps} warm-up steps; "
+        f"{torch.get_num_threads()} threads, {accelerator.device}"
+    )
     print_comparison(seconds, args.batch_size, "samples/s", " (target >= 1.0)")
 
 

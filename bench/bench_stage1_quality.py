@@ -26,18 +26,20 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from agriclip.images import open_image
+from agriclip.sources import load_image_text_dataset
 from evaluation.runner import run_suite
 from modeling_agriclip import AgriCLIPConfig
 from modeling_agriclip.tokenizer import build_clip_tokenizer
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training import stage1_contrastive
-from training.data import load_image_text_dataset
 from training.embedded import build_embedded_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="An embedded dataset folder (default: built into a temporary one).")
+    parser.add_argument(
+        "--data", default=None, help="An embedded dataset folder (default: built into a temporary one)."
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=10, help="Passes over the pretraining pairs (the demo's 10).")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -72,15 +74,19 @@ def train_bare_loop(args, data: Path, seed: int, augment: bool) -> tuple[ZeroSho
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     tiny = AgriCLIPConfig.tiny()
-    config = CLIPConfig(text_config=tiny.text_config.to_dict(), vision_config=tiny.vision_config.to_dict(),
-                        projection_dim=tiny.projection_dim)
+    config = CLIPConfig(
+        text_config=tiny.text_config.to_dict(),
+        vision_config=tiny.vision_config.to_dict(),
+        projection_dim=tiny.projection_dim,
+    )
     model = CLIPModel(config).train()
     # CLIP's own processor around the tokenizer AgriCLIP builds (the CLIP BPE, offline): resize, centre crop, CLIP's
     # normalisation.
     size = tiny.vision_config.image_size
-    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
-                                                                    crop_size={"height": size, "width": size}),
-                              tokenizer=build_clip_tokenizer())
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=build_clip_tokenizer(),
+    )
     pairs = load_image_text_dataset(data / "pretrain", split="train")
     images = [open_image(row["path"]) for row in pairs["image"]]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -88,9 +94,12 @@ def train_bare_loop(args, data: Path, seed: int, augment: bool) -> tuple[ZeroSho
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     steps_per_epoch = len(images) // args.batch_size
     total = steps_per_epoch * args.epochs
 
@@ -113,8 +122,12 @@ def train_bare_loop(args, data: Path, seed: int, augment: bool) -> tuple[ZeroSho
                 batch_pixels = bare_crop_and_flip(batch_pixels, tuple(args.crop_scale), generator)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            loss = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=batch_pixels,
-                         return_loss=True).loss
+            loss = model(
+                input_ids=text["input_ids"],
+                attention_mask=text["attention_mask"],
+                pixel_values=batch_pixels,
+                return_loss=True,
+            ).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -128,11 +141,30 @@ def train_bare_loop(args, data: Path, seed: int, augment: bool) -> tuple[ZeroSho
 
 def train_stage1(args, data: Path, seed: int, augment: bool, output: Path) -> tuple[str, float]:
     """Stage 1 as a user runs it; returns the model spec to evaluate and the seconds it took."""
-    flags = ["--model", "tiny", "--train-data", str(data / "pretrain"), "--output-dir", str(output),
-             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-             "--learning-rate", str(args.learning_rate), "--warmup-steps", str(args.warmup_steps),
-             "--weight-decay", str(args.weight_decay), "--seed", str(seed), "--log-with", "none",
-             "--checkpoint-every", "100000"]
+    flags = [
+        "--model",
+        "tiny",
+        "--train-data",
+        str(data / "pretrain"),
+        "--output-dir",
+        str(output),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--weight-decay",
+        str(args.weight_decay),
+        "--seed",
+        str(seed),
+        "--log-with",
+        "none",
+        "--checkpoint-every",
+        "100000",
+    ]
     if augment:
         flags += ["--augment", "--crop-scale", *map(str, args.crop_scale)]
     started = time.perf_counter()
@@ -151,20 +183,28 @@ def main(argv=None) -> None:
             for augment in augments:
                 bare, bare_seconds = train_bare_loop(args, data, seed, augment)
                 spec, stage1_seconds = train_stage1(args, data, seed, augment, scratch / f"stage1-{seed}-{augment}")
-                results = run_suite(data / "suite.yaml", {"bare": bare, "stage1": spec},
-                                    scratch / f"eval-{seed}-{augment}", batch_size=64)
+                results = run_suite(
+                    data / "suite.yaml",
+                    {"bare": bare, "stage1": spec},
+                    scratch / f"eval-{seed}-{augment}",
+                    batch_size=64,
+                )
                 means = {name.split(" ")[0]: value["top1"] * 100 for name, value in results["mean"].items()}
                 for name, value in means.items():
                     scores.setdefault((name, augment), []).append(value)
-                print(f"seed {seed}, augmentation {'on' if augment else 'off'}: bare loop {means['bare']:.1f} "
-                      f"({bare_seconds:.0f} s), stage 1 {means['stage1']:.1f} ({stage1_seconds:.0f} s) mean top-1 %")
+                print(
+                    f"seed {seed}, augmentation {'on' if augment else 'off'}: bare loop {means['bare']:.1f} "
+                    f"({bare_seconds:.0f} s), stage 1 {means['stage1']:.1f} ({stage1_seconds:.0f} s) mean top-1 %"
+                )
         chance = results["chance"]["mean"]["top1"] * 100  # the same suite in every run
         print(f"\nmean zero-shot top-1 % over {len(args.seeds)} seed(s) {args.seeds} (chance {chance:.1f}):")
         for augment in augments:
             bare, ours = scores[("bare", augment)], scores[("stage1", augment)]
             deltas = [o - b for o, b in zip(ours, bare)]
-            print(f"  augmentation {'on ' if augment else 'off'}: bare loop {_mean_sd(bare)}, stage 1 {_mean_sd(ours)}, "
-                  f"stage 1 - bare {_mean_sd(deltas)} points")
+            print(
+                f"  augmentation {'on ' if augment else 'off'}: bare loop {_mean_sd(bare)}, stage 1 {_mean_sd(ours)}, "
+                f"stage 1 - bare {_mean_sd(deltas)} points"
+            )
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -33,6 +33,7 @@ from PIL import Image
 from bench.bench_multicrop import PILMultiCrop, load_average
 from bench.bench_stage1 import alternating_seconds, print_comparison
 from modeling_agriclip import AgriCLIPModel
+from modeling_agriclip.backbones import backbone_family
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.modeling_agriclip import backbone_features
 from training.dino import DINOHead, MultiCropAugmentation, MultiCropWrapper, param_groups_without_decay, update_teacher
@@ -56,7 +57,7 @@ def main() -> None:
     backbone = AgriCLIPModel(config).dino_model.train()
     global_size = config.vision_config.image_size
     local_size = max(8, global_size * 3 // 7)
-    recipe = "resnet" if backbone.config.model_type == "resnet" else "vit"
+    recipe = backbone_family(backbone.config).crop_recipe
     feature_size = backbone_features(backbone.eval(), torch.zeros(1, 3, global_size, global_size)).shape[-1]
     student = MultiCropWrapper(backbone.train(), DINOHead(feature_size, args.out_dim))
     teacher = copy.deepcopy(student).requires_grad_(False)
@@ -67,8 +68,9 @@ def main() -> None:
     dino_loss = DINOLoss(args.out_dim, 2 + args.num_local_crops, num_steps=1).to(accelerator.device)
     checkpoints, position = CheckpointManager(accelerator, "unused-bench-dir"), TrainingPosition()
 
-    augment = MultiCropAugmentation(recipe, args.num_local_crops, global_size, local_size,
-                                    mean=config.dino_image_mean, std=config.dino_image_std).to(accelerator.device)
+    augment = MultiCropAugmentation(
+        recipe, args.num_local_crops, global_size, local_size, mean=config.dino_image_mean, std=config.dino_image_std
+    ).to(accelerator.device)
     pil_augment = PILMultiCrop(recipe, args.num_local_crops, global_size, local_size)
     side = math.ceil(global_size * 8 / 7)  # what stage 2's collator hands the augmentation
     pixels = np.random.default_rng(0).integers(0, 256, (args.steps, args.batch_size, side, side, 3), dtype=np.uint8)
@@ -86,8 +88,16 @@ def main() -> None:
     def dino_step(crops):
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
-        train_step(accelerator, student, optimizer, lambda: dino_loss(student(crops), teacher_output, 0), 5e-4, 3.0,
-                   position, checkpoints)
+        train_step(
+            accelerator,
+            student,
+            optimizer,
+            lambda: dino_loss(student(crops), teacher_output, 0),
+            5e-4,
+            3.0,
+            position,
+            checkpoints,
+        )
         update_teacher(accelerator.unwrap_model(student), teacher, 0.996)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize(accelerator.device)
@@ -95,16 +105,21 @@ def main() -> None:
     steps = {
         "batched multi-crop + step": lambda batch: dino_step(batched_views(batch)),
         "PIL multi-crop + step": lambda batch: dino_step(
-            [view.to(accelerator.device, non_blocking=True) for view in pil_augment(batch["pil"])]),
+            [view.to(accelerator.device, non_blocking=True) for view in pil_augment(batch["pil"])]
+        ),
         "step on ready views": lambda batch: dino_step(batch["views"]),
     }
     for step in steps.values():  # warm-up
         step(batches[0])
-    print(f"preset {args.preset} ({backbone.config.model_type} backbone), batch {args.batch_size} of {side}px images -> "
-          f"2 x {global_size}px + {args.num_local_crops} x {local_size}px views, {args.out_dim} prototypes; "
-          f"{args.steps} steps x {args.rounds} rounds; {torch.get_num_threads()} torch threads, {accelerator.device}")
-    print("references: DINO's per-image PIL multi-crop (bench_multicrop.PILMultiCrop, one thread) feeding the same "
-          "step; the step alone on ready views")
+    print(
+        f"preset {args.preset} ({backbone.config.model_type} backbone), batch {args.batch_size} of {side}px images -> "
+        f"2 x {global_size}px + {args.num_local_crops} x {local_size}px views, {args.out_dim} prototypes; "
+        f"{args.steps} steps x {args.rounds} rounds; {torch.get_num_threads()} torch threads, {accelerator.device}"
+    )
+    print(
+        "references: DINO's per-image PIL multi-crop (bench_multicrop.PILMultiCrop, one thread) feeding the same "
+        "step; the step alone on ready views"
+    )
     print(f"load average (1 / 5 / 15 min) before: {load_average()}")
     seconds = alternating_seconds(steps, batches, args.rounds)
     print(f"load average (1 / 5 / 15 min) after:  {load_average()}")

@@ -3,7 +3,8 @@ retrieval, and reports.
 
 - `evaluation.suite`: the suite's YAML format, the results schema and the command line (``python -m evaluation.suite``);
 - `evaluation.runner`: `run_suite`, the work;
-- `evaluation.metrics`: top-k accuracy, mean per-class accuracy and macro-F1 as local `evaluate` modules;
+- `evaluation.metrics`: `METRICS`, the one table of classification metrics (top-k accuracy, mean per-class
+  accuracy, macro-F1, expected calibration error) that the suite, the report and the card read;
 - `evaluation.linear_probe`: logistic regression on frozen features, k-shot sampling;
 - `evaluation.retrieval`: recall@k in both directions;
 - `evaluation.knn`: DINO's weighted k-NN vote;

@@ -15,15 +15,12 @@ from matplotlib.figure import Figure
 
 from agriclip.atomic import atomic_path
 
-from .metrics import per_class_accuracy
+from .metrics import METRICS, per_class_accuracy
 
 
-ZERO_SHOT_METRICS = {
-    "top1": "Top-1 accuracy",
-    "top5": "Top-5 accuracy",
-    "mean_per_class": "Mean per-class accuracy",
-    "macro_f1": "Macro-F1",
-}
+# Metric key -> title, from the one table of metrics (`evaluation.metrics.METRICS`): a table per metric.
+ZERO_SHOT_METRICS = {key: metric.title for key, metric in METRICS.items()}
+LOWER_IS_BETTER_NOTE = "lower is better"
 RECALL_DIRECTIONS = {"image_to_text": "I→T", "text_to_image": "T→I"}
 # The means a section may have (results schema in `evaluation.suite`), as their columns and plot groups are titled.
 SUMMARY_COLUMNS = {"mean": "Mean", "mean_fine_grained": "Fine-grained mean"}
@@ -38,6 +35,13 @@ MAX_LISTED_FILES = 10
 # Confusion-matrix panels per row: one per model, wrapped so many models stay legible.
 CONFUSION_COLUMNS = 3
 PLOT_DPI = 120
+
+
+def metric_heading(metric: str) -> str:
+    """The title of a metric's table: its title, and "(lower is better)" for an error such as ECE."""
+    known = METRICS.get(metric)
+    title = ZERO_SHOT_METRICS.get(metric, metric)
+    return title if known is None or known.higher_is_better else f"{title} ({LOWER_IS_BETTER_NOTE})"
 
 
 def _percent(value) -> str:
@@ -166,7 +170,9 @@ def _retrieval_table(results: dict, dataset: str) -> str:
 def _fine_grained_datasets(results: dict) -> list[str]:
     """The classification datasets the suite marks fine-grained, by display name."""
     info = results.get("dataset_info", {})
-    return [_display_name(results, dataset) for dataset in results["datasets"] if info.get(dataset, {}).get("fine_grained")]
+    return [
+        _display_name(results, dataset) for dataset in results["datasets"] if info.get(dataset, {}).get("fine_grained")
+    ]
 
 
 def table_legend(results: dict) -> str:
@@ -192,7 +198,9 @@ def mean_summary(results: dict, model: str, metric: str = "top1") -> str:
         else:
             tasks = f"the {record['n_datasets']} tasks" if record.get("n_datasets") else "all tasks"
         chance = ((results.get("chance") or {}).get(key) or {}).get(metric)
-        clauses.append(f"{_percent(record[metric])} % over {tasks}" + ("" if chance is None else f" (chance {_percent(chance)} %)"))
+        clauses.append(
+            f"{_percent(record[metric])} % over {tasks}" + ("" if chance is None else f" (chance {_percent(chance)} %)")
+        )
     if not clauses:
         return ""
     return f"{model}: mean {ZERO_SHOT_METRICS.get(metric, metric).lower()} " + "; ".join(clauses) + "."
@@ -204,8 +212,10 @@ def render_markdown_report(results: dict) -> str:
     parts = ["# Evaluation results", "All numbers are percentages."]
     if results.get("datasets"):
         parts += [legend for legend in (table_legend(results),) if legend] + ["## Zero-shot classification"]
-        for metric, title in ZERO_SHOT_METRICS.items():
-            parts += [f"### {title}", render_markdown_table(results, metric)]
+        recorded = {key for models in results["datasets"].values() for record in models.values() for key in record}
+        # A metric no record has (results saved before it was in `evaluation.metrics.METRICS`) gets no table.
+        for metric in (key for key in ZERO_SHOT_METRICS if key in recorded):
+            parts += [f"### {metric_heading(metric)}", render_markdown_table(results, metric)]
         parts += ["### Per-class accuracy", "The share of each class's images predicted as that class (its recall)."]
         for dataset in results["datasets"]:
             parts += [f"#### {_display_name(results, dataset)}", _per_class_table(results, dataset)]
@@ -244,14 +254,24 @@ def grouped_bars_figure(results: dict, metric: str = "top1") -> Figure:
     for index, model in enumerate(models):
         values = [100 * (record.get(model, {}).get(metric) or 0.0) for record in records]
         axes.bar(positions + (index - (len(models) - 1) / 2) * width, values, width, label=model)
-    chance = [(position, 100 * value) for position, value in zip(positions, _chance_values(results, results, metric))
-              if value is not None]
+    chance = [
+        (position, 100 * value)
+        for position, value in zip(positions, _chance_values(results, results, metric))
+        if value is not None
+    ]
     if chance:
         at, levels = zip(*chance)
-        axes.hlines(levels, np.subtract(at, 0.45), np.add(at, 0.45), colors="black", linestyles="dashed",
-                    linewidth=1.2, label=CHANCE_LABEL)
+        axes.hlines(
+            levels,
+            np.subtract(at, 0.45),
+            np.add(at, 0.45),
+            colors="black",
+            linestyles="dashed",
+            linewidth=1.2,
+            label=CHANCE_LABEL,
+        )
     axes.set_xticks(positions, groups, rotation=30, ha="right")
-    axes.set_ylabel(f"{ZERO_SHOT_METRICS.get(metric, metric)} (%)")
+    axes.set_ylabel(f"{metric_heading(metric)} (%)")
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
     axes.grid(axis="y", alpha=0.3)
@@ -286,7 +306,9 @@ def confusion_matrix_figure(results: dict, dataset: str) -> Figure:
         axes.set_title(f"{model}: top-1 {_percent(record['top1'])}%", fontsize="medium")
     figure.colorbar(image, ax=list(panels[: len(per_model)]), shrink=0.8, label="Fraction of the true class")
     chance = (results["dataset_info"][dataset].get("chance") or {}).get("top1")
-    figure.suptitle(_display_name(results, dataset) + ("" if chance is None else f" (chance top-1 {_percent(chance)}%)"))
+    figure.suptitle(
+        _display_name(results, dataset) + ("" if chance is None else f" (chance top-1 {_percent(chance)}%)")
+    )
     return figure
 
 

@@ -13,14 +13,22 @@ import torch
 from tqdm.auto import tqdm
 
 from agriclip.images import DecodeStats, decode_rows
+from agriclip.sources import load_image_text_dataset, load_labelled_dataset
 from agriclip.templates import fill_templates
 from modeling_agriclip.commands import hide_weight_loading_bars
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from training.data import load_image_text_dataset, load_labelled_dataset
 
 from .linear_probe import k_shot_probe, stratified_split
 from .linear_probe import linear_probe as fit_linear_probe
-from .metrics import CHANCE_KEYS, chance_levels, check_finite, classification_metrics, confusion_matrix
+from .metrics import (
+    CHANCE_KEYS,
+    HEADLINE_KEYS,
+    METRIC_KEYS,
+    chance_levels,
+    check_finite,
+    classification_metrics,
+    confusion_matrix,
+)
 from .report import model_names, write_report
 from .retrieval import group_captions, retrieval_recall
 from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config, parse_embedding
@@ -28,7 +36,10 @@ from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config, par
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT_KEYS = ("top1", "top5", "mean_per_class", "macro_f1")
+# Every metric of the table `evaluation.metrics.METRICS`, per dataset and in the means.
+ZERO_SHOT_KEYS = METRIC_KEYS
+# The k-shot results keep the headline metrics, and the spread over seeds of the first.
+FEW_SHOT_KEYS = HEADLINE_KEYS
 # The linear probe's test half when a dataset has no train split: CLIP-style probes need disjoint data.
 PROBE_TEST_FRACTION = 0.5
 
@@ -50,7 +61,8 @@ def load_classifiers(
             spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
             base = ZeroShotClassifier.from_pretrained(spec.path, batch_size=batch_size, device=device)
             variants = [
-                (name, base, spec.path) if embedding is None
+                (name, base, spec.path)
+                if embedding is None
                 else (f"{name} ({embedding})", base.with_embedding(*parse_embedding(embedding)), spec.path)
                 for embedding in spec.embeddings
             ]
@@ -259,25 +271,25 @@ def _few_shot(spec: DatasetSpec, data: ProbeData, classifiers, k_shots: Sequence
                 source = f"the {k}-shot probe (seed {seed}) of {_scored_by(name, classifier, spec.name)}"
                 check_finite(scores, source, "images")
                 runs.append(classification_metrics(scores, data.test_labels, data.num_classes))
-            top1 = [run["top1"] for run in runs]
-            records[name][str(k)] = {
-                "top1": statistics.fmean(top1),
-                "top1_std": statistics.pstdev(top1),
-                "mean_per_class": statistics.fmean(run["mean_per_class"] for run in runs),
-                "n_seeds": len(runs),
-            }
+            record = {}
+            for key in FEW_SHOT_KEYS:
+                values = [run[key] for run in runs]
+                record[key] = statistics.fmean(values)
+                if key == FEW_SHOT_KEYS[0]:
+                    record[f"{key}_std"] = statistics.pstdev(values)
+            records[name][str(k)] = {**record, "n_seeds": len(runs)}
     return records
 
 
 def _few_shot_means(few_shot_results: dict, k_shots: Sequence[int]) -> dict:
-    """Per model and k, the mean over datasets of the k-shot top-1 and mean per-class accuracy."""
+    """Per model and k, the mean over datasets of each k-shot metric (`FEW_SHOT_KEYS`)."""
     means = {}
     for k in k_shots:
         per_dataset = {
             dataset: {model: by_k[str(k)] for model, by_k in models.items()}
             for dataset, models in few_shot_results.items()
         }
-        for model, record in _mean_over_datasets(per_dataset, ("top1", "mean_per_class")).items():
+        for model, record in _mean_over_datasets(per_dataset, FEW_SHOT_KEYS).items():
             means.setdefault(model, {})[str(k)] = record
     return means
 
@@ -287,10 +299,11 @@ def _few_shot_chance(few_shot_results: dict, dataset_info: Mapping[str, Mapping]
     chance = {}
     for k in k_shots:
         datasets = [
-            dataset for dataset, models in few_shot_results.items()
+            dataset
+            for dataset, models in few_shot_results.items()
             if any(by_k[str(k)] is not None for by_k in models.values())
         ]
-        chance[str(k)] = _chance_of_mean(datasets, dataset_info, ("top1", "mean_per_class"))
+        chance[str(k)] = _chance_of_mean(datasets, dataset_info, FEW_SHOT_KEYS)
     return chance
 
 

@@ -27,7 +27,7 @@ Suite YAML (paths are relative to the YAML file)::
         fine_grained: true                     # optional (default: false): counted in the fine-grained mean
     retrieval:                                 # image-text retrieval, optional
       - name: captions
-        path: downstream/captions              # anything training.data.load_image_text_dataset reads
+        path: downstream/captions              # anything agriclip.sources.load_image_text_dataset reads
         split: test                            # optional
 
 Models: ``NAME=PATH`` loads an AgriCLIP folder (its configured image embedding) or a plain transformers
@@ -43,15 +43,16 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
       "datasets": {DATASET: {MODEL: {
           "top1": float, "top5": float | null (null with 5 classes or fewer),
           "mean_per_class": float (over classes that have images), "macro_f1": float,
+          "ece": float (expected calibration error, lower is better),   # a key per `evaluation.metrics.METRICS` row
           "n_images": int (images scored), "n_skipped": int (unreadable images skipped),
           "skipped_files": [str], "empty_classes": [str] (dataset class names without images),
           "confusion_matrix": [[int]] (rows: true class, columns: predicted class)}}},
-      "mean": {MODEL: {"top1", "top5" (over datasets that have it), "mean_per_class", "macro_f1",
+      "mean": {MODEL: {"top1", "top5" (over datasets that have it), "mean_per_class", "macro_f1", "ece",
                        "n_datasets"}},                       # unweighted mean over datasets
       "mean_fine_grained": {MODEL: {...}},   # as "mean", over the `fine_grained` datasets; only when there are some
       "chance": {"mean": {"top1", "top5", "mean_per_class", "n_datasets"},
                  "mean_fine_grained": {...}},               # the chance levels of those means
-      "linear_probe": {"datasets": {DATASET: {MODEL: {"top1", "top5", "mean_per_class", "macro_f1",
+      "linear_probe": {"datasets": {DATASET: {MODEL: {"top1", "top5", "mean_per_class", "macro_f1", "ece",
                         "l2", "val_top1", "n_train", "n_test"}}}, "mean": {MODEL: {...}},
                        "mean_fine_grained": {MODEL: {...}}, "chance": {...}},   # with --linear-probe
       "few_shot": {"datasets": {DATASET: {MODEL: {K: {"top1", "top1_std", "mean_per_class", "n_seeds"} | null}}},
@@ -270,7 +271,9 @@ def parse_model_argument(argument: str) -> tuple[str, ModelSpec]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.suite", description=__doc__, epilog=SCRIPT_EXIT_CODES,
+        prog="python -m evaluation.suite",
+        description=__doc__,
+        epilog=SCRIPT_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -47,11 +47,12 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from agriclip.atomic import atomic_path
 from agriclip.errors import CLIError, ExitCode
 from agriclip.files import parameter_counts
-
-from evaluation.report import ZERO_SHOT_METRICS, mean_summary, render_markdown_table, table_legend
+from evaluation.metrics import HEADLINE_KEYS, METRICS
+from evaluation.report import ZERO_SHOT_METRICS, mean_summary, metric_heading, render_markdown_table, table_legend
 from modeling_agriclip import AgriCLIPConfig
 from modeling_agriclip.convert import names_random_weights
-from training.lora import default_target_modules
+from modeling_agriclip.lora_targets import default_target_modules
+
 
 MODEL_TEMPLATE = Path(__file__).with_name("template.md")
 DATASET_TEMPLATE = Path(__file__).with_name("dataset_template.md")
@@ -78,16 +79,17 @@ STAGE_TITLES = {
     "stage3_align": "Stage 3: cross-model alignment",
 }
 # Flags that describe the machine a run used, not the recipe: left out of the card.
-MACHINE_FLAGS = frozenset({"output_dir", "resume", "config", "log_with", "num_workers", "checkpoint_every", "keep_checkpoints"})
+MACHINE_FLAGS = frozenset(
+    {"output_dir", "resume", "config", "log_with", "num_workers", "checkpoint_every", "keep_checkpoints"}
+)
 # Flag names that may hold credentials: never written into a card, whatever their value.
 SECRET_WORDS = ("token", "secret", "password")
 
-# Zero-shot metrics of the evaluation JSON -> Hub metric id and its arguments in `model-index`.
+# Zero-shot metrics of the evaluation JSON -> Hub metric id and its arguments in `model-index`, from the one table of
+# metrics (`evaluation.metrics.METRICS`).
 METRIC_TYPES = {
-    "top1": ("accuracy", None),
-    "top5": ("top_k_accuracy", {"k": 5}),
-    "mean_per_class": ("mean_per_class_accuracy", None),
-    "macro_f1": ("f1", {"average": "macro"}),
+    key: (metric.hub_type, None if metric.hub_args is None else dict(metric.hub_args))
+    for key, metric in METRICS.items()
 }
 
 # The image tower(s) behind each image embedding, which LoRA adapts for a farm's own photos (training.lora_finetune).
@@ -164,11 +166,14 @@ def select_eval_model(results: Mapping, config: AgriCLIPConfig, checkpoint_dir: 
     own image embedding, preferring one loaded from `checkpoint_dir` when several match."""
     models = results.get("models") or {}
     candidates = [
-        name for name, info in models.items()
+        name
+        for name, info in models.items()
         if info.get("model_type") == config.model_type and info.get("embedding") == config.image_embedding
     ]
     here = Path(checkpoint_dir).resolve()
-    from_here = [name for name in candidates if models[name].get("path") and Path(models[name]["path"]).resolve() == here]
+    from_here = [
+        name for name in candidates if models[name].get("path") and Path(models[name]["path"]).resolve() == here
+    ]
     if len(from_here) == 1 or len(candidates) == 1:
         return (from_here or candidates)[0]
     raise ValueError(
@@ -226,8 +231,10 @@ def baseline_notes(results: Mapping, baselines: Mapping[str, str]) -> list[str]:
 ALIGNMENT_DESCRIPTIONS = {
     "image-mse": "by minimising the mean squared error to the CLIP image embedding of each image (the paper's objective)",
     "text-mse": "by least squares onto the CLIP text embeddings of each image's captions (their normalised mean)",
-    "contrastive": ("by image-to-text InfoNCE against the CLIP text embeddings of each image's captions, started from the "
-                    "least-squares solution onto them"),
+    "contrastive": (
+        "by image-to-text InfoNCE against the CLIP text embeddings of each image's captions, started from the "
+        "least-squares solution onto them"
+    ),
 }
 
 
@@ -263,10 +270,16 @@ def build_model_card(
         results = load_eval_results(eval_results)
         eval_model = eval_model or select_eval_model(results, config, checkpoint_dir)
         eval_entries = model_index_results(results, eval_model)
-        eval_tables = [(ZERO_SHOT_METRICS[key], render_markdown_table(results, key)) for key in ("top1", "mean_per_class")]
-        eval_notes = [note for note in (mean_summary(results, eval_model),
-                                        *baseline_notes(results, training_info.get("baselines") or {}),
-                                        table_legend(results)) if note]
+        eval_tables = [(metric_heading(key), render_markdown_table(results, key)) for key in HEADLINE_KEYS]
+        eval_notes = [
+            note
+            for note in (
+                mean_summary(results, eval_model),
+                *baseline_notes(results, training_info.get("baselines") or {}),
+                table_legend(results),
+            )
+            if note
+        ]
 
     card_data = ModelCardData(
         model_name=model_name,
@@ -338,8 +351,14 @@ def numbers_note(training_info: Mapping) -> str | None:
         )
     elif data.get("name"):
         sentences.append(f"It was trained on **{data['name']}**.")
-    reasons = [reason for reason, applies in (("random initial weights", initialisation.get("random")),
-                                              ("synthetic training images", data.get("synthetic"))) if applies]
+    reasons = [
+        reason
+        for reason, applies in (
+            ("random initial weights", initialisation.get("random")),
+            ("synthetic training images", data.get("synthetic")),
+        )
+        if applies
+    ]
     if reasons:
         sentences.append(
             f"With {' and '.join(reasons)}, its accuracies demonstrate that the pipeline works, not the paper's result"
@@ -370,13 +389,18 @@ def _architecture(config: AgriCLIPConfig, checkpoint_dir: Path) -> list[tuple[st
     if hasattr(backbone, "hidden_sizes"):
         backbone_shape = f"stages of depth {list(backbone.depths)}, widths {list(backbone.hidden_sizes)}"
     else:
-        backbone_shape = f"{backbone.num_hidden_layers} layers, width {backbone.hidden_size}, patch {backbone.patch_size}"
+        backbone_shape = (
+            f"{backbone.num_hidden_layers} layers, width {backbone.hidden_size}, patch {backbone.patch_size}"
+        )
 
     def millions(*parts: str) -> str:
         return f"{sum(counts[part] for part in parts) / 1e6:.2f} M parameters"
 
     return [
-        ("Text encoder (CLIP)", f"{text.num_hidden_layers} layers, width {text.hidden_size}; {millions('text_model', 'text_projection')}"),
+        (
+            "Text encoder (CLIP)",
+            f"{text.num_hidden_layers} layers, width {text.hidden_size}; {millions('text_model', 'text_projection')}",
+        ),
         (
             "CLIP image encoder (stage 1)",
             f"ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}, "
@@ -384,7 +408,10 @@ def _architecture(config: AgriCLIPConfig, checkpoint_dir: Path) -> list[tuple[st
         ),
         (f"Backbone (stage 2, `{backbone.model_type}`)", f"{backbone_shape}; {millions('dino_model')}"),
         ("Aligner (stage 3)", f"linear {config.backbone_hidden_size} → {config.projection_dim}, with bias"),
-        ("Embedding space", f"{config.projection_dim} dimensions; {sum(counts.values()) / 1e6:.2f} M parameters in all"),
+        (
+            "Embedding space",
+            f"{config.projection_dim} dimensions; {sum(counts.values()) / 1e6:.2f} M parameters in all",
+        ),
     ]
 
 
@@ -464,7 +491,9 @@ def describe_caption_data(dataset_dir: str | Path, name: str | None = None) -> d
                 continue
             row = json.loads(line)
             splits[split] += 1
-            source = sources.setdefault(row.get("source", "-"), {"pairs": 0, "labels": set(), "example": row.get("caption", "")})
+            source = sources.setdefault(
+                row.get("source", "-"), {"pairs": 0, "labels": set(), "example": row.get("caption", "")}
+            )
             source["pairs"] += 1
             source["labels"].add(row.get("label"))
     return {
@@ -519,7 +548,9 @@ def build_dataset_card(
         configs=[
             {
                 "config_name": "default",
-                "data_files": [{"split": split, "path": f"{folder}/**"} for split, folder in summary["split_folders"].items()],
+                "data_files": [
+                    {"split": split, "path": f"{folder}/**"} for split, folder in summary["split_folders"].items()
+                ],
             }
         ],
     )
@@ -535,7 +566,10 @@ def build_dataset_card(
         pretty_name=name,
         description=description or f"{name}: image-caption pairs for agriculture, livestock and fisheries.",
         total=total,
-        splits=[{"name": split, "rows": rows, "folder": summary["split_folders"][split]} for split, rows in summary["splits"].items()],
+        splits=[
+            {"name": split, "rows": rows, "folder": summary["split_folders"][split]}
+            for split, rows in summary["splits"].items()
+        ],
         sources=summary["sources"],
         build_notes=build_notes,
         repo=repo_id or REPO_PLACEHOLDER,
@@ -579,7 +613,10 @@ def run(args) -> int:
     try:
         if args.dataset:
             path = write_dataset_card(
-                args.folder, repo_id=args.repo_id, pretty_name=args.pretty_name, description=args.description,
+                args.folder,
+                repo_id=args.repo_id,
+                pretty_name=args.pretty_name,
+                description=args.description,
                 license=args.license,
             )
         else:

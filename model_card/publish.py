@@ -92,6 +92,7 @@ from modeling_agriclip.commands import hide_weight_loading_bars
 
 from .card import CARD_NAME, TASK, find_caption_splits
 
+
 logger = logging.getLogger(__name__)
 
 SAVE_PROCESSOR = "save the processor with processor.save_pretrained(folder)"
@@ -106,9 +107,13 @@ CHECKPOINT_FILES = {
 EVAL_RESULTS = "eval_results.json"
 # Uploaded where present: the other processor and tokenizer files transformers may save, and the evaluation results.
 CHECKPOINT_EXTRAS = (
-    IMAGE_PROCESSOR_NAME, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE,
+    IMAGE_PROCESSOR_NAME,
+    SPECIAL_TOKENS_MAP_FILE,
+    ADDED_TOKENS_FILE,
     *sorted(set(VOCAB_FILES_NAMES.values()) - {FULL_TOKENIZER_FILE}),  # vocab.json, merges.txt
-    CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE, EVAL_RESULTS,
+    CHAT_TEMPLATE_FILE,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    EVAL_RESULTS,
 )
 CHAT_TEMPLATES = re.compile(rf"{re.escape(CHAT_TEMPLATE_DIR)}/[^/]+\.jinja")
 # The saved configs whose `auto_map` may name custom-code files.
@@ -126,10 +131,14 @@ DATASET_COPIES = re.compile(
 # PEFT write), and how to make the card.
 CARD_RULES = {
     "checkpoint": (
-        ModelCard, ("license", "library_name", "pipeline_tag"), "write the card with `agriclip card FOLDER`"
+        ModelCard,
+        ("license", "library_name", "pipeline_tag"),
+        "write the card with `agriclip card FOLDER`",
     ),
     "LoRA adapter": (
-        ModelCard, ("library_name",), "save the adapter with peft_model.save_pretrained(folder), which writes it"
+        ModelCard,
+        ("library_name",),
+        "save the adapter with peft_model.save_pretrained(folder), which writes it",
     ),
     "dataset": (DatasetCard, ("license",), "write the card with `agriclip card FOLDER --dataset`"),
 }
@@ -217,7 +226,9 @@ def plan_upload(folder: str | Path, dataset: bool = False) -> UploadPlan:
 
 
 def _checkpoint_files(root: Path, entries: list[str]) -> tuple[list[str], list[str]]:
-    problems = [f"{name} is missing ({hint})" for name, hint in CHECKPOINT_FILES.items() if not os.path.lexists(root / name)]
+    problems = [
+        f"{name} is missing ({hint})" for name, hint in CHECKPOINT_FILES.items() if not os.path.lexists(root / name)
+    ]
     names = [name for name in (*CHECKPOINT_FILES, *CHECKPOINT_EXTRAS) if os.path.lexists(root / name)]
     names += [name for name in entries if CHAT_TEMPLATES.fullmatch(name)]
     weights, weight_problems = _weight_files(root)
@@ -250,7 +261,12 @@ def _custom_code_files(root: Path) -> tuple[list[str], list[str]]:
         except (ValueError, AttributeError) as error:
             problems.append(f"{config_name} does not load: it is not valid JSON ({error})")
             continue
-        references = [ref for value in auto_map.values() for ref in (value if isinstance(value, (list, tuple)) else [value]) if ref]
+        references = [
+            ref
+            for value in auto_map.values()
+            for ref in (value if isinstance(value, (list, tuple)) else [value])
+            if ref
+        ]
         for module in sorted({str(reference).split(".")[0] for reference in references}):
             if not module.isidentifier():  # e.g. "org/repo--module": code from another repo
                 problems.append(
@@ -278,7 +294,8 @@ def _custom_code_files(root: Path) -> tuple[list[str], list[str]]:
             continue
         files.append(name)
         pending += [
-            (f"{module}.py", f"{name} imports {module}.py, which is missing (save the model and processor again)") for module in imported
+            (f"{module}.py", f"{name} imports {module}.py, which is missing (save the model and processor again)")
+            for module in imported
         ]
     return files, problems
 
@@ -446,7 +463,9 @@ def validate_checkpoint(folder: str | Path, trust_remote_code: bool = False) -> 
     try:
         processor = AgriCLIPProcessor.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:
-        problems.append(f"the processor ({PROCESSOR_NAME}, {TOKENIZER_CONFIG_FILE}, {FULL_TOKENIZER_FILE}) does not load: {_oneline(error)}")
+        problems.append(
+            f"the processor ({PROCESSOR_NAME}, {TOKENIZER_CONFIG_FILE}, {FULL_TOKENIZER_FILE}) does not load: {_oneline(error)}"
+        )
     try:
         # Mismatched shapes are reported with the missing and unexpected keys rather than raised on their own.
         model, loading = AgriCLIPModel.from_pretrained(
@@ -455,13 +474,17 @@ def validate_checkpoint(folder: str | Path, trust_remote_code: bool = False) -> 
         for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             if loading[kind]:
                 keys = sorted(str(key) for key in loading[kind])
-                problems.append(f"the weights do not match the config: {len(keys)} {kind.replace('_', ' ')}, e.g. {keys[:3]}")
+                problems.append(
+                    f"the weights do not match the config: {len(keys)} {kind.replace('_', ' ')}, e.g. {keys[:3]}"
+                )
     except Exception as error:
         problems.append(f"the model does not load from its weights: {_oneline(error)}")
     if problems:
         return problems
     if ZERO_SHOT_AUTO_CLASS not in _auto_map(folder / CONFIG_NAME):
-        return [f"{CONFIG_NAME} auto_map lacks {ZERO_SHOT_AUTO_CLASS}: pipeline(..., trust_remote_code=True) cannot load it"]
+        return [
+            f"{CONFIG_NAME} auto_map lacks {ZERO_SHOT_AUTO_CLASS}: pipeline(..., trust_remote_code=True) cannot load it"
+        ]
     image = sample_image(config)
     inputs = processor(text=list(SAMPLE_LABELS), images=[image], return_tensors="pt")
     with torch.no_grad():
@@ -546,16 +569,23 @@ def _custom_code_problems(folder: Path, plan: UploadPlan, trust_remote_code: boo
     code = [name for name in plan.files if name.endswith(".py")]  # in a checkpoint's allow-list only custom code is
     problems = [
         f"{name} imports {PACKAGE}, which people loading with trust_remote_code do not have"
-        for name in code if PACKAGE in get_imports(root / name)
+        for name in code
+        if PACKAGE in get_imports(root / name)
     ]
     for name in code:
         installed = PACKAGE_DIR / name
         if installed.is_file() and installed.read_bytes() == (root / name).read_bytes():
             continue
         if trust_remote_code:
-            logger.warning("%s is not the installed package's file; running it to compare, as --trust-remote-code asks", name)
+            logger.warning(
+                "%s is not the installed package's file; running it to compare, as --trust-remote-code asks", name
+            )
             continue
-        what = f"differs from the installed package's ({installed})" if installed.is_file() else f"is no file of the installed package {PACKAGE}"
+        what = (
+            f"differs from the installed package's ({installed})"
+            if installed.is_file()
+            else f"is no file of the installed package {PACKAGE}"
+        )
         problems.append(f"{name} {what}; save the model again, or pass --trust-remote-code to run and compare it")
     return problems
 
@@ -588,14 +618,22 @@ def _remote_code_problems(folder: Path, image: Image.Image, inputs, logits: torc
         except Exception as error:
             return [f"the custom-code files do not load the processor ({processor_reference}): {_oneline(error)}"]
         absent = torch.empty(0)
-        differing = sorted(key for key in {*inputs, *remote_inputs} if not torch.equal(inputs.get(key, absent), remote_inputs.get(key, absent)))
+        differing = sorted(
+            key
+            for key in {*inputs, *remote_inputs}
+            if not torch.equal(inputs.get(key, absent), remote_inputs.get(key, absent))
+        )
         if differing:
-            problems.append(f"the custom-code processor gives other inputs ({differing}) than the installed package; save the processor again")
+            problems.append(
+                f"the custom-code processor gives other inputs ({differing}) than the installed package; save the processor again"
+            )
     reference = _auto_map(folder / CONFIG_NAME)[ZERO_SHOT_AUTO_CLASS]
     try:
         remote_class = get_class_from_dynamic_module(reference, str(folder))
         with torch.no_grad():
-            remote_logits = remote_class.from_pretrained(folder, trust_remote_code=False).eval()(**inputs).logits_per_image
+            remote_logits = (
+                remote_class.from_pretrained(folder, trust_remote_code=False).eval()(**inputs).logits_per_image
+            )
     except Exception as error:
         return problems + [f"the custom-code files do not load the model ({reference}): {_oneline(error)}"]
     difference = (remote_logits - logits).abs().max().item()
@@ -671,16 +709,22 @@ def publish(
     # Without --private the Hub's default applies (an organisation may make new repos private).
     api.create_repo(repo_id, repo_type=repo_type, private=private or None, exist_ok=True)
     if private and not api.repo_info(repo_id, repo_type=repo_type).private:
-        raise PublishError(folder, [f"{repo_id} already exists and is public; make it private on the Hub first, or publish without --private"])
+        raise PublishError(
+            folder,
+            [f"{repo_id} already exists and is public; make it private on the Hub first, or publish without --private"],
+        )
     if revision:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    logger.info("uploading %d file(s) of %s; left out: %s", len(plan.files), folder, ", ".join(plan.left_out) or "nothing")
+    logger.info(
+        "uploading %d file(s) of %s; left out: %s", len(plan.files), folder, ", ".join(plan.left_out) or "nothing"
+    )
     commit = api.create_commit(
         repo_id,
         [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in plan.files],
         repo_type=repo_type,
         revision=revision,
-        commit_message=commit_message or f"Upload {'dataset' if dataset else 'AgriCLIP checkpoint'} {folder.resolve().name}",
+        commit_message=commit_message
+        or f"Upload {'dataset' if dataset else 'AgriCLIP checkpoint'} {folder.resolve().name}",
     )
     logger.info("published %s to %s (commit %s)", folder, repo_id, commit.oid)
     return commit
@@ -692,8 +736,14 @@ def run(args) -> int:
     hide_weight_loading_bars()
     try:
         result = publish(
-            args.folder, args.repo_id, dataset=args.dataset, revision=args.revision, private=args.private,
-            commit_message=args.commit_message, dry_run=args.dry_run, trust_remote_code=args.trust_remote_code,
+            args.folder,
+            args.repo_id,
+            dataset=args.dataset,
+            revision=args.revision,
+            private=args.private,
+            commit_message=args.commit_message,
+            dry_run=args.dry_run,
+            trust_remote_code=args.trust_remote_code,
         )
     except PublishError as error:
         raise CLIError(ExitCode.INPUT, str(error)) from error

@@ -14,6 +14,7 @@ from .modeling_agriclip import AgriCLIPModel, AgriCLIPOutput, AgriCLIPPreTrained
 from .processing_agriclip import AgriCLIPProcessor
 from .zero_shot import ZeroShotClassifier
 
+
 AutoConfig.register(AgriCLIPConfig.model_type, AgriCLIPConfig)
 AutoModel.register(AgriCLIPConfig, AgriCLIPModel)
 # The pipeline loads through this class: registering AutoModel alone is not enough.

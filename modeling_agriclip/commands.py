@@ -164,6 +164,7 @@ def _check_model_path(model: str) -> None:
 def hide_weight_loading_bars() -> None:
     """Hides transformers' "Loading weights" bar, one per model load, which clutters a command's output; download
     bars of Hub files stay."""
+
     def factory(make, args, kwargs):
         if kwargs.get("desc") == "Loading weights":
             kwargs = {**kwargs, "disable": True}
@@ -348,10 +349,13 @@ def format_table(result: Classification) -> str:
     def padding(text: str, column: int) -> str:
         return " " * (widths[column] - display_width(text))
 
-    return "\n".join(
-        f"{row[0]}{padding(row[0], 0)}  {padding(row[1], 1)}{row[1]}  {row[2]}{padding(row[2], 2)}  {row[3]}".rstrip()
-        for row in rows
-    ) + "\n"
+    return (
+        "\n".join(
+            f"{row[0]}{padding(row[0], 0)}  {padding(row[1], 1)}{row[1]}  {row[2]}{padding(row[2], 2)}  {row[3]}".rstrip()
+            for row in rows
+        )
+        + "\n"
+    )
 
 
 def format_csv(result: Classification, skipped: Sequence[tuple[str, str]]) -> str:
@@ -427,7 +431,10 @@ def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classificati
     _require_readable(result.stats)  # names the skipped files itself: the warning would name them twice
     _report_skipped(result.stats)
     header = {
-        "model": args.model, "embedding": embedding_name(classifier), "labels": class_names, "templates": templates
+        "model": args.model,
+        "embedding": embedding_name(classifier),
+        "labels": class_names,
+        "templates": templates,
     }
     return result, files, header
 

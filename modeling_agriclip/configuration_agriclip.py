@@ -1,6 +1,6 @@
 """AgriCLIP model configuration.
 
-Hub custom code: imports only ``transformers`` (and ``huggingface_hub`` through it), so that
+Hub custom code: imports only ``transformers`` (and ``huggingface_hub`` through it) and its sibling ``backbones``, so that
 ``trust_remote_code=True`` works for people who never installed the package.
 """
 
@@ -9,9 +9,16 @@ from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTraine
 from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .backbones import backbone_family
+
+
 IMAGE_EMBEDDINGS = ("aligned", "clip", "fused")
 # What stage 3 fitted the aligner to (`training.aligner.ALIGNMENT_OBJECTIVES`, which a test checks against this).
 ALIGNMENT_OBJECTIVES = ("image-mse", "text-mse", "contrastive")
+# How stage 1 trained the towers, and so how their logits read: "infonce" (CLIP's softmax over the batch, no bias) or
+# "siglip" (SigLIP's per-pair sigmoid with `logit_bias`). Each names an entry of `training.loss_table.CONTRASTIVE_LOSSES`
+# whose class records it (a test checks both ways); other losses of that table record one of these.
+CONTRASTIVE_LOSSES = ("infonce", "siglip")
 SUB_CONFIGS = ("text_config", "vision_config", "dino_config")
 
 # The CLIP BPE tokenizer's special tokens (modeling_agriclip.tokenizer); CLIPTextConfig's own pad default (1) differs.
@@ -32,12 +39,22 @@ class AgriCLIPConfig(PreTrainedConfig):
         vision_config (`dict` or `CLIPVisionConfig`):
             The CLIP image tower. Its `image_size` is the processor's crop size.
         dino_config (`dict` or `PreTrainedConfig`):
-            The stage-2 backbone: any transformers vision model resolved from `model_type` (`vit` and `dinov2` for
-            DINO ViT weights, `resnet` for the paper's DINO ResNet-50).
+            The stage-2 backbone: a transformers vision model of a supported family, resolved from `model_type`
+            (`vit` and `dinov2` for DINO ViT weights, `resnet` for the paper's DINO ResNet-50, `convnext`; the
+            families are `backbones.BACKBONE_FAMILIES`, and another model type fails here, listing them).
         projection_dim (`int`, defaults to 512):
             Dimension of the shared image-text embedding space.
         logit_scale_init_value (`float`, defaults to 2.6592):
             Initial log temperature (ln(1/0.07), as CLIP).
+        logit_bias_init_value (`float`, defaults to -10.0):
+            Initial `logit_bias`, the learnable bias b of SigLIP's sigmoid loss (Zhai et al. 2023 initialise it at
+            -10). Every model holds the parameter; only a `contrastive_loss="siglip"` model adds it to its logits. A
+            checkpoint saved before the parameter existed loads with it set to this value.
+        contrastive_loss (`str`, defaults to `"infonce"`):
+            The objective stage 1 trained the CLIP towers with, which says how their logits read: `"infonce"`
+            (CLIP's symmetric softmax cross-entropy; logits are `exp(logit_scale) * cos`, probabilities a softmax over
+            the candidate texts) or `"siglip"` (SigLIP's pairwise sigmoid loss; logits are
+            `exp(logit_scale) * cos + logit_bias`, each a log-odds of its own, probabilities per-label sigmoids).
         image_embedding (`str`, defaults to `"aligned"`):
             Which image embedding zero-shot classification compares with text: `"aligned"` (backbone features through
             the aligner, the paper's AgriCLIP), `"clip"` (the CLIP image tower, stage 1 alone) or `"fused"`
@@ -71,6 +88,8 @@ class AgriCLIPConfig(PreTrainedConfig):
     dino_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
+    logit_bias_init_value: float = -10.0
+    contrastive_loss: str = "infonce"
     image_embedding: str = "aligned"
     fusion_weight: float = 0.5
     alignment_objective: str = "image-mse"
@@ -91,7 +110,10 @@ class AgriCLIPConfig(PreTrainedConfig):
         self.dino_image_std = list(self.dino_image_std or IMAGENET_DEFAULT_STD)
         super().__post_init__(**kwargs)
         # A saved folder serves both auto classes through remote code; `custom_object_save` adds the other entries.
-        self.auto_map = {"AutoModelForZeroShotImageClassification": "modeling_agriclip.AgriCLIPModel", **(getattr(self, "auto_map", None) or {})}
+        self.auto_map = {
+            "AutoModelForZeroShotImageClassification": "modeling_agriclip.AgriCLIPModel",
+            **(getattr(self, "auto_map", None) or {}),
+        }
 
     def validate_architecture(self):
         """Part of the `@strict` validation: fails early, naming the field, on settings the model cannot honour."""
@@ -99,11 +121,20 @@ class AgriCLIPConfig(PreTrainedConfig):
             raise ValueError(f"image_embedding must be one of {IMAGE_EMBEDDINGS}, got {self.image_embedding!r}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must lie in [0, 1], got {self.fusion_weight}")
+        if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}, got {self.contrastive_loss!r}")
         if self.alignment_objective not in ALIGNMENT_OBJECTIVES:
             raise ValueError(
                 f"alignment_objective must be one of {ALIGNMENT_OBJECTIVES}, got {self.alignment_objective!r}"
             )
-        for name in ("image_mean", "image_std", "clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
+        for name in (
+            "image_mean",
+            "image_std",
+            "clip_image_mean",
+            "clip_image_std",
+            "dino_image_mean",
+            "dino_image_std",
+        ):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must hold 3 per-channel values, got {getattr(self, name)}")
         self.backbone_hidden_size  # raises on a backbone whose feature size cannot be read
@@ -117,22 +148,17 @@ class AgriCLIPConfig(PreTrainedConfig):
             )
         missing = [name for name in SUB_CONFIGS if config_dict.get(name) is None]
         if missing:
-            raise ValueError(f"The AgriCLIP config is missing the sub-config(s) {missing}; a saved config names all of {SUB_CONFIGS}")
+            raise ValueError(
+                f"The AgriCLIP config is missing the sub-config(s) {missing}; a saved config names all of {SUB_CONFIGS}"
+            )
         return super().from_dict(config_dict, **kwargs)
 
     @property
     def backbone_hidden_size(self) -> int:
-        """Size of the pooled backbone feature that the aligner maps (e.g. 2048 for ResNet-50, 768 for ViT-B)."""
-        hidden_sizes = getattr(self.dino_config, "hidden_sizes", None)
-        if hidden_sizes:
-            return hidden_sizes[-1]
-        hidden_size = getattr(self.dino_config, "hidden_size", None)
-        if hidden_size is None:
-            raise ValueError(
-                f"dino_config of model type {self.dino_config.model_type!r} has neither `hidden_size` nor "
-                "`hidden_sizes`: the aligner's input size cannot be derived"
-            )
-        return hidden_size
+        """Size of the pooled backbone feature that the aligner maps (e.g. 2048 for ResNet-50, 768 for ViT-B), as the
+        backbone's family reads it from `dino_config` (`backbones.BACKBONE_FAMILIES`; an unsupported family raises a
+        ValueError listing the supported ones)."""
+        return backbone_family(self.dino_config).feature_size(self.dino_config)
 
     @classmethod
     def paper(cls, **kwargs) -> "AgriCLIPConfig":
@@ -164,24 +190,22 @@ class AgriCLIPConfig(PreTrainedConfig):
     def tiny(cls, backbone: str = "vit", image_size: int = 64, **kwargs) -> "AgriCLIPConfig":
         """A few-hundred-thousand-parameter layout (plus the real 49,408-token embedding) for tests and the CPU demo.
 
-        `backbone` is `"vit"` or `"resnet"`.
+        `backbone` is the `model_type` of a backbone family of `backbones.BACKBONE_FAMILIES` (`"vit"`, `"dinov2"`,
+        `"resnet"`, `"convnext"`), whose tiny layout it takes.
         """
-        if backbone == "vit":
-            dino_config = ViTConfig(
-                image_size=image_size, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                intermediate_size=96, qkv_bias=True,
-            )
-        elif backbone == "resnet":
-            dino_config = ResNetConfig(
-                layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], embedding_size=16
-            )
-        else:
-            raise ValueError(f"backbone must be 'vit' or 'resnet', got {backbone!r}")
+        dino_config = backbone_family(backbone).tiny(image_size)
         return cls(
-            text_config=_clip_text(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+            text_config=_clip_text(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+            ),
             vision_config=CLIPVisionConfig(
-                image_size=image_size, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, projection_dim=32,
+                image_size=image_size,
+                patch_size=16,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                projection_dim=32,
             ),
             dino_config=dino_config,
             projection_dim=32,

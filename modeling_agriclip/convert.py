@@ -4,7 +4,8 @@ Sources, each optional (a missing part comes randomly initialised from ``--prese
 
 - ``--clip``: a transformers CLIP checkpoint (folder or Hub id, e.g. ``openai/clip-vit-base-patch16``), giving
   the text and image towers, their projections, the logit scale and the tokenizer;
-- ``--dino``: a transformers ViT, DINOv2 or ResNet checkpoint (folder or Hub id, e.g. ``facebook/dino-vitb16``);
+- ``--dino``: a transformers checkpoint of a supported backbone family (``modeling_agriclip.backbones``: ViT, DINOv2,
+  ResNet, ConvNeXt; folder or Hub id, e.g. ``facebook/dino-vitb16``);
 - the official AgriCLIP release: ``--official-dino`` (a torchvision-layout DINO ResNet state dict, e.g.
   ``dino_pretrain.pth``) and ``--official-aligner`` (a file holding tensors ``W`` (out, in) and ``b`` (out,)).
   Both are read with ``torch.load(weights_only=True)``: no pickled code ever runs.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,14 +29,17 @@ from transformers import AutoModel, AutoTokenizer, CLIPModel, ResNetConfig
 
 from agriclip.errors import CLIError, ExitCode
 
+from .backbones import BACKBONE_FAMILIES, backbone_family
 from .configuration_agriclip import AgriCLIPConfig
 from .modeling_agriclip import AgriCLIPModel, unreadable_weights_named
 from .processing_agriclip import AgriCLIPProcessor
 from .zero_shot import model_source_options
 
+
+# `tiny` has a ViT backbone; every other backbone family has its `tiny_<model_type>` (tiny_resnet, tiny_convnext, ...).
 PRESETS = {
     "tiny": AgriCLIPConfig.tiny,
-    "tiny_resnet": lambda: AgriCLIPConfig.tiny(backbone="resnet"),
+    **{f"tiny_{name}": partial(AgriCLIPConfig.tiny, backbone=name) for name in BACKBONE_FAMILIES if name != "vit"},
     "paper": AgriCLIPConfig.paper,
     "vit_b16": AgriCLIPConfig.vit_b16,
 }
@@ -77,7 +82,9 @@ def load_official_aligner(path: str | Path, in_features: int | None = None, out_
         raise ValueError(f"{path} lacks the aligner tensor(s) {sorted(missing)}; found {sorted(state)}")
     weight, bias = state["W"], state["b"]
     if weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"{path}: W must be (out, in) and b (out,), got W {tuple(weight.shape)} and b {tuple(bias.shape)}")
+        raise ValueError(
+            f"{path}: W must be (out, in) and b (out,), got W {tuple(weight.shape)} and b {tuple(bias.shape)}"
+        )
     expected = (out_features or weight.shape[0], in_features or weight.shape[1])
     if tuple(weight.shape) != expected:
         raise ValueError(
@@ -100,7 +107,9 @@ def torchvision_resnet_to_transformers(state_dict: dict[str, torch.Tensor]) -> d
         if block:
             rest = re.sub(r"^conv(\d)\.", lambda m: f"layer.{int(m[1]) - 1}.convolution.", block[3])
             rest = re.sub(r"^bn(\d)\.", lambda m: f"layer.{int(m[1]) - 1}.normalization.", rest)
-            rest = rest.replace("downsample.0.", "shortcut.convolution.").replace("downsample.1.", "shortcut.normalization.")
+            rest = rest.replace("downsample.0.", "shortcut.convolution.").replace(
+                "downsample.1.", "shortcut.normalization."
+            )
             key = f"encoder.stages.{int(block[1]) - 1}.layers.{block[2]}.{rest}"
         renamed[key] = value
     return renamed
@@ -164,6 +173,10 @@ def convert(
     if dino:
         with unreadable_weights_named(dino):
             dino_model = AutoModel.from_pretrained(dino, dtype=torch.float32, trust_remote_code=False, **options[dino])
+        try:
+            backbone_family(dino_model.config)
+        except ValueError as error:
+            raise ValueError(f"{dino}: {error}") from None
         config_kwargs["dino_config"] = dino_model.config
         dino_state = {k: v for k, v in dino_model.state_dict().items() if not k.startswith("pooler.")}
     if official_dino:
@@ -187,7 +200,9 @@ def convert(
         except RuntimeError as error:
             raise ValueError(f"{source}: backbone weights do not fit the backbone config: {error}") from None
     if official_aligner:
-        weight, bias = load_official_aligner(official_aligner, model.config.backbone_hidden_size, model.config.projection_dim)
+        weight, bias = load_official_aligner(
+            official_aligner, model.config.backbone_hidden_size, model.config.projection_dim
+        )
         model.aligner.weight.data.copy_(weight)
         model.aligner.bias.data.copy_(bias)
 
@@ -203,8 +218,13 @@ def run(args) -> int:
     """`agriclip convert` (arguments parsed by `agriclip.cli`)."""
     try:
         convert(
-            args.output, clip=args.clip, dino=args.dino, official_dino=args.official_dino,
-            official_aligner=args.official_aligner, preset=args.preset, image_embedding=args.image_embedding,
+            args.output,
+            clip=args.clip,
+            dino=args.dino,
+            official_dino=args.official_dino,
+            official_aligner=args.official_aligner,
+            preset=args.preset,
+            image_embedding=args.image_embedding,
         )
     except (OSError, ValueError) as error:
         raise CLIError(ExitCode.INPUT, str(error)) from error

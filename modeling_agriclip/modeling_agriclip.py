@@ -1,6 +1,6 @@
 """PyTorch AgriCLIP model.
 
-Hub custom code: imports only ``torch``, ``transformers`` and its sibling ``configuration_agriclip``, so that
+Hub custom code: imports only ``torch``, ``transformers`` and its siblings ``configuration_agriclip`` and ``backbones``, so that
 ``trust_remote_code=True`` works for people who never installed the package.
 """
 
@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, CLIPTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPTextModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
+from .backbones import backbone_family, backbone_features
 from .configuration_agriclip import AgriCLIPConfig
 
 
@@ -29,32 +30,20 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
 
 
+def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) of a square matrix of logits `t * cos + b` whose diagonal
+    holds the matching pairs: `-1/n * sum_ij log sigmoid(z_ij * logits_ij)`, z_ij = 1 on the diagonal, -1 elsewhere.
+    Symmetric in its two directions (the transpose gives the same value)."""
+    signs = 2.0 * torch.eye(len(logits_per_text), device=logits_per_text.device, dtype=logits_per_text.dtype) - 1.0
+    return -F.logsigmoid(signs * logits_per_text).sum() / len(logits_per_text)
+
+
 def fuse_image_embeddings(clip_embeds: torch.Tensor, aligned_embeds: torch.Tensor, weight: float) -> torch.Tensor:
     """The `"fused"` image embedding: `weight` times the L2-normalised CLIP one plus `1 - weight` times the
     L2-normalised aligned one (not normalised itself)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"fusion_weight must lie in [0, 1], got {weight}")
     return weight * F.normalize(clip_embeds, dim=-1) + (1.0 - weight) * F.normalize(aligned_embeds, dim=-1)
-
-
-def backbone_features(backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Pooled features of a transformers vision backbone, shape `(batch_size, feature_size)`.
-
-    Token models (ViT, DINOv2) give the final-layer-normalised CLS token, the feature DINO trains and evaluates;
-    convolutional models (ResNet) give their global-average-pooled output.
-    """
-    kwargs = {}
-    image_size = getattr(backbone.config, "image_size", None)
-    if image_size is not None and tuple(pixel_values.shape[-2:]) != _pair(image_size):
-        kwargs["interpolate_pos_encoding"] = True
-    outputs = backbone(pixel_values=pixel_values, **kwargs)
-    if outputs.last_hidden_state.dim() == 3:
-        return outputs.last_hidden_state[:, 0]
-    return outputs.pooler_output.flatten(1)
-
-
-def _pair(size) -> tuple[int, int]:
-    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 def _unreadable_weight_files(folder: Path) -> list[str]:
@@ -80,7 +69,9 @@ def unreadable_weights_named(pretrained_model_name_or_path, subfolder: str = "")
         unreadable = _unreadable_weight_files(folder) if pretrained_model_name_or_path and folder.is_dir() else []
         if not unreadable:
             raise
-        raise OSError(f"{', '.join(unreadable)}: truncated or corrupt weights file, cannot be loaded ({error})") from error
+        raise OSError(
+            f"{', '.join(unreadable)}: truncated or corrupt weights file, cannot be loaded ({error})"
+        ) from error
 
 
 class PixelRenormalization(nn.Module):
@@ -101,7 +92,8 @@ class PixelRenormalization(nn.Module):
     @staticmethod
     def affine_map(source_mean, source_std, target_mean, target_std) -> tuple[torch.Tensor, torch.Tensor]:
         source_mean, source_std, target_mean, target_std = (
-            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (source_mean, source_std, target_mean, target_std)
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+            for v in (source_mean, source_std, target_mean, target_std)
         )
         return source_std / target_std, (source_mean - target_mean) / target_std
 
@@ -123,15 +115,25 @@ class AgriCLIPOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Symmetric image-text contrastive loss (InfoNCE) over the batch.
+            The image-text contrastive loss over the batch that `config.contrastive_loss` names: CLIP's symmetric
+            InfoNCE, or SigLIP's sigmoid loss.
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled cosine similarities between `image_embeds` and `text_embeds` (what the zero-shot pipeline reads).
+            Scaled cosine similarities between `image_embeds` and `text_embeds` (what the zero-shot pipeline reads):
+            `exp(logit_scale) * cos`, plus `logit_bias` for a `contrastive_loss="siglip"` model. The pipeline
+            softmaxes them over the candidate labels, which the bias does not change (same ranking and scores).
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
             The transpose of `logits_per_image`.
         text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
             L2-normalised text embeddings.
         image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
             L2-normalised image embeddings from the source that `config.image_embedding` selects.
+        logit_scale (`torch.FloatTensor` of shape `()`):
+            The model's learnable log temperature (the `logit_scale` parameter itself, with its gradient; logits
+            multiply cosines by its exponential). Returned so a loss over a larger batch (stage 1 gathers the
+            embeddings of every process) reads it from the output.
+        logit_bias (`torch.FloatTensor` of shape `()`):
+            The model's learnable logit bias (the `logit_bias` parameter itself), added to the logits of a
+            `contrastive_loss="siglip"` model only.
     """
 
     loss: torch.FloatTensor | None = None
@@ -139,6 +141,8 @@ class AgriCLIPOutput(ModelOutput):
     logits_per_text: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    logit_bias: torch.FloatTensor | None = None
 
 
 class AgriCLIPPreTrainedModel(PreTrainedModel):
@@ -151,6 +155,8 @@ class AgriCLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Checkpoints saved before the SigLIP bias existed: it is initialised from `config.logit_bias_init_value`.
+    _keys_to_ignore_on_load_missing = [r"(^|\.)logit_bias$"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -169,6 +175,7 @@ class AgriCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.aligner.weight, std=config.backbone_hidden_size**-0.5)
             init.zeros_(module.aligner.bias)
             init.constant_(module.logit_scale, config.logit_scale_init_value)
+            init.constant_(module.logit_bias, config.logit_bias_init_value)
         elif isinstance(module, PixelRenormalization):
             # Non-persistent buffers come back from the meta device uninitialised after `from_pretrained`.
             module.reset_buffers()
@@ -187,10 +194,10 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        backbone_kwargs = {"add_pooling_layer": False} if config.dino_config.model_type == "vit" else {}
-        self.dino_model = AutoModel.from_config(config.dino_config, **backbone_kwargs)
+        self.dino_model = backbone_family(config.dino_config).build(config.dino_config)
         self.aligner = nn.Linear(config.backbone_hidden_size, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init_value))
         self.clip_pixel_renorm = PixelRenormalization(
             config.image_mean, config.image_std, config.clip_image_mean, config.clip_image_std
         )
@@ -218,7 +225,10 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         return input_ids, attention_mask
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         """Projected text embeddings `(batch_size, projection_dim)`, not normalised."""
         input_ids, attention_mask = self._fit_text_context(input_ids, attention_mask)
@@ -253,8 +263,11 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
             return self.aligner(self.get_backbone_features(pixel_values))
         if embedding == "fused":
             weight = self.config.fusion_weight if fusion_weight is None else fusion_weight
-            return fuse_image_embeddings(self.get_clip_image_features(pixel_values),
-                                         self.aligner(self.get_backbone_features(pixel_values)), weight)
+            return fuse_image_embeddings(
+                self.get_clip_image_features(pixel_values),
+                self.aligner(self.get_backbone_features(pixel_values)),
+                weight,
+            )
         raise ValueError(f"embedding must be one of 'aligned', 'clip', 'fused', got {embedding!r}")
 
     def forward(
@@ -271,7 +284,8 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
         r"""
         Args:
             return_loss (`bool`, *optional*):
-                Whether to return the symmetric contrastive loss (requires as many texts as images).
+                Whether to return the contrastive loss of `config.contrastive_loss` on this batch (requires as many
+                texts as images).
             image_embedding (`str`, *optional*):
                 Overrides `config.image_embedding` for this call.
             return_logits (`bool`, *optional*, defaults to `True`):
@@ -283,16 +297,23 @@ class AgriCLIPModel(AgriCLIPPreTrainedModel):
             raise ValueError("AgriCLIPModel.forward needs both input_ids and pixel_values")
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_embedding), dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, position_ids), dim=-1)
+        parameters = {"logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
         if not (return_logits or return_loss):
-            return AgriCLIPOutput(text_embeds=text_embeds, image_embeds=image_embeds)
+            return AgriCLIPOutput(text_embeds=text_embeds, image_embeds=image_embeds, **parameters)
+        sigmoid = self.config.contrastive_loss == "siglip"
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
-        loss = clip_loss(logits_per_text) if return_loss else None
+        if sigmoid:
+            logits_per_text = logits_per_text + self.logit_bias
+        loss = None
+        if return_loss:
+            loss = sigmoid_loss(logits_per_text) if sigmoid else clip_loss(logits_per_text)
         return AgriCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            **parameters,
         )
 
 
@@ -303,5 +324,6 @@ __all__ = [
     "backbone_features",
     "clip_loss",
     "fuse_image_embeddings",
+    "sigmoid_loss",
     "unreadable_weights_named",
 ]

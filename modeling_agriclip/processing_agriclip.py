@@ -24,7 +24,9 @@ class AgriCLIPProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 
-    def __call__(self, text=None, images=None, return_tensors=None, padding=True, truncation=True, max_length=None, **kwargs):
+    def __call__(
+        self, text=None, images=None, return_tensors=None, padding=True, truncation=True, max_length=None, **kwargs
+    ):
         """Returns a `BatchFeature` with `input_ids` and `attention_mask` (when `text` is given) and `pixel_values`
         (when `images` is given)."""
         if text is None and images is None:
@@ -33,7 +35,14 @@ class AgriCLIPProcessor(ProcessorMixin):
         if text is not None:
             max_length = max_length or self.tokenizer.model_max_length
             encoding.update(
-                self.tokenizer(text, padding=padding, truncation=truncation, max_length=max_length, return_tensors=return_tensors, **kwargs)
+                self.tokenizer(
+                    text,
+                    padding=padding,
+                    truncation=truncation,
+                    max_length=max_length,
+                    return_tensors=return_tensors,
+                    **kwargs,
+                )
             )
         if images is not None:
             encoding.update(self.image_processor(images=images, return_tensors=return_tensors))
@@ -68,15 +77,21 @@ class AgriCLIPProcessor(ProcessorMixin):
         problems = []
         vocab_size = config.text_config.vocab_size
         if len(self.tokenizer) > vocab_size:
-            problems.append(f"the tokenizer has {len(self.tokenizer)} tokens but text_config.vocab_size is {vocab_size}")
+            problems.append(
+                f"the tokenizer has {len(self.tokenizer)} tokens but text_config.vocab_size is {vocab_size}"
+            )
         image_processor = self.image_processor
         size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
         produced = (size.height, size.width)
         expected = config.vision_config.image_size
         if produced != (expected, expected):
-            problems.append(f"the image processor makes {produced[0]}x{produced[1]} images but vision_config.image_size is {expected}")
+            problems.append(
+                f"the image processor makes {produced[0]}x{produced[1]} images but vision_config.image_size is {expected}"
+            )
         if not image_processor.do_normalize:
-            problems.append(f"the image processor does not normalise pixels; the model expects image_mean {config.image_mean}")
+            problems.append(
+                f"the image processor does not normalise pixels; the model expects image_mean {config.image_mean}"
+            )
         else:
             for name in ("image_mean", "image_std"):
                 given, wanted = list(getattr(image_processor, name)), list(getattr(config, name))

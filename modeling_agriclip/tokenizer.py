@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+
 CLIP_CONTEXT_LENGTH = 77
 # The BPE file lists 262,144 merges; CLIP keeps the first 49,152 - 256 - 2 so that the vocabulary
 # (256 bytes, 256 end-of-word bytes, merges, 2 special tokens) has 49,408 entries.

@@ -5,7 +5,14 @@ covers the single-template case without it.
 
 A class is represented by the prompt ensemble of CLIP (Radford et al. 2021): every template is filled with the
 class name, each prompt embedding is L2-normalised, the embeddings are averaged over templates and the mean is
-L2-normalised again. Images are scored by cosine similarity times `exp(model.logit_scale)`.
+L2-normalised again. Images are scored by cosine similarity times `exp(model.logit_scale)`, plus `model.logit_bias`
+for a model whose towers SigLIP's sigmoid loss trained (`config.contrastive_loss == "siglip"`); `predict` turns the
+scores into what that objective trained them to be: a softmax over the labels given (InfoNCE), or one sigmoid per label
+(SigLIP), each the probability that the image fits that label, independent of the others.
+
+`pipeline("zero-shot-image-classification")` reads the model's `logits_per_image`, which include the bias for a SigLIP
+model too, but softmaxes them over the labels (it applies sigmoids only to model types containing "siglip", which
+AgriCLIP's is not): it ranks the labels as `predict` does, with softmax scores instead of the sigmoid probabilities.
 
 The classifier works with an AgriCLIP model (any of its image embeddings: aligned backbone, CLIP image tower,
 fusion) and with a plain transformers `CLIPModel`, the baseline.
@@ -22,10 +29,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import get_session, httpx
+from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import CONFIG_NAME
@@ -33,7 +40,9 @@ from transformers.utils import CONFIG_NAME
 from agriclip.errors import SINGLE_LABEL_WARNING, SingleLabelWarning
 from agriclip.files import check_folder_files, weight_files
 from agriclip.templates import DEFAULT_TEMPLATES, fill_templates
+
 from .processing_agriclip import AgriCLIPProcessor
+
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +128,10 @@ def model_source_options(source) -> dict:
     if problem is None:
         return {}
     if cached:
-        logger.warning(f"{source}: the Hugging Face Hub at {hub_constants.ENDPOINT} cannot be reached ({problem}); "
-                       "loading it from the Hugging Face cache (set HF_HUB_OFFLINE=1 to skip this check)")
+        logger.warning(
+            f"{source}: the Hugging Face Hub at {hub_constants.ENDPOINT} cannot be reached ({problem}); "
+            "loading it from the Hugging Face cache (set HF_HUB_OFFLINE=1 to skip this check)"
+        )
         return {"local_files_only": True}
     raise UnavailableModelError(
         f"{source}: the Hugging Face Hub at {hub_constants.ENDPOINT} cannot be reached ({problem}) and the Hugging Face "
@@ -284,7 +295,10 @@ class ZeroShotClassifier:
         config = load_config(path, trust_remote_code=trust_remote_code, **options)
         # Tensors of another shape are left for `check_loading_info` to name, instead of transformers' RuntimeError.
         model, loading_info = AutoModel.from_pretrained(
-            path, config=config, trust_remote_code=trust_remote_code, output_loading_info=True,
+            path,
+            config=config,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             # transformers does not pass local_files_only on to its lookup of a PEFT adapter.
             **{"ignore_mismatched_sizes": True, **options, "adapter_kwargs": options, **kwargs},
         )
@@ -319,6 +333,17 @@ class ZeroShotClassifier:
     @property
     def logit_scale(self) -> float:
         return self.model.logit_scale.exp().item()
+
+    @property
+    def sigmoid_scores(self) -> bool:
+        """Whether the model's towers were trained with SigLIP's sigmoid loss (`config.contrastive_loss`): its logits
+        then carry `logit_bias` and read as per-label log-odds. A plain CLIP model is an InfoNCE one."""
+        return getattr(self.model.config, "contrastive_loss", "infonce") == "siglip"
+
+    @property
+    def logit_bias(self) -> float:
+        """The bias added to the logits: the model's `logit_bias` for a SigLIP-trained model, else 0."""
+        return self.model.logit_bias.item() if self.sigmoid_scores else 0.0
 
     @torch.inference_mode()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -374,29 +399,38 @@ class ZeroShotClassifier:
         self, image_embeds: torch.Tensor, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
     ) -> torch.Tensor:
         """`logits` from image embeddings already computed by `image_embeddings`."""
-        return self.logit_scale * image_embeds @ self.label_embeddings(class_names, templates).T
+        logits = self.logit_scale * image_embeds @ self.label_embeddings(class_names, templates).T
+        return logits + self.logit_bias if self.sigmoid_scores else logits
 
     @torch.inference_mode()
     def logits(
         self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
     ) -> torch.Tensor:
-        """Cosine similarities (N, C) of images and class embeddings, scaled by `exp(model.logit_scale)`."""
+        """Cosine similarities (N, C) of images and class embeddings, scaled by `exp(model.logit_scale)`, plus
+        `model.logit_bias` for a SigLIP-trained model (`sigmoid_scores`), whose logits are then per-label log-odds."""
         return self.embedding_logits(self.image_embeddings(images), class_names, templates)
 
     @torch.inference_mode()
     def predict(
         self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES, top_k: int = 5
     ) -> list[list[dict]]:
-        """The `top_k` labels of each image with softmax scores, best first, as the transformers pipeline gives:
+        """The `top_k` labels of each image with their scores, best first, as the transformers pipeline gives:
         ``[[{"label": ..., "score": ...}, ...], ...]``.
 
-        The scores are relative to the labels given: a softmax over `class_names` only, summing to 1 per image. They
-        compare those labels, never say how well an image fits one of them: a single label always scores 1.0 (which
-        this warns about), and adding a label lowers the others' scores. For an absolute measure use `logits`.
+        For a model trained with InfoNCE the scores are relative to the labels given: a softmax over `class_names`
+        only, summing to 1 per image. They compare those labels, never say how well an image fits one of them: a
+        single label always scores 1.0 (which this warns about), and adding a label lowers the others' scores. For an
+        absolute measure use `logits`.
+
+        For a model trained with SigLIP's sigmoid loss (`sigmoid_scores`) each score is the sigmoid of its own logit,
+        the probability that the image fits that label: each in [0, 1], independent of the other labels, not summing
+        to 1 in general (a single label is a meaningful question then).
         """
-        if len(class_names) == 1:
+        sigmoid = self.sigmoid_scores
+        if len(class_names) == 1 and not sigmoid:
             warnings.warn(SINGLE_LABEL_WARNING.format(label=class_names[0]), SingleLabelWarning, stacklevel=2)
-        probabilities = self.logits(images, class_names, templates).softmax(dim=-1)
+        logits = self.logits(images, class_names, templates)
+        probabilities = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
         scores, indices = probabilities.topk(min(top_k, len(class_names)), dim=-1)
         return [
             [{"label": class_names[index], "score": score} for score, index in zip(row_scores, row_indices)]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,6 +23,9 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.tokenizer import build_clip_tokenizer
+
+# The loopback Hub's fixture, for every test module that asks for `fake_hub`.
+from hub_server import fake_hub  # noqa: F401, E402
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +86,9 @@ def tiny_clip_checkpoint(tmp_path_factory, tiny_clip_baseline):
 def sample_images():
     """Three distinct RGB photos of different sizes."""
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(80, 100), (64, 64), (120, 90)]]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(80, 100), (64, 64), (120, 90)]
+    ]
 
 
 COLOURS = {"red": (200, 40, 30), "green": (40, 190, 50), "blue": (30, 60, 200), "yellow": (220, 210, 30)}
@@ -134,8 +140,11 @@ def variant_caption_folder(tmp_path_factory):
         rows = [json.loads(line) for line in metadata.read_text().splitlines()]
         for row in rows:
             colour = row["caption"].removeprefix("a photo of a ").removesuffix(" leaf")
-            row["captions"] = [row["caption"], f"a {colour} leaf on a plant in the field",
-                               f"close up of one leaf that is {colour} all over"]
+            row["captions"] = [
+                row["caption"],
+                f"a {colour} leaf on a plant in the field",
+                f"close up of one leaf that is {colour} all over",
+            ]
         metadata.write_text("\n".join(json.dumps(row) for row in rows))
     return root
 
@@ -169,8 +178,9 @@ def run_subprocess(command, *, timeout, env=None, cwd=None) -> subprocess.Comple
     the pipes to close, which the grandchildren (the workers of `accelerate launch`, a tokenizer's threads)
     keep open forever.
     """
-    with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -202,8 +212,21 @@ def run_script(module_args, processes=1, timeout=300):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable]
     if processes > 1:
-        command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        command += [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ]
     return run_subprocess([*command, "-m", *module_args], env=env, timeout=timeout)
 
 
@@ -264,9 +287,14 @@ def run_as_main(module: str, argv: list[str]) -> tuple[int, str]:
 def assert_same_tensors(expected: dict, actual: dict) -> None:
     """Every tensor equal bit for bit; otherwise says how many differ and by how much at most."""
     assert expected.keys() == actual.keys()
-    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item()
-                   for key in expected if not torch.equal(expected[key], actual[key])}
-    assert not differences, f"{len(differences)} of {len(expected)} tensors differ, max |diff| {max(differences.values()):.3g}"
+    differences = {
+        key: (expected[key].double() - actual[key].double()).abs().max().item()
+        for key in expected
+        if not torch.equal(expected[key], actual[key])
+    }
+    assert not differences, (
+        f"{len(differences)} of {len(expected)} tensors differ, max |diff| {max(differences.values()):.3g}"
+    )
 
 
 def kill_before_last_checkpoint(run_dir: Path, last_step: int, output: str = "final") -> None:

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+
 FAKE_TOKEN = "hf_fakeHubTokenForTests0123456789abcdef"
 REPO_TYPES = {"models": "model", "datasets": "dataset"}
 _REPO = r"(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)"
@@ -85,7 +86,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _reply(self, status: int, body=b"", headers: dict | None = None, error_code: str | None = None):
             payload = json.dumps(body).encode() if not isinstance(body, bytes) else body
             self.send_response(status)
-            self.send_header("Content-Type", "application/json" if not isinstance(body, bytes) else "application/octet-stream")
+            self.send_header(
+                "Content-Type", "application/json" if not isinstance(body, bytes) else "application/octet-stream"
+            )
             self.send_header("Content-Length", str(len(payload)))
             # One request per connection: a client's pooled keep-alive connection must not outlive the server and
             # reach a stopped hub's handler thread in a later test.
@@ -152,8 +155,12 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             with hub.lock:
                 if (repo_type, repo_id) in hub.repos:
                     # The Hub names the existing repo's url in its 409 too; huggingface_hub's exist_ok reads it.
-                    return self._reply(409, {**reply, "error": "You already created this repo"}, error_code="RepoExists")
-                repo = FakeRepo(repo_id, repo_type, request.get("visibility") == "private" or bool(request.get("private")))
+                    return self._reply(
+                        409, {**reply, "error": "You already created this repo"}, error_code="RepoExists"
+                    )
+                repo = FakeRepo(
+                    repo_id, repo_type, request.get("visibility") == "private" or bool(request.get("private"))
+                )
                 repo.commit("main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
                 hub.repos[(repo_type, repo_id)] = repo
             return self._reply(200, reply)
@@ -182,7 +189,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if branch is None:
                     return self._error(400, "BadRequest", "commits go to a branch, not a sha")
                 sha = repo.commit(branch, files)
-            return self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+            return self._reply(
+                200,
+                {"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None},
+            )
 
         def do_HEAD(self):
             self.do_GET()
@@ -199,9 +209,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             match = re.fullmatch(rf"/api/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", path)
             if match:
                 return self._tree(match["kind"], match["repo"], unquote(match["rev"]), match["sub"] or "")
-            match = re.fullmatch(r"/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+            match = re.fullmatch(
+                r"/(?:(?P<kind>datasets)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path
+            )
             if match:
-                return self._resolve(match["kind"] or "models", match["repo"], unquote(match["rev"]), unquote(match["file"]))
+                return self._resolve(
+                    match["kind"] or "models", match["repo"], unquote(match["rev"]), unquote(match["file"])
+                )
             return self._error(404, "NotFound", f"no route for GET {path}")
 
         def _snapshot(self, kind: str, repo_id: str, revision: str):
@@ -256,7 +270,9 @@ def point_clients_at(monkeypatch: pytest.MonkeyPatch, hub: FakeHub, cache_dir) -
     from huggingface_hub import constants, hf_api
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # read at call time by some libraries (peft)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))

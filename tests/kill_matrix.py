@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 for _path in (str(REPO_ROOT), str(TESTS_DIR)):
@@ -46,6 +47,7 @@ for _path in (str(REPO_ROOT), str(TESTS_DIR)):
         sys.path.insert(0, _path)
 
 from training.runtime import SIGTERM_EXIT_CODE, CheckpointManager, check_checkpoint_files  # noqa: E402 (needs the path)
+
 
 KILL_AT_WRITE = "AGRICLIP_KILL_AT_WRITE"  # k: the child SIGKILLs itself inside its k-th write
 READY_FILE = "AGRICLIP_READY_FILE"  # the child writes its start time here once imports are done
@@ -129,22 +131,86 @@ def stages(workspace: Path) -> dict[str, Stage]:
     data, base = str(workspace / "data"), str(workspace / "base")
     common = ["--log-with", "none", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
     return {
-        "1": Stage("1", "training.stage1_contrastive",
-                   ["--model", "tiny", "--train-data", data, "--batch-size", "8", "--max-steps", "6",
-                    "--learning-rate", "1e-3", *common],
-                   ("final",), ("final/model.safetensors",)),
-        "2": Stage("2", "training.stage2_dino",
-                   ["--model", "tiny", "--train-data", data, "--batch-size", "8", "--max-steps", "6", "--epochs", "2",
-                    "--out-dim", "128", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--num-local-crops", "2",
-                    "--warmup-epochs", "1", *common],
-                   ("backbone", "final"), ("backbone/model.safetensors", "final/model.safetensors")),
-        "3": Stage("3", "training.stage3_align",
-                   ["--model", base, "--train-data", data, "--batch-size", "5", "--ridge", "0.1", "--log-with", "none"],
-                   ("final",), ("final/model.safetensors",), resumable=False),
-        "lora": Stage("lora", "training.lora_finetune",
-                      ["--model", base, "--objective", "contrastive", "--train-data", data, "--towers", "backbone",
-                       "--batch-size", "8", "--max-steps", "6", "--lora-dropout", "0.1", "--merge", *common],
-                      ("adapter", "merged"), ("adapter/adapter_model.safetensors", "merged/model.safetensors")),
+        "1": Stage(
+            "1",
+            "training.stage1_contrastive",
+            [
+                "--model",
+                "tiny",
+                "--train-data",
+                data,
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "6",
+                "--learning-rate",
+                "1e-3",
+                *common,
+            ],
+            ("final",),
+            ("final/model.safetensors",),
+        ),
+        "2": Stage(
+            "2",
+            "training.stage2_dino",
+            [
+                "--model",
+                "tiny",
+                "--train-data",
+                data,
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "6",
+                "--epochs",
+                "2",
+                "--out-dim",
+                "128",
+                "--head-hidden-dim",
+                "32",
+                "--head-bottleneck-dim",
+                "16",
+                "--num-local-crops",
+                "2",
+                "--warmup-epochs",
+                "1",
+                *common,
+            ],
+            ("backbone", "final"),
+            ("backbone/model.safetensors", "final/model.safetensors"),
+        ),
+        "3": Stage(
+            "3",
+            "training.stage3_align",
+            ["--model", base, "--train-data", data, "--batch-size", "5", "--ridge", "0.1", "--log-with", "none"],
+            ("final",),
+            ("final/model.safetensors",),
+            resumable=False,
+        ),
+        "lora": Stage(
+            "lora",
+            "training.lora_finetune",
+            [
+                "--model",
+                base,
+                "--objective",
+                "contrastive",
+                "--train-data",
+                data,
+                "--towers",
+                "backbone",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "6",
+                "--lora-dropout",
+                "0.1",
+                "--merge",
+                *common,
+            ],
+            ("adapter", "merged"),
+            ("adapter/adapter_model.safetensors", "merged/model.safetensors"),
+        ),
     }
 
 
@@ -152,8 +218,9 @@ def prepare_workspace(workspace: Path) -> Path:
     """The tiny caption folder and a saved tiny AgriCLIP base folder (stage 3 and LoRA start from it)."""
     import torch
 
-    from conftest import write_caption_folder
     from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
+
+    from conftest import write_caption_folder
 
     workspace.mkdir(parents=True, exist_ok=True)
     if not (workspace / "data").is_dir():
@@ -171,8 +238,14 @@ def child_command(module: str, argv: list[str]) -> list[str]:
 
 
 def child_env(workspace: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "HF_DATASETS_CACHE": str(workspace / "datasets-cache"), **extra}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "HF_DATASETS_CACHE": str(workspace / "datasets-cache"),
+        **extra,
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -180,8 +253,9 @@ def child_env(workspace: Path, **extra: str) -> dict[str, str]:
 def start_child(workspace: Path, module: str, argv: list[str], log: Path, **extra: str) -> subprocess.Popen:
     """Starts `module.main(argv)` in a subprocess, its stdout and stderr to `<log>.out` and `<log>.err`."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:
-        return subprocess.Popen(child_command(module, argv), env=child_env(workspace, **extra), cwd=REPO_ROOT,
-                                stdout=stdout, stderr=stderr)
+        return subprocess.Popen(
+            child_command(module, argv), env=child_env(workspace, **extra), cwd=REPO_ROOT, stdout=stdout, stderr=stderr
+        )
 
 
 def run_child(workspace: Path, module: str, argv: list[str], log: Path, **extra: str) -> int:
@@ -235,7 +309,11 @@ def check_after_interruption(stage: Stage, output_dir: Path, reference_dir: Path
                 load_weights(path)
             except Exception as error:  # any failure to read is the finding
                 return f"{path} unreadable: {error}"
-            if previous is not None and weights_equal(previous / Path(weights).name, path) and weights_equal(reference_dir / weights, path):
+            if (
+                previous is not None
+                and weights_equal(previous / Path(weights).name, path)
+                and weights_equal(reference_dir / weights, path)
+            ):
                 return f"{path} is neither the previous export nor the new one"
     return None
 
@@ -294,8 +372,13 @@ def run_reference(workspace: Path, stage: Stage) -> Reference:
     shutil.rmtree(output_dir, ignore_errors=True)
     output_dir.mkdir(parents=True)
     record = output_dir.with_name(f"{output_dir.name}.writes.json")
-    status = run_child(workspace, stage.module, [*stage.flags, *output_flags(stage, output_dir)], output_dir.with_name(f"{output_dir.name}.log"),
-                       **{WRITES_FILE: str(record)})
+    status = run_child(
+        workspace,
+        stage.module,
+        [*stage.flags, *output_flags(stage, output_dir)],
+        output_dir.with_name(f"{output_dir.name}.log"),
+        **{WRITES_FILE: str(record)},
+    )
     if status != 0:
         raise RuntimeError(f"the uninterrupted stage {stage.name} run failed ({status}); see {output_dir}.log.err")
     recorded = json.loads(record.read_text())
@@ -316,7 +399,9 @@ def wait_for(path: Path, process: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
-def interrupt(workspace: Path, stage: Stage, reference: Reference, output_dir: Path, mode: str, rng: random.Random) -> tuple[str, str, str | None]:
+def interrupt(
+    workspace: Path, stage: Stage, reference: Reference, output_dir: Path, mode: str, rng: random.Random
+) -> tuple[str, str, str | None]:
     """Runs the stage and interrupts it; returns (what was drawn, what happened, a problem or None)."""
     argv = [*stage.flags, *output_flags(stage, output_dir)]
     log = output_dir.with_name(f"{output_dir.name}.interrupted")
@@ -351,7 +436,11 @@ def interrupt(workspace: Path, stage: Stage, reference: Reference, output_dir: P
         if " written to " not in line:  # stopped outside the training steps: names what it leaves
             return drawn, f"{happened}: {line}", None
         saved = Path(line.split(" written to ")[1].split(";")[0])
-        return drawn, f"{happened}: {line.split(';')[0]}", None if saved.is_dir() else f"the checkpoint {saved} it announced is missing"
+        return (
+            drawn,
+            f"{happened}: {line.split(';')[0]}",
+            None if saved.is_dir() else f"the checkpoint {saved} it announced is missing",
+        )
     if status == -signal.SIGTERM and all((output_dir / export).is_dir() for export in stage.exports):
         return drawn, f"{happened} once everything was written (Python restores the default handler on exit)", None
     return drawn, happened, None if status == 0 else f"{happened} on SIGTERM, without a checkpoint or a message"
@@ -375,7 +464,9 @@ def run_trial(workspace: Path, stage: Stage, reference: Reference, index: int, m
         if status != 0:
             problem = f"the rerun failed with exit {status}; see {output_dir}.rerun.err"
         else:
-            problem = next(filter(None, (weights_equal(reference.output_dir / w, output_dir / w) for w in stage.weights)), None)
+            problem = next(
+                filter(None, (weights_equal(reference.output_dir / w, output_dir / w) for w in stage.weights)), None
+            )
     trial.problem, trial.survived = problem, problem is None
     return trial
 
@@ -400,10 +491,20 @@ def run_matrix(stage_names, trials: int, seed: int, workspace: Path, report=prin
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", choices=["1", "2", "3", "lora"], default=["1", "2", "3", "lora"], help="Stages to interrupt.")
-    parser.add_argument("--trials", type=int, default=6, help="Interruptions per stage (kill-time, kill-write and sigterm in turn).")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=["1", "2", "3", "lora"],
+        default=["1", "2", "3", "lora"],
+        help="Stages to interrupt.",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=6, help="Interruptions per stage (kill-time, kill-write and sigterm in turn)."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill points.")
-    parser.add_argument("--workdir", default=None, help="Folder for the runs (default: a temporary folder, removed afterwards).")
+    parser.add_argument(
+        "--workdir", default=None, help="Folder for the runs (default: a temporary folder, removed afterwards)."
+    )
     args = parser.parse_args(argv)
     if args.workdir:
         matrix = run_matrix(args.stages, args.trials, args.seed, Path(args.workdir))

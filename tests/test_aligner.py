@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from torch import nn
 
 from bench.bench_aligner import torch_peak_bytes
-from conftest import finish_distributed_worker
 from modeling_agriclip.configuration_agriclip import ALIGNMENT_OBJECTIVES as CONFIG_OBJECTIVES
 from training import stage3_align
 from training.aligner import (
@@ -37,6 +36,8 @@ from training.aligner import (
     save_aligner_file,
 )
 from training.losses import CaptionTargetInfoNCE
+
+from conftest import finish_distributed_worker
 
 
 D_IN, D_OUT = 24, 6
@@ -392,7 +393,9 @@ def test_load_aligner_file_rejects_bad_files(tmp_path, content, message):
 
 def test_the_objective_table_the_config_and_the_command_name_the_same_objectives():
     assert tuple(ALIGNMENT_OBJECTIVES) == CONFIG_OBJECTIVES == stage3_align.OBJECTIVES
-    assert all(ALIGNMENT_OBJECTIVES[name].name == name and ALIGNMENT_OBJECTIVES[name].__doc__ for name in CONFIG_OBJECTIVES)
+    assert all(
+        ALIGNMENT_OBJECTIVES[name].name == name and ALIGNMENT_OBJECTIVES[name].__doc__ for name in CONFIG_OBJECTIVES
+    )
     assert isinstance(create_objective("text-mse"), TextMSE)
     with pytest.raises(ValueError, match=r"unknown alignment objective 'mse'; choose one of \['image-mse'"):
         create_objective("mse")
@@ -464,7 +467,9 @@ def magnitude_problem(n, seed, classes=8, d_in=16, d_out=8):
     spread over two decades (contrast, exposure), and the class targets share a large common component. Least
     squares shrinks the faint images towards the mean target; InfoNCE compares directions only."""
     fixed = torch.Generator().manual_seed(100)
-    class_targets = F.normalize(2.0 * torch.randn(d_out, generator=fixed) + torch.randn(classes, d_out, generator=fixed), dim=-1)
+    class_targets = F.normalize(
+        2.0 * torch.randn(d_out, generator=fixed) + torch.randn(classes, d_out, generator=fixed), dim=-1
+    )
     directions = torch.randn(classes, d_in, generator=fixed)
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(classes, (n,), generator=generator)
@@ -481,7 +486,9 @@ def class_accuracy(weights, x, labels, class_targets):
 
 def full_infonce(weights, x, labels, class_targets, scale):
     """The image-to-text InfoNCE over every class target, by hand."""
-    logits = scale * F.normalize(F.linear(x, weights.weight, weights.bias), dim=-1) @ F.normalize(class_targets, dim=-1).T
+    logits = (
+        scale * F.normalize(F.linear(x, weights.weight, weights.bias), dim=-1) @ F.normalize(class_targets, dim=-1).T
+    )
     return F.cross_entropy(logits, labels).item()
 
 
@@ -489,10 +496,13 @@ def test_contrastive_head_lowers_infonce_from_the_closed_form_and_beats_least_sq
     x, targets, labels, class_targets = magnitude_problem(800, seed=0)
     x_test, _, labels_test, _ = magnitude_problem(400, seed=1)
     start = fit_closed_form(stream(x, targets, [800]))
-    fit = fit_contrastive_head(x, targets, labels, start, logit_scale=math.log(1 / 0.07), epochs=20, lr=1e-2,
-                               batch_size=128)
+    fit = fit_contrastive_head(
+        x, targets, labels, start, logit_scale=math.log(1 / 0.07), epochs=20, lr=1e-2, batch_size=128
+    )
     scale = 1 / 0.07
-    assert full_infonce(fit.weights, x, labels, class_targets, scale) < 0.5 * full_infonce(start, x, labels, class_targets, scale)
+    assert full_infonce(fit.weights, x, labels, class_targets, scale) < 0.5 * full_infonce(
+        start, x, labels, class_targets, scale
+    )
     assert fit.final_loss < 0.5 * fit.start_loss
     least_squares, contrastive = (class_accuracy(w, x_test, labels_test, class_targets) for w in (start, fit.weights))
     assert least_squares < 0.65 and contrastive > least_squares + 0.2, (least_squares, contrastive)
@@ -501,15 +511,21 @@ def test_contrastive_head_lowers_infonce_from_the_closed_form_and_beats_least_sq
 def test_contrastive_head_is_seeded_and_exports_onto_the_raw_features():
     x, targets, labels, _ = magnitude_problem(300, seed=0)
     start = fit_closed_form(stream(x, targets, [300]))
-    runs = [fit_contrastive_head(x, targets, labels, start, logit_scale=2.0, epochs=2, batch_size=64, seed=seed)
-            for seed in (3, 3, 4)]
+    runs = [
+        fit_contrastive_head(x, targets, labels, start, logit_scale=2.0, epochs=2, batch_size=64, seed=seed)
+        for seed in (3, 3, 4)
+    ]
     assert torch.equal(runs[0].weights.weight, runs[1].weights.weight)
     assert torch.equal(runs[0].weights.bias, runs[1].weights.bias)
     assert not torch.equal(runs[0].weights.weight, runs[2].weights.weight)
     # No step taken: the head trained on standardised features comes back as the start, on the raw features.
     still = fit_contrastive_head(x, targets, labels, start, logit_scale=2.0, epochs=1, lr=0.0, batch_size=64)
-    torch.testing.assert_close(F.linear(x, still.weights.weight, still.weights.bias), F.linear(x, start.weight, start.bias),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        F.linear(x, still.weights.weight, still.weights.bias),
+        F.linear(x, start.weight, start.bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert math.isclose(still.start_loss, still.final_loss, rel_tol=1e-6)
 
 
@@ -520,6 +536,7 @@ def test_contrastive_objective_starts_from_the_text_mse_closed_form_with_the_giv
     assert isinstance(objective, ContrastiveAlignment) and objective.needs_features and objective.has_ridge
     weights = objective.fit(AlignmentData(stats, x=x, targets=targets, groups=labels), ridge=1.0)
     start = fit_closed_form(stats, ridge=1.0)
-    torch.testing.assert_close(F.linear(x, weights.weight, weights.bias), F.linear(x, start.weight, start.bias),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        F.linear(x, weights.weight, weights.bias), F.linear(x, start.weight, start.bias), rtol=1e-5, atol=1e-5
+    )
     assert set(objective.fit_metrics()) == {"train/infonce_start", "train/infonce_final"}

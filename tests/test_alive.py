@@ -14,15 +14,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_as_main
 from agriclip.errors import ExitCode
+from agriclip.images import DECODE_REPORT, open_image
+from agriclip.sources import load_image_text_dataset
 from training import alive_builder
 from training.alive import main
 from training.alive_builder import BuildConfig, build_alive
-from agriclip.images import open_image
-from agriclip.images import DECODE_REPORT
-from training.data import ImageTextCollator, load_image_text_dataset
+from training.data import ImageTextCollator
 from training.embedded import pretraining_sources, render_cattle, render_fish, render_leaf
+
+from conftest import run_as_main
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,13 @@ def built(sources):
 
 def rows_of(dataset) -> list[tuple]:
     return sorted(
-        (hashlib.sha256(open_image(r["image"]).tobytes()).hexdigest(), r["caption"], tuple(r["captions"]), r["source"],
-         r["label"])
+        (
+            hashlib.sha256(open_image(r["image"]).tobytes()).hexdigest(),
+            r["caption"],
+            tuple(r["captions"]),
+            r["source"],
+            r["label"],
+        )
         for r in dataset
     )
 
@@ -113,8 +119,11 @@ def test_report_counts_skips_and_duplicates(built, sources):
     assert skipped["missing file"] == [str(sources / "fish" / "missing.jpg")]
     assert "zero.png" in built["decode_summary"] and "missing.jpg" in built["decode_summary"]
     assert built["duplicates"] == [
-        {"dropped": str(sources / "fish" / "copy.bmp"), "source": "fish",
-         "kept": f"leaves:{sources / 'leaves' / 'healthy' / '0.png'}"}
+        {
+            "dropped": str(sources / "fish" / "copy.bmp"),
+            "source": "fish",
+            "kept": f"leaves:{sources / 'leaves' / 'healthy' / '0.png'}",
+        }
     ]
     assert built["splits"]["train"] > 0 and built["splits"]["validation"] > 0
     assert sum(built["splits"].values()) == 21
@@ -202,8 +211,12 @@ def test_an_empty_caption_from_the_command_line_is_one_line_and_exit_9(sources, 
 
 def absolute_sources(config, sources):
     """`config` with its source paths made absolute, for a copy of the config written elsewhere."""
-    return {**config, "sources": [{**s, "path": str(sources / s["path"]), "metadata": str(sources / s["metadata"])}
-                                  for s in config["sources"]]}
+    return {
+        **config,
+        "sources": [
+            {**s, "path": str(sources / s["path"]), "metadata": str(sources / s["metadata"])} for s in config["sources"]
+        ],
+    }
 
 
 def test_config_errors_name_the_field(sources, tmp_path):
@@ -227,8 +240,10 @@ def test_command_line(sources, tmp_path, capsys):
     assert "duplicate dropped: fish:" in out and "missing.jpg" in out
     assert str(tmp_path / "cli" / "webdataset") in out
     assert not (tmp_path / "cli" / "imagefolder").exists()
-    counts = [len(list(load_image_text_dataset(tmp_path / "cli" / "webdataset", split=split, streaming=True)))
-              for split in ("train", "validation")]
+    counts = [
+        len(list(load_image_text_dataset(tmp_path / "cli" / "webdataset", split=split, streaming=True)))
+        for split in ("train", "validation")
+    ]
     assert sum(counts) == 21
 
 
@@ -238,7 +253,7 @@ def test_push_to_hub_receives_the_saved_dataset(sources, tmp_path, monkeypatch):
     config = BuildConfig.from_file(sources / "build.yaml")
     config.output_dir, config.formats, config.push_to_hub = str(tmp_path / "hub"), ["datasets"], "agri/alive-mini"
     build_alive(config, progress=False)
-    (repo_id, dataset), = pushed
+    ((repo_id, dataset),) = pushed
     assert repo_id == "agri/alive-mini" and sorted(dataset) == ["train", "validation"]
     assert sum(len(split) for split in dataset.values()) == 21
     assert not (tmp_path / "hub" / "imagefolder").exists()  # staged in a temporary folder only
@@ -259,8 +274,11 @@ def test_parallel_build_matches_serial(sources, built, tmp_path):
 
 def tree(folder):
     """Every file under `folder` (hidden ones too) with a digest of its bytes: a build, byte for byte."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture
@@ -283,8 +301,11 @@ def test_a_typo_in_a_source_path_is_named_and_the_previous_build_is_kept(previou
     # A folder named "leaves" beside the config makes "leaves/healthyy" a local path, not a Hub id "org/name".
     (tmp_path / "leaves").symlink_to(sources / "leaves")
     config_file.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=rf"build\.yaml: sources\[1\] \('fish'\): path '{re.escape(typo)}' does not "
-                                         r"exist .*relative to the config file") as failure:
+    with pytest.raises(
+        ValueError,
+        match=rf"build\.yaml: sources\[1\] \('fish'\): path '{re.escape(typo)}' does not "
+        r"exist .*relative to the config file",
+    ) as failure:
         build_alive(BuildConfig.from_file(config_file), progress=False)
     assert "hub" not in str(failure.value).lower().replace("a hub dataset id", "")
     assert tree(tmp_path / "out") == before
@@ -332,8 +353,14 @@ def test_a_build_that_fails_midway_leaves_the_previous_build_and_a_complete_one_
     assert sum(report["splits"].values()) == 15
 
 
-@pytest.mark.parametrize(("name", "message"), [("/etc/passwd", "is absolute"), ("../../secret.jpg", "leads outside"),
-                                                ("fish/link.jpg", r"leads outside .*secret\.jpg")])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("/etc/passwd", "is absolute"),
+        ("../../secret.jpg", "leads outside"),
+        ("fish/link.jpg", r"leads outside .*secret\.jpg"),
+    ],
+)
 def test_a_csv_source_with_an_image_path_outside_its_folder_is_refused(sources, tmp_path, name, message):
     data = tmp_path / "data"
     (data / "fish").mkdir(parents=True)

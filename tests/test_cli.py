@@ -21,14 +21,15 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import full_disk, run_subprocess
 from agriclip import cli
 from agriclip.cli import main
 from agriclip.errors import CLIError, ExitCode
+from agriclip.images import open_image
 from agriclip.templates import get_templates
 from modeling_agriclip.commands import classify_files, find_images
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from agriclip.images import open_image
+
+from conftest import full_disk, run_subprocess
 
 
 LABELS = ["leaf rust", "healthy leaf", "powdery mildew"]
@@ -269,7 +270,11 @@ def carded_checkpoint(tiny_checkpoint, tmp_path_factory):
     task = "zero-shot-image-classification"
     results = [
         EvalResult(
-            task_type=task, dataset_type=name, dataset_name=name, metric_type="accuracy", metric_name="Top-1",
+            task_type=task,
+            dataset_type=name,
+            dataset_name=name,
+            metric_type="accuracy",
+            metric_name="Top-1",
             metric_value=value,
         )
         for name, value in (("leaf-spot", 0.8125), ("fish-species", 0.5))
@@ -323,20 +328,33 @@ def test_model_from_the_environment_variable(capsys, photos, tiny_checkpoint, mo
 
 
 def test_a_single_label_is_warned_about_once_before_the_model_loads(capsys, photos, tiny_checkpoint):
-    code, out, err = run(capsys, "predict", photos / "a.png", "--labels", "rust", "--model", tiny_checkpoint,
-                         "--format", "json")
+    code, out, err = run(
+        capsys, "predict", photos / "a.png", "--labels", "rust", "--model", tiny_checkpoint, "--format", "json"
+    )
     assert code == ExitCode.OK and json.loads(out)["results"][0]["predictions"][0]["score"] == pytest.approx(1.0)
     assert err.count("always scores 1.0") == 1  # the classifier's own warning is not repeated
-    assert "agriclip: warning: a single label ('rust') always scores 1.0: scores are softmax probabilities over the " \
-           "labels given, relative to those labels only" in err
+    assert (
+        "agriclip: warning: a single label ('rust') always scores 1.0: scores are softmax probabilities over the "
+        "labels given, relative to those labels only" in err
+    )
 
 
 def test_the_table_aligns_wide_file_names_and_labels(capsys, photos, tiny_checkpoint, tmp_path):
     """A CJK character takes two terminal columns: the columns line up on screen, not in characters."""
     shutil.copy(photos / "a.png", tmp_path / "a.png")
     shutil.copy(photos / "b.jpg", tmp_path / "稲の葉.jpg")  # 3 wide characters: 10 columns with ".jpg"
-    code, out, _ = run(capsys, "predict", tmp_path / "a.png", tmp_path / "稲の葉.jpg", "--labels", "葉さび病,healthy",
-                       "--model", tiny_checkpoint, "--top-k", 1)
+    code, out, _ = run(
+        capsys,
+        "predict",
+        tmp_path / "a.png",
+        tmp_path / "稲の葉.jpg",
+        "--labels",
+        "葉さび病,healthy",
+        "--model",
+        tiny_checkpoint,
+        "--top-k",
+        1,
+    )
     assert code == ExitCode.OK
     prefix = len(str(tmp_path)) + 1
     columns = {"image": 5, "a.png": 5, "稲の葉.jpg": 10, "label": 5, "葉さび病": 8, "healthy": 7}  # counted by hand
@@ -409,13 +427,21 @@ def test_only_unreadable_images(capsys, photos, tiny_checkpoint):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("{tmp}/no-such-model", "cannot load the model '{model}': no such folder. Pass a local folder with --model PATH"),
+        (
+            "{tmp}/no-such-model",
+            "cannot load the model '{model}': no such folder. Pass a local folder with --model PATH",
+        ),
         # A folder that is not a saved model: said so, not transformers' "Should have a `model_type` key".
-        ("{tmp}", "cannot load the model: {model} has no config.json: not a saved model folder (save it with "
-                  "save_pretrained, or build one with `agriclip convert`)"),
+        (
+            "{tmp}",
+            "cannot load the model: {model} has no config.json: not a saved model folder (save it with "
+            "save_pretrained, or build one with `agriclip convert`)",
+        ),
         # The tests run with HF_HUB_OFFLINE=1 (conftest): said at once, instead of "We couldn't connect".
-        ("org/not-cached", "cannot load the model: org/not-cached: offline mode is on (HF_HUB_OFFLINE=1) and the "
-                           "Hugging Face cache"),
+        (
+            "org/not-cached",
+            "cannot load the model: org/not-cached: offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache",
+        ),
     ],
 )
 def test_model_that_cannot_be_loaded(capsys, photos, tmp_path, model, message):
@@ -444,9 +470,13 @@ def test_an_unreachable_hub_fails_at_once_and_suggests_offline_mode(capsys, phot
     code, _, err = run(capsys, "predict", photos / "a.png", "--labels", "a,b", "--model", "org/not-cached")
     assert time.monotonic() - started < 10
     assert code == ExitCode.MODEL
-    assert f"agriclip: error: cannot load the model: org/not-cached: the Hugging Face Hub at {endpoint} cannot be " \
-           "reached" in err
-    assert "the Hugging Face cache does not hold this Hub id: pass a local model folder" in err and "Retrying" not in err
+    assert (
+        f"agriclip: error: cannot load the model: org/not-cached: the Hugging Face Hub at {endpoint} cannot be "
+        "reached" in err
+    )
+    assert (
+        "the Hugging Face cache does not hold this Hub id: pass a local model folder" in err and "Retrying" not in err
+    )
 
 
 def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_cannot_be_reached(photos, tiny_checkpoint, tmp_path):
@@ -462,8 +492,23 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_cannot_be_reached(
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=endpoint)
-    done = run_subprocess([sys.executable, "-m", "agriclip", "predict", str(photos / "a.png"), "--labels", "a,b",
-                           "--model", "org/cached", "--format", "json"], env=env, timeout=120)
+    done = run_subprocess(
+        [
+            sys.executable,
+            "-m",
+            "agriclip",
+            "predict",
+            str(photos / "a.png"),
+            "--labels",
+            "a,b",
+            "--model",
+            "org/cached",
+            "--format",
+            "json",
+        ],
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cannot be reached" in done.stderr and "loading it from the Hugging Face cache" in done.stderr
     assert [row["image"] for row in json.loads(done.stdout)["results"]] == [str(photos / "a.png")]
@@ -549,6 +594,7 @@ def test_scripts_report_bad_input_as_one_line_and_exit_9_and_keep_tracebacks_for
         assert stop.value.code == ExitCode.INPUT
         err = capsys.readouterr().err
         assert err.startswith(f"python -m training.example: error: {message}") and err.count("\n") == 1
+
     def cannot_load():
         raise CLIError(ExitCode.MODEL, "cannot load the model")
 
@@ -583,14 +629,27 @@ def edit_json(path, **changes):
 # Each way a checkpoint can make transformers import its own Python files: a config, processor, tokenizer or image
 # processor class that nothing registered provides, with an `auto_map` entry pointing at `evil.py`.
 TAMPERING = {
-    "config": ("config.json", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.Evil", "AutoModel": "evil.Evil"}}),
-    "processor": ("processor_config.json",
-                  {"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "evil.Evil"}}),
-    "tokenizer": ("tokenizer_config.json",
-                  {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}}),
-    "image processor": ("processor_config.json",
-                        {"image_processor": {"image_processor_type": "EvilImageProcessor",
-                                             "auto_map": {"AutoImageProcessor": "evil.Evil"}}}),
+    "config": (
+        "config.json",
+        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.Evil", "AutoModel": "evil.Evil"}},
+    ),
+    "processor": (
+        "processor_config.json",
+        {"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "evil.Evil"}},
+    ),
+    "tokenizer": (
+        "tokenizer_config.json",
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}},
+    ),
+    "image processor": (
+        "processor_config.json",
+        {
+            "image_processor": {
+                "image_processor_type": "EvilImageProcessor",
+                "auto_map": {"AutoImageProcessor": "evil.Evil"},
+            }
+        },
+    ),
 }
 
 
@@ -635,15 +694,27 @@ def test_no_command_runs_a_checkpoints_code_or_asks_even_when_stdin_answers_yes(
     for kind, folder in tampered.items():
         runs += [
             ["predict", str(photos / "a.png"), *label_args, "--model", str(folder)],
-            ["classify-folder", str(photos / "sub"), *label_args, "--output", str(tmp_path / "p.csv"),
-             "--model", str(folder)],
+            [
+                "classify-folder",
+                str(photos / "sub"),
+                *label_args,
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--model",
+                str(folder),
+            ],
             ["embed", *label_args[:2], "--output", str(tmp_path / "e.safetensors"), "--model", str(folder)],
         ]
     repo = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     completed = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(runs), json.dumps([str(folder) for folder in tampered.values()])],
-        input="y\n" * 100, capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=240,
+        input="y\n" * 100,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=240,
     )
     assert not [str(folder) for folder in tampered.values() if (folder / "MARKER").exists()]
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -654,14 +725,18 @@ def test_no_command_runs_a_checkpoints_code_or_asks_even_when_stdin_answers_yes(
     errors = [line for line in completed.stderr.splitlines() if line.startswith("agriclip: error:")]
     assert len(errors) == len(runs)
     config = tampered["config"]
-    config_refusal = (f"cannot load the model '{config}': {config}: config.json names the model type 'evil', which "
-                      "neither AgriCLIP nor transformers provides; its auto_map would run the folder's own code "
-                      "(evil.py), which is never run unless trust_remote_code=True is passed")
+    config_refusal = (
+        f"cannot load the model '{config}': {config}: config.json names the model type 'evil', which "
+        "neither AgriCLIP nor transformers provides; its auto_map would run the folder's own code "
+        "(evil.py), which is never run unless trust_remote_code=True is passed"
+    )
     assert errors[0].startswith(f"agriclip: error: {config_refusal}")
     for error in errors[4:]:  # the processor, tokenizer and image-processor tamperings
-        assert "its processor files name a processor, tokenizer or image processor class that only the folder's own " \
-               "code provides (auto_map), which is never run" in error
-    for result, folder in zip(codes[len(runs):], tampered.values()):
+        assert (
+            "its processor files name a processor, tokenizer or image processor class that only the folder's own "
+            "code provides (auto_map), which is never run" in error
+        )
+    for result, folder in zip(codes[len(runs) :], tampered.values()):
         assert result.startswith(f"ValueError: {folder}: ") and "never run unless trust_remote_code=True" in result
 
 
@@ -677,20 +752,25 @@ def test_a_checkpoint_with_missing_unexpected_or_reshaped_tensors_is_refused(
 ):
     folder = tmp_path / "incomplete"
     shutil.copytree(tiny_checkpoint, folder)
-    text_tower = ("text_model.", "text_projection.", "logit_scale")
+    text_tower = ("text_model.", "text_projection.", "logit_scale", "logit_bias")
     drop_tensors(folder, keep=lambda key: key.startswith(text_tower))  # the image towers and aligner gone
     model_keys = sorted(tiny_model.state_dict())
     missing = [key for key in model_keys if not key.startswith(text_tower)]
     code, out, err = run(capsys, "predict", photos / "a.png", "--labels", "a,b", "--model", folder)
     assert code == ExitCode.MODEL and out == ""
     shown = ", ".join(missing[:5])
-    assert (f"agriclip: error: cannot load the model '{folder}': {folder}: the weights do not fit the model: "
-            f"{len(missing)} of the model's {len(model_keys)} tensors are missing ({shown} and {len(missing) - 5} "
-            "more). The checkpoint is incomplete or of another model") in err
+    assert (
+        f"agriclip: error: cannot load the model '{folder}': {folder}: the weights do not fit the model: "
+        f"{len(missing)} of the model's {len(model_keys)} tensors are missing ({shown} and {len(missing) - 5} "
+        "more). The checkpoint is incomplete or of another model"
+    ) in err
 
     shutil.copytree(tiny_checkpoint, folder, dirs_exist_ok=True)
-    drop_tensors(folder, keep=lambda key: key != "aligner.weight",
-                 add={"aligner.weight": torch.zeros(3, 3), "extra.head.weight": torch.zeros(2)})
+    drop_tensors(
+        folder,
+        keep=lambda key: key != "aligner.weight",
+        add={"aligner.weight": torch.zeros(3, 3), "extra.head.weight": torch.zeros(2)},
+    )
     with pytest.raises(ValueError) as failure:
         ZeroShotClassifier.from_pretrained(folder)
     assert "1 tensors are not in the model (extra.head.weight)" in str(failure.value)
@@ -708,8 +788,9 @@ def test_a_checkpoint_with_missing_unexpected_or_reshaped_tensors_is_refused(
         ("a {0} leaf", "has the format field(s) {0}"),
     ],
 )
-def test_a_bad_template_exits_7_before_the_model_loads(capsys, photos, tiny_checkpoint, tmp_path, monkeypatch,
-                                                       template, message):
+def test_a_bad_template_exits_7_before_the_model_loads(
+    capsys, photos, tiny_checkpoint, tmp_path, monkeypatch, template, message
+):
     loaded = []
     monkeypatch.setattr(ZeroShotClassifier, "from_pretrained", lambda *args, **kwargs: loaded.append(args))
     for argv in (["predict", photos / "a.png"], ["embed", "--output", tmp_path / "e.safetensors"]):
@@ -741,8 +822,9 @@ def test_a_full_disk_exits_8_and_leaves_the_previous_files_as_they_were(
     assert {path.name: path.read_bytes() for path in out.iterdir()} == previous  # and no temporary file left
     assert code == ExitCode.OUTPUT
     names = " and ".join(str(out / name) for name in outputs)
-    assert err.splitlines()[-1] == (f"agriclip: error: cannot write {names}: No space left on device; any previous "
-                                    "file is left as it was")
+    assert err.splitlines()[-1] == (
+        f"agriclip: error: cannot write {names}: No space left on device; any previous file is left as it was"
+    )
 
 
 def forged_header(path):
@@ -757,8 +839,10 @@ def test_info_names_a_forged_safetensors_header(capsys, tiny_checkpoint, tmp_pat
     forged_header(folder / "model.safetensors")
     code, out, err = run(capsys, "info", folder)
     assert code == ExitCode.MODEL and out == ""
-    assert (f"agriclip: error: cannot read the weights of '{folder}': {folder / 'model.safetensors'}: not a readable "
-            "safetensors file (") in err and "truncated, corrupt or forged" in err
+    assert (
+        f"agriclip: error: cannot read the weights of '{folder}': {folder / 'model.safetensors'}: not a readable "
+        "safetensors file ("
+    ) in err and "truncated, corrupt or forged" in err
 
 
 def test_info_reports_an_unreadable_card_and_carries_on(capsys, carded_checkpoint, tmp_path):
@@ -803,8 +887,9 @@ def test_a_fifo_in_a_checkpoint_is_never_opened(tiny_checkpoint, photos, tmp_pat
         runs += [["info", str(folder)], ["predict", str(photos / "a.png"), "--labels", "a,b", "--model", str(folder)]]
     repo = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    completed = run_subprocess([sys.executable, "-c", FIFO_DRIVER, json.dumps(runs)], env=environment, cwd=tmp_path,
-                               timeout=180)
+    completed = run_subprocess(
+        [sys.executable, "-c", FIFO_DRIVER, json.dumps(runs)], env=environment, cwd=tmp_path, timeout=180
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads(completed.stdout.splitlines()[-1]) == [ExitCode.MODEL] * len(runs)
     errors = [line for line in completed.stderr.splitlines() if line.startswith("agriclip: error:")]

@@ -7,11 +7,12 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transformers.image_utils import PILImageResampling
 
-from modeling_agriclip import AgriCLIPModel
-from modeling_agriclip.configuration_agriclip import AgriCLIPConfig
 from agriclip.cli import main as agriclip
 from agriclip.errors import ExitCode
+from modeling_agriclip import AgriCLIPModel
+from modeling_agriclip.configuration_agriclip import AgriCLIPConfig
 from modeling_agriclip.convert import convert, load_official_aligner
+
 
 try:
     from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -75,7 +76,9 @@ def clip_folder(tmp_path_factory, clip_tokenizer):
     """A tiny transformers CLIPModel with its processor, saved locally as a Hub checkpoint would be."""
     torch.manual_seed(1)
     tiny = AgriCLIPConfig.tiny()
-    config = CLIPConfig(text_config=tiny.text_config.to_dict(), vision_config=tiny.vision_config.to_dict(), projection_dim=32)
+    config = CLIPConfig(
+        text_config=tiny.text_config.to_dict(), vision_config=tiny.vision_config.to_dict(), projection_dim=32
+    )
     model = CLIPModel(config).eval()
     model.logit_scale.data.fill_(3.0)
     path = tmp_path_factory.mktemp("clip")
@@ -96,8 +99,12 @@ def test_clip_parity(clip_folder, tmp_path):
     # The AgriCLIP processor normalises with ImageNet statistics; feed the CLIP reference the same raw pixels
     # normalised with CLIP's own statistics.
     config = model.config
-    raw = pixel_values * torch.tensor(config.image_std).view(1, 3, 1, 1) + torch.tensor(config.image_mean).view(1, 3, 1, 1)
-    clip_pixels = (raw - torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.clip_image_std).view(1, 3, 1, 1)
+    raw = pixel_values * torch.tensor(config.image_std).view(1, 3, 1, 1) + torch.tensor(config.image_mean).view(
+        1, 3, 1, 1
+    )
+    clip_pixels = (raw - torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)) / torch.tensor(
+        config.clip_image_std
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         expected_text = reference.get_text_features(**texts).pooler_output
         expected_image = reference.get_image_features(pixel_values=clip_pixels).pooler_output
@@ -111,7 +118,16 @@ def test_clip_parity(clip_folder, tmp_path):
 def test_backbone_parity(kind, tmp_path):
     torch.manual_seed(2)
     if kind == "vit":
-        backbone = ViTModel(ViTConfig(image_size=64, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
+        backbone = ViTModel(
+            ViTConfig(
+                image_size=64,
+                patch_size=8,
+                hidden_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=48,
+            )
+        )
     else:
         backbone = ResNetModel(ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, layer_type="basic"))
     backbone.eval().save_pretrained(tmp_path / "backbone")
@@ -133,8 +149,21 @@ def test_official_release_reproduces_official_zero_shot(clip_folder, tmp_path):
     torch.save(resnet.state_dict(), tmp_path / "dino_pretrain.pth")
     weight, bias = torch.randn(32, 32), torch.randn(32)
     torch.save({"W": weight, "b": bias}, tmp_path / "aligner.pth")
-    agriclip(["convert", "--clip", str(path), "--official-dino", str(tmp_path / "dino_pretrain.pth"),
-          "--official-aligner", str(tmp_path / "aligner.pth"), "--preset", "tiny", "--output", str(tmp_path / "official")])
+    agriclip(
+        [
+            "convert",
+            "--clip",
+            str(path),
+            "--official-dino",
+            str(tmp_path / "dino_pretrain.pth"),
+            "--official-aligner",
+            str(tmp_path / "aligner.pth"),
+            "--preset",
+            "tiny",
+            "--output",
+            str(tmp_path / "official"),
+        ]
+    )
     model = AgriCLIPModel.from_pretrained(tmp_path / "official").eval()
     assert model.config.dino_config.depths == [1, 2, 1, 1]
 
@@ -198,8 +227,17 @@ def test_convert_rejects_mismatched_parts(tmp_path):
 
 def test_agriclip_convert_reports_a_wrong_shaped_aligner_as_one_line_and_exit_9(tmp_path, capsys):
     torch.save({"W": torch.randn(32, 10), "b": torch.randn(32)}, tmp_path / "aligner.pth")
-    code = agriclip(["convert", "--preset", "tiny", "--official-aligner", str(tmp_path / "aligner.pth"),
-                     "--output", str(tmp_path / "out")])
+    code = agriclip(
+        [
+            "convert",
+            "--preset",
+            "tiny",
+            "--official-aligner",
+            str(tmp_path / "aligner.pth"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == ExitCode.INPUT == 9
     assert capsys.readouterr().err.splitlines() == [
         f"agriclip: error: {tmp_path / 'aligner.pth'}: the aligner maps 10 -> 32 features, but the model needs 48 -> 32 "
@@ -210,7 +248,9 @@ def test_agriclip_convert_reports_a_wrong_shaped_aligner_as_one_line_and_exit_9(
 
 def test_agriclip_convert_names_a_clip_folder_without_config(tmp_path, capsys):
     (tmp_path / "clip").mkdir()
-    code = agriclip(["convert", "--preset", "tiny", "--clip", str(tmp_path / "clip"), "--output", str(tmp_path / "out")])
+    code = agriclip(
+        ["convert", "--preset", "tiny", "--clip", str(tmp_path / "clip"), "--output", str(tmp_path / "out")]
+    )
     assert code == ExitCode.INPUT
     assert capsys.readouterr().err.splitlines() == [
         f"agriclip: error: {tmp_path / 'clip'} has no config.json: not a saved model folder (save it with "

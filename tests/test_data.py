@@ -10,6 +10,7 @@ import re
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -19,18 +20,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from agriclip import images
-from conftest import write_caption_folder
 from agriclip.images import DECODE_REPORT, DecodeStats, ImageDecodeError, counted, open_image, read_image_bytes
-from training.data import (
+from agriclip.sources import (
     IMAGE_TEXT_COLUMNS,
-    ROW_INDEX,
-    ImageCollator,
-    ImageTextCollator,
+    load_image_dataset,
     load_image_text_dataset,
     load_labelled_dataset,
-    plan_validation,
     split_names,
 )
+from training.data import ROW_INDEX, ImageCollator, ImageTextCollator, plan_validation
+
+from conftest import write_caption_folder, write_labelled_folder
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -158,8 +158,13 @@ def test_sources_path_bytes_and_datasets_dict(tmp_path):
     payload = encode(noisy_rgb(2), "PNG")
     (tmp_path / "a.png").write_bytes(payload)
     expected = np.asarray(noisy_rgb(2))
-    for source in (tmp_path / "a.png", str(tmp_path / "a.png"), payload, {"path": "x.png", "bytes": payload},
-                   {"path": str(tmp_path / "a.png"), "bytes": None}):
+    for source in (
+        tmp_path / "a.png",
+        str(tmp_path / "a.png"),
+        payload,
+        {"path": "x.png", "bytes": payload},
+        {"path": str(tmp_path / "a.png"), "bytes": None},
+    ):
         assert (np.asarray(open_image(source)) == expected).all()
     assert read_image_bytes({"path": "x.png", "bytes": payload}) == ("x.png", payload)
     with pytest.raises(ImageDecodeError, match="neither path nor bytes"):
@@ -308,7 +313,7 @@ def test_labelled_image_folder_is_alphabetical_and_undecoded(tmp_path, caplog):
         load_labelled_dataset(tmp_path / "split")
     assert load_labelled_dataset(tmp_path / "split", split="test")[1] == ["a"]
     (tmp_path / "task" / "empty_class").mkdir()
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="agriclip.sources"):
         dataset, names = load_labelled_dataset(tmp_path / "task")
     assert "empty_class" in names and "empty_class" in caplog.text
     assert names.index("empty_class") not in dataset["label"]
@@ -325,8 +330,10 @@ def test_labelled_saved_dataset_with_other_column_names(tmp_path):
     assert (np.asarray(open_image(dataset[0]["image"])) == np.asarray(noisy_rgb(0))).all()
     with pytest.raises(ValueError, match="pass split="):
         load_labelled_dataset(tmp_path / "saved")
-    datasets.Dataset.from_dict({"img": images, "text": ["a"] * 3}, features=datasets.Features(
-        {"img": datasets.Image(), "text": datasets.Value("string")})).save_to_disk(str(tmp_path / "nolabel"))
+    datasets.Dataset.from_dict(
+        {"img": images, "text": ["a"] * 3},
+        features=datasets.Features({"img": datasets.Image(), "text": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path / "nolabel"))
     with pytest.raises(ValueError, match="no ClassLabel column"):
         load_labelled_dataset(tmp_path / "nolabel")
 
@@ -421,8 +428,13 @@ def test_open_clip_csv(tmp_path, pairs, separator):
 
 def test_saved_dataset_and_hub_layout(tmp_path, pairs):
     features = datasets.Features(
-        {"picture": datasets.Image(), "text": datasets.Value("string"), "source": datasets.Value("string"),
-         "label": datasets.Value("string"), "extra": datasets.Value("int32")}
+        {
+            "picture": datasets.Image(),
+            "text": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "label": datasets.Value("string"),
+            "extra": datasets.Value("int32"),
+        }
     )
     columns = {
         "picture": [{"bytes": png, "path": None} for png, *_ in pairs],
@@ -439,8 +451,11 @@ def test_saved_dataset_and_hub_layout(tmp_path, pairs):
     # Without a `caption` column, `text` is the caption column by default.
     assert content(load_image_text_dataset(tmp_path / "saved")) == expected_content(pairs)
     dataset.rename_column("text", "words").save_to_disk(str(tmp_path / "no-caption"))
-    with pytest.raises(ValueError, match=r"no-caption: no caption column \(looked for 'caption' or 'text'\); columns: "
-                                         r"\[.*'words'\]; name it with caption_column= \(--caption-column\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no-caption: no caption column \(looked for 'caption' or 'text'\); columns: "
+        r"\[.*'words'\]; name it with caption_column= \(--caption-column\)",
+    ):
         load_image_text_dataset(tmp_path / "no-caption")
     # A Hub repository's layout (data/<split>-*.parquet), read by the same code path as a Hub id.
     (tmp_path / "hub" / "data").mkdir(parents=True)
@@ -475,7 +490,9 @@ def write_text_caption_folder(root, pairs, metadata="metadata.jsonl", both=False
     if metadata.endswith(".jsonl"):
         (root / metadata).write_text("".join(json.dumps(row) + "\n" for row in rows))
     else:
-        (root / metadata).write_text("".join(",".join(row) + "\n" for row in [rows[0].keys()] + [r.values() for r in rows]))
+        (root / metadata).write_text(
+            "".join(",".join(row) + "\n" for row in [rows[0].keys()] + [r.values() for r in rows])
+        )
 
 
 @pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
@@ -495,8 +512,9 @@ def test_an_image_folder_may_name_its_captions_text(tmp_path, pairs, metadata):
 
 def test_a_bad_text_caption_of_a_stream_is_named_by_file_and_row_before_it_starts(tmp_path, pairs):
     """The check that names a stream's bad caption before training reads the `text` column too."""
-    write_text_caption_folder(tmp_path / "data", [(png, "" if index == 2 else caption) for index, (png, caption, *_)
-                                                  in enumerate(pairs)])
+    write_text_caption_folder(
+        tmp_path / "data", [(png, "" if index == 2 else caption) for index, (png, caption, *_) in enumerate(pairs)]
+    )
     metadata = tmp_path / "data" / "metadata.jsonl"
     with pytest.raises(ValueError, match=rf"^{metadata}: row 3 \(image \S*/data/2\.png\): the caption is empty"):
         load_image_text_dataset(tmp_path / "data", streaming=True)
@@ -505,10 +523,16 @@ def test_a_bad_text_caption_of_a_stream_is_named_by_file_and_row_before_it_start
 def datasets_rows(folder, split) -> list[dict]:
     """The rows `datasets`' own imagefolder loader reads from `folder`, with load_image_text_dataset's columns."""
     loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split).cast_column(
-        "image", datasets.Image(decode=False))
+        "image", datasets.Image(decode=False)
+    )
     columns = [name for name in IMAGE_TEXT_COLUMNS if name in loaded.column_names]
-    return sorted(({name: row[name] for name in columns} | {"image": row["image"]["path"]} for row in
-                   loaded.select_columns(columns)), key=lambda row: row["image"])
+    return sorted(
+        (
+            {name: row[name] for name in columns} | {"image": row["image"]["path"]}
+            for row in loaded.select_columns(columns)
+        ),
+        key=lambda row: row["image"],
+    )
 
 
 def our_rows(dataset) -> list[dict]:
@@ -516,8 +540,9 @@ def our_rows(dataset) -> list[dict]:
 
 
 @pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
-def test_an_image_folder_index_reads_what_datasets_reads_without_listing_the_images(tmp_path, pairs, metadata,
-                                                                                  monkeypatch):
+def test_an_image_folder_index_reads_what_datasets_reads_without_listing_the_images(
+    tmp_path, pairs, metadata, monkeypatch
+):
     """Split folders at any depth and under `datasets`' other split names (`val/` is validation), shard
     subfolders, a nested metadata file and hidden folders: the same rows as `datasets.load_dataset("imagefolder")`,
     found without `datasets` resolving any file, and listing each folder a few times, not once per split pattern."""
@@ -607,15 +632,22 @@ def test_validation_comes_from_the_validation_split_or_a_seeded_held_out_fractio
         plan = plan_validation(root / source, "train", None, None, 0.5, seed=0)
         assert plan.held_out == 0.5
         assert plan.notice.startswith(f"validation: {root / source} has no split 'validation' (")
-        assert "50% of the training pairs, drawn with seed 0, are held out for validation and not trained on" in plan.notice
+        assert (
+            "50% of the training pairs, drawn with seed 0, are held out for validation and not trained on"
+            in plan.notice
+        )
         train, validation = plan.load()
         assert len(train) == len(validation) == 3
         captions = sorted([*train["caption"], *validation["caption"]])
         assert captions == sorted(caption for _, caption, *_ in pairs)  # disjoint, and nothing lost
         again = plan_validation(root / source, "train", None, None, 0.5, seed=0).load()[1]
-        assert list(again["caption"]) == list(validation["caption"])  # the same pairs at every call (and on every process)
-    other_seeds = {tuple(sorted(plan_validation(root / "flat", "train", None, None, 0.5, seed=seed).load()[1]["caption"]))
-                   for seed in range(1, 6)}
+        assert list(again["caption"]) == list(
+            validation["caption"]
+        )  # the same pairs at every call (and on every process)
+    other_seeds = {
+        tuple(sorted(plan_validation(root / "flat", "train", None, None, 0.5, seed=seed).load()[1]["caption"]))
+        for seed in range(1, 6)
+    }
     assert len(other_seeds) > 1  # drawn from the seed
 
     # --val-data of one split is validated on whole; of several splits, it needs --val-split.
@@ -627,20 +659,42 @@ def test_validation_comes_from_the_validation_split_or_a_seeded_held_out_fractio
 @pytest.mark.parametrize(
     ("train", "train_split", "val_data", "val_split", "message"),
     [
-        ("flat", "train", None, "validation",
-         r"flat: no split 'validation' for validation; splits: \['train'\]; pass --val-split with one of them, or leave "
-         r"it out to hold out --val-fraction of the training pairs$"),
-        ("splits", "training", None, None,
-         r"splits: no split 'training' to train on; splits: \['train', 'validation'\]; pass --train-split"),
+        (
+            "flat",
+            "train",
+            None,
+            "validation",
+            r"flat: no split 'validation' for validation; splits: \['train'\]; pass --val-split with one of them, or leave "
+            r"it out to hold out --val-fraction of the training pairs$",
+        ),
+        (
+            "splits",
+            "training",
+            None,
+            None,
+            r"splits: no split 'training' to train on; splits: \['train', 'validation'\]; pass --train-split",
+        ),
         ("splits", "train", "other", None, r"other: no split 'validation' for validation; splits: \['test', 'train'\]"),
-        ("splits", "train", "other", "dev", r"other: no split 'dev' for validation; splits: \['test', 'train'\]; pass "
-                                            r"--val-split with one of them$"),
-        ("pairs.csv", "train", None, "validation",
-         r"pairs\.csv is one split .*--val-split 'validation' would reuse the training pairs; give --val-data"),
+        (
+            "splits",
+            "train",
+            "other",
+            "dev",
+            r"other: no split 'dev' for validation; splits: \['test', 'train'\]; pass "
+            r"--val-split with one of them$",
+        ),
+        (
+            "pairs.csv",
+            "train",
+            None,
+            "validation",
+            r"pairs\.csv is one split .*--val-split 'validation' would reuse the training pairs; give --val-data",
+        ),
     ],
 )
-def test_a_missing_split_is_an_error_naming_the_splits_there_are(split_sources, train, train_split, val_data, val_split,
-                                                                 message, monkeypatch):
+def test_a_missing_split_is_an_error_naming_the_splits_there_are(
+    split_sources, train, train_split, val_data, val_split, message, monkeypatch
+):
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("the data was loaded"))
     with pytest.raises(ValueError, match=message):
         plan_validation(split_sources / train, train_split, val_data and split_sources / val_data, val_split, 0.05, 0)
@@ -661,14 +715,20 @@ def test_bad_sources_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-BAD_CAPTIONS = [(None, "the caption is null or missing"), ("", "the caption is empty"), ("  ", "the caption is empty"),
-                (7, "the caption is 7 (int), not text")]
+BAD_CAPTIONS = [
+    (None, "the caption is null or missing"),
+    ("", "the caption is empty"),
+    ("  ", "the caption is empty"),
+    (7, "the caption is 7 (int), not text"),
+]
 
 
 def caption_rows(bad_caption, bad_index=3, count=5):
     """Image-folder metadata rows `{file_name, caption}` with one bad caption, at row `bad_index` (0-based)."""
-    return [{"file_name": f"imgs/{index}.png", "caption": bad_caption if index == bad_index else f"leaf {index}"}
-            for index in range(count)]
+    return [
+        {"file_name": f"imgs/{index}.png", "caption": bad_caption if index == bad_index else f"leaf {index}"}
+        for index in range(count)
+    ]
 
 
 def write_metadata_folder(root, rows, pairs, metadata="metadata.jsonl"):
@@ -713,10 +773,18 @@ def test_a_bad_caption_in_an_open_clip_csv_or_a_saved_dataset_is_named(tmp_path,
     captions = [f"caption {index}" for index in range(len(pairs))]
     variants = [[caption, "another"] for caption in captions]
     variants[4][1] = None  # a null caption variant: the collator may draw it
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                  "captions": datasets.List(datasets.Value("string"))})
-    rows = {"image": [{"bytes": png, "path": f"{index}.png"} for index, (png, *_) in enumerate(pairs)],
-            "caption": captions, "captions": variants}
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
+    rows = {
+        "image": [{"bytes": png, "path": f"{index}.png"} for index, (png, *_) in enumerate(pairs)],
+        "caption": captions,
+        "captions": variants,
+    }
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match=r"saved: dataset\[4\] \(image 4\.png\): caption variant 2 is null or missing"):
         load_image_text_dataset(tmp_path / "saved")
@@ -724,8 +792,13 @@ def test_a_bad_caption_in_an_open_clip_csv_or_a_saved_dataset_is_named(tmp_path,
 
 def test_a_bad_caption_in_a_stream_is_named_when_its_row_streams_past(tmp_path, pairs):
     # An empty .txt caption at sample 2, as a shard writer leaves for a missing one.
-    write_shard(tmp_path / "shard.tar", [(png, "" if index == 2 else caption, source, label)
-                                         for index, (png, caption, source, label) in enumerate(pairs)])
+    write_shard(
+        tmp_path / "shard.tar",
+        [
+            (png, "" if index == 2 else caption, source, label)
+            for index, (png, caption, source, label) in enumerate(pairs)
+        ],
+    )
     streamed = load_image_text_dataset(str(tmp_path / "shard.tar"), streaming=True)
     rows = iter(streamed)
     assert [next(rows)["caption"] for _ in range(2)] == [pairs[0][1], pairs[1][1]]
@@ -779,14 +852,18 @@ def test_an_open_clip_csv_refuses_image_paths_outside_its_folder(outside, name, 
         load_image_text_dataset(csv_file)
     csv_file.write_text("filepath,title\nimgs/0.png,a leaf\nimgs/sub/../inside.png,the same leaf\n")
     assert [row["image"]["path"] for row in load_image_text_dataset(csv_file)] == [
-        str(outside / "imgs" / "0.png"), str(outside / "imgs" / "sub/../inside.png")
+        str(outside / "imgs" / "0.png"),
+        str(outside / "imgs" / "sub/../inside.png"),
     ]
 
 
 def test_an_image_folder_refuses_the_same_paths_named_by_row(outside):
     metadata = outside / "metadata.jsonl"
-    for name, message in (("../secret.png", "leads outside"), ("/etc/shadow", "is absolute"),
-                          ("imgs/link.png", r"leads outside .*secret\.png")):
+    for name, message in (
+        ("../secret.png", "leads outside"),
+        ("/etc/shadow", "is absolute"),
+        ("imgs/link.png", r"leads outside .*secret\.png"),
+    ):
         rows = [{"file_name": "imgs/0.png", "caption": "a leaf"}, {"file_name": name, "caption": "a secret"}]
         metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
         # `datasets` refuses the first two itself, without naming the file; the symlink it accepts.
@@ -794,3 +871,46 @@ def test_an_image_folder_refuses_the_same_paths_named_by_row(outside):
             load_image_text_dataset(outside)
         with pytest.raises(ValueError, match=rf"^{metadata}: row 2: the image path '{name}' {message}"):
             load_image_text_dataset(outside, streaming=True)
+
+
+def _image_paths(dataset) -> list[str]:
+    return [
+        str(Path(row["path"]).resolve()) for row in dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    ]
+
+
+def test_image_loader_reads_the_images_of_captioned_sources_and_of_metadata_without_captions(tmp_path):
+    captioned = write_caption_folder(tmp_path / "captioned", n_train=6, n_validation=3)
+    pairs = load_image_text_dataset(captioned, split="validation")
+    images = load_image_dataset(captioned, split="validation")
+    assert images.column_names == ["image"] and _image_paths(images) == _image_paths(pairs)
+    for metadata in captioned.glob("*/metadata.jsonl"):
+        rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({"file_name": row["file_name"], "label": 1}) + "\n" for row in rows))
+    with pytest.raises(ValueError, match="no caption column"):
+        load_image_text_dataset(captioned, split="validation")
+    uncaptioned = load_image_dataset(captioned, split="validation")
+    assert uncaptioned.column_names == ["image", "label"] and uncaptioned["label"] == [1, 1, 1]
+    assert _image_paths(uncaptioned) == _image_paths(pairs)
+    csv_file = tmp_path / "captioned" / "train" / "images.csv"
+    csv_file.write_text("filepath\n0.png\n1.png\n")
+    assert _image_paths(load_image_dataset(csv_file)) == [str((csv_file.parent / f"{i}.png").resolve()) for i in (0, 1)]
+
+
+def test_image_loader_reads_folders_of_image_files_by_split(tmp_path):
+    flat = tmp_path / "flat"
+    write_labelled_folder(flat, per_class=2)
+    expected = sorted(str(path.resolve()) for path in flat.rglob("*.png"))
+    assert len(expected) > 2
+    for split in ("train", "test"):  # one split whole: any split name reads it
+        assert _image_paths(load_image_dataset(flat, split=split)) == expected
+    split_layout = tmp_path / "splits"
+    write_labelled_folder(split_layout / "train", per_class=2)
+    write_labelled_folder(split_layout / "validation", per_class=1, seed=1)
+    validation = sorted(str(path.resolve()) for path in (split_layout / "validation").rglob("*.png"))
+    assert _image_paths(load_image_dataset(split_layout, split="validation")) == validation
+    with pytest.raises(ValueError, match=r"no split 'test'; splits: \['train', 'validation'\]"):
+        load_image_dataset(split_layout, split="test")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image files"):
+        load_image_dataset(tmp_path / "empty")

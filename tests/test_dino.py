@@ -5,11 +5,11 @@ import dataclasses
 import math
 import random
 
-from kornia.color import hsv_to_rgb, rgb_to_hsv
 import numpy as np
-from PIL import Image, ImageFilter
 import pytest
 import torch
+from kornia.color import hsv_to_rgb, rgb_to_hsv
+from PIL import Image, ImageFilter
 from torch import nn
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,6 +33,7 @@ from training.dino import (
     update_teacher,
 )
 from training.losses import DINOLoss
+
 
 GLOBAL_SIZE, LOCAL_SIZE = 32, 16
 
@@ -131,7 +132,9 @@ def test_last_layer_is_frozen_during_the_first_steps_only():
     assert not torch.equal(head.mlp[0].weight, mlp_before)
 
     _train_step(wrapped, step=4, freeze_last_layer_steps=4)
-    assert not torch.equal(head.last_layer.parametrizations.weight.original1, last_before["parametrizations.weight.original1"])
+    assert not torch.equal(
+        head.last_layer.parametrizations.weight.original1, last_before["parametrizations.weight.original1"]
+    )
 
 
 class _CountingBackbone(nn.Module):
@@ -165,7 +168,14 @@ def test_multicrop_wrapper_groups_consecutive_resolutions_and_keeps_crop_order()
     "build_backbone",
     [
         lambda: ViTModel(
-            ViTConfig(image_size=GLOBAL_SIZE, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+            ViTConfig(
+                image_size=GLOBAL_SIZE,
+                patch_size=8,
+                hidden_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            ),
             add_pooling_layer=False,
         ),
         lambda: ResNetModel(ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[8, 24], embedding_size=8)),
@@ -179,15 +189,22 @@ def test_multicrop_wrapper_runs_transformers_backbones_on_both_resolutions(build
 
 
 def _augmentation(preset="vit", num_local_crops=3):
-    return MultiCropAugmentation(preset, num_local_crops=num_local_crops, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE)
+    return MultiCropAugmentation(
+        preset, num_local_crops=num_local_crops, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE
+    )
 
 
 def test_multicrop_augmentation_shapes_and_normalised_ranges():
     torch.manual_seed(0)
     views = _augmentation()(torch.rand(4, 3, 48, 40))
-    assert [tuple(view.shape) for view in views] == [(4, 3, GLOBAL_SIZE, GLOBAL_SIZE)] * 2 + [(4, 3, LOCAL_SIZE, LOCAL_SIZE)] * 3
+    assert [tuple(view.shape) for view in views] == [(4, 3, GLOBAL_SIZE, GLOBAL_SIZE)] * 2 + [
+        (4, 3, LOCAL_SIZE, LOCAL_SIZE)
+    ] * 3
     assert all(view.dtype == torch.float32 for view in views)
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1),
+    )
     for view in views:
         pixels = view * std + mean
         assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
@@ -229,14 +246,19 @@ def test_processes_applying_their_rows_of_the_global_draw_see_the_single_process
     shards = []
     for first in (0, 2, 4):  # 3 processes of 2 images, each from the same RNG state
         torch.manual_seed(3)
-        shards.append(augmentation(images[first:first + 2], rows=torch.arange(first, first + 2), global_batch_size=6))
+        shards.append(augmentation(images[first : first + 2], rows=torch.arange(first, first + 2), global_batch_size=6))
     for view, expected in enumerate(whole):
         assert torch.equal(torch.cat([shard[view] for shard in shards]), expected)
 
 
 def test_multicrop_augmentation_rejects_rows_outside_the_global_batch():
     images = torch.rand(2, 3, 48, 48)
-    for rows, total in [(torch.arange(2), None), (torch.arange(3), 4), (torch.tensor([3, 4]), 4), (torch.tensor([-1, 0]), 4)]:
+    for rows, total in [
+        (torch.arange(2), None),
+        (torch.arange(3), 4),
+        (torch.tensor([3, 4]), 4),
+        (torch.tensor([-1, 0]), 4),
+    ]:
         with pytest.raises(ValueError, match="rows must give the place of each"):
             _augmentation()(images, rows=rows, global_batch_size=total)
 
@@ -272,7 +294,9 @@ def _ks_distance(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical distribution functions."""
     a, b = np.sort(a), np.sort(b)
     points = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, points, side="right") / len(a) - np.searchsorted(b, points, side="right") / len(b)).max()
+    return np.abs(
+        np.searchsorted(a, points, side="right") / len(a) - np.searchsorted(b, points, side="right") / len(b)
+    ).max()
 
 
 @pytest.mark.parametrize("preset", sorted(MULTICROP_PRESETS))
@@ -290,8 +314,12 @@ def test_crop_boxes_are_distributed_as_torchvision_draws_them_one_at_a_time(pres
         for boxes in (ours, theirs):
             top, left, h, w = boxes.T
             assert np.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width))
-        statistics = {"area": lambda b: b[:, 2] * b[:, 3] / (height * width), "log aspect": lambda b: np.log(b[:, 3] / b[:, 2]),
-                      "centre y": lambda b: b[:, 0] + b[:, 2] / 2, "centre x": lambda b: b[:, 1] + b[:, 3] / 2}
+        statistics = {
+            "area": lambda b: b[:, 2] * b[:, 3] / (height * width),
+            "log aspect": lambda b: np.log(b[:, 3] / b[:, 2]),
+            "centre y": lambda b: b[:, 0] + b[:, 2] / 2,
+            "centre x": lambda b: b[:, 1] + b[:, 3] / 2,
+        }
         for name, statistic in statistics.items():
             assert _ks_distance(statistic(ours), statistic(theirs)) < 0.064, (scale, name)
         areas = statistics["area"](ours)
@@ -310,7 +338,9 @@ def test_a_box_that_never_fits_is_torchvision_s_central_crop(height, width):
 def _smooth_image(height, width):
     """A smooth uint8 RGB image (sines of 29-41 px periods): resampling filters agree on it to a few grey levels, so
     that comparing crops checks their geometry."""
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij"
+    )
     waves = [0.5 + 0.3 * torch.sin(2 * math.pi * (x / 41 + y / 29) + phase) for phase in (0.0, 2.0, 4.0)]
     return (torch.stack(waves) * 255).round().to(torch.uint8)
 
@@ -345,15 +375,21 @@ def test_crops_of_a_flat_image_stay_flat_up_to_the_border(mode):
 # recipe keeps the lighting changes (flip, brightness and contrast jitter, blur) and drops grayscale and solarisation.
 def _probabilities(photometric):
     dino = photometric == "dino"
-    return {"flip": (0.5, 0.5, 0.5), "jitter": (0.8, 0.8, 0.8), "grayscale": (0.2 if dino else 0.0,) * 3,
-            "blur": (1.0, 0.1, 0.5), "solarize": (0.0, 0.2 if dino else 0.0, 0.0)}
+    return {
+        "flip": (0.5, 0.5, 0.5),
+        "jitter": (0.8, 0.8, 0.8),
+        "grayscale": (0.2 if dino else 0.0,) * 3,
+        "blur": (1.0, 0.1, 0.5),
+        "solarize": (0.0, 0.2 if dino else 0.0, 0.0),
+    }
 
 
 @pytest.mark.parametrize("photometric", ["dino", "colour"])
 def test_photometric_recipes_draw_each_operation_with_its_probability(photometric):
     torch.manual_seed(0)
-    augmentation = MultiCropAugmentation(photometric=photometric, num_local_crops=2, global_size=GLOBAL_SIZE,
-                                         local_size=LOCAL_SIZE)
+    augmentation = MultiCropAugmentation(
+        photometric=photometric, num_local_crops=2, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE
+    )
     global_views, local_views = augmentation.draw(4000, 8, 8)  # a probability within 0.03 (4 standard deviations)
     for name, expected in _probabilities(photometric).items():
         coins = getattr(global_views, name)
@@ -479,8 +515,9 @@ def test_the_blur_is_a_gaussian_of_the_drawn_sigma_over_13_taps_with_pil_s_edges
         for index, image in enumerate(images.double().numpy()):
             gaussian = np.exp(-0.5 * (taps / params.sigma[view, index].item()) ** 2)
             kernel = np.outer(gaussian, gaussian) / gaussian.sum() ** 2
-            windows = np.lib.stride_tricks.sliding_window_view(np.pad(image, ((0, 0), (6, 6), (6, 6)), mode="edge"),
-                                                               (13, 13), axis=(1, 2))
+            windows = np.lib.stride_tricks.sliding_window_view(
+                np.pad(image, ((0, 0), (6, 6), (6, 6)), mode="edge"), (13, 13), axis=(1, 2)
+            )
             expected = np.einsum("chwij,ij->chw", windows, kernel)
             np.testing.assert_allclose(blurred[view, index].numpy(), expected, atol=1e-5)
 
@@ -491,7 +528,9 @@ def test_the_blur_is_a_gaussian_of_the_drawn_sigma_over_13_taps_with_pil_s_edges
     ours = _views(group, torch.from_numpy(noise).permute(2, 0, 1).float().div(255).expand(3, -1, -1, -1), params)[0]
     inner = slice(8, -8)  # away from the border, where the two repeat edge pixels differently
     for sigma, view in zip((0.5, 1.0, 2.0), ours):
-        theirs = np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=np.float64) / 255
+        theirs = (
+            np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(radius=sigma)), dtype=np.float64) / 255
+        )
         ratio = view[:, inner, inner].std().item() / theirs[inner, inner].std()
         assert ratio == pytest.approx(1.0, abs=0.05), sigma
 
@@ -503,7 +542,10 @@ def _hue(pixels):
 
 
 def _unnormalised(view):
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1),
+    )
     return view * std + mean
 
 
@@ -521,15 +563,17 @@ def test_the_colour_recipe_keeps_the_hue_and_channel_order_of_every_view():
     torch.manual_seed(0)
     images = _flat_coloured_images(48)
     hue, order = _hue(images[:, :, 0, 0]), images[:, :, 0, 0].argsort(dim=1)
-    for view in MultiCropAugmentation(photometric="colour", num_local_crops=2, global_size=GLOBAL_SIZE,
-                                      local_size=LOCAL_SIZE)(images):
+    for view in MultiCropAugmentation(
+        photometric="colour", num_local_crops=2, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE
+    )(images):
         pixels = _unnormalised(view).flatten(2)  # (B, 3, pixels)
         torch.testing.assert_close(_hue(pixels), hue[:, None].expand(-1, pixels.shape[-1]), atol=1e-3, rtol=0)
         assert torch.equal(pixels.mean(dim=2).argsort(dim=1), order)
 
     grey = turned = 0
-    views = MultiCropAugmentation(photometric="dino", num_local_crops=2, global_size=GLOBAL_SIZE,
-                                  local_size=LOCAL_SIZE)(images)
+    views = MultiCropAugmentation(
+        photometric="dino", num_local_crops=2, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE
+    )(images)
     for view in views:
         colour = _unnormalised(view).mean(dim=(2, 3))
         is_grey = (colour.max(dim=1).values - colour.min(dim=1).values) < 1e-4
@@ -621,9 +665,13 @@ def test_cosine_schedule_of_a_short_run_reaches_its_peak_and_decays_over_the_run
     assert lr[0] == pytest.approx(peak / 5) and lr.max() == pytest.approx(peak)
 
 
-@pytest.mark.parametrize("total_steps, warmup_steps, window", [
-    (15, 0, 100), (999, 0, 100), (2000, 0, 200), (3000, 500, 800), (100_000, 10_000, 20_000)])
-def test_default_collapse_window_is_the_warmup_plus_a_tenth_of_the_run_and_at_least_100(total_steps, warmup_steps, window):
+@pytest.mark.parametrize(
+    "total_steps, warmup_steps, window",
+    [(15, 0, 100), (999, 0, 100), (2000, 0, 200), (3000, 500, 800), (100_000, 10_000, 20_000)],
+)
+def test_default_collapse_window_is_the_warmup_plus_a_tenth_of_the_run_and_at_least_100(
+    total_steps, warmup_steps, window
+):
     assert default_collapse_window(total_steps, warmup_steps) == window
 
 

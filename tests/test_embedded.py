@@ -8,7 +8,8 @@ import yaml
 from PIL import Image
 
 from agriclip.images import open_image
-from training.data import load_image_text_dataset, load_labelled_dataset
+from agriclip.sources import load_image_text_dataset, load_labelled_dataset
+from agriclip.templates import get_templates
 from training.embedded import (
     CONDITIONS,
     HELD_OUT_PAIRS,
@@ -18,7 +19,6 @@ from training.embedded import (
     main,
     pretraining_sources,
 )
-from agriclip.templates import get_templates
 from training.prompts import DatasetMetadata
 
 
@@ -137,8 +137,22 @@ def test_classes_are_learnable_at_64_pixels(task_name):
 
 
 def test_cli_prints_where_things_went(tmp_path, capsys):
-    main(["--output", str(tmp_path / "cli"), "--seed", "3", "--image-size", "32", "--pretrain-per-class", "1",
-          "--downstream-per-task", "8", "--num-workers", "1"])
+    main(
+        [
+            "--output",
+            str(tmp_path / "cli"),
+            "--seed",
+            "3",
+            "--image-size",
+            "32",
+            "--pretrain-per-class",
+            "1",
+            "--downstream-per-task",
+            "8",
+            "--num-workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert str(tmp_path / "cli" / "suite.yaml") in out and str(tmp_path / "cli" / "pretrain" / "train") in out
     assert "held-out" in out and (tmp_path / "cli" / "embedded.json").is_file()

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from agriclip.errors import ExitCode
-from conftest import run_as_main, write_caption_folder
+from agriclip.templates import get_templates
 from evaluation.knn import knn_accuracy
 from evaluation.linear_probe import (
     LinearProbe,
@@ -30,14 +30,20 @@ from evaluation.linear_probe import (
     select_l2,
     stratified_split,
 )
-from evaluation.metrics import NonFiniteError, chance_levels, classification_metrics
-from evaluation.report import confusion_matrix_figure, grouped_bars_figure, render_markdown_report, render_markdown_table
+from evaluation.metrics import CHANCE_KEYS, METRICS, NonFiniteError, chance_levels, classification_metrics
+from evaluation.report import (
+    confusion_matrix_figure,
+    grouped_bars_figure,
+    render_markdown_report,
+    render_markdown_table,
+)
 from evaluation.retrieval import group_by, group_captions, retrieval_recall
 from evaluation.runner import run_suite
 from evaluation.suite import ModelSpec, load_suite_config, main, parse_model_argument
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 from training.embedded import build_embedded_dataset
-from agriclip.templates import get_templates
+
+from conftest import run_as_main, write_caption_folder
 
 
 EMBEDDED_TASKS = ("leaf-spot", "fish-species", "cattle-breed")
@@ -65,11 +71,16 @@ def suite_run(embedded_suite, tiny_checkpoint, tiny_clip_checkpoint, tmp_path_fa
     """
     output = tmp_path_factory.mktemp("report")
     argv = [
-        "--config", str(embedded_suite),
-        "--model", f"agriclip={tiny_checkpoint}:aligned,clip",
-        "--model", f"clip={tiny_clip_checkpoint}",
-        "--output", str(output),
-        "--batch-size", "4",
+        "--config",
+        str(embedded_suite),
+        "--model",
+        f"agriclip={tiny_checkpoint}:aligned,clip",
+        "--model",
+        f"clip={tiny_clip_checkpoint}",
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
     ]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -107,10 +118,38 @@ def test_suite_writes_json_markdown_and_plots(suite_run):
     assert "broken.png" in markdown
     assert render_markdown_table(saved) in printed
     plots = sorted(path.name for path in (output / "plots").glob("*.png"))
-    assert plots == ["confusion_cattle-breed.png", "confusion_fish-species.png", "confusion_leaf-spot.png", "zero_shot_top1.png"]
+    assert plots == [
+        "confusion_cattle-breed.png",
+        "confusion_fish-species.png",
+        "confusion_leaf-spot.png",
+        "zero_shot_top1.png",
+    ]
     for name in plots:
         with Image.open(output / "plots" / name) as image:
             assert image.format == "PNG" and image.width > 100
+
+
+def test_every_metric_of_the_table_is_in_the_results_and_the_report(suite_run):
+    """A row of `evaluation.metrics.METRICS` is all it takes: each dataset record and each mean holds it, the chance
+    levels hold those that have one, and the report has its table, an error's titled "lower is better"."""
+    results, output, _ = suite_run
+    saved = json.loads((output / "results.json").read_text())
+    markdown = (output / "results.md").read_text()
+    for key, metric in METRICS.items():
+        for task in EMBEDDED_TASKS:
+            for record in saved["datasets"][task].values():
+                assert key in record
+                if key != "top5":  # None with 5 classes or fewer
+                    assert 0.0 <= record[key] <= 1.0
+            assert (key in saved["dataset_info"][task]["chance"]) == (key in CHANCE_KEYS)
+        for record in saved["mean"].values():
+            assert record[key] is not None
+        assert (key in saved["chance"]["mean"]) == (metric.chance is not None)
+        heading = metric.title if metric.higher_is_better else f"{metric.title} (lower is better)"
+        table = markdown.split(f"### {heading}\n\n")[1].split("\n\n")[0]
+        assert table == render_markdown_table(saved, key)
+        assert ("| Chance |" in table) == (metric.chance is not None)
+    assert "### Expected calibration error (lower is better)" in markdown
 
 
 def _independent_predictions(model, processor, config_path, task, embedding):
@@ -122,7 +161,9 @@ def _independent_predictions(model, processor, config_path, task, embedding):
     with torch.no_grad():
         class_embeddings = []
         for name in classes:
-            prompts = processor(text=[t.format(entry["class_names"][name]) for t in templates], return_tensors="pt", padding=True)
+            prompts = processor(
+                text=[t.format(entry["class_names"][name]) for t in templates], return_tensors="pt", padding=True
+            )
             text = model.get_text_features(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"])
             text = text if isinstance(text, torch.Tensor) else text.pooler_output
             class_embeddings.append(F.normalize(F.normalize(text, dim=-1).mean(dim=0), dim=-1))
@@ -135,7 +176,9 @@ def _independent_predictions(model, processor, config_path, task, embedding):
                     continue
                 labels.append(index)
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-        features = model.get_image_features(pixel_values=pixel_values, **({} if embedding is None else {"embedding": embedding}))
+        features = model.get_image_features(
+            pixel_values=pixel_values, **({} if embedding is None else {"embedding": embedding})
+        )
         features = features if isinstance(features, torch.Tensor) else features.pooler_output
         predictions = (F.normalize(features, dim=-1) @ torch.stack(class_embeddings).T).argmax(dim=1)
     return np.array(labels), np.array(predictions)
@@ -185,10 +228,14 @@ def in_memory_model(tiny_model, tiny_processor):
 
 def test_empty_classes_are_reported(tmp_path, in_memory_model):
     # A saved dataset whose ClassLabel names a class without rows, and an image folder whose only "dry" image is unreadable.
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["dry", "wet", "frozen"])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["dry", "wet", "frozen"])}
+    )
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(4)]
-    datasets.Dataset.from_dict({"image": images, "label": [0, 0, 1, 1]}, features=features).save_to_disk(tmp_path / "saved")
+    datasets.Dataset.from_dict({"image": images, "label": [0, 0, 1, 1]}, features=features).save_to_disk(
+        tmp_path / "saved"
+    )
     _write_class_folder(tmp_path / "folder", {"dry": 0, "wet": 2})
     (tmp_path / "folder" / "dry" / "0.png").write_bytes(b"")
     config = _write_yaml(
@@ -202,22 +249,32 @@ def test_empty_classes_are_reported(tmp_path, in_memory_model):
     assert folder["empty_classes"] == ["dry"] and folder["n_skipped"] == 1 and folder["n_images"] == 2
     # Classes without images stay out of the mean per-class accuracy.
     assert folder["mean_per_class"] == folder["top1"]
-    assert "classes without images (not in the mean per-class accuracy): frozen" in (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "classes without images (not in the mean per-class accuracy): frozen"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
 
 
 def test_class_names_missing_from_the_dataset_are_a_clear_error(tmp_path, in_memory_model):
     _write_class_folder(tmp_path / "leaves", {"healthy": 1, "rust": 1})
-    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "leaf blight"}}])
-    with pytest.raises(ValueError, match=r"suite.yaml: dataset 'leaves': class_names maps \['blight'\], which are not classes"):
+    config = _write_yaml(
+        tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "leaf blight"}}]
+    )
+    with pytest.raises(
+        ValueError, match=r"suite.yaml: dataset 'leaves': class_names maps \['blight'\], which are not classes"
+    ):
         run_suite(config, in_memory_model, tmp_path / "out")
 
 
 def test_a_suite_error_from_the_command_line_is_one_line_and_exit_9(tmp_path, tiny_checkpoint):
     """`python -m evaluation.suite`: bad input is one `prog: error:` line on stderr and exit status 9, no traceback."""
     _write_class_folder(tmp_path / "leaves", {"healthy": 1, "rust": 1})
-    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "x"}}])
-    code, err = run_as_main("evaluation.suite", ["--config", config, "--model", f"agri={tiny_checkpoint}",
-                                                 "--output", tmp_path / "out"])
+    config = _write_yaml(
+        tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "class_names": {"blight": "x"}}]
+    )
+    code, err = run_as_main(
+        "evaluation.suite", ["--config", config, "--model", f"agri={tiny_checkpoint}", "--output", tmp_path / "out"]
+    )
     assert code == ExitCode.INPUT == 9
     assert "Traceback" not in err
     assert err.splitlines()[-1] == (
@@ -234,10 +291,24 @@ def test_the_suite_shows_no_weight_loading_or_local_data_bars(tmp_path, tiny_che
     monkeypatch.setattr(transformers_logging, "_tqdm_hook", None)
     _write_class_folder(tmp_path / "leaves", {"healthy": 2, "rust": 2})
     write_caption_folder(tmp_path / "captions", n_train=1, n_validation=16)  # 16 files: datasets' "Downloading" bar
-    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves"}],
-                         retrieval=[{"name": "captions", "path": "captions", "split": "validation"}])
-    code, err = run_as_main("evaluation.suite", ["--config", config, "--model", f"agri={tiny_checkpoint}:aligned,clip",
-                                                 "--output", tmp_path / "out", "--batch-size", "2"])
+    config = _write_yaml(
+        tmp_path / "suite.yaml",
+        [{"name": "leaves", "path": "leaves"}],
+        retrieval=[{"name": "captions", "path": "captions", "split": "validation"}],
+    )
+    code, err = run_as_main(
+        "evaluation.suite",
+        [
+            "--config",
+            config,
+            "--model",
+            f"agri={tiny_checkpoint}:aligned,clip",
+            "--output",
+            tmp_path / "out",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "results.json").read_text())["retrieval"]["datasets"]["captions"]
     for bar in ("Loading weights", "Downloading data", "Generating validation split"):
@@ -247,7 +318,10 @@ def test_the_suite_shows_no_weight_loading_or_local_data_bars(tmp_path, tiny_che
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"name": "a", "path": "a", "templates": "no-such-set"}, "dataset 'a': templates: .*unknown template set 'no-such-set'"),
+        (
+            {"name": "a", "path": "a", "templates": "no-such-set"},
+            "dataset 'a': templates: .*unknown template set 'no-such-set'",
+        ),
         ({"name": "a", "path": "a", "templates": ["a photo"]}, "dataset 'a': templates: .*placeholder"),
         ({"name": "a", "path": "a", "template": "leaf"}, r"datasets\[0\] \('a'\): unknown keys \['template'\]"),
         ({"name": "a"}, r"datasets\[0\]: missing \['path'\]"),
@@ -272,7 +346,10 @@ def test_suite_config_defaults_and_duplicates(tmp_path):
 
 def test_model_arguments(tmp_path):
     assert parse_model_argument("agri=runs/final") == ("agri", ModelSpec("runs/final"))
-    assert parse_model_argument("agri=runs/final:aligned,fused") == ("agri", ModelSpec("runs/final", ("aligned", "fused")))
+    assert parse_model_argument("agri=runs/final:aligned,fused") == (
+        "agri",
+        ModelSpec("runs/final", ("aligned", "fused")),
+    )
     folder = tmp_path / "odd:name"
     folder.mkdir()
     assert ModelSpec.parse(str(folder)) == ModelSpec(str(folder))
@@ -283,17 +360,25 @@ def test_model_arguments(tmp_path):
 
 
 def test_fusion_weight_arguments():
-    assert parse_model_argument("agri=runs/final:fused@0.30,fused") == ("agri", ModelSpec("runs/final", ("fused@0.3", "fused")))
+    assert parse_model_argument("agri=runs/final:fused@0.30,fused") == (
+        "agri",
+        ModelSpec("runs/final", ("fused@0.3", "fused")),
+    )
     assert ModelSpec.parse("runs/final:fused@0,fused@1").embeddings == ("fused@0", "fused@1")
-    for bad, message in [("aligned@0.3", "a weight applies to the fused embedding only"),
-                         ("fused@1.5", "must be a number from 0 to 1"), ("fused@x", "must be a number from 0 to 1"),
-                         ("fused@nan", "must be a number from 0 to 1"), ("dino@0.3", "unknown image embedding")]:
+    for bad, message in [
+        ("aligned@0.3", "a weight applies to the fused embedding only"),
+        ("fused@1.5", "must be a number from 0 to 1"),
+        ("fused@x", "must be a number from 0 to 1"),
+        ("fused@nan", "must be a number from 0 to 1"),
+        ("dino@0.3", "unknown image embedding"),
+    ]:
         with pytest.raises(argparse.ArgumentTypeError, match=f"'runs/final:{bad}': .*{message}"):
             parse_model_argument(f"agri=runs/final:{bad}")
 
 
-def test_a_fusion_weight_given_to_the_suite_is_used_reported_and_recorded(tmp_path, tiny_checkpoint, tiny_model,
-                                                                         tiny_processor):
+def test_a_fusion_weight_given_to_the_suite_is_used_reported_and_recorded(
+    tmp_path, tiny_checkpoint, tiny_model, tiny_processor
+):
     """``PATH:fused,fused@0.3,fused@1``: each variant scores with its own weight, independently computed here, while
     the checkpoint's config.json (fusion_weight 0.5) serves the plain "fused"."""
     _write_class_folder(tmp_path / "leaves", {"blight": 4, "healthy": 4, "rust": 4})
@@ -343,14 +428,18 @@ def test_linear_probe_and_k_shot_through_the_suite(tmp_path, in_memory_model):
 
 
 def test_retrieval_through_the_suite(tmp_path, caption_folder, in_memory_model):
-    config = _write_yaml(tmp_path / "suite.yaml", [], retrieval=[{"name": "colours", "path": str(caption_folder), "split": "validation"}])
+    config = _write_yaml(
+        tmp_path / "suite.yaml", [], retrieval=[{"name": "colours", "path": str(caption_folder), "split": "validation"}]
+    )
     results = run_suite(config, in_memory_model, tmp_path / "out")
     record = results["retrieval"]["datasets"]["colours"]["agriclip"]
     assert record["n_images"] == record["n_captions"] == 16
     classifier = in_memory_model["agriclip"]
     rows = datasets.load_dataset("imagefolder", data_dir=str(caption_folder), split="validation")
     expected = retrieval_recall(
-        classifier.image_embeddings(list(rows["image"])), classifier.text_embeddings(list(rows["caption"])), torch.arange(16)
+        classifier.image_embeddings(list(rows["image"])),
+        classifier.text_embeddings(list(rows["caption"])),
+        torch.arange(16),
     )
     assert record["image_to_text"] == pytest.approx(expected["image_to_text"])
     assert record["text_to_image"] == pytest.approx(expected["text_to_image"])
@@ -374,7 +463,12 @@ def test_retrieval_recall_with_several_captions_per_image():
 
 
 def test_group_captions_by_image():
-    rows = [{"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}, {"path": "a.png", "bytes": None}, {"path": None, "bytes": b"x"}]
+    rows = [
+        {"path": "a.png", "bytes": None},
+        {"path": "b.png", "bytes": None},
+        {"path": "a.png", "bytes": None},
+        {"path": None, "bytes": b"x"},
+    ]
     unique_rows, owners = group_captions(rows)
     assert unique_rows == [0, 1, 3] and owners.tolist() == [0, 1, 0, 2]
 
@@ -438,7 +532,10 @@ def test_linear_probe_chooses_l2_on_validation_and_generalises():
     fit, val = stratified_split(labels, 0.5, seed=0)
     chosen = select_l2(features[fit], labels[fit], features[val], labels[val], 4, l2_values=(1e-3, 10.0, 1e3))
     accuracies = {
-        l2: (fit_logistic_regression(features[fit], labels[fit], 4, l2)(features[val]).argmax(1) == labels[val]).float().mean().item()
+        l2: (fit_logistic_regression(features[fit], labels[fit], 4, l2)(features[val]).argmax(1) == labels[val])
+        .float()
+        .mean()
+        .item()
         for l2 in (1e-3, 10.0, 1e3)
     }
     assert chosen.val_accuracy == max(accuracies.values())
@@ -469,7 +566,10 @@ def test_k_shot_probe_fits_on_the_k_shots():
 
 def test_markdown_table_layout():
     results = {
-        "datasets": {"a": {"m1": {"top1": 0.5}, "m2": {"top1": 0.25}}, "b": {"m1": {"top1": 1.0}, "m2": {"top1": None}}},
+        "datasets": {
+            "a": {"m1": {"top1": 0.5}, "m2": {"top1": 0.25}},
+            "b": {"m1": {"top1": 1.0}, "m2": {"top1": None}},
+        },
         "mean": {"m1": {"top1": 0.75}, "m2": {"top1": 0.25}},
         "dataset_info": {"a": {"display_name": "Set A"}, "b": {"display_name": "Set B"}},
     }
@@ -485,10 +585,12 @@ def test_the_report_has_a_per_class_accuracy_table_per_dataset():
     """Per class: its image count and each model's recall, read from the confusion matrix (rows: true class)."""
     record = {"top1": 0.5, "top5": None, "mean_per_class": 0.5, "macro_f1": 0.4, "n_skipped": 0, "empty_classes": []}
     results = {
-        "datasets": {"leaves": {
-            "m1": {**record, "confusion_matrix": [[3, 1, 0], [2, 2, 0], [0, 0, 0]]},
-            "m2": {**record, "confusion_matrix": [[0, 4, 0], [0, 4, 0], [0, 0, 0]]},
-        }},
+        "datasets": {
+            "leaves": {
+                "m1": {**record, "confusion_matrix": [[3, 1, 0], [2, 2, 0], [0, 0, 0]]},
+                "m2": {**record, "confusion_matrix": [[0, 4, 0], [0, 4, 0], [0, 0, 0]]},
+            }
+        },
         "mean": {"m1": record, "m2": record},
         "dataset_info": {"leaves": {"display_name": "Leaves", "class_names": ["rust", "leaf | spot", "frozen"]}},
     }
@@ -530,20 +632,29 @@ def test_the_suite_records_and_shows_chance_and_the_fine_grained_mean(suite_run,
     column beside the mean over all, and each dataset and mean has its chance level, 1/C from the class folders."""
     _, output, _ = suite_run
     saved = json.loads((output / "results.json").read_text())
-    folders = {task: [p for p in (embedded_suite.parent / "downstream" / task).iterdir() if p.is_dir()] for task in EMBEDDED_TASKS}
+    folders = {
+        task: [p for p in (embedded_suite.parent / "downstream" / task).iterdir() if p.is_dir()]
+        for task in EMBEDDED_TASKS
+    }
     for task in EMBEDDED_TASKS:
         n_classes = len(folders[task])
         assert saved["dataset_info"][task]["chance"] == {
-            "top1": pytest.approx(1 / n_classes), "mean_per_class": pytest.approx(1 / n_classes),
-            "top5": None if n_classes <= 5 else pytest.approx(5 / n_classes)}
+            "top1": pytest.approx(1 / n_classes),
+            "mean_per_class": pytest.approx(1 / n_classes),
+            "top5": None if n_classes <= 5 else pytest.approx(5 / n_classes),
+        }
     fine = ["leaf-spot", "cattle-breed"]
     assert [task for task in EMBEDDED_TASKS if saved["dataset_info"][task]["fine_grained"]] == fine
     for model in saved["mean"]:
         for key in ("top1", "mean_per_class", "macro_f1"):
-            assert saved["mean_fine_grained"][model][key] == pytest.approx(np.mean([saved["datasets"][t][model][key] for t in fine]))
+            assert saved["mean_fine_grained"][model][key] == pytest.approx(
+                np.mean([saved["datasets"][t][model][key] for t in fine])
+            )
         assert saved["mean_fine_grained"][model]["n_datasets"] == 2
         # The mean over all datasets is unchanged by the flag.
-        assert saved["mean"][model]["top1"] == pytest.approx(np.mean([saved["datasets"][t][model]["top1"] for t in EMBEDDED_TASKS]))
+        assert saved["mean"][model]["top1"] == pytest.approx(
+            np.mean([saved["datasets"][t][model]["top1"] for t in EMBEDDED_TASKS])
+        )
     assert saved["chance"]["mean"]["top1"] == pytest.approx(np.mean([1 / len(folders[t]) for t in EMBEDDED_TASKS]))
     assert saved["chance"]["mean_fine_grained"]["top1"] == pytest.approx(np.mean([1 / len(folders[t]) for t in fine]))
     # Top-5 only over the datasets with more than five classes, as the models' own top-5 mean.
@@ -553,7 +664,11 @@ def test_the_suite_records_and_shows_chance_and_the_fine_grained_mean(suite_run,
     markdown = (output / "results.md").read_text()
     header = "| Model | Leaf spot diseases (fine-grained) | Fish species | Cattle breed | Mean | Fine-grained mean |"
     chance = [1 / len(folders[t]) for t in EMBEDDED_TASKS]
-    chance_row = "| Chance | " + " | ".join(f"{100 * v:.1f}" for v in chance + [np.mean(chance), np.mean([chance[0], chance[2]])]) + " |"
+    chance_row = (
+        "| Chance | "
+        + " | ".join(f"{100 * v:.1f}" for v in chance + [np.mean(chance), np.mean([chance[0], chance[2]])])
+        + " |"
+    )
     top1_table = markdown.split("### Top-1 accuracy\n\n")[1].split("\n\n")[0]
     assert top1_table.splitlines()[0] == header and top1_table.splitlines()[-1] == chance_row
     assert "fine-grained tasks: Leaf spot diseases (fine-grained), Cattle breed." in markdown
@@ -566,18 +681,34 @@ def _results_with_chance() -> dict:
     record = {"top5": None, "mean_per_class": 0.5, "macro_f1": 0.4, "n_skipped": 0, "empty_classes": []}
     return {
         "datasets": {
-            "a": {"m1": {**record, "top1": 0.5, "confusion_matrix": [[1, 1, 0], [0, 1, 1], [0, 0, 2]]},
-                  "m2": {**record, "top1": 0.25, "confusion_matrix": [[2, 0, 0], [2, 0, 0], [2, 0, 0]]}},
-            "b": {"m1": {**record, "top1": 1.0, "confusion_matrix": np.eye(8, dtype=int).tolist()},
-                  "m2": {**record, "top1": 0.75, "confusion_matrix": np.eye(8, dtype=int).tolist()}},
+            "a": {
+                "m1": {**record, "top1": 0.5, "confusion_matrix": [[1, 1, 0], [0, 1, 1], [0, 0, 2]]},
+                "m2": {**record, "top1": 0.25, "confusion_matrix": [[2, 0, 0], [2, 0, 0], [2, 0, 0]]},
+            },
+            "b": {
+                "m1": {**record, "top1": 1.0, "confusion_matrix": np.eye(8, dtype=int).tolist()},
+                "m2": {**record, "top1": 0.75, "confusion_matrix": np.eye(8, dtype=int).tolist()},
+            },
         },
         "mean": {"m1": {"top1": 0.75, "n_datasets": 2}, "m2": {"top1": 0.5, "n_datasets": 2}},
         "mean_fine_grained": {"m1": {"top1": 1.0, "n_datasets": 1}, "m2": {"top1": 0.75, "n_datasets": 1}},
-        "chance": {"mean": {"top1": (1 / 3 + 1 / 8) / 2, "top5": 5 / 8, "mean_per_class": (1 / 3 + 1 / 8) / 2},
-                   "mean_fine_grained": {"top1": 1 / 8, "top5": 5 / 8, "mean_per_class": 1 / 8}},
+        "chance": {
+            "mean": {"top1": (1 / 3 + 1 / 8) / 2, "top5": 5 / 8, "mean_per_class": (1 / 3 + 1 / 8) / 2},
+            "mean_fine_grained": {"top1": 1 / 8, "top5": 5 / 8, "mean_per_class": 1 / 8},
+        },
         "dataset_info": {
-            "a": {"display_name": "Set A", "class_names": ["x", "y", "z"], "fine_grained": False, "chance": chance_levels(3)},
-            "b": {"display_name": "Set B", "class_names": list("abcdefgh"), "fine_grained": True, "chance": chance_levels(8)},
+            "a": {
+                "display_name": "Set A",
+                "class_names": ["x", "y", "z"],
+                "fine_grained": False,
+                "chance": chance_levels(3),
+            },
+            "b": {
+                "display_name": "Set B",
+                "class_names": list("abcdefgh"),
+                "fine_grained": True,
+                "chance": chance_levels(8),
+            },
         },
     }
 
@@ -595,7 +726,10 @@ def test_markdown_tables_end_with_a_chance_row_and_show_the_fine_grained_mean():
     assert render_markdown_table(results, "top5").splitlines()[-1] == "| Chance | – | 62.5 | 62.5 | 62.5 |"
     markdown = render_markdown_report(results)
     # Per class: the chance level of a class's recall, 1/C, as the last column.
-    assert "| Class | Images | m1 | m2 | Chance |\n| --- | ---: | ---: | ---: | ---: |\n| x | 2 | 50.0 | 100.0 | 33.3 |" in markdown
+    assert (
+        "| Class | Images | m1 | m2 | Chance |\n| --- | ---: | ---: | ---: | ---: |\n| x | 2 | 50.0 | 100.0 | 33.3 |"
+        in markdown
+    )
     assert "| a | 1 | 100.0 | 100.0 | 12.5 |" in markdown
     assert "1/C for top-1 and mean per-class accuracy, 5/C for top-5" in markdown
     # A report written before chance levels and fine-grained flags existed renders as it did.
@@ -626,7 +760,9 @@ def test_plots_mark_the_chance_level_of_every_group():
 
 
 def test_fine_grained_is_a_boolean_defaulting_to_false(tmp_path):
-    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "a", "path": "a"}, {"name": "b", "path": "b", "fine_grained": True}])
+    config = _write_yaml(
+        tmp_path / "suite.yaml", [{"name": "a", "path": "a"}, {"name": "b", "path": "b", "fine_grained": True}]
+    )
     assert [spec.fine_grained for spec in load_suite_config(config).datasets] == [False, True]
     for value in ("yes", 1, None):
         bad = _write_yaml(tmp_path / "bad.yaml", [{"name": "a", "path": "a", "fine_grained": value}])
@@ -637,8 +773,10 @@ def test_fine_grained_is_a_boolean_defaulting_to_false(tmp_path):
 def test_linear_probe_and_k_shot_report_chance_and_the_fine_grained_mean(tmp_path, in_memory_model):
     _write_class_folder(tmp_path / "leaves", {"healthy": 6, "rust": 6, "blight": 6})
     _write_class_folder(tmp_path / "fish", {"goby": 4, "tuna": 4}, seed=1)
-    config = _write_yaml(tmp_path / "suite.yaml", [{"name": "leaves", "path": "leaves", "fine_grained": True},
-                                                   {"name": "fish", "path": "fish"}])
+    config = _write_yaml(
+        tmp_path / "suite.yaml",
+        [{"name": "leaves", "path": "leaves", "fine_grained": True}, {"name": "fish", "path": "fish"}],
+    )
     results = run_suite(config, in_memory_model, tmp_path / "out", linear_probe=True, k_shots=[1, 2], seeds=[0])
     probe = results["linear_probe"]
     assert probe["mean_fine_grained"]["agriclip"]["top1"] == probe["datasets"]["leaves"]["agriclip"]["top1"]
@@ -672,7 +810,9 @@ def _poison_image_embeddings(monkeypatch, classifier):
 
 def _poison_zero_shot_scores(monkeypatch, classifier):
     original = classifier.embedding_logits
-    monkeypatch.setattr(classifier, "embedding_logits", lambda *args: _poison_rows(original(*args), [3, 4], float("inf")))
+    monkeypatch.setattr(
+        classifier, "embedding_logits", lambda *args: _poison_rows(original(*args), [3, 4], float("inf"))
+    )
 
 
 def _poison_probe_scores(monkeypatch, classifier):
@@ -693,8 +833,16 @@ NAMED = r"model 'agriclip \(clip\)' \(image embedding 'clip'\) on dataset '{}' g
     [
         (_poison_image_embeddings, {}, NAMED.format("leaves") + r" image embeddings \(2 of 18 images\)"),
         (_poison_zero_shot_scores, {}, NAMED.format("leaves") + r" scores \(2 of 18 images\)"),
-        (_poison_probe_scores, {"linear_probe": True}, "the linear probe of " + NAMED.format("leaves") + r" scores \(1 of 9"),
-        (_poison_probe_scores, {"k_shots": [1]}, r"the 1-shot probe \(seed 0\) of " + NAMED.format("leaves") + r" scores \(1 of 9"),
+        (
+            _poison_probe_scores,
+            {"linear_probe": True},
+            "the linear probe of " + NAMED.format("leaves") + r" scores \(1 of 9",
+        ),
+        (
+            _poison_probe_scores,
+            {"k_shots": [1]},
+            r"the 1-shot probe \(seed 0\) of " + NAMED.format("leaves") + r" scores \(1 of 9",
+        ),
         (_poison_text_embeddings, None, NAMED.format("colours") + r" scores \(16 of 16 images\)"),
     ],
     ids=["image-embeddings", "zero-shot", "linear-probe", "k-shot", "retrieval"],
@@ -772,8 +920,12 @@ def test_retrieval_breaks_ties_as_argmax_does(case):
     result = retrieval_recall(images, texts, owners, ks=ks, chunk_size=4)
     caption_of_image = torch.arange(6)[:, None] == owners[None, :]
     for k in ks:
-        assert result["image_to_text"][f"R@{k}"] == pytest.approx(_brute_force_recall(images @ texts.T, caption_of_image, k))
-        assert result["text_to_image"][f"R@{k}"] == pytest.approx(_brute_force_recall(texts @ images.T, caption_of_image.T, k))
+        assert result["image_to_text"][f"R@{k}"] == pytest.approx(
+            _brute_force_recall(images @ texts.T, caption_of_image, k)
+        )
+        assert result["text_to_image"][f"R@{k}"] == pytest.approx(
+            _brute_force_recall(texts @ images.T, caption_of_image.T, k)
+        )
     if case == "every embedding equal":  # image i's first caption sits at column 0, 2, 3, 4, 6, 7: R@1 is image 0 alone
         assert result["image_to_text"]["R@1"] == pytest.approx(1 / 6)
 
@@ -785,7 +937,9 @@ def test_retrieval_and_knn_refuse_non_finite_values():
     with pytest.raises(NonFiniteError, match=r"^the model gave non-finite scores \(1 of 3 images\)$"):
         retrieval_recall(_poison_rows(images, [2], float("inf")), texts, torch.arange(3), chunk_size=2)
     features, labels = _clusters(n_per_class=5, n_classes=2)
-    with pytest.raises(NonFiniteError, match=r"k-NN on the model's features gave non-finite scores \(2 of 10 query images\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"k-NN on the model's features gave non-finite scores \(2 of 10 query images\)"
+    ):
         knn_accuracy(features, labels, _poison_rows(features, [3, 7]), labels, num_classes=2, k=3)
 
 

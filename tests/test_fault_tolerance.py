@@ -21,12 +21,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, CLIPConfig
 
-import kill_matrix
 import training.contrastive
-from conftest import read_metrics, run_script, run_subprocess, write_caption_folder
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.convert import convert
 from modeling_agriclip.zero_shot import ZeroShotClassifier
+from training.distillation import load_backbone
 from training.models import load_model_and_processor
 from training.runtime import (
     CheckpointManager,
@@ -40,14 +39,27 @@ from training.runtime import (
     export_atomically,
 )
 from training.stage1_contrastive import main as stage1
-from training.distillation import load_backbone
 from training.stage3_align import main as stage3
+
+import kill_matrix
+from conftest import read_metrics, run_script, run_subprocess, write_caption_folder
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hf_FAULTtoleranceSENTINELtoken0123456789"
 # Stage 1 with a checkpoint every optimizer step; all the runs of this file that resume compare with its result.
-STAGE1_FLAGS = ("--batch-size", "8", "--max-steps", "4", "--checkpoint-every", "1", "--learning-rate", "1e-3",
-                "--log-with", "none")
+STAGE1_FLAGS = (
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "1",
+    "--learning-rate",
+    "1e-3",
+    "--log-with",
+    "none",
+)
 
 
 def run_stage1(data, output, *flags):
@@ -66,7 +78,11 @@ def reference(caption_folder, tmp_path_factory):
     """An uninterrupted stage-1 run, with a Hub token in the environment; returns its folder and everything it printed."""
     output = tmp_path_factory.mktemp("stage1-reference")
     printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(printed),
+        contextlib.redirect_stderr(printed),
+    ):
         patch.setenv("HF_TOKEN", SECRET)
         patch.setenv("HUGGING_FACE_HUB_TOKEN", SECRET)
         run_stage1(caption_folder, output)
@@ -78,13 +94,24 @@ def reference(caption_folder, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(reference, caption_folder, tmp_path):
+def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(
+    reference, caption_folder, tmp_path
+):
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    argv = ["--model", "tiny", "--train-data", str(caption_folder), "--output-dir", str(tmp_path / "run"), *STAGE1_FLAGS]
+    argv = [
+        "--model",
+        "tiny",
+        "--train-data",
+        str(caption_folder),
+        "--output-dir",
+        str(tmp_path / "run"),
+        *STAGE1_FLAGS,
+    ]
     # Write 2 is the step-2 checkpoint: killed once its files are written, one of them cut to half.
-    status = kill_matrix.run_child(workspace, "training.stage1_contrastive", argv, tmp_path / "child",
-                                   **{kill_matrix.KILL_AT_WRITE: "2"})
+    status = kill_matrix.run_child(
+        workspace, "training.stage1_contrastive", argv, tmp_path / "child", **{kill_matrix.KILL_AT_WRITE: "2"}
+    )
     assert status == -signal.SIGKILL, (tmp_path / "child.err").read_text()[-3000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".staging-checkpoint-2", "checkpoint-1"]
@@ -97,8 +124,9 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resume_is_
     assert not (checkpoints / ".staging-checkpoint-2").exists()
 
 
-def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption_folder, tmp_path, monkeypatch, capsys,
-                                                              sigterm_fallback):
+def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(
+    reference, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     save = CheckpointManager.save
 
     def save_then_preempt(self, position):
@@ -124,7 +152,8 @@ def test_sigterm_writes_a_checkpoint_says_where_and_exits_143(reference, caption
 
 
 def test_sigterm_during_the_end_of_run_validation_stops_at_once_and_says_what_is_kept(
-        reference, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    reference, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     validate = training.contrastive.validation_recall
 
     def preempted_while_validating(*args):
@@ -136,8 +165,9 @@ def test_sigterm_during_the_end_of_run_validation_stops_at_once_and_says_what_is
         run_stage1(caption_folder, tmp_path)
     assert exit_info.value.code == 143
     newest = tmp_path / "checkpoints" / "checkpoint-4"
-    assert (f"SIGTERM received: stopped; the newest checkpoint is {newest}; run the same command with --resume to "
-            "continue") in capsys.readouterr().out
+    assert (
+        f"SIGTERM received: stopped; the newest checkpoint is {newest}; run the same command with --resume to continue"
+    ) in capsys.readouterr().out
     assert not (tmp_path / "final").exists() and not (tmp_path / RunLock.NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
 
@@ -163,7 +193,9 @@ def test_a_sigterm_after_the_last_step_check_is_passed_on_to_the_phase_after(sig
 def test_kill_matrix_every_stage_survives(tmp_path):
     matrix = kill_matrix.run_matrix(["1", "2", "3", "lora"], trials=3, seed=1, workspace=tmp_path)
     failed = [trial for trial in matrix.trials if not trial.survived]
-    assert not failed, "\n" + matrix.table() + "\n" + "\n".join(f"{t.stage} {t.mode} {t.detail}: {t.problem}" for t in failed)
+    assert not failed, (
+        "\n" + matrix.table() + "\n" + "\n".join(f"{t.stage} {t.mode} {t.detail}: {t.problem}" for t in failed)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +207,9 @@ def truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
-def test_resume_falls_back_past_a_truncated_checkpoint_and_says_which(reference, caption_folder, tmp_path, caplog, capsys):
+def test_resume_falls_back_past_a_truncated_checkpoint_and_says_which(
+    reference, caption_folder, tmp_path, caplog, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(reference.output, run)
     shutil.rmtree(run / "final")
@@ -235,7 +269,9 @@ def test_truncated_model_and_processor_files_are_named(tiny_checkpoint, tmp_path
         AutoModel.from_pretrained(tmp_path / "model.safetensors")
 
 
-def test_truncated_backbone_and_clip_folders_are_named_by_stage_2_and_convert(tiny_model, tiny_clip_checkpoint, tmp_path):
+def test_truncated_backbone_and_clip_folders_are_named_by_stage_2_and_convert(
+    tiny_model, tiny_clip_checkpoint, tmp_path
+):
     backbone = tmp_path / "backbone"
     tiny_model.dino_model.save_pretrained(backbone)
     clip = tmp_path / "clip"
@@ -243,8 +279,10 @@ def test_truncated_backbone_and_clip_folders_are_named_by_stage_2_and_convert(ti
     for folder in (backbone, clip):
         truncate(folder / "model.safetensors")
     with pytest.raises(OSError, match=f"{backbone / 'model.safetensors'}: truncated or corrupt"):
-        load_backbone(SimpleNamespace(random_init=False, backbone=str(backbone), model="tiny"),
-                      AgriCLIPModel(AgriCLIPConfig.tiny()))
+        load_backbone(
+            SimpleNamespace(random_init=False, backbone=str(backbone), model="tiny"),
+            AgriCLIPModel(AgriCLIPConfig.tiny()),
+        )
     with pytest.raises(OSError, match=f"{backbone / 'model.safetensors'}: truncated or corrupt"):
         convert(dino=str(backbone), preset="tiny")
     with pytest.raises(OSError, match=f"{clip / 'model.safetensors'}: truncated or corrupt"):
@@ -253,8 +291,18 @@ def test_truncated_backbone_and_clip_folders_are_named_by_stage_2_and_convert(ti
 
 def test_a_truncated_feature_cache_is_extracted_again(tiny_checkpoint, caption_folder, tmp_path, caplog):
     cache = tmp_path / "cache"
-    flags = ["--model", str(tiny_checkpoint), "--train-data", str(caption_folder), "--log-with", "none",
-             "--batch-size", "16", "--feature-cache", str(cache)]
+    flags = [
+        "--model",
+        str(tiny_checkpoint),
+        "--train-data",
+        str(caption_folder),
+        "--log-with",
+        "none",
+        "--batch-size",
+        "16",
+        "--feature-cache",
+        str(cache),
+    ]
     first = load_file(stage3([*flags, "--output-dir", str(tmp_path / "first")]) / "model.safetensors")
     cached = cache / "train-0-of-1.safetensors"
     truncate(cached)
@@ -284,8 +332,11 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(reference, caption
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
     checkpoints = tmp_path / "checkpoints"
-    with pytest.raises(OSError, match=f"writing {checkpoints / 'checkpoint-2'} failed .*No space left on device.*"
-                                      f"newest intact checkpoint is still {checkpoints / 'checkpoint-1'}") as failure:
+    with pytest.raises(
+        OSError,
+        match=f"writing {checkpoints / 'checkpoint-2'} failed .*No space left on device.*"
+        f"newest intact checkpoint is still {checkpoints / 'checkpoint-1'}",
+    ) as failure:
         run_stage1(caption_folder, tmp_path)
     assert failure.value.errno == errno.ENOSPC
     # The half-written staging folder is gone (it held disk space), so nothing can mistake it for a checkpoint.
@@ -304,7 +355,9 @@ class Savable:
 
     def save_pretrained(self, folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "weights.bin").write_bytes(self.content[: len(self.content) // 2] if self.fail else self.content)
+        (Path(folder) / "weights.bin").write_bytes(
+            self.content[: len(self.content) // 2] if self.fail else self.content
+        )
         if self.fail:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -314,7 +367,9 @@ SINGLE_PROCESS = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda:
 
 def test_disk_full_during_an_export_leaves_the_previous_one_untouched(tmp_path):
     output = export_atomically(SINGLE_PROCESS, tmp_path / "final", Savable(b"old weights"))
-    with pytest.raises(OSError, match=f"writing {output} failed .*No space left on device.*previous {output} is untouched"):
+    with pytest.raises(
+        OSError, match=f"writing {output} failed .*No space left on device.*previous {output} is untouched"
+    ):
         export_atomically(SINGLE_PROCESS, output, Savable(b"new weights", fail=True))
     assert (output / "weights.bin").read_bytes() == b"old weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
@@ -348,12 +403,30 @@ def test_images_deleted_or_corrupted_mid_run_are_skipped_and_counted(tmp_path, m
         return saved
 
     monkeypatch.setattr(CheckpointManager, "save", save_then_damage)
-    final = stage1(["--model", "tiny", "--train-data", str(data), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
-                    "--max-steps", "8", "--checkpoint-every", "4", "--log-with", "none"])
+    final = stage1(
+        [
+            "--model",
+            "tiny",
+            "--train-data",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "8",
+            "--checkpoint-every",
+            "4",
+            "--log-with",
+            "none",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "skipped 2" in printed
     assert f"missing file (1): {deleted}" in printed and f"truncated (1): {corrupted}" in printed
-    assert [row["step"] for row in read_metrics(tmp_path / "run", "stage1_contrastive") if "loss" in row] == list(range(1, 9))
+    assert [row["step"] for row in read_metrics(tmp_path / "run", "stage1_contrastive") if "loss" in row] == list(
+        range(1, 9)
+    )
     assert (final / "model.safetensors").is_file()
 
 
@@ -365,10 +438,28 @@ def test_a_batch_unreadable_on_one_process_only_is_skipped_by_every_process(tmp_
     data = write_caption_folder(tmp_path / "data")
     corrupted = data / "train" / "5.png"
     corrupted.write_bytes(corrupted.read_bytes()[:100])
-    run = run_script(["training.stage1_contrastive", "--model", "tiny", "--train-data", str(data), "--batch-size", "1",
-                      "--max-steps", "16", "--output-dir", str(tmp_path / "run"), "--log-with", "none"], processes=2)
+    run = run_script(
+        [
+            "training.stage1_contrastive",
+            "--model",
+            "tiny",
+            "--train-data",
+            str(data),
+            "--batch-size",
+            "1",
+            "--max-steps",
+            "16",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--log-with",
+            "none",
+        ],
+        processes=2,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"truncated (1): {corrupted}" in run.stdout or f"truncated (2): {corrupted}, {corrupted}" in run.stdout, run.stdout
+    assert f"truncated (1): {corrupted}" in run.stdout or f"truncated (2): {corrupted}, {corrupted}" in run.stdout, (
+        run.stdout
+    )
     assert "a batch is skipped on all 2 processes: 1 of them could read none of its images" in run.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
@@ -409,8 +500,16 @@ def test_an_epoch_without_a_readable_image_stops_with_an_error_naming_the_data(d
 def write_lock(folder: Path, pid: int, hostname: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / RunLock.NAME
-    lock.write_text(json.dumps({"pid": pid, "hostname": hostname, "started": "2025-01-01T00:00:00+0000",
-                                "command": "python -m training.stage1_contrastive --output-dir elsewhere"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "pid": pid,
+                "hostname": hostname,
+                "started": "2025-01-01T00:00:00+0000",
+                "command": "python -m training.stage1_contrastive --output-dir elsewhere",
+            }
+        )
+    )
     return lock
 
 
@@ -421,8 +520,11 @@ def test_a_second_run_on_the_same_output_folder_is_refused(holder, caption_folde
     lock = write_lock(tmp_path, os.getpid(), host)
     held = lock.read_text()
     expected = "is in use by another run" if holder == "live run on this host" else "is locked by a run on another host"
-    with pytest.raises(RunLockedError, match=f"{tmp_path} {expected} \\(pid {os.getpid()} on {host}, started "
-                                             "2025-01-01T00:00:00\\+0000: python -m training.stage1_contrastive"):
+    with pytest.raises(
+        RunLockedError,
+        match=f"{tmp_path} {expected} \\(pid {os.getpid()} on {host}, started "
+        "2025-01-01T00:00:00\\+0000: python -m training.stage1_contrastive",
+    ):
         run_stage1(caption_folder, tmp_path)
     assert lock.read_text() == held  # the holder's lock is left alone
     assert sorted(p.name for p in tmp_path.iterdir()) == [RunLock.NAME]  # nothing else was written
@@ -442,8 +544,10 @@ def test_a_stale_lock_is_taken_over_and_each_run_releases_its_own(caption_folder
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CheckpointManager, "save", save_and_look)
         run_stage1(caption_folder, tmp_path, "--max-steps", "1")
-    assert f"taking over the stale lock {lock} of a run that is gone (pid {gone.pid} on {socket.gethostname()}" in \
-        capsys.readouterr().out
+    assert (
+        f"taking over the stale lock {lock} of a run that is gone (pid {gone.pid} on {socket.gethostname()}"
+        in capsys.readouterr().out
+    )
     assert holders and all(h["pid"] == os.getpid() and h["hostname"] == socket.gethostname() for h in holders)
     assert not lock.exists()
     with pytest.raises(FileNotFoundError, match="no such file or folder"):  # a failed run releases its lock too
@@ -454,8 +558,11 @@ def test_a_stale_lock_is_taken_over_and_each_run_releases_its_own(caption_folder
 def test_a_world_size_that_accelerate_does_not_see_is_refused(monkeypatch):
     """WORLD_SIZE=2 from the launcher while Accelerate runs one process: each would train alone."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="2 processes were launched together .* Accelerate runs each alone .*"
-                                           "ACCELERATE_USE_CPU=1 .*accelerate launch --multi_gpu"):
+    with pytest.raises(
+        RuntimeError,
+        match="2 processes were launched together .* Accelerate runs each alone .*"
+        "ACCELERATE_USE_CPU=1 .*accelerate launch --multi_gpu",
+    ):
         check_world_size(SimpleNamespace(num_processes=1, distributed_type="NO"))
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))  # a launch Accelerate sees
 
@@ -465,13 +572,38 @@ def test_torchrun_on_cpu_without_accelerate_cpu_processes_is_refused(caption_fol
     """torchrun on CPU (like an FSDP config of `accelerate launch`) initialises torch.distributed with 2 processes
     while Accelerate stays single-process: both processes refuse before writing anything."""
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
-    run = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "training.stage1_contrastive", "--model", "tiny", "--train-data", str(caption_folder),
-                          "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--log-with", "none"],
-                         env=env, timeout=300)
+    run = run_subprocess(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.stage1_contrastive",
+            "--model",
+            "tiny",
+            "--train-data",
+            str(caption_folder),
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--log-with",
+            "none",
+        ],
+        env=env,
+        timeout=300,
+    )
     assert run.returncode != 0
-    assert run.stderr.count("2 processes were launched together (WORLD_SIZE=2, torch.distributed initialised with 2 "
-                            "processes) but Accelerate runs each alone") == 2, run.stderr[-3000:]
+    assert (
+        run.stderr.count(
+            "2 processes were launched together (WORLD_SIZE=2, torch.distributed initialised with 2 "
+            "processes) but Accelerate runs each alone"
+        )
+        == 2
+    ), run.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -488,19 +620,25 @@ def test_a_config_of_another_model_type_is_refused(tiny_checkpoint, tmp_path):
         AgriCLIPModel.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("mismatch, message", [
-    ("image_size", r"makes 96x96 images but vision_config.image_size is 64"),
-    ("normalisation", r"image_mean \[0.481.*\] differs from the config's \[0.485"),
-    ("vocabulary", r"the tokenizer has 49409 tokens but text_config.vocab_size is 49408"),
-])
+@pytest.mark.parametrize(
+    "mismatch, message",
+    [
+        ("image_size", r"makes 96x96 images but vision_config.image_size is 64"),
+        ("normalisation", r"image_mean \[0.481.*\] differs from the config's \[0.485"),
+        ("vocabulary", r"the tokenizer has 49409 tokens but text_config.vocab_size is 49408"),
+    ],
+)
 def test_a_processor_that_does_not_fit_the_model_is_refused_before_training_or_inference(
-        mismatch, message, tiny_checkpoint, tiny_processor, caption_folder, tmp_path):
+    mismatch, message, tiny_checkpoint, tiny_processor, caption_folder, tmp_path
+):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     folder = tmp_path / "mismatched"
     shutil.copytree(tiny_checkpoint, folder)
     if mismatch == "image_size":
-        processor = AgriCLIPProcessor.from_config(AgriCLIPConfig.tiny(image_size=96), tokenizer=tiny_processor.tokenizer)
+        processor = AgriCLIPProcessor.from_config(
+            AgriCLIPConfig.tiny(image_size=96), tokenizer=tiny_processor.tokenizer
+        )
     elif mismatch == "normalisation":
         other = AgriCLIPConfig.tiny(image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
         processor = AgriCLIPProcessor.from_config(other, tokenizer=tiny_processor.tokenizer)
@@ -515,8 +653,18 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_before_training_or_i
         ZeroShotClassifier.from_pretrained(folder)
     if mismatch == "vocabulary":
         with pytest.raises(ValueError, match=message):
-            stage1(["--model", str(folder), "--train-data", str(caption_folder), "--output-dir", str(tmp_path / "run"),
-                    "--log-with", "none"])
+            stage1(
+                [
+                    "--model",
+                    str(folder),
+                    "--train-data",
+                    str(caption_folder),
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                    "--log-with",
+                    "none",
+                ]
+            )
         assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -550,7 +698,9 @@ def test_no_load_path_unpickles_arbitrary_code():
                 unsafe.append(f"{path}:{node.lineno} torch.load without weights_only=True")
             if name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "joblib.load"):
                 unsafe.append(f"{path}:{node.lineno} {name}")
-            trusting = isinstance(keywords.get("trust_remote_code"), ast.Constant) and keywords["trust_remote_code"].value
+            trusting = (
+                isinstance(keywords.get("trust_remote_code"), ast.Constant) and keywords["trust_remote_code"].value
+            )
             if trusting:
                 unsafe.append(f"{path}:{node.lineno} trust_remote_code=True")
     assert not unsafe, "\n".join(unsafe)
@@ -581,14 +731,20 @@ def test_custom_code_files_import_only_torch_transformers_and_each_other(tiny_ch
                 continue
             else:
                 continue
-            foreign += [f"{path.name}:{node.lineno} imports {module}" for module in modules if module.split(".")[0] not in allowed]
+            foreign += [
+                f"{path.name}:{node.lineno} imports {module}"
+                for module in modules
+                if module.split(".")[0] not in allowed
+            ]
     assert not foreign, "\n".join(foreign)
 
 
 def test_no_token_reaches_a_log_or_a_saved_file(reference):
     assert "stage 1:" in reference.printed  # the capture worked
     assert SECRET not in reference.printed
-    leaking = [str(path) for path in reference.output.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    leaking = [
+        str(path) for path in reference.output.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()
+    ]
     assert not leaking
     logged = json.loads((reference.output / "logs" / "stage1_contrastive" / "config.json").read_text())
     assert not [key for key in logged if "token" in key.lower()]

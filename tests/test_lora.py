@@ -14,11 +14,9 @@ from transformers import pipeline
 
 import training.lora
 from agriclip.errors import ExitCode
-from conftest import (COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_as_main,
-                      run_script, write_labelled_folder)
+from agriclip.images import open_image
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from modeling_agriclip.zero_shot import ZeroShotClassifier
-from agriclip.images import open_image
 from training.lora import (
     RUN,
     PromptClassifier,
@@ -32,6 +30,17 @@ from training.lora import (
 )
 from training.lora_finetune import build_parser, main
 from training.options import parse_args
+
+from conftest import (
+    COLOURS,
+    assert_same_tensors,
+    kill_before_last_checkpoint,
+    read_metrics,
+    run_as_main,
+    run_script,
+    write_labelled_folder,
+)
+
 
 TEMPLATE = "a photo of a {} leaf."
 TOWER_PREFIX = {"text": "text_model.", "image": "vision_model.", "backbone": "dino_model."}
@@ -64,8 +73,13 @@ def classification_flags(folder, *flags):
 def adapted(tiny_checkpoint, labelled_folder, tmp_path_factory):
     """A 3-shot LoRA run on the backbone of a local base folder, with the aligner trained, merged at the end."""
     output = tmp_path_factory.mktemp("lora")
-    return run_lora(tiny_checkpoint, output, *classification_flags(labelled_folder, "--shots", "3", "--max-steps", "8",
-                                                                     "--eval-every", "4", "--train-aligner", "--merge"))
+    return run_lora(
+        tiny_checkpoint,
+        output,
+        *classification_flags(
+            labelled_folder, "--shots", "3", "--max-steps", "8", "--eval-every", "4", "--train-aligner", "--merge"
+        ),
+    )
 
 
 def results_of(output):
@@ -92,7 +106,12 @@ def test_default_targets_stay_in_their_tower(backbone):
             # No attention in a ResNet: the residual blocks' convolutions, not the stem or the shortcuts.
             assert all(isinstance(modules[name], torch.nn.Conv2d) and ".layer." in name for name in matched)
         else:
-            assert {name.rsplit(".", 1)[1] for name in matched} == {"q_proj", "k_proj", "v_proj", "out_proj" if tower != "backbone" else "o_proj"}
+            assert {name.rsplit(".", 1)[1] for name in matched} == {
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "out_proj" if tower != "backbone" else "o_proj",
+            }
     peft_model = build_lora_model(model, ["backbone"])
     lora = [name for name, _ in peft_model.named_parameters() if "lora_" in name]
     assert lora and all(name.startswith("base_model.model.dino_model.") for name in lora)
@@ -116,32 +135,62 @@ def test_target_regex_errors_name_the_problem(tiny_model):
         resolve_lora_targets(tiny_model, ["text"], r"text_model\.(")
 
 
-def test_a_target_regex_that_matches_nothing_is_one_line_and_exit_9_from_the_command_line(tiny_checkpoint,
-                                                                                         labelled_folder, tmp_path):
+def test_a_target_regex_that_matches_nothing_is_one_line_and_exit_9_from_the_command_line(
+    tiny_checkpoint, labelled_folder, tmp_path
+):
     """`python -m training.lora_finetune`: bad input is one `prog: error:` line on stderr and exit status 9."""
-    code, err = run_as_main("training.lora_finetune", ["--model", tiny_checkpoint, "--output-dir", tmp_path / "run",
-                                                       "--log-with", "none", "--target-modules", "q_proj",
-                                                       *classification_flags(labelled_folder)])
+    code, err = run_as_main(
+        "training.lora_finetune",
+        [
+            "--model",
+            tiny_checkpoint,
+            "--output-dir",
+            tmp_path / "run",
+            "--log-with",
+            "none",
+            "--target-modules",
+            "q_proj",
+            *classification_flags(labelled_folder),
+        ],
+    )
     assert code == ExitCode.INPUT == 9
     assert "Traceback" not in err
-    assert err.splitlines()[-1].startswith("python -m training.lora_finetune: error: LoRA target regex 'q_proj' "
-                                           "matches no module of the model; it must match whole module names")
+    assert err.splitlines()[-1].startswith(
+        "python -m training.lora_finetune: error: LoRA target regex 'q_proj' "
+        "matches no module of the model; it must match whole module names"
+    )
 
 
 def test_a_model_folder_without_config_is_named_and_what_to_do_said(labelled_folder, tmp_path):
     (tmp_path / "not-a-model").mkdir()
-    code, err = run_as_main("training.lora_finetune", ["--model", tmp_path / "not-a-model", "--output-dir",
-                                                       tmp_path / "run", "--log-with", "none",
-                                                       *classification_flags(labelled_folder)])
+    code, err = run_as_main(
+        "training.lora_finetune",
+        [
+            "--model",
+            tmp_path / "not-a-model",
+            "--output-dir",
+            tmp_path / "run",
+            "--log-with",
+            "none",
+            *classification_flags(labelled_folder),
+        ],
+    )
     assert code == ExitCode.INPUT
-    assert err.splitlines()[-1] == (f"python -m training.lora_finetune: error: {tmp_path / 'not-a-model'} has no "
-                                    "config.json: not a saved model folder (save it with save_pretrained, or build "
-                                    "one with `agriclip convert`)")
+    assert err.splitlines()[-1] == (
+        f"python -m training.lora_finetune: error: {tmp_path / 'not-a-model'} has no "
+        "config.json: not a saved model folder (save it with save_pretrained, or build "
+        "one with `agriclip convert`)"
+    )
 
 
 def test_trainable_share_is_small_on_the_paper_layout():
     """Counted on the meta device: the paper's 174M-parameter layout costs nothing to build there."""
-    for towers, flags in ((["text"], {}), (["image"], {}), (["backbone"], {"train_aligner": True}), (["text", "image", "backbone"], {})):
+    for towers, flags in (
+        (["text"], {}),
+        (["image"], {}),
+        (["backbone"], {"train_aligner": True}),
+        (["text", "image", "backbone"], {}),
+    ):
         with torch.device("meta"):
             model = AgriCLIPModel(AgriCLIPConfig.paper())
         trainable, total = trainable_parameters(build_lora_model(model, towers, **flags))
@@ -159,16 +208,25 @@ def paths(dataset):
 
 def labelled_task(folder, shots=3, seed=0):
     """The task a classification run on `folder` trains on and holds out, as the script resolves it."""
-    args = parse_args(build_parser(), ["--model", "tiny", "--train-data", str(folder), "--output-dir", "unused", "--templates", TEMPLATE])
+    args = parse_args(
+        build_parser(),
+        ["--model", "tiny", "--train-data", str(folder), "--output-dir", "unused", "--templates", TEMPLATE],
+    )
     return load_labelled_task(task_spec(args), train=True, shots=shots, seed=seed)
 
 
 def test_k_shot_sample_and_held_out_half_are_seeded_and_disjoint(labelled_folder):
-    task, again, other = labelled_task(labelled_folder), labelled_task(labelled_folder), labelled_task(labelled_folder, seed=1)
+    task, again, other = (
+        labelled_task(labelled_folder),
+        labelled_task(labelled_folder),
+        labelled_task(labelled_folder, seed=1),
+    )
     assert paths(task.train) == paths(again.train) and paths(task.held_out) == paths(again.held_out)
     assert paths(task.train) != paths(other.train)
     assert not set(paths(task.train)) & set(paths(task.held_out))
-    assert np.bincount(task.train["label"]).tolist() == [3] * 4 and np.bincount(task.held_out["label"]).tolist() == [4] * 4
+    assert (
+        np.bincount(task.train["label"]).tolist() == [3] * 4 and np.bincount(task.held_out["label"]).tolist() == [4] * 4
+    )
     assert task.class_names == sorted(COLOURS) and task.templates == [TEMPLATE]
 
 
@@ -177,7 +235,9 @@ def test_prompt_classifier_matches_the_zero_shot_classifier(tiny_config, tiny_pr
     peft_model = build_lora_model(AgriCLIPModel(tiny_config), ["text", "backbone"])
     names, templates = ["red", "green", "blue"], ["a photo of {}.", "a close-up photo of a {} leaf."]
     pixel_values = tiny_processor(images=sample_images, return_tensors="pt")["pixel_values"]
-    expected = ZeroShotClassifier(peft_model, tiny_processor, embedding="aligned").logits(pixel_values, names, templates)
+    expected = ZeroShotClassifier(peft_model, tiny_processor, embedding="aligned").logits(
+        pixel_values, names, templates
+    )
     once = PromptClassifier(peft_model, tiny_processor, names, templates, "aligned", text_adapted=False)
     every_step = PromptClassifier(peft_model, tiny_processor, names, templates, "aligned", text_adapted=True)
     with torch.no_grad():
@@ -195,7 +255,9 @@ def test_prompt_classifier_matches_the_zero_shot_classifier(tiny_config, tiny_pr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_k_shot_adaptation_beats_zero_shot_on_held_out_images(adapted, tiny_checkpoint, tiny_processor, labelled_folder):
+def test_k_shot_adaptation_beats_zero_shot_on_held_out_images(
+    adapted, tiny_checkpoint, tiny_processor, labelled_folder
+):
     results = results_of(adapted)
     assert results["n_train"] == 12 and results["adapted"]["n_images"] == 16
     assert results["adapted"]["top1"] >= results["zero_shot"]["top1"] + 0.25, results
@@ -205,8 +267,12 @@ def test_k_shot_adaptation_beats_zero_shot_on_held_out_images(adapted, tiny_chec
     # The zero-shot figure is the base model's own: adapters and the trained aligner were off.
     task = labelled_task(labelled_folder)
     classifier = ZeroShotClassifier(AgriCLIPModel.from_pretrained(tiny_checkpoint), tiny_processor)
-    scores = classifier.logits([open_image(image) for image in task.held_out["image"]], task.prompt_names, task.templates)
-    assert (scores.argmax(dim=1) == torch.tensor(task.held_out["label"])).float().mean().item() == results["zero_shot"]["top1"]
+    scores = classifier.logits(
+        [open_image(image) for image in task.held_out["image"]], task.prompt_names, task.templates
+    )
+    assert (scores.argmax(dim=1) == torch.tensor(task.held_out["label"])).float().mean().item() == results["zero_shot"][
+        "top1"
+    ]
 
 
 def test_adapter_folder_records_the_base_and_targets(adapted, tiny_checkpoint):
@@ -240,8 +306,12 @@ def test_merged_model_equals_base_plus_adapter(adapted, tiny_checkpoint, tiny_pr
     base = AgriCLIPModel.from_pretrained(tiny_checkpoint).eval()
     with torch.no_grad():
         for embedding in ("aligned", "clip", "fused"):
-            torch.testing.assert_close(merged(**inputs, image_embedding=embedding).logits_per_image,
-                                       unmerged(**inputs, image_embedding=embedding).logits_per_image, atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                merged(**inputs, image_embedding=embedding).logits_per_image,
+                unmerged(**inputs, image_embedding=embedding).logits_per_image,
+                atol=1e-5,
+                rtol=0,
+            )
         # The adapter did change the aligned embedding.
         assert not torch.allclose(merged(**inputs).image_embeds, base(**inputs).image_embeds, atol=1e-3)
 
@@ -250,7 +320,9 @@ def test_adapter_and_merged_folders_work_in_the_pipeline(adapted, tiny_checkpoin
     labels = list(COLOURS)
     merged = AgriCLIPModel.from_pretrained(adapted / "merged").eval()
     with torch.no_grad():
-        inputs = tiny_processor(text=[f"This is a photo of {label}." for label in labels], images=sample_images[:1], return_tensors="pt")
+        inputs = tiny_processor(
+            text=[f"This is a photo of {label}." for label in labels], images=sample_images[:1], return_tensors="pt"
+        )
         expected = dict(zip(labels, merged(**inputs).logits_per_image[0].softmax(-1).tolist()))
     for folder in ("adapter", "merged"):
         classify = pipeline("zero-shot-image-classification", model=str(adapted / folder))
@@ -264,22 +336,44 @@ def test_adapter_and_merged_folders_work_in_the_pipeline(adapted, tiny_checkpoin
 
 
 def test_exact_resume(tiny_checkpoint, labelled_folder, tmp_path):
-    flags = classification_flags(labelled_folder, "--shots", "3", "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "4",
-                                 "--lora-dropout", "0.1")
-    straight = load_file(run_lora(tiny_checkpoint, tmp_path / "straight", *flags) / "adapter" / "adapter_model.safetensors")
+    flags = classification_flags(
+        labelled_folder,
+        "--shots",
+        "3",
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora-dropout",
+        "0.1",
+    )
+    straight = load_file(
+        run_lora(tiny_checkpoint, tmp_path / "straight", *flags) / "adapter" / "adapter_model.safetensors"
+    )
     interrupted = tmp_path / "interrupted"
     run_lora(tiny_checkpoint, interrupted, *flags)
     # Checkpoints hold the adapter only, not the frozen base.
-    assert {p.name for p in (interrupted / "checkpoints" / "checkpoint-2").iterdir()} >= {"adapter_state.safetensors", "optimizer.bin"}
+    assert {p.name for p in (interrupted / "checkpoints" / "checkpoint-2").iterdir()} >= {
+        "adapter_state.safetensors",
+        "optimizer.bin",
+    }
     assert not list((interrupted / "checkpoints" / "checkpoint-2").glob("model*.safetensors"))
     # Simulate a run killed after step 2: only the step-2 checkpoint survives (mid-epoch: 3 batches per epoch).
     kill_before_last_checkpoint(interrupted, 4, output="adapter")
-    resumed = load_file(run_lora(tiny_checkpoint, interrupted, *flags, "--resume") / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(
+        run_lora(tiny_checkpoint, interrupted, *flags, "--resume") / "adapter" / "adapter_model.safetensors"
+    )
     assert_same_tensors(straight, resumed)
 
 
 def test_resnet_backbone_with_aligner_refit(resnet_checkpoint, labelled_folder, tmp_path):
-    output = run_lora(resnet_checkpoint, tmp_path, *classification_flags(labelled_folder, "--max-steps", "2", "--refit-aligner", "--merge"))
+    output = run_lora(
+        resnet_checkpoint,
+        tmp_path,
+        *classification_flags(labelled_folder, "--max-steps", "2", "--refit-aligner", "--merge"),
+    )
     results = results_of(output)
     # 16 training images, 64 backbone features: the closed form fits them exactly.
     assert results["aligner_refit"]["r2"] > 0.99 and "adapted_before_refit" in results
@@ -289,8 +383,10 @@ def test_resnet_backbone_with_aligner_refit(resnet_checkpoint, labelled_folder, 
     statistics = [key for key in base if key.endswith(("running_mean", "running_var"))]
     assert statistics and all(torch.equal(base[key], merged[key]) for key in statistics)
     assert not torch.equal(base["aligner.weight"], merged["aligner.weight"])
-    assert not torch.equal(base["dino_model.encoder.stages.3.layers.0.layer.1.convolution.weight"],
-                           merged["dino_model.encoder.stages.3.layers.0.layer.1.convolution.weight"])
+    assert not torch.equal(
+        base["dino_model.encoder.stages.3.layers.0.layer.1.convolution.weight"],
+        merged["dino_model.encoder.stages.3.layers.0.layer.1.convolution.weight"],
+    )
     adapter = load_file(output / "adapter" / "adapter_model.safetensors")
     assert torch.equal(adapter["base_model.model.aligner.weight"], merged["aligner.weight"])
 
@@ -308,19 +404,45 @@ class RecordingHub:
         self.calls.append(("upload_folder", repo_id, Path(folder_path).name, config["base_model_name_or_path"]))
 
 
-def test_contrastive_on_captions_adapts_only_the_clip_image_tower(tiny_checkpoint, caption_folder, labelled_folder, tmp_path,
-                                                                  capsys, monkeypatch):
+def test_contrastive_on_captions_adapts_only_the_clip_image_tower(
+    tiny_checkpoint, caption_folder, labelled_folder, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr("training.lora.HfApi", RecordingHub)
-    output = run_lora(tiny_checkpoint, tmp_path, "--objective", "contrastive", "--towers", "image", "--train-data", str(caption_folder),
-                      "--eval-data", str(labelled_folder), "--templates", TEMPLATE, "--max-steps", "3", "--learning-rate", "1e-2",
-                      "--merge", "--base-model-id", "org/agriclip-tiny", "--push-to-hub", "me/agriclip-tiny-lora")
-    assert RecordingHub.calls == [("create_repo", "me/agriclip-tiny-lora"),
-                                  ("upload_folder", "me/agriclip-tiny-lora", "adapter", "org/agriclip-tiny")]
+    output = run_lora(
+        tiny_checkpoint,
+        tmp_path,
+        "--objective",
+        "contrastive",
+        "--towers",
+        "image",
+        "--train-data",
+        str(caption_folder),
+        "--eval-data",
+        str(labelled_folder),
+        "--templates",
+        TEMPLATE,
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "1e-2",
+        "--merge",
+        "--base-model-id",
+        "org/agriclip-tiny",
+        "--push-to-hub",
+        "me/agriclip-tiny-lora",
+    )
+    assert RecordingHub.calls == [
+        ("create_repo", "me/agriclip-tiny-lora"),
+        ("upload_folder", "me/agriclip-tiny-lora", "adapter", "org/agriclip-tiny"),
+    ]
     printed = capsys.readouterr().out
     base = AgriCLIPModel.from_pretrained(tiny_checkpoint).state_dict()
     lora = 8 * 8 * (32 + 32)  # 8 projections of width 32, rank 8: A (8 x 32) and B (32 x 8)
     total = sum(tensor.numel() for tensor in base.values()) + lora
-    assert f"LoRA r=8 on 8 modules of the image tower: trainable parameters {lora:,} of {total:,} ({100 * lora / total:.3f}%)" in printed
+    assert (
+        f"LoRA r=8 on 8 modules of the image tower: trainable parameters {lora:,} of {total:,} ({100 * lora / total:.3f}%)"
+        in printed
+    )
     assert len([row for row in read_metrics(tmp_path, RUN) if "loss" in row]) == 3
     results = results_of(output)
     assert results["embedding"] == "clip" and results["zero_shot"]["n_images"] == 32
@@ -344,7 +466,9 @@ def test_published_adapter_never_records_a_local_path(tiny_checkpoint, labelled_
         base_model_reference(str(tiny_checkpoint), "org/agriclip", publishing=True)
     # Refused before any training: nothing is written.
     with pytest.raises(ValueError, match=r"--push-to-hub: the adapter records the local base folder .*--base-model-id"):
-        run_lora(tiny_checkpoint, tmp_path / "run", *classification_flags(labelled_folder, "--push-to-hub", "me/adapter"))
+        run_lora(
+            tiny_checkpoint, tmp_path / "run", *classification_flags(labelled_folder, "--push-to-hub", "me/adapter")
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -359,8 +483,26 @@ def test_k_shot_lora_beats_zero_shot_on_an_embedded_task(tmp_path):
     from training.embedded import build_embedded_dataset
 
     data = build_embedded_dataset(tmp_path / "embedded", seed=0, image_size=64, pretrain_per_class=1, num_workers=1)
-    output = main(["--model", "tiny", "--suite", str(data / "suite.yaml"), "--task", "cattle-breed", "--shots", "8",
-                   "--output-dir", str(tmp_path / "run"), "--log-with", "none", "--epochs", "15", "--learning-rate", "5e-3"])
+    output = main(
+        [
+            "--model",
+            "tiny",
+            "--suite",
+            str(data / "suite.yaml"),
+            "--task",
+            "cattle-breed",
+            "--shots",
+            "8",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--log-with",
+            "none",
+            "--epochs",
+            "15",
+            "--learning-rate",
+            "5e-3",
+        ]
+    )
     results = results_of(output)
     assert results["n_train"] == 48 and results["adapted"]["n_images"] == 96 and results["trainable_share"] < 0.05
     assert results["adapted"]["top1"] >= results["zero_shot"]["top1"] + 0.1, results
@@ -371,8 +513,21 @@ def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 4 equals 1 process x batch 8 (cross-entropy is a batch mean),
     the aligner re-fit over the 12 training images included: each process reads its own shard (6 + 6), where a
     prepared loader would pad the second global batch with 4 repeated images."""
-    common = ["training.lora_finetune", "--model", str(tiny_checkpoint), *classification_flags(labelled_folder),
-              "--shots", "3", "--max-steps", "1", "--refit-aligner", "--aligner-ridge", "0.1", "--log-with", "none"]
+    common = [
+        "training.lora_finetune",
+        "--model",
+        str(tiny_checkpoint),
+        *classification_flags(labelled_folder),
+        "--shots",
+        "3",
+        "--max-steps",
+        "1",
+        "--refit-aligner",
+        "--aligner-ridge",
+        "0.1",
+        "--log-with",
+        "none",
+    ]
     two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
     one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
@@ -383,7 +538,8 @@ def test_two_processes_match_one(tiny_checkpoint, labelled_folder, tmp_path):
 
 
 def test_sigterm_during_the_held_out_evaluation_stops_at_once_and_says_what_is_kept(
-        tiny_checkpoint, labelled_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    tiny_checkpoint, labelled_folder, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     evaluate = training.lora.held_out_metrics
 
     def preempted_while_evaluating(*args, **kwargs):
@@ -394,7 +550,9 @@ def test_sigterm_during_the_held_out_evaluation_stops_at_once_and_says_what_is_k
     with pytest.raises(SystemExit) as exit_info:
         run_lora(tiny_checkpoint, tmp_path, *classification_flags(labelled_folder, "--shots", "2", "--max-steps", "2"))
     assert exit_info.value.code == 143
-    assert (f"SIGTERM received: stopped; the newest checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-2'}; run the "
-            "same command with --resume to continue") in capsys.readouterr().out
+    assert (
+        f"SIGTERM received: stopped; the newest checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-2'}; run the "
+        "same command with --resume to continue"
+    ) in capsys.readouterr().out
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "results.json").exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback

@@ -1,9 +1,10 @@
-"""ContrastiveLoss, DINOLoss and KoLeoLoss: hand computations, the temperature clamp, and 2-process (gloo) equivalence."""
+"""ContrastiveLoss, SigLIPLoss, the contrastive-loss registry, DINOLoss and KoLeoLoss: hand computations, the
+temperature clamp, and 2-process (gloo) equivalence."""
 
-from datetime import timedelta
 import math
 import re
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -13,8 +14,21 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from modeling_agriclip.configuration_agriclip import CONTRASTIVE_LOSSES as CONFIG_CONTRASTIVE_LOSSES
+from training.loss_table import CONTRASTIVE_LOSSES
+from training.losses import (
+    LOSSES,
+    ContrastiveLoss,
+    DINOLoss,
+    ImageTextLoss,
+    KoLeoLoss,
+    SigLIPLoss,
+    create_loss,
+    share_of_global_batch,
+)
+
 from conftest import finish_distributed_worker
-from training.losses import ContrastiveLoss, DINOLoss, KoLeoLoss, share_of_global_batch
+
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -68,8 +82,12 @@ def test_contrastive_loss_on_normalised_inputs_skips_normalising_and_matches_cli
     for scale in (math.log(1 / 0.07), math.log(500.0)):  # below and above the clamp at 100
         images, texts = raw_images.clone().requires_grad_(), raw_texts.clone().requires_grad_()
         logit_scale = torch.tensor(scale, requires_grad=True)
-        once = ContrastiveLoss()(nn.functional.normalize(images, dim=-1), nn.functional.normalize(texts, dim=-1),
-                                 logit_scale, normalized=True)
+        once = ContrastiveLoss()(
+            nn.functional.normalize(images, dim=-1),
+            nn.functional.normalize(texts, dim=-1),
+            logit_scale,
+            normalized=True,
+        )
         once.backward()
         reference = _reference_clip_loss(raw_images, raw_texts, torch.tensor(min(scale, math.log(100.0))))
         torch.testing.assert_close(once, reference)
@@ -77,8 +95,9 @@ def test_contrastive_loss_on_normalised_inputs_skips_normalising_and_matches_cli
         twice_images, twice_texts = raw_images.clone().requires_grad_(), raw_texts.clone().requires_grad_()
         twice_scale = torch.tensor(scale, requires_grad=True)
         # The replaced path: normalised by the model, then again by the loss.
-        twice = ContrastiveLoss()(nn.functional.normalize(twice_images, dim=-1),
-                                  nn.functional.normalize(twice_texts, dim=-1), twice_scale)
+        twice = ContrastiveLoss()(
+            nn.functional.normalize(twice_images, dim=-1), nn.functional.normalize(twice_texts, dim=-1), twice_scale
+        )
         twice.backward()
         torch.testing.assert_close(once, twice)
         torch.testing.assert_close(images.grad, twice_images.grad)
@@ -99,7 +118,9 @@ def test_temperature_is_clamped_at_100_and_gradient_flows_below():
     above = nn.Parameter(torch.tensor(math.log(500.0)))
     loss_above = ContrastiveLoss()(image_embeds, text_embeds, above)
     loss_above.backward()
-    torch.testing.assert_close(loss_above, _reference_clip_loss(image_embeds, text_embeds, torch.tensor(math.log(100.0))))
+    torch.testing.assert_close(
+        loss_above, _reference_clip_loss(image_embeds, text_embeds, torch.tensor(math.log(100.0)))
+    )
     assert above.grad.item() == 0.0
 
     below = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -161,6 +182,93 @@ def test_dino_loss_rejects_bad_shapes_and_steps():
         loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(3, OUT_DIM), step=0)
     with pytest.raises(ValueError, match="step 2"):
         loss_fn(torch.randn(NUM_CROPS * 3, OUT_DIM), torch.randn(6, OUT_DIM), step=2)
+
+
+def _reference_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias):
+    """Zhai et al. 2023, eq. 1 written out in float64 with a double loop: -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i.y_j
+    + b)), z_ij = 1 for i = j and -1 otherwise, t = exp(t'), log sigmoid(u) = -log(1 + exp(-u))."""
+
+    def unit(row):
+        norm = math.sqrt(sum(v * v for v in row))
+        return [v / norm for v in row]
+
+    x, y = [unit(row) for row in image_embeds.double().tolist()], [unit(row) for row in text_embeds.double().tolist()]
+    t, b, n = math.exp(float(logit_scale)), float(logit_bias), len(x)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += -math.log1p(math.exp(-z * (t * sum(p * q for p, q in zip(x[i], y[j])) + b)))
+    return -total / n
+
+
+@pytest.mark.parametrize("logit_scale, logit_bias", [(math.log(10.0), -10.0), (1.3, 0.7), (0.0, 2.0)])
+def test_siglip_loss_matches_the_published_formula_written_out(logit_scale, logit_bias):
+    torch.manual_seed(0)
+    image_embeds, text_embeds = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    loss = SigLIPLoss()(
+        image_embeds,
+        text_embeds,
+        torch.tensor(logit_scale, dtype=torch.float64),
+        torch.tensor(logit_bias, dtype=torch.float64),
+    )
+    assert loss.dtype == torch.float64
+    expected = _reference_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # Symmetric, and it normalises its inputs; float32 agrees to its precision.
+    assert SigLIPLoss()(
+        text_embeds, image_embeds, torch.tensor(logit_scale), torch.tensor(logit_bias)
+    ).item() == pytest.approx(expected, rel=1e-5)
+    assert SigLIPLoss()(
+        3.0 * image_embeds.float(), text_embeds.float(), torch.tensor(logit_scale), torch.tensor(logit_bias)
+    ).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_siglip_loss_gradients_for_temperature_and_bias():
+    torch.manual_seed(0)
+    image_embeds = nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1)
+    text_embeds = nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1)
+    logit_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    logit_bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    loss_fn = SigLIPLoss()
+    assert torch.autograd.gradcheck(
+        lambda s, b, x, y: loss_fn(x, y, s, b, normalized=True),
+        (logit_scale, logit_bias, image_embeds.requires_grad_(), text_embeds.requires_grad_()),
+    )
+    # Written out: with l_ij = t x_i.y_j + b, dL/db = -1/n sum z_ij sigmoid(-z_ij l_ij) and dL/dt' = t * the same
+    # sum weighted by x_i.y_j.
+    loss_fn(image_embeds, text_embeds, logit_scale, logit_bias, normalized=True).backward()
+    cos = (image_embeds @ text_embeds.t()).detach()
+    z = 2 * torch.eye(6, dtype=torch.float64) - 1
+    weights = z * torch.sigmoid(-z * (10.0 * cos - 10.0))
+    torch.testing.assert_close(logit_bias.grad, -weights.sum() / 6)
+    torch.testing.assert_close(logit_scale.grad, -(10.0 * cos * weights).sum() / 6)
+    # At the published start (t = 10, b = -10) the negatives are already near 0: the bias gradient is that of the
+    # positives pulling b up.
+    assert logit_bias.grad < 0
+
+
+def test_siglip_loss_needs_the_bias_and_matching_shapes():
+    with pytest.raises(ValueError, match="SigLIPLoss: logit_bias"):
+        SigLIPLoss()(torch.randn(4, 5), torch.randn(4, 5), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="SigLIPLoss: image_embeds and text_embeds"):
+        SigLIPLoss()(torch.randn(4, 5), torch.randn(3, 5), torch.tensor(0.0), torch.tensor(0.0))
+
+
+def test_the_loss_registry_builds_each_loss_by_name_and_names_the_choices():
+    assert list(LOSSES) == list(CONTRASTIVE_LOSSES) == ["infonce", "siglip"]
+    assert LOSSES["infonce"] is ContrastiveLoss and LOSSES["siglip"] is SigLIPLoss
+    for name, loss_class in LOSSES.items():
+        assert issubclass(loss_class, ImageTextLoss) and loss_class.__doc__
+        assert loss_class.__name__ == CONTRASTIVE_LOSSES[name][0]
+        # What a model trained with it records is an objective the config (Hub code) accepts.
+        assert loss_class.objective in CONFIG_CONTRASTIVE_LOSSES
+        assert isinstance(create_loss(name), loss_class)
+    # Every objective the config accepts has the registry entry of its name, which records it.
+    assert all(LOSSES[objective].objective == objective for objective in CONFIG_CONTRASTIVE_LOSSES)
+    assert create_loss("siglip", max_logit_scale=2.0).max_logit_scale == 2.0
+    with pytest.raises(ValueError, match=r"unknown contrastive loss 'clip'; choose one of: infonce, siglip"):
+        create_loss("clip")
 
 
 def _reference_koleo(features, eps=1e-8):
@@ -229,6 +337,18 @@ class _ToyDualEncoder(nn.Module):
         return self.image_projection(images), self.text_projection(texts), self.logit_scale
 
 
+class _ToySigLIPEncoder(_ToyDualEncoder):
+    """The toy towers with SigLIP's learnable bias, at the published start."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, images, texts):
+        return *super().forward(images, texts), self.logit_bias
+
+
 def _global_data():
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64)
@@ -238,14 +358,19 @@ def _global_data():
     return images, texts, student, teacher
 
 
-def _toy_model():
+def _toy_model(loss="infonce"):
     torch.manual_seed(0)
-    return _ToyDualEncoder().double()
+    return (_ToySigLIPEncoder() if loss == "siglip" else _ToyDualEncoder()).double()
 
 
 def _distributed_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=WORKER_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=WORKER_TIMEOUT_S),
+    )
     images, texts, student, teacher = _global_data()
     local = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
 
@@ -257,6 +382,13 @@ def _distributed_worker(rank, init_file, out_dir):
     uneven_model = DistributedDataParallel(_toy_model())
     uneven_loss = ContrastiveLoss()(*uneven_model(images[uneven], texts[uneven]))
     uneven_loss.backward()
+    siglip_results = {}
+    for prefix, rows in (("", local), ("uneven_", uneven)):
+        siglip_model = DistributedDataParallel(_toy_model("siglip"))
+        siglip_loss = SigLIPLoss()(*siglip_model(images[rows], texts[rows]))
+        siglip_loss.backward()
+        siglip_results[prefix + "loss"] = siglip_loss.detach()
+        siglip_results[prefix + "grads"] = {name: p.grad for name, p in siglip_model.module.named_parameters()}
 
     dino_loss = DINOLoss(OUT_DIM, NUM_CROPS, num_steps=1)
     dino_output = dino_loss(student[:, local].flatten(0, 1), teacher[:, local].flatten(0, 1), step=0)
@@ -269,10 +401,14 @@ def _distributed_worker(rank, init_file, out_dir):
         "uneven_grads": {name: p.grad for name, p in uneven_model.module.named_parameters()},
         "dino_loss": dino_output.loss.detach(),
         "center": dino_loss.center,
-        "uneven_dino": [uneven_dino_output.loss.detach(), uneven_dino_output.teacher_entropy,
-                        uneven_dino_output.teacher_student_kl],
+        "uneven_dino": [
+            uneven_dino_output.loss.detach(),
+            uneven_dino_output.teacher_entropy,
+            uneven_dino_output.teacher_student_kl,
+        ],
         "uneven_center": uneven_dino_loss.center,
         "uneven_share": share_of_global_batch(len(images[uneven])),
+        "siglip": siglip_results,
     }
     finish_distributed_worker(results, f"{out_dir}/rank{rank}.pt")
 
@@ -282,8 +418,13 @@ def distributed_results(tmp_path_factory):
     """Runs `_distributed_worker` in 2 CPU processes (gloo) and returns what each rank saved."""
     tmp_path = tmp_path_factory.mktemp("gloo")
     results = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
-    workers = mp.start_processes(_distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
-                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    workers = mp.start_processes(
+        _distributed_worker,
+        args=(str(tmp_path / "rendezvous"), str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 2 * WORKER_TIMEOUT_S
     try:
         while not workers.join(timeout=1):  # raises if a worker failed
@@ -306,6 +447,22 @@ def test_two_processes_match_single_process_loss_and_gradients(distributed_resul
             torch.testing.assert_close(result[prefix + "loss"], loss.detach(), atol=1e-6, rtol=0)
             for name, parameter in model.named_parameters():
                 torch.testing.assert_close(result[prefix + "grads"][name], parameter.grad, atol=1e-6, rtol=0)
+
+
+def test_two_processes_match_single_process_siglip_loss_and_gradients(distributed_results):
+    """SigLIP's loss gathers the embeddings with gradients too: each process's loss is that of the global batch, and
+    DDP's average of the gradients (temperature and bias included) is the single-process gradient, for even and
+    uneven local batches."""
+    images, texts, _, _ = _global_data()
+    model = _toy_model("siglip")
+    loss = SigLIPLoss()(*model(images, texts))
+    loss.backward()
+    assert model.logit_bias.grad is not None
+    for result in distributed_results:
+        for prefix in ("", "uneven_"):
+            torch.testing.assert_close(result["siglip"][prefix + "loss"], loss.detach(), atol=1e-6, rtol=0)
+            for name, parameter in model.named_parameters():
+                torch.testing.assert_close(result["siglip"][prefix + "grads"][name], parameter.grad, atol=1e-6, rtol=0)
 
 
 def test_two_processes_share_the_dino_centre_of_the_global_batch(distributed_results):

@@ -1,5 +1,6 @@
 """The local `evaluate` metric modules: they load with the network off and match hand-computed values."""
 
+import math
 import socket
 
 import evaluate
@@ -9,7 +10,11 @@ import torch
 from evaluate.loading import get_imports
 
 from evaluation.metrics import (
+    CHANCE_KEYS,
+    ECE_BINS,
+    METRIC_KEYS,
     METRIC_NAMES,
+    METRICS,
     METRICS_DIR,
     NonFiniteError,
     classification_metrics,
@@ -89,7 +94,9 @@ def test_macro_f1_matches_hand_values(no_network):
     predictions = [0, 0, 1, 1, 2, 0, 2]
     references = [0, 0, 0, 1, 1, 2, 2]
     # Class 0: TP 2, FP 1, FN 1 -> 4/6. Class 1: TP 1, FP 1, FN 1 -> 2/4. Class 2: TP 1, FP 1, FN 1 -> 2/4.
-    assert metric.compute(predictions=predictions, references=references)["macro_f1"] == pytest.approx((4 / 6 + 0.5 + 0.5) / 3)
+    assert metric.compute(predictions=predictions, references=references)["macro_f1"] == pytest.approx(
+        (4 / 6 + 0.5 + 0.5) / 3
+    )
     # A predicted class that never occurs scores 0 and counts (scikit-learn's default label set).
     result = metric.compute(predictions=[0, 3], references=[0, 0])
     assert result["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
@@ -125,7 +132,9 @@ def test_per_class_accuracy_from_the_confusion_matrix_matches_the_metric_module(
 
 def test_classification_metrics_top5_is_none_with_five_classes_or_fewer():
     metrics = classification_metrics(torch.eye(5), torch.arange(5), num_classes=5)
-    assert metrics == {"top1": 1.0, "top5": None, "mean_per_class": 1.0, "macro_f1": 1.0}
+    # ECE: every image right, each with the softmax confidence e / (e + 4) of logits [1, 0, 0, 0, 0].
+    ece = 1 - math.e / (math.e + 4)
+    assert metrics == {"top1": 1.0, "top5": None, "mean_per_class": 1.0, "macro_f1": 1.0, "ece": pytest.approx(ece)}
     with pytest.raises(ValueError, match=r"scores must have shape \(5, 6\)"):
         classification_metrics(torch.eye(5), torch.arange(5), num_classes=6)
 
@@ -167,7 +176,14 @@ def _brute_force_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes
     confusion = [[0] * num_classes for _ in range(num_classes)]
     for label, predicted in pairs:
         confusion[label][predicted] += 1
+    # ECE: softmax of each row, binned by its top-1 probability into 15 bins ((m-1)/15, m/15].
+    gaps = [0.0] * 15
+    for row, (label, predicted) in zip(scores.tolist(), pairs):
+        top = max(row)
+        confidence = 1 / sum(math.exp(score - top) for score in row)
+        gaps[min(max(math.ceil(confidence * 15) - 1, 0), 14)] += (label == predicted) - confidence
     return {
+        "ece": sum(abs(gap) for gap in gaps) / len(pairs),
         "top1": sum(rank < 1 for rank in ranks) / len(ranks),
         "top5": sum(rank < 5 for rank in ranks) / len(ranks),
         "mean_per_class": sum(recalls) / len(recalls),
@@ -213,7 +229,11 @@ def _equivalence_case(case: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         scores[:, 7] = -10.0
         return scores, torch.randint(0, 7, (200,), generator=generator), 8
     if case == "ties in scores":
-        return torch.randint(0, 3, (250, 9), generator=generator).float(), torch.randint(0, 9, (250,), generator=generator), 9
+        return (
+            torch.randint(0, 3, (250, 9), generator=generator).float(),
+            torch.randint(0, 9, (250,), generator=generator),
+            9,
+        )
     if case == "every score equal":
         return torch.zeros(40, 7), torch.randint(0, 7, (40,), generator=generator), 7
     if case == "3 classes, no top-5":
@@ -258,7 +278,7 @@ def test_tensor_metrics_equal_the_evaluate_module_path(case, no_network):
     scores, labels, num_classes = _equivalence_case(case)
     fast = classification_metrics(scores, labels, num_classes)
     reference = classification_metrics_from_modules(scores, labels, num_classes)
-    assert fast.keys() == reference.keys() == {"top1", "top5", "mean_per_class", "macro_f1"}
+    assert fast.keys() == reference.keys() == set(METRIC_KEYS) >= {"top1", "top5", "mean_per_class", "macro_f1", "ece"}
     # The same operations on the same counts: equal to the last bit, not only to float tolerance.
     assert fast == reference
     assert all(isinstance(value, float) for value in fast.values() if value is not None)
@@ -315,3 +335,68 @@ def test_classification_metrics_does_not_load_the_evaluate_modules(monkeypatch):
     monkeypatch.setattr(metrics_module, "load_metric", refuse)
     scores, labels, num_classes = _equivalence_case("random")
     classification_metrics(scores, labels, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table of metrics, and expected calibration error
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _probability_scores(rows):
+    """Scores whose softmax is `rows` (probabilities): their logarithms, the logits of those probabilities."""
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+def test_ece_matches_a_hand_computation():
+    # (softmax probabilities, reference): confidence is the top probability, bins are ((m-1)/15, m/15].
+    rows = [
+        ([0.90, 0.10], 0),  # right, confidence 0.90: bin 13 (0.867, 0.933]
+        ([0.90, 0.10], 1),  # wrong, 0.90: bin 13
+        ([0.38, 0.62], 1),  # right, 0.62: bin 9 (0.600, 0.667]
+        ([0.30, 0.70], 1),  # right, 0.70: bin 10 (0.667, 0.733]
+        ([0.55, 0.45], 1),  # wrong, 0.55: bin 8 (0.533, 0.600]
+        ([0.42, 0.58], 1),  # right, 0.58: bin 8
+    ]
+    scores = _probability_scores([p for p, _ in rows])
+    labels = torch.tensor([label for _, label in rows])
+    # Per bin, |B|/N * |acc - conf| = |sum(correct - confidence)| / N:
+    # bin 13: |2 * (1/2 - 0.90)| = 0.80; bin 9: |1 - 0.62| = 0.38; bin 10: |1 - 0.70| = 0.30;
+    # bin 8: |(0 - 0.55) + (1 - 0.58)| = 0.13 (within a bin, over- and under-confidence cancel).
+    expected = (0.80 + 0.38 + 0.30 + 0.13) / 6
+    assert classification_metrics(scores, labels, 2)["ece"] == pytest.approx(expected, abs=1e-6)
+    # Logits up to a constant per row are the same softmax; a temperature is not.
+    shifted = scores + torch.arange(6, dtype=torch.float64)[:, None]
+    assert classification_metrics(shifted, labels, 2)["ece"] == pytest.approx(expected, abs=1e-6)
+    assert classification_metrics(scores * 3, labels, 2)["ece"] != pytest.approx(expected, abs=1e-3)
+    assert ECE_BINS == 15
+
+
+def _synthetic_confidences(n: int, overconfidence: float, seed: int = 0):
+    """Two-class scores whose top-1 softmax probability is p ~ U(0.5, 1), right with probability p - overconfidence."""
+    generator = torch.Generator().manual_seed(seed)
+    confidence = 0.5 + 0.5 * torch.rand(n, generator=generator, dtype=torch.float64)
+    right = torch.rand(n, generator=generator, dtype=torch.float64) < (confidence - overconfidence)
+    scores = torch.stack([confidence, 1 - confidence], dim=1).log()
+    return scores, (~right).long()  # class 0 is always predicted: the reference is 0 when right, else 1
+
+
+def test_ece_of_calibrated_data_is_about_zero_and_of_overconfident_data_its_gap():
+    scores, labels = _synthetic_confidences(100_000, overconfidence=0.0)
+    metrics = classification_metrics(scores, labels, 2)
+    assert metrics["ece"] < 0.01  # sampling noise only: about sqrt(15 * 0.2 / N)
+    scores, labels = _synthetic_confidences(100_000, overconfidence=0.15)
+    metrics = classification_metrics(scores, labels, 2)
+    # Accuracy is 0.15 below confidence in every bin (the p - 0.15 stay inside [0, 1] for p in [0.5, 1]).
+    assert metrics["ece"] == pytest.approx(0.15, abs=0.01)
+    assert metrics["top1"] == pytest.approx(0.75 - 0.15, abs=0.01)
+
+
+def test_every_metric_of_the_table_is_computed_by_both_paths_and_described():
+    scores, labels, num_classes = _equivalence_case("random")
+    assert list(classification_metrics(scores, labels, num_classes)) == list(METRIC_KEYS) == list(METRICS)
+    assert list(classification_metrics_from_modules(scores, labels, num_classes)) == list(METRIC_KEYS)
+    for key, metric in METRICS.items():
+        assert metric.key == key and metric.title and metric.hub_type
+        assert (metric.chance is not None) == (key in CHANCE_KEYS)
+    # Balanced accuracy is not a row of its own: for single-label data it is the mean per-class recall.
+    assert "balanced_accuracy" not in METRICS and METRICS["ece"].higher_is_better is False

@@ -14,7 +14,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 
 from agriclip.cli import main as agriclip
-from conftest import full_disk
+from evaluation.metrics import HEADLINE_KEYS, METRICS
 from model_card.card import (
     METRIC_TYPES,
     build_dataset_card,
@@ -27,6 +27,9 @@ from model_card.card import (
 )
 from modeling_agriclip import AgriCLIPConfig
 
+from conftest import full_disk
+
+
 MODELS = ("agriclip (aligned)", "agriclip (clip)", "agriclip (fused)", "clip-baseline")
 
 
@@ -35,10 +38,16 @@ def suite_results(checkpoint) -> dict:
     rng = np.random.default_rng(0)
 
     def record(n_classes):
+        # Every metric of the table (top-5 None with 5 classes or fewer), as the suite records them.
         return {
-            "top1": float(rng.uniform()), "top5": None if n_classes <= 5 else float(rng.uniform()),
-            "mean_per_class": float(rng.uniform()), "macro_f1": float(rng.uniform()),
-            "n_images": 40, "n_skipped": 0, "skipped_files": [], "empty_classes": [], "confusion_matrix": [[1]],
+            **{
+                key: None if n_classes < metric.min_classes else float(rng.uniform()) for key, metric in METRICS.items()
+            },
+            "n_images": 40,
+            "n_skipped": 0,
+            "skipped_files": [],
+            "empty_classes": [],
+            "confusion_matrix": [[1]],
         }
 
     per_dataset = {"leaf-condition": 4, "fish-species": 8}
@@ -49,23 +58,40 @@ def suite_results(checkpoint) -> dict:
             "fish-species": {"display_name": "Fish species", "split": None},
         },
         "models": {
-            **{f"agriclip ({e})": {"path": str(checkpoint), "embedding": e, "model_type": "agriclip"} for e in ("aligned", "clip", "fused")},
+            **{
+                f"agriclip ({e})": {"path": str(checkpoint), "embedding": e, "model_type": "agriclip"}
+                for e in ("aligned", "clip", "fused")
+            },
             "clip-baseline": {"path": "/elsewhere/clip", "embedding": None, "model_type": "clip"},
         },
     }
-    results["mean"] = {model: {"top1": float(np.mean([results["datasets"][d][model]["top1"] for d in per_dataset]))} for model in MODELS}
+    results["mean"] = {
+        model: {"top1": float(np.mean([results["datasets"][d][model]["top1"] for d in per_dataset]))}
+        for model in MODELS
+    }
     return results
 
 
 TRAINING_INFO = {
     "base_model": "openai/clip-vit-base-patch16",
     "stages": {
-        "stage1_contrastive": {"learning_rate": 5e-05, "batch_size": 256, "adam_betas": [0.9, 0.98], "output_dir": "/home/me/runs", "hub_token": "secret-value"},
+        "stage1_contrastive": {
+            "learning_rate": 5e-05,
+            "batch_size": 256,
+            "adam_betas": [0.9, 0.98],
+            "output_dir": "/home/me/runs",
+            "hub_token": "secret-value",
+        },
         "stage3_align": {"solver": "closed_form", "ridge": 0.0},
     },
     "final_metrics": {"stage1_contrastive": {"train/loss": 1.234567}},
-    "data": {"name": "ALive", "hub_id": "agri/alive", "num_pairs": 600000, "splits": {"train": 570000, "validation": 30000},
-             "sources": ["PlantVillage", {"name": "fish-species", "pairs": 1200, "classes": 12}]},
+    "data": {
+        "name": "ALive",
+        "hub_id": "agri/alive",
+        "num_pairs": 600000,
+        "splits": {"train": 570000, "validation": 30000},
+        "sources": ["PlantVillage", {"name": "fish-species", "pairs": 1200, "classes": 12}],
+    },
 }
 
 
@@ -85,7 +111,9 @@ def test_card_yaml_parses_back_and_model_index_equals_the_eval_json(checkpoint, 
     results = suite_results(checkpoint)
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps(results))
-    path = write_model_card(checkpoint, eval_results=results_file, training_info=TRAINING_INFO, repo_id="agri/agriclip-tiny")
+    path = write_model_card(
+        checkpoint, eval_results=results_file, training_info=TRAINING_INFO, repo_id="agri/agriclip-tiny"
+    )
 
     assert path == checkpoint / "README.md"
     metadata = front_matter(path)
@@ -119,6 +147,32 @@ def test_card_yaml_parses_back_and_model_index_equals_the_eval_json(checkpoint, 
     assert "arXiv" in text and "9630--9639" in text and "Nawaz, Umair" in text
 
 
+def test_every_metric_of_the_table_is_in_the_model_index(checkpoint):
+    """A row of `evaluation.metrics.METRICS` is all it takes: the model-index lists it per dataset under its Hub id,
+    arguments and title, the card's `metrics` its Hub id, and the headline metrics get a table."""
+    results = suite_results(checkpoint)
+    card = build_model_card(checkpoint, eval_results=results)
+    entries = card.data.eval_results
+    for key, metric in METRICS.items():
+        values = [e.metric_value for e in entries if (e.metric_type, e.metric_name) == (metric.hub_type, metric.title)]
+        expected = [models["agriclip (aligned)"][key] for models in results["datasets"].values()]
+        assert values == [value for value in expected if value is not None] and values
+        assert all(
+            e.metric_args == (None if metric.hub_args is None else dict(metric.hub_args))
+            for e in entries
+            if e.metric_type == metric.hub_type
+        )
+        assert metric.hub_type in card.data.metrics
+        assert (f"### {metric.title}" in card.content) == (key in HEADLINE_KEYS)
+    assert "ece" in METRICS and len(entries) == sum(
+        len(values)
+        for values in (
+            [k for k in METRICS if models["agriclip (aligned)"][k] is not None]
+            for models in results["datasets"].values()
+        )
+    )
+
+
 def test_card_without_results_or_training_info(checkpoint):
     card = build_model_card(checkpoint)
     data = yaml.safe_load(card.content.split("---\n")[1])
@@ -129,11 +183,14 @@ def test_card_without_results_or_training_info(checkpoint):
     assert ModelCard(str(card)).data.license == "apache-2.0"
 
 
-@pytest.mark.parametrize("objective, account", [
-    ("image-mse", "by minimising the mean squared error to the CLIP image embedding of each image"),
-    ("text-mse", "by least squares onto the CLIP text embeddings of each image's captions"),
-    ("contrastive", "by image-to-text InfoNCE against the CLIP text embeddings of each image's captions"),
-])
+@pytest.mark.parametrize(
+    "objective, account",
+    [
+        ("image-mse", "by minimising the mean squared error to the CLIP image embedding of each image"),
+        ("text-mse", "by least squares onto the CLIP text embeddings of each image's captions"),
+        ("contrastive", "by image-to-text InfoNCE against the CLIP text embeddings of each image's captions"),
+    ],
+)
 def test_the_card_says_what_stage_3_fitted_and_the_fusion_weight_it_chose(checkpoint, objective, account):
     config = AgriCLIPConfig.from_pretrained(checkpoint)
     config.alignment_objective, config.fusion_weight = objective, 0.7
@@ -176,9 +233,16 @@ def write_run(run_dir, name, flags, rows):
 
 def test_read_training_info_from_run_logs(tmp_path):
     write_run(tmp_path / "stage3", "stage3_align", {"solver": "closed_form"}, [])
-    write_run(tmp_path / "stage1", "stage1_contrastive", {"learning_rate": 1e-4}, [
-        {"step": 1, "train/loss": 3.0, "lr": 1e-4}, {"step": 2, "train/loss": 2.0}, {"step": 2, "val/recall@1": 0.5},
-    ])
+    write_run(
+        tmp_path / "stage1",
+        "stage1_contrastive",
+        {"learning_rate": 1e-4},
+        [
+            {"step": 1, "train/loss": 3.0, "lr": 1e-4},
+            {"step": 2, "train/loss": 2.0},
+            {"step": 2, "val/recall@1": 0.5},
+        ],
+    )
     info = read_training_info(tmp_path)
     assert list(info["stages"]) == ["stage1_contrastive", "stage3_align"]
     assert info["stages"]["stage1_contrastive"] == {"learning_rate": 1e-4}
@@ -195,14 +259,34 @@ def test_card_command_line(checkpoint, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(suite_results(checkpoint)))
     (tmp_path / "info.json").write_text(json.dumps({"data": {"name": "ALive-mini", "hub_id": "agri/alive-mini"}}))
     write_alive_folder(tmp_path / "alive")
-    assert agriclip(["card", str(checkpoint), "--eval-results", str(tmp_path / "results.json"), "--run-dir",
-                     str(tmp_path / "runs"), "--train-data", str(tmp_path / "alive"), "--training-info",
-                     str(tmp_path / "info.json"), "--repo-id", "agri/cli-card"]) == 0
+    assert (
+        agriclip(
+            [
+                "card",
+                str(checkpoint),
+                "--eval-results",
+                str(tmp_path / "results.json"),
+                "--run-dir",
+                str(tmp_path / "runs"),
+                "--train-data",
+                str(tmp_path / "alive"),
+                "--training-info",
+                str(tmp_path / "info.json"),
+                "--repo-id",
+                "agri/cli-card",
+            ]
+        )
+        == 0
+    )
     text = (checkpoint / "README.md").read_text()
     assert "# cli-card" in text and "`learning_rate` | 2e-05" in text
-    assert "**ALive-mini** ([`agri/alive-mini`](https://huggingface.co/datasets/agri/alive-mini)), 8 image-caption pairs" in text
+    assert (
+        "**ALive-mini** ([`agri/alive-mini`](https://huggingface.co/datasets/agri/alive-mini)), 8 image-caption pairs"
+        in text
+    )
     assert "| train | 6 |" in text and "| leaves | 2 | a photo of a healthy leaves | 6 |" in text
-    assert len(ModelCard.load(checkpoint / "README.md").data.eval_results) == 2 * 3 + 1  # top-5 only where a dataset has > 5 classes
+    # Every metric of the table on both datasets, but top-5 only where a dataset has > 5 classes.
+    assert len(ModelCard.load(checkpoint / "README.md").data.eval_results) == 2 * (len(METRICS) - 1) + 1
     # The LoRA recipe targets the tower behind the checkpoint's image embedding ("aligned": the backbone).
     assert 'target_modules=r"(?:dino_model' in text and "--towers backbone" in text
 
@@ -214,11 +298,17 @@ def test_read_training_info_records_where_the_weights_started(tmp_path):
         ("tiny", {}, {"model": "tiny", "random": True}),
         ("my_config.json", {}, {"model": "my_config.json", "random": True}),
         ("checkpoints/from-clip", {}, {"model": "checkpoints/from-clip", "random": False}),
-        ("checkpoints/from-clip", {"random_init": True},
-         {"model": "checkpoints/from-clip", "random": False, "backbone": {"model": None, "random": True}}),
+        (
+            "checkpoints/from-clip",
+            {"random_init": True},
+            {"model": "checkpoints/from-clip", "random": False, "backbone": {"model": None, "random": True}},
+        ),
         ("tiny", {"random_init": True}, {"model": "tiny", "random": True}),  # random all along
-        ("tiny", {"backbone": "facebook/dinov2-small"},
-         {"model": "tiny", "random": True, "backbone": {"model": "facebook/dinov2-small", "random": False}}),
+        (
+            "tiny",
+            {"backbone": "facebook/dinov2-small"},
+            {"model": "tiny", "random": True, "backbone": {"model": "facebook/dinov2-small", "random": False}},
+        ),
     ]
     for index, (model, stage2_flags, expected) in enumerate(cases):
         run_dir = tmp_path / str(index)
@@ -242,8 +332,10 @@ def test_the_card_says_plainly_that_a_demo_run_started_from_random_weights_on_sy
     text, opening = card_text(checkpoint, info, suite_results(checkpoint))
     assert "**What these numbers mean.**" in opening
     assert "started from random weights (the `tiny` preset), not from pretrained CLIP or DINO models" in opening
-    assert ("trained on **ALive-mini (embedded)**, a synthetic dataset of procedurally drawn images (`training.embedded`), "
-            "not on photos") in opening
+    assert (
+        "trained on **ALive-mini (embedded)**, a synthetic dataset of procedurally drawn images (`training.embedded`), "
+        "not on photos"
+    ) in opening
     assert "its accuracies demonstrate that the pipeline works, not the paper's result" in opening
     assert "A CLIP dual encoder is trained from random weights" in text and "fine-tuned" not in text
     # No sentence that holds only for a CLIP start or for photos.
@@ -255,8 +347,10 @@ def test_the_card_of_a_pretrained_start_on_real_data_says_so(checkpoint, tmp_pat
     write_run(tmp_path / "run" / "stage1", "stage1_contrastive", {"model": "checkpoints/agriclip-from-clip"}, [])
     info = {**TRAINING_INFO, **read_training_info(tmp_path / "run")}
     text, opening = card_text(checkpoint, info)
-    assert ("**What these numbers mean.** The towers of this checkpoint started from the weights of "
-            "`openai/clip-vit-base-patch16`. It was trained on **ALive**.") in opening
+    assert (
+        "**What these numbers mean.** The towers of this checkpoint started from the weights of "
+        "`openai/clip-vit-base-patch16`. It was trained on **ALive**."
+    ) in opening
     for claim in ("random", "synthetic", "not the paper's result"):
         assert claim not in opening
     assert "is fine-tuned on agricultural image-caption pairs" in text and "start from CLIP" in text
@@ -277,10 +371,15 @@ def test_the_card_shows_chance_levels_the_fine_grained_mean_and_any_extra_model(
     results["models"][control] = {"path": "/elsewhere/control", "embedding": "clip", "model_type": "agriclip"}
     for dataset, n_classes in (("leaf-condition", 4), ("fish-species", 8)):
         results["datasets"][dataset][control] = dict(results["datasets"][dataset]["clip-baseline"], top1=0.625)
-        results["dataset_info"][dataset]["chance"] = {"top1": 1 / n_classes, "top5": None if n_classes <= 5 else 5 / n_classes,
-                                                      "mean_per_class": 1 / n_classes}
+        results["dataset_info"][dataset]["chance"] = {
+            "top1": 1 / n_classes,
+            "top5": None if n_classes <= 5 else 5 / n_classes,
+            "mean_per_class": 1 / n_classes,
+        }
         results["dataset_info"][dataset]["fine_grained"] = dataset == "fish-species"
-    per_model = {model: [results["datasets"][d][model]["top1"] for d in results["datasets"]] for model in (*MODELS, control)}
+    per_model = {
+        model: [results["datasets"][d][model]["top1"] for d in results["datasets"]] for model in (*MODELS, control)
+    }
     results["mean"] = {model: {"top1": float(np.mean(values)), "n_datasets": 2} for model, values in per_model.items()}
     results["mean_fine_grained"] = {model: {"top1": values[1], "n_datasets": 1} for model, values in per_model.items()}
     results["chance"] = {"mean": {"top1": (1 / 4 + 1 / 8) / 2}, "mean_fine_grained": {"top1": 1 / 8}}
@@ -290,8 +389,10 @@ def test_the_card_shows_chance_levels_the_fine_grained_mean_and_any_extra_model(
     assert f"| {control} | 62.5 | 62.5 | 62.5 | 62.5 |" in top1
     assert top1[-1] == "| Chance | 25.0 | 12.5 | 18.8 | 12.5 |"
     aligned = per_model["agriclip (aligned)"]
-    assert (f"agriclip (aligned): mean top-1 accuracy {100 * np.mean(aligned):.1f} % over the 2 tasks (chance 18.8 %); "
-            f"{100 * aligned[1]:.1f} % over the fine-grained tasks (chance 12.5 %).") in text
+    assert (
+        f"agriclip (aligned): mean top-1 accuracy {100 * np.mean(aligned):.1f} % over the 2 tasks (chance 18.8 %); "
+        f"{100 * aligned[1]:.1f} % over the fine-grained tasks (chance 12.5 %)."
+    ) in text
     assert "The fine-grained mean is over the fine-grained tasks: Fish species." in text
     # The extra model is a row, not this checkpoint: the model-index stays the checkpoint's own.
     assert {e.metric_value for e in ModelCard(text).data.eval_results} >= set(aligned)
@@ -316,26 +417,41 @@ def test_the_card_says_which_row_is_a_baseline_and_indexes_only_the_checkpoint_s
     with pytest.raises(ValueError, match=r"candidates \['agriclip \(clip\)', 'clip-control \(clip\)'\]"):
         build_model_card(checkpoint, eval_results=results)
     baselines = {control: "the equal-compute CLIP control: stage 1 alone for 18 epochs"}
-    text = build_model_card(checkpoint, eval_results=results, training_info={"baselines": baselines},
-                            eval_model="agriclip (clip)").content
+    text = build_model_card(
+        checkpoint, eval_results=results, training_info={"baselines": baselines}, eval_model="agriclip (clip)"
+    ).content
     assert f"| {control} | 62.5 | 62.5 |" in text and "the row\n**agriclip (clip)**" in text
-    assert ("**clip-control (clip)** is the equal-compute CLIP control: stage 1 alone for 18 epochs. clip-control "
-            "(clip): mean top-1 accuracy 62.5 % over the 2 tasks.") in text
+    assert (
+        "**clip-control (clip)** is the equal-compute CLIP control: stage 1 alone for 18 epochs. clip-control "
+        "(clip): mean top-1 accuracy 62.5 % over the 2 tasks."
+    ) in text
     own = results["datasets"]
     assert sorted(e.metric_value for e in ModelCard(text).data.eval_results) == sorted(
-        own[d]["agriclip (clip)"][key] for d in own for key in METRIC_TYPES if own[d]["agriclip (clip)"][key] is not None)
+        own[d]["agriclip (clip)"][key]
+        for d in own
+        for key in METRIC_TYPES
+        if own[d]["agriclip (clip)"][key] is not None
+    )
     with pytest.raises(ValueError, match=r"baseline\(s\) \['clip-control \(lora\)'\] not in the evaluation results"):
-        build_model_card(checkpoint, eval_results=results, training_info={"baselines": {"clip-control (lora)": "x"}},
-                         eval_model="agriclip (clip)")
+        build_model_card(
+            checkpoint,
+            eval_results=results,
+            training_info={"baselines": {"clip-control (lora)": "x"}},
+            eval_model="agriclip (clip)",
+        )
 
 
 def test_describe_caption_data(tmp_path):
     data = describe_caption_data(write_alive_folder(tmp_path / "alive"), name="ALive-mini")
     assert data == {
-        "name": "ALive-mini", "num_pairs": 8, "splits": {"train": 6, "validation": 2},
+        "name": "ALive-mini",
+        "num_pairs": 8,
+        "splits": {"train": 6, "validation": 2},
         "split_folders": {"train": "imagefolder/train", "validation": "imagefolder/validation"},
-        "sources": [{"name": "fish", "pairs": 2, "classes": 1, "example caption": "a photo of a goby fish"},
-                    {"name": "leaves", "pairs": 6, "classes": 2, "example caption": "a photo of a healthy leaves"}],
+        "sources": [
+            {"name": "fish", "pairs": 2, "classes": 1, "example caption": "a photo of a goby fish"},
+            {"name": "leaves", "pairs": 6, "classes": 2, "example caption": "a photo of a healthy leaves"},
+        ],
     }
 
 
@@ -349,13 +465,25 @@ def write_alive_folder(root, n_train=6, n_validation=2):
         for index in range(count):
             source, label = sources[index % len(sources)]
             (root / "imagefolder" / split / "0000").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "imagefolder" / split / "0000" / f"{index}.png")
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                root / "imagefolder" / split / "0000" / f"{index}.png"
+            )
             caption = f"a photo of a {label} {source}"
-            rows.append({"file_name": f"0000/{index}.png", "caption": caption, "captions": [caption], "source": source, "label": label})
+            rows.append(
+                {
+                    "file_name": f"0000/{index}.png",
+                    "caption": caption,
+                    "captions": [caption],
+                    "source": source,
+                    "label": label,
+                }
+            )
         (root / "imagefolder" / split / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (root / "webdataset" / "train").mkdir(parents=True)
     (root / "webdataset" / "train" / "shard-0.tar").write_bytes(b"\0" * 1024)
-    (root / "build_report.json").write_text(json.dumps({"decode_summary": "8 images decoded, 1 skipped.", "duplicates": [{"dropped": "x"}]}))
+    (root / "build_report.json").write_text(
+        json.dumps({"decode_summary": "8 images decoded, 1 skipped.", "duplicates": [{"dropped": "x"}]})
+    )
     return root
 
 
@@ -363,8 +491,15 @@ def test_dataset_card_describes_and_loads_the_folder(tmp_path):
     folder = write_alive_folder(tmp_path / "alive")
     path = write_dataset_card(folder, repo_id="agri/alive-mini", description="A tiny ALive build.")
     metadata = front_matter(path)
-    assert metadata["configs"] == [{"config_name": "default", "data_files": [
-        {"split": "train", "path": "imagefolder/train/**"}, {"split": "validation", "path": "imagefolder/validation/**"}]}]
+    assert metadata["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [
+                {"split": "train", "path": "imagefolder/train/**"},
+                {"split": "validation", "path": "imagefolder/validation/**"},
+            ],
+        }
+    ]
     assert metadata["license"] == "other" and metadata["size_categories"] == "n<1K"
     assert DatasetCard.load(path).data.pretty_name == "alive-mini"
     text = path.read_text()

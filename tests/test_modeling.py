@@ -16,14 +16,17 @@ from transformers import (
     pipeline,
 )
 
-from conftest import run_subprocess
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
-from modeling_agriclip.modeling_agriclip import clip_loss
+from modeling_agriclip.modeling_agriclip import clip_loss, sigmoid_loss
+
+from conftest import run_subprocess
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_processor, sample_images):
-    return tiny_processor(text=["a leaf with rust", "a tilapia fish", "a jersey cow"], images=sample_images, return_tensors="pt")
+    return tiny_processor(
+        text=["a leaf with rust", "a tilapia fish", "a jersey cow"], images=sample_images, return_tensors="pt"
+    )
 
 
 def test_forward_shapes_and_normalised_embeddings(tiny_model, batch):
@@ -70,9 +73,13 @@ def test_pixel_renormalisation_feeds_clip_tower_its_own_normalisation(tiny_model
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     pixel_values = tiny_processor(images=sample_images, return_tensors="pt")["pixel_values"]
-    mean_in, std_in = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_model.config.image_mean, tiny_model.config.image_std))
+    mean_in, std_in = (
+        torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_model.config.image_mean, tiny_model.config.image_std)
+    )
     raw = pixel_values * std_in + mean_in
-    clip_normalised = (raw - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    clip_normalised = (raw - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         expected = tiny_model.visual_projection(tiny_model.vision_model(pixel_values=clip_normalised).pooler_output)
         torch.testing.assert_close(tiny_model.get_clip_image_features(pixel_values), expected, atol=1e-5, rtol=1e-5)
@@ -98,8 +105,12 @@ def test_save_and_load_round_trip(tiny_model, tiny_checkpoint, batch):
             loaded = loader.from_pretrained(tiny_checkpoint).eval()
             assert isinstance(loaded, AgriCLIPModel)
             for mode in ("aligned", "clip", "fused"):
-                torch.testing.assert_close(loaded(**batch, image_embedding=mode).logits_per_image,
-                                           tiny_model(**batch, image_embedding=mode).logits_per_image, rtol=0, atol=0)
+                torch.testing.assert_close(
+                    loaded(**batch, image_embedding=mode).logits_per_image,
+                    tiny_model(**batch, image_embedding=mode).logits_per_image,
+                    rtol=0,
+                    atol=0,
+                )
             torch.testing.assert_close(loaded(**batch).logits_per_image, expected.logits_per_image, rtol=0, atol=0)
     assert isinstance(AutoConfig.from_pretrained(tiny_checkpoint), AgriCLIPConfig)
 
@@ -137,11 +148,13 @@ def test_zero_shot_pipeline(tiny_checkpoint, tiny_model, tiny_processor, sample_
     assert len(batch) == 3
     for results in batch:
         _check_pipeline_results(results, labels[:2])
-    inputs = tiny_processor(text=[f"a photo of {l}." for l in labels], images=sample_images[:1], return_tensors="pt")
+    inputs = tiny_processor(
+        text=[f"a photo of {label}." for label in labels], images=sample_images[:1], return_tensors="pt"
+    )
     with torch.no_grad():
         direct = tiny_model(**inputs).logits_per_image[0].softmax(-1)
     by_label = {r["label"]: r["score"] for r in single}
-    assert [by_label[l] for l in labels] == pytest.approx(direct.tolist(), abs=1e-5)
+    assert [by_label[label] for label in labels] == pytest.approx(direct.tolist(), abs=1e-5)
 
 
 def test_remote_code_in_a_fresh_process(tiny_checkpoint, tmp_path):
@@ -196,7 +209,9 @@ def test_config_records_the_alignment_objective_and_fusion_weight_through_save_l
     saved = json.loads((folder / "config.json").read_text())
     del saved["alignment_objective"]
     assert AgriCLIPConfig.from_dict(saved).alignment_objective == "image-mse"
-    with pytest.raises(Exception, match=r"alignment_objective must be one of \('image-mse', 'text-mse', 'contrastive'\)"):
+    with pytest.raises(
+        Exception, match=r"alignment_objective must be one of \('image-mse', 'text-mse', 'contrastive'\)"
+    ):
         AgriCLIPConfig.tiny(alignment_objective="mse")
     script = textwrap.dedent(
         f"""
@@ -220,3 +235,54 @@ def test_config_presets():
     resnet = AgriCLIPModel(AgriCLIPConfig.tiny(backbone="resnet")).eval()
     with torch.no_grad():
         assert resnet.get_backbone_features(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+
+
+def test_the_output_carries_the_logit_parameters_and_a_siglip_model_adds_its_bias(tiny_model, batch):
+    with torch.no_grad():
+        infonce = tiny_model(**batch, return_loss=True)
+        lean = tiny_model(**batch, return_logits=False)
+    assert tiny_model.config.contrastive_loss == "infonce"
+    for out in (infonce, lean):
+        assert out.logit_scale is tiny_model.logit_scale and out.logit_bias is tiny_model.logit_bias
+    assert tiny_model.logit_bias.shape == () and tiny_model.logit_bias.item() == pytest.approx(-10.0)
+    torch.manual_seed(0)
+    siglip = AgriCLIPModel(AgriCLIPConfig.tiny(contrastive_loss="siglip", logit_bias_init_value=-3.0)).eval()
+    with torch.no_grad():
+        out = siglip(**batch, return_loss=True)
+    assert out.logit_bias.item() == pytest.approx(-3.0)
+    expected = out.text_embeds @ out.image_embeds.t() * siglip.logit_scale.exp() - 3.0
+    torch.testing.assert_close(out.logits_per_text, expected)
+    torch.testing.assert_close(out.logits_per_image, expected.t())
+    torch.testing.assert_close(out.loss, sigmoid_loss(out.logits_per_text))
+    signs = 2 * torch.eye(3) - 1
+    torch.testing.assert_close(out.loss, -F.logsigmoid(signs * expected).sum() / 3)
+    with pytest.raises(Exception, match=r"contrastive_loss must be one of \('infonce', 'siglip'\)"):
+        AgriCLIPConfig.tiny(contrastive_loss="clip")
+
+
+def test_a_checkpoint_saved_before_logit_bias_existed_loads_with_the_initial_bias(
+    tiny_model, tiny_processor, batch, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    from modeling_agriclip.zero_shot import ZeroShotClassifier
+
+    tiny_model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["logit_bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("logit_bias_init_value", "contrastive_loss"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded, info = AgriCLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.contrastive_loss == "infonce" and loaded.logit_bias.item() == pytest.approx(-10.0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(**batch).logits_per_image, tiny_model(**batch).logits_per_image, rtol=0, atol=0
+        )
+    # The classifier, which refuses a checkpoint with missing tensors, loads it too.
+    assert ZeroShotClassifier.from_pretrained(tmp_path).logit_bias == 0.0

@@ -17,8 +17,11 @@ def accelerator():
 
 def test_a_json_file_over_a_preset_sets_the_tower_sizes(tmp_path, caplog):
     path = tmp_path / "towers.json"
-    path.write_text(json.dumps({"preset": "tiny", "projection_dim": 24,
-                                "vision_config": {"hidden_size": 48, "num_hidden_layers": 3}}))
+    path.write_text(
+        json.dumps(
+            {"preset": "tiny", "projection_dim": 24, "vision_config": {"hidden_size": 48, "num_hidden_layers": 3}}
+        )
+    )
     model, processor = load_model_and_processor(str(path))
     tiny = AgriCLIPConfig.tiny()
     assert model.config.projection_dim == 24 and model.aligner.out_features == 24
@@ -30,12 +33,15 @@ def test_a_json_file_over_a_preset_sets_the_tower_sizes(tmp_path, caplog):
     assert "starting from RANDOM weights" in caplog.text
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"preset": "huge"}', "unknown preset 'huge'"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"image_embedding": "nonsense"}', "do not make an AgriCLIPConfig"),
-    ('{"preset": ', "not a readable JSON file"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"preset": "huge"}', "unknown preset 'huge'"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"image_embedding": "nonsense"}', "do not make an AgriCLIPConfig"),
+        ('{"preset": ', "not a readable JSON file"),
+    ],
+)
 def test_a_bad_config_file_is_named(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)

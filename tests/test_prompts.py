@@ -114,8 +114,9 @@ def tiny_causal_lm(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
     path = tmp_path_factory.mktemp("tiny-lm")
     tokenizer.save_pretrained(path)
-    config = GPT2Config(vocab_size=len(vocabulary), n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                        eos_token_id=1, bos_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(vocabulary), n_positions=128, n_embd=16, n_layer=1, n_head=2, eos_token_id=1, bos_token_id=1
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
 

@@ -17,11 +17,13 @@ import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_model_card import write_alive_folder
 from transformers import pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from conftest import run_subprocess
-from hub_server import FAKE_TOKEN, FakeHub, fake_hub  # noqa: F401  (fake_hub is a fixture)
+import modeling_agriclip
+from agriclip.cli import main as agriclip
+from agriclip.errors import ExitCode
 from model_card.card import write_dataset_card, write_model_card
 from model_card.publish import (
     PublishError,
@@ -32,18 +34,27 @@ from model_card.publish import (
     validate_checkpoint,
     validate_dataset,
 )
-import modeling_agriclip
-from agriclip.cli import main as agriclip
-from agriclip.errors import ExitCode
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
-from test_model_card import write_alive_folder
+
+from conftest import run_subprocess
+from hub_server import FAKE_TOKEN, FakeHub
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["a photo of a leaf", "a photo of a fish", "a photo of a cow"]
 # What save_pretrained of the tiny model and processor writes, plus the card: a checkpoint's allow-list.
 CHECKPOINT = [
-    "README.md", "config.json", "configuration_agriclip.py", "model.safetensors", "modeling_agriclip.py",
-    "processing_agriclip.py", "processor_config.json", "tokenizer.json", "tokenizer.py", "tokenizer_config.json",
+    "README.md",
+    "backbones.py",
+    "config.json",
+    "configuration_agriclip.py",
+    "model.safetensors",
+    "modeling_agriclip.py",
+    "processing_agriclip.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer.py",
+    "tokenizer_config.json",
 ]
 CODE_FILES = [name for name in CHECKPOINT if name.endswith(".py")]
 INSTALLED = Path(modeling_agriclip.__file__).parent
@@ -69,12 +80,18 @@ def checked(monkeypatch):
     """Stands in for the checkpoint dry run in tests of the transport alone (the dry run has tests of its own);
     lists the folders `publish` asked it to check."""
     folders = []
-    monkeypatch.setattr("model_card.publish.validate_checkpoint", lambda folder, **kwargs: folders.append(Path(folder)) or [])
+    monkeypatch.setattr(
+        "model_card.publish.validate_checkpoint", lambda folder, **kwargs: folders.append(Path(folder)) or []
+    )
     return folders
 
 
 def outputs(model_or_path, processor, images, **kwargs):
-    model = model_or_path if isinstance(model_or_path, torch.nn.Module) else AgriCLIPModel.from_pretrained(model_or_path, **kwargs)
+    model = (
+        model_or_path
+        if isinstance(model_or_path, torch.nn.Module)
+        else AgriCLIPModel.from_pretrained(model_or_path, **kwargs)
+    )
     inputs = processor(text=LABELS, images=images, return_tensors="pt")
     with torch.no_grad():
         return model.eval()(**inputs).logits_per_image
@@ -100,8 +117,10 @@ def tamper(code_file: Path, marker: Path) -> None:
 
 
 def differs(name: str) -> str:
-    return (f"{name} differs from the installed package's ({INSTALLED / name}); save the model again, "
-            "or pass --trust-remote-code to run and compare it")
+    return (
+        f"{name} differs from the installed package's ({INSTALLED / name}); save the model again, "
+        "or pass --trust-remote-code to run and compare it"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,7 +170,9 @@ def test_dry_run_names_missing_weights_card_and_custom_code(checkpoint):
     problems = validate_checkpoint(checkpoint)
     assert "model.safetensors is missing (no weights in safetensors format)" in problems
     assert "README.md is missing (write the card with `agriclip card FOLDER`)" in problems
-    assert any(p.startswith("processing_agriclip.py imports tokenizer.py, which is missing") for p in problems), problems
+    assert any(p.startswith("processing_agriclip.py imports tokenizer.py, which is missing") for p in problems), (
+        problems
+    )
 
 
 def test_dry_run_names_weights_that_do_not_fit_the_config(checkpoint):
@@ -159,23 +180,34 @@ def test_dry_run_names_weights_that_do_not_fit_the_config(checkpoint):
     shutil.copy(checkpoint / "other" / "model.safetensors", checkpoint / "model.safetensors")
     shutil.rmtree(checkpoint / "other")
     problems = validate_checkpoint(checkpoint)
-    assert any(p.startswith("the weights do not match the config:") and "missing keys" in p and "dino_model" in p for p in problems), problems
+    assert any(
+        p.startswith("the weights do not match the config:") and "missing keys" in p and "dino_model" in p
+        for p in problems
+    ), problems
 
 
 def test_dry_run_catches_custom_code_that_differs_from_the_package(checkpoint):
-    code = checkpoint / "modeling_agriclip.py"
-    code.write_text(code.read_text().replace("return outputs.last_hidden_state[:, 0]", "return outputs.last_hidden_state[:, 1]"))
-    assert validate_checkpoint(checkpoint) == [differs("modeling_agriclip.py")]
+    # The backbone's pooling (the CLS token of the tiny ViT) is Hub code of the backbone registry, which the model
+    # file imports.
+    pooling = checkpoint / "backbones.py"
+    pooling.write_text(
+        pooling.read_text().replace("return outputs.last_hidden_state[:, 0]", "return outputs.last_hidden_state[:, 1]")
+    )
+    assert validate_checkpoint(checkpoint) == [differs("backbones.py")]
     # Trusted, the files run, and their outputs are compared with the package's.
     [problem] = validate_checkpoint(checkpoint, trust_remote_code=True)
     assert problem.startswith("the custom-code files give other outputs than the installed package")
+    code = checkpoint / "modeling_agriclip.py"
     code.write_text("import modeling_agriclip\n" + code.read_text())
     assert validate_checkpoint(checkpoint, trust_remote_code=True) == [
         "modeling_agriclip.py imports modeling_agriclip, which people loading with trust_remote_code do not have"
     ]
     shutil.copy(INSTALLED / "modeling_agriclip.py", code)
+    shutil.copy(INSTALLED / "backbones.py", pooling)
     processing = checkpoint / "processing_agriclip.py"
-    processing.write_text(processing.read_text().replace("max_length = max_length or self.tokenizer.model_max_length", "max_length = 4"))
+    processing.write_text(
+        processing.read_text().replace("max_length = max_length or self.tokenizer.model_max_length", "max_length = 4")
+    )
     assert validate_checkpoint(checkpoint, trust_remote_code=True) == [
         "the custom-code processor gives other inputs (['attention_mask', 'input_ids']) than the installed package; save the processor again"
     ]
@@ -184,7 +216,11 @@ def test_dry_run_catches_custom_code_that_differs_from_the_package(checkpoint):
 def test_every_file_that_would_go_up_is_scanned_by_its_bytes_whatever_its_name(checkpoint, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     # The weights' header can carry metadata: binary files are read too, not only text suffixes.
-    save_file(load_file(checkpoint / "model.safetensors"), checkpoint / "model.safetensors", metadata={"format": "pt", "by": FAKE_TOKEN})
+    save_file(
+        load_file(checkpoint / "model.safetensors"),
+        checkpoint / "model.safetensors",
+        metadata={"format": "pt", "by": FAKE_TOKEN},
+    )
     with open(checkpoint / "README.md", "a", encoding="utf-8") as card:
         card.write("\n" + PRIVATE_KEY)
     (checkpoint / "eval_results.json").write_text(json.dumps({"ci": "ghp_" + "x1" * 18, "bucket": "AKIA" + "Q7" * 8}))
@@ -192,13 +228,16 @@ def test_every_file_that_would_go_up_is_scanned_by_its_bytes_whatever_its_name(c
     (checkpoint / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "hub": "hf_" + "a1B2" * 9}))
     (checkpoint / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")  # left out, so no finding
     problems = validate_checkpoint(checkpoint)
-    assert sorted(problems) == sorted(f"{name} contains {what}; remove it before publishing" for name, what in [
-        ("model.safetensors", "this session's Hugging Face token"),
-        ("README.md", "a string shaped like a private key (-----BEGIN ... PRIVATE KEY-----)"),
-        ("eval_results.json", "a string shaped like a GitHub token (ghp_..., github_pat_...)"),
-        ("eval_results.json", "a string shaped like an AWS access key id (AKIA...)"),
-        ("tokenizer_config.json", "a string shaped like a Hugging Face token (hf_...)"),
-    ])
+    assert sorted(problems) == sorted(
+        f"{name} contains {what}; remove it before publishing"
+        for name, what in [
+            ("model.safetensors", "this session's Hugging Face token"),
+            ("README.md", "a string shaped like a private key (-----BEGIN ... PRIVATE KEY-----)"),
+            ("eval_results.json", "a string shaped like a GitHub token (ghp_..., github_pat_...)"),
+            ("eval_results.json", "a string shaped like an AWS access key id (AKIA...)"),
+            ("tokenizer_config.json", "a string shaped like a Hugging Face token (hf_...)"),
+        ]
+    )
     assert not any(FAKE_TOKEN in problem for problem in problems)
 
 
@@ -210,9 +249,10 @@ def test_the_byte_scan_sees_a_secret_cut_by_a_chunk_boundary(tmp_path, monkeypat
     names = []
     for start in range(1024 - len(secret) + 1, 1024):  # every place where the first boundary cuts the secret
         names.append(f"cut-{start}.bin")
-        (tmp_path / names[-1]).write_bytes(noise[:start] + secret + noise[start + len(secret):])
+        (tmp_path / names[-1]).write_bytes(noise[:start] + secret + noise[start + len(secret) :])
     assert find_secrets(tmp_path, ["clean.bin", *names]) == [
-        f"{name} contains a string shaped like a Hugging Face token (hf_...); remove it before publishing" for name in names
+        f"{name} contains a string shaped like a Hugging Face token (hf_...); remove it before publishing"
+        for name in names
     ]
 
 
@@ -284,7 +324,9 @@ def test_sharded_weights_go_up_as_the_index_and_the_shards_it_names(checkpoint, 
     index["weight_map"][next(iter(index["weight_map"]))] = "../elsewhere.safetensors"
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     (problem,) = plan_upload(checkpoint).problems
-    assert problem.startswith(f"{checkpoint / 'model.safetensors.index.json'}: weight_map: the shard '../elsewhere.safetensors' leads outside")
+    assert problem.startswith(
+        f"{checkpoint / 'model.safetensors.index.json'}: weight_map: the shard '../elsewhere.safetensors' leads outside"
+    )
 
 
 def test_the_dry_run_runs_no_code_of_the_folder_unless_trusted(checkpoint, tmp_path):
@@ -298,12 +340,19 @@ def test_the_dry_run_runs_no_code_of_the_folder_unless_trusted(checkpoint, tmp_p
     # Trusted, by the user's explicit choice, the files that build the processor and the model run (tokenizer.py only
     # serves from_config); they build the package's, so the dry run passes.
     assert publish(checkpoint, "agri/tampered", dry_run=True, trust_remote_code=True).files == CHECKPOINT
-    assert [name for name, marker in markers.items() if marker.exists()] == ["configuration_agriclip.py", "modeling_agriclip.py", "processing_agriclip.py"]
+    assert [name for name, marker in markers.items() if marker.exists()] == [
+        "backbones.py",
+        "configuration_agriclip.py",
+        "modeling_agriclip.py",
+        "processing_agriclip.py",
+    ]
 
 
 def test_custom_code_the_package_lacks_or_cannot_read_is_refused(checkpoint):
     processor_config = json.loads((checkpoint / "processor_config.json").read_text())
-    processor_config["auto_map"].update({"AutoImageProcessor": "image_processing_agriclip.Images", "AutoFeatureExtractor": "broken.Features"})
+    processor_config["auto_map"].update(
+        {"AutoImageProcessor": "image_processing_agriclip.Images", "AutoFeatureExtractor": "broken.Features"}
+    )
     (checkpoint / "processor_config.json").write_text(json.dumps(processor_config))
     (checkpoint / "image_processing_agriclip.py").write_text("class Images:\n    pass\n")
     (checkpoint / "broken.py").write_bytes(b"\xff\xfe not UTF-8")
@@ -322,11 +371,21 @@ def test_custom_code_the_package_lacks_or_cannot_read_is_refused(checkpoint):
 def test_the_command_never_asks_on_stdin_and_runs_no_folder_code(checkpoint, tmp_path):
     marker = tmp_path / "ran"
     tamper(checkpoint / "modeling_agriclip.py", marker)
-    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     done = subprocess.run(
         [sys.executable, "-m", "agriclip", "publish", str(checkpoint), "--repo-id", "agri/tampered", "--dry-run"],
-        input="y\n", capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+        input="y\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == ExitCode.INPUT, done.stderr[-3000:]
     assert differs("modeling_agriclip.py") in done.stderr
@@ -334,12 +393,17 @@ def test_the_command_never_asks_on_stdin_and_runs_no_folder_code(checkpoint, tmp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("metadata, problem", [
-    ("", "README.md has no metadata (the YAML front matter between '---' lines)"),
-    ("---\n---\n", "README.md has no metadata (the YAML front matter between '---' lines)"),
-    ("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n",
-     "README.md lacks the metadata ['pipeline_tag'] that a checkpoint card needs on the Hub"),
-])
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ("", "README.md has no metadata (the YAML front matter between '---' lines)"),
+        ("---\n---\n", "README.md has no metadata (the YAML front matter between '---' lines)"),
+        (
+            "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n",
+            "README.md lacks the metadata ['pipeline_tag'] that a checkpoint card needs on the Hub",
+        ),
+    ],
+)
 def test_a_card_without_the_metadata_the_hub_needs_is_refused(checkpoint, fake_hub, metadata, problem):
     text = ModelCard.load(checkpoint / "README.md").text  # the card without its front matter
     (checkpoint / "README.md").write_text(metadata + text)
@@ -355,24 +419,44 @@ def test_a_card_without_the_metadata_the_hub_needs_is_refused(checkpoint, fake_h
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_push_then_pull_gives_identical_outputs(carded_checkpoint, fake_hub, tiny_model, sample_images, tmp_path, caplog, capsys):
+def test_push_then_pull_gives_identical_outputs(
+    carded_checkpoint, fake_hub, tiny_model, sample_images, tmp_path, caplog, capsys
+):
     caplog.set_level(logging.DEBUG)
-    argv = ["publish", str(carded_checkpoint), "--repo-id", "agri/agriclip-tiny", "--private", "--commit-message", "AgriCLIP tiny"]
+    argv = [
+        "publish",
+        str(carded_checkpoint),
+        "--repo-id",
+        "agri/agriclip-tiny",
+        "--private",
+        "--commit-message",
+        "AgriCLIP tiny",
+    ]
     assert agriclip(argv) == ExitCode.OK
     assert f"published {carded_checkpoint} to agri/agriclip-tiny: {fake_hub.endpoint}" in capsys.readouterr().out
     repo = fake_hub.repos[("model", "agri/agriclip-tiny")]
     assert repo.private
     pushed = fake_hub.files("agri/agriclip-tiny")
-    local = {p.relative_to(carded_checkpoint).as_posix(): p.read_bytes() for p in carded_checkpoint.rglob("*") if p.is_file()}
+    local = {
+        p.relative_to(carded_checkpoint).as_posix(): p.read_bytes() for p in carded_checkpoint.rglob("*") if p.is_file()
+    }
     assert {name: data for name, data in pushed.items() if name != ".gitattributes"} == local
-    assert {"model.safetensors", "processor_config.json", "modeling_agriclip.py", "tokenizer.py", "README.md"} <= set(pushed)
-    assert all(r["authorised"] for r in fake_hub.requests if r["method"] == "POST" and r["path"] != "/api/validate-yaml")
+    assert {"model.safetensors", "processor_config.json", "modeling_agriclip.py", "tokenizer.py", "README.md"} <= set(
+        pushed
+    )
+    assert all(
+        r["authorised"] for r in fake_hub.requests if r["method"] == "POST" and r["path"] != "/api/validate-yaml"
+    )
 
     processor = AgriCLIPProcessor.from_pretrained("agri/agriclip-tiny")
     expected = outputs(tiny_model, processor, sample_images)
     assert torch.equal(outputs("agri/agriclip-tiny", processor, sample_images), expected)
-    by_repo = pipeline("zero-shot-image-classification", model="agri/agriclip-tiny")(sample_images[0], candidate_labels=LABELS, hypothesis_template="{}")
-    by_folder = pipeline("zero-shot-image-classification", model=str(carded_checkpoint))(sample_images[0], candidate_labels=LABELS, hypothesis_template="{}")
+    by_repo = pipeline("zero-shot-image-classification", model="agri/agriclip-tiny")(
+        sample_images[0], candidate_labels=LABELS, hypothesis_template="{}"
+    )
+    by_folder = pipeline("zero-shot-image-classification", model=str(carded_checkpoint))(
+        sample_images[0], candidate_labels=LABELS, hypothesis_template="{}"
+    )
     assert by_repo == by_folder
     # The custom-code path from the repo: the class comes from the downloaded files, not the installed package.
     remote_class = get_class_from_dynamic_module("modeling_agriclip.AgriCLIPModel", "agri/agriclip-tiny")
@@ -423,25 +507,41 @@ def test_dataset_push_then_pull(tmp_path, fake_hub):
     original = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache-original"))
     for split in ("train", "validation"):
         assert loaded[split]["caption"] == original[split]["caption"]
-        assert [image.tobytes() for image in loaded[split]["image"]] == [image.tobytes() for image in original[split]["image"]]
+        assert [image.tobytes() for image in loaded[split]["image"]] == [
+            image.tobytes() for image in original[split]["image"]
+        ]
 
 
 def test_a_dataset_goes_up_as_its_card_report_rows_images_and_copies(tmp_path, fake_hub):
     folder = write_alive_folder(tmp_path / "alive")
     write_dataset_card(folder, repo_id="agri/alive-mini")
-    saved = ["datasets/dataset_dict.json", "datasets/train/state.json", "datasets/train/dataset_info.json",
-             "datasets/train/data-00000-of-00001.arrow"]
+    saved = [
+        "datasets/dataset_dict.json",
+        "datasets/train/state.json",
+        "datasets/train/dataset_info.json",
+        "datasets/train/data-00000-of-00001.arrow",
+    ]
     for name in saved:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"{}")
     (folder / ".env").write_text(f"HF_TOKEN={FAKE_TOKEN}\n")
     (folder / "cache" / "train").mkdir(parents=True)
     (folder / "cache" / "train" / "images.lock").write_text("")
-    shutil.copy(folder / "imagefolder" / "train" / "0000" / "0.png", folder / "imagefolder" / "train" / "0000" / "unlisted.png")
-    rows = {split: [json.loads(line) for line in (folder / "imagefolder" / split / "metadata.jsonl").read_text().splitlines()]
-            for split in ("train", "validation")}
+    shutil.copy(
+        folder / "imagefolder" / "train" / "0000" / "0.png", folder / "imagefolder" / "train" / "0000" / "unlisted.png"
+    )
+    rows = {
+        split: [
+            json.loads(line) for line in (folder / "imagefolder" / split / "metadata.jsonl").read_text().splitlines()
+        ]
+        for split in ("train", "validation")
+    }
     expected = ["README.md", "build_report.json", "webdataset/train/shard-0.tar", *saved]
-    expected += [f"imagefolder/{split}/{name}" for split in rows for name in ["metadata.jsonl", *(row["file_name"] for row in rows[split])]]
+    expected += [
+        f"imagefolder/{split}/{name}"
+        for split in rows
+        for name in ["metadata.jsonl", *(row["file_name"] for row in rows[split])]
+    ]
 
     plan = publish(folder, "agri/alive-mini", dataset=True, dry_run=True)
     assert plan.files == sorted(expected)
@@ -525,7 +625,9 @@ def test_adapter_with_a_local_base_path_is_refused_then_published(carded_checkpo
     ]
     (tmp_path / "lora" / "README.md").write_text(card)
     publish(tmp_path / "lora", "agri/agriclip-tiny-lora")
-    result = pipeline("zero-shot-image-classification", model="agri/agriclip-tiny-lora")(sample_images[0], candidate_labels=LABELS)
+    result = pipeline("zero-shot-image-classification", model="agri/agriclip-tiny-lora")(
+        sample_images[0], candidate_labels=LABELS
+    )
     assert sorted(r["label"] for r in result) == sorted(LABELS)
 
 
@@ -539,11 +641,29 @@ def test_command_line_push_and_remote_code_from_the_repo_in_fresh_processes(card
     """`agriclip publish` pushes; someone who never installed the package loads the repo with
     trust_remote_code=True and gets the installed package's scores."""
     with FakeHub() as hub:
-        env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
-               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            "PATH": os.environ["PATH"],
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_TOKEN": FAKE_TOKEN,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         pushed = run_subprocess(
-            [sys.executable, "-m", "agriclip", "publish", str(carded_checkpoint), "--repo-id", "agri/fresh", "--revision", "v1"],
-            cwd=REPO_ROOT, env=env, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "agriclip",
+                "publish",
+                str(carded_checkpoint),
+                "--repo-id",
+                "agri/fresh",
+                "--revision",
+                "v1",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            timeout=600,
         )
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         assert FAKE_TOKEN not in pushed.stdout + pushed.stderr

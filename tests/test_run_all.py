@@ -13,8 +13,10 @@ from huggingface_hub import ModelCard
 
 import evaluation.runner
 import training.run_all
-from training.runtime import CheckpointManager, RunLock
+from evaluation.metrics import METRIC_KEYS
 from training.run_all import as_flags, control_options, describe_control, main, run_stages
+from training.runtime import CheckpointManager, RunLock
+
 
 # Budgets in epochs, so that the control's step count follows from the data size: a batch of 64 leaves few steps.
 TINY_RUN = {
@@ -22,8 +24,15 @@ TINY_RUN = {
     "data": {"embedded": {"seed": 0, "pretrain_per_class": 4, "downstream_per_task": 12}},
     "evaluation": {"embeddings": ["aligned", "clip"], "batch_size": 32},
     "stage1": {"epochs": 1, "batch_size": 64, "seed": 3},
-    "stage2": {"epochs": 1, "batch_size": 64, "num_local_crops": 2, "out_dim": 64, "head_hidden_dim": 32,
-               "head_bottleneck_dim": 16, "warmup_epochs": 0},
+    "stage2": {
+        "epochs": 1,
+        "batch_size": 64,
+        "num_local_crops": 2,
+        "out_dim": 64,
+        "head_hidden_dim": 32,
+        "head_bottleneck_dim": 16,
+        "warmup_epochs": 0,
+    },
     "stage3": {"batch_size": 32, "ridge": 0.01},
     "control": {},
 }
@@ -31,7 +40,13 @@ TINY_RUN = {
 
 def test_flags_from_config_values():
     assert as_flags({"batch_size": 8, "freeze_text": True, "resume": False, "adam_betas": [0.9, 0.98], "x": None}) == [
-        "--batch-size", "8", "--freeze-text", "--adam-betas", "0.9", "0.98"]
+        "--batch-size",
+        "8",
+        "--freeze-text",
+        "--adam-betas",
+        "0.9",
+        "0.98",
+    ]
 
 
 def test_the_control_trains_stage_1_for_the_stage_1_plus_stage_2_budget():
@@ -42,12 +57,18 @@ def test_the_control_trains_stage_1_for_the_stage_1_plus_stage_2_budget():
     assert control_options({**config, "control": {}}) == {**stage1, "epochs": 18}
     assert control_options({**config, "control": None}) == {**stage1, "epochs": 18}  # `control:` left empty in YAML
     # max_steps replaces epochs: both sections in steps sum their steps, whatever epochs they also name.
-    steps = {"stage1": {"max_steps": 4, "epochs": 3, "batch_size": 32}, "stage2": {"max_steps": 5, "epochs": 2},
-             "control": {}}
+    steps = {
+        "stage1": {"max_steps": 4, "epochs": 3, "batch_size": 32},
+        "stage2": {"max_steps": 5, "epochs": 2},
+        "control": {},
+    }
     assert control_options(steps) == {"max_steps": 9, "batch_size": 32}
     # The section's options override; a budget of its own replaces the sum, and stage 1's steps would override it.
     assert control_options({**config, "control": {"epochs": 30, "learning_rate": 0.001}}) == {
-        **stage1, "epochs": 30, "learning_rate": 0.001}
+        **stage1,
+        "epochs": 30,
+        "learning_rate": 0.001,
+    }
     assert control_options({**steps, "control": {"epochs": 30}}) == {"epochs": 30, "batch_size": 32}
     assert control_options({**steps, "control": {"batch_size": 8}}) == {"max_steps": 9, "batch_size": 8}
     mixed = {"stage1": {"epochs": 10}, "stage2": {"max_steps": 40}, "control": {}}
@@ -68,7 +89,8 @@ def test_the_card_note_states_the_budgets_the_logs_record(tmp_path):
     stages = {"stage1_contrastive": {"epochs": 10}, "stage2_dino": {"epochs": 1, "max_steps": 1}}
     assert describe_control(tmp_path, stages) == (
         "the equal-compute CLIP control: stage 1 alone, from the same start, for 30 optimizer steps, against this "
-        "checkpoint's stage 1 of 10 epochs and stage 2 of 1 optimizer step")
+        "checkpoint's stage 1 of 10 epochs and stage 2 of 1 optimizer step"
+    )
 
 
 @pytest.mark.slow
@@ -78,8 +100,15 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**TINY_RUN, "output_dir": "run"}))
     checkpoint = main(["--config", "run.yaml"])
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "modeling_agriclip.py",
-            "README.md", "eval_results.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "modeling_agriclip.py",
+        "README.md",
+        "eval_results.json",
+    } <= files
     results = json.loads((checkpoint / "eval_results.json").read_text())
     assert set(results["mean"]) == {"agriclip (aligned)", "agriclip (clip)", "clip-control (clip)"}
     control = tmp_path / "run" / "control"
@@ -90,10 +119,10 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     assert card.data.model_name == "run" and card.text.lstrip().startswith("# run")
     assert "staging" not in (checkpoint / "README.md").read_text()
     # The card's model-index covers the checkpoint's own embedding ("aligned"): every metric the suite computed.
-    reported = [(row["agriclip (aligned)"], metric) for row in results["datasets"].values()
-                for metric in ("top1", "top5", "mean_per_class", "macro_f1")]
+    reported = [(row["agriclip (aligned)"], metric) for row in results["datasets"].values() for metric in METRIC_KEYS]
     assert sorted(r.metric_value for r in card.data.eval_results) == sorted(
-        scores[metric] for scores, metric in reported if scores[metric] is not None)
+        scores[metric] for scores, metric in reported if scores[metric] is not None
+    )
     printed = capsys.readouterr().out
     assert "| agriclip (aligned) |" in printed and "classified" in printed
     for stage in ("stage1", "stage2", "stage3"):
@@ -105,7 +134,10 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     expected_steps = 2 * (pairs // TINY_RUN["stage1"]["batch_size"])
     flags = json.loads((control / "logs" / "stage1_contrastive" / "config.json").read_text())
     assert (flags["model"], flags["seed"], flags["epochs"], flags["batch_size"]) == ("tiny", 3, 2, 64)
-    rows = [json.loads(line) for line in (control / "logs" / "stage1_contrastive" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (control / "logs" / "stage1_contrastive" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, expected_steps + 1))
     assert (control / "checkpoints" / f"checkpoint-{expected_steps}").is_dir()
     assert "control (stage 1 for the stage-1 + stage-2 budget): " in printed and "| clip-control (clip) |" in printed
@@ -114,9 +146,11 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     assert "| clip-control (clip) |" in (tmp_path / "run" / "evaluation" / "results.md").read_text()
     text = (checkpoint / "README.md").read_text()
     assert "| clip-control (clip) |" in text and "| Chance |" in text
-    assert ("**clip-control (clip)** is the equal-compute CLIP control: stage 1 alone, from the same start, for 2 "
-            "epochs, against this checkpoint's stage 1 of 1 epoch and stage 2 of 1 epoch. clip-control (clip): mean "
-            f"top-1 accuracy {100 * results['mean']['clip-control (clip)']['top1']:.1f} %") in text
+    assert (
+        "**clip-control (clip)** is the equal-compute CLIP control: stage 1 alone, from the same start, for 2 "
+        "epochs, against this checkpoint's stage 1 of 1 epoch and stage 2 of 1 epoch. clip-control (clip): mean "
+        f"top-1 accuracy {100 * results['mean']['clip-control (clip)']['top1']:.1f} %"
+    ) in text
 
     before = (checkpoint / "model.safetensors").read_bytes()
     main(["--config", "run.yaml"])
@@ -125,8 +159,9 @@ def test_run_all_builds_a_hub_ready_checkpoint_and_skips_finished_stages(tmp_pat
     assert (checkpoint / "model.safetensors").read_bytes() == before
 
 
-def test_a_stage_stopped_under_run_all_says_to_run_the_same_command_again(caption_folder, tmp_path, monkeypatch, capsys,
-                                                                        sigterm_fallback):
+def test_a_stage_stopped_under_run_all_says_to_run_the_same_command_again(
+    caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     """run_all resumes by itself (it has no --resume flag): a stage's SIGTERM message must not ask for one."""
     save = CheckpointManager.save
 
@@ -142,13 +177,16 @@ def test_a_stage_stopped_under_run_all_says_to_run_the_same_command_again(captio
         run_stages(config, {"train_data": str(caption_folder)}, tmp_path)
     assert exit_info.value.code == 143
     printed = capsys.readouterr().out
-    assert (f"SIGTERM received: checkpoint of step 2 written to {tmp_path / 'stage1' / 'checkpoints' / 'checkpoint-2'}; "
-            "run the same command again to continue (finished stages are skipped, an interrupted one resumes)") in printed
+    assert (
+        f"SIGTERM received: checkpoint of step 2 written to {tmp_path / 'stage1' / 'checkpoints' / 'checkpoint-2'}; "
+        "run the same command again to continue (finished stages are skipped, an interrupted one resumes)"
+    ) in printed
     assert "--resume" not in printed
 
 
-def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_checkpoint, tmp_path, monkeypatch, capsys,
-                                                                         sigterm_fallback):
+def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     """After the stages, the handler the stages installed is gone; the evaluation is stopped by run_all's own."""
     output = tmp_path / "run"
 
@@ -161,7 +199,9 @@ def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(60)  # an evaluation that would run on
 
-    monkeypatch.setattr(training.run_all, "prepare_data", lambda config, output_dir: {"train_data": "unused", "suite": "x"})
+    monkeypatch.setattr(
+        training.run_all, "prepare_data", lambda config, output_dir: {"train_data": "unused", "suite": "x"}
+    )
     monkeypatch.setattr(training.run_all, "run_stages", stages_done)
     monkeypatch.setattr(evaluation.runner, "run_suite", preempted_while_evaluating)
     config = tmp_path / "run.yaml"
@@ -170,8 +210,10 @@ def test_sigterm_during_the_evaluation_stops_at_once_and_says_what_is_kept(tiny_
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config)])
     assert exit_info.value.code == 143 and time.monotonic() - started < 30
-    assert (f"SIGTERM received: stopped; the stages finished so far (stage1, stage2, stage3) are in {output}; run the "
-            "same command again to continue") in capsys.readouterr().out
+    assert (
+        f"SIGTERM received: stopped; the stages finished so far (stage1, stage2, stage3) are in {output}; run the "
+        "same command again to continue"
+    ) in capsys.readouterr().out
     assert not (output / "agriclip").exists() and not (output / RunLock.NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
 
@@ -189,10 +231,12 @@ def test_packaged_configs_hold_only_flags_of_their_stage_scripts(name):
     assert set(control_options(config)) <= known
 
 
-def test_the_card_of_a_run_says_where_its_weights_started_and_that_its_data_is_synthetic(tiny_checkpoint, tmp_path,
-                                                                                        monkeypatch):
+def test_the_card_of_a_run_says_where_its_weights_started_and_that_its_data_is_synthetic(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     """run_all gives the card the start its stage logs record and prepare_data's synthetic marker; a config that
     trains on data of its own is not called synthetic."""
+
     def stages_done(config, data, output_dir):
         # The flags stage 1 logs (the `model` run_stages passes it), without training; and a control's log of the
         # same run name, which is no part of the checkpoint's training.

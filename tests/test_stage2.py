@@ -18,21 +18,53 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import training.distillation
-from conftest import (COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_script,
-                      write_labelled_folder)
 from evaluation.knn import knn_accuracy
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from training.distillation import CollapseError, knn_bank_and_queries, starts_random
 from training.stage2_dino import RECIPES, build_parser, main, parse_options
 
+from conftest import (
+    COLOURS,
+    assert_same_tensors,
+    kill_before_last_checkpoint,
+    read_metrics,
+    run_script,
+    write_labelled_folder,
+)
+
+
 RUN = "stage2_dino"
-SMALL_HEAD = ["--out-dim", "128", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--num-local-crops", "2",
-              "--warmup-epochs", "1", "--log-with", "none"]
+SMALL_HEAD = [
+    "--out-dim",
+    "128",
+    "--head-hidden-dim",
+    "32",
+    "--head-bottleneck-dim",
+    "16",
+    "--num-local-crops",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--log-with",
+    "none",
+]
 
 
 def run_stage2(data, output, *flags):
-    return main(["--model", "tiny", "--train-data", str(data), "--output-dir", str(output), "--batch-size", "8",
-                 *SMALL_HEAD, *flags])
+    return main(
+        [
+            "--model",
+            "tiny",
+            "--train-data",
+            str(data),
+            "--output-dir",
+            str(output),
+            "--batch-size",
+            "8",
+            *SMALL_HEAD,
+            *flags,
+        ]
+    )
 
 
 def test_short_run_writes_backbone_into_checkpoint_and_standalone(caption_folder, tmp_path):
@@ -70,8 +102,20 @@ def test_exact_resume(caption_folder, tmp_path):
 def test_collapse_stops_the_run(caption_folder, tmp_path):
     # A teacher temperature this high flattens every output: uniform collapse within the window.
     with pytest.raises(CollapseError, match="collapse \\(uniform\\)"):
-        run_stage2(caption_folder, tmp_path, "--max-steps", "4", "--teacher-temp", "1000", "--warmup-teacher-temp", "1000",
-                   "--student-temp", "1000", "--collapse-window", "2")
+        run_stage2(
+            caption_folder,
+            tmp_path,
+            "--max-steps",
+            "4",
+            "--teacher-temp",
+            "1000",
+            "--warmup-teacher-temp",
+            "1000",
+            "--student-temp",
+            "1000",
+            "--collapse-window",
+            "2",
+        )
 
 
 @pytest.mark.slow
@@ -89,8 +133,20 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
         shutil.copytree(caption_folder, data)
         corrupted = data / "train" / "25.png"  # in the first global batch under seed 0, on process 0
         corrupted.write_bytes(corrupted.read_bytes()[:100])
-    common = ["training.stage2_dino", "--model", "tiny", "--train-data", str(data), "--max-steps", "2",
-              "--epochs", "2", "--checkpoint-every", "2", *SMALL_HEAD]
+    common = [
+        "training.stage2_dino",
+        "--model",
+        "tiny",
+        "--train-data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        *SMALL_HEAD,
+    ]
     two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
     one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
@@ -100,8 +156,12 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
     for row_one, row_two in zip(rows["one"], rows["two"]):
         for key in ("loss", "teacher_entropy", "teacher_student_kl", "lr", "weight_decay", "teacher_momentum"):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-6), key
-    centres = [torch.load(tmp_path / name / "checkpoints" / "checkpoint-2" / "custom_checkpoint_1.pkl",
-                          weights_only=True)["center"] for name in ("one", "two")]
+    centres = [
+        torch.load(tmp_path / name / "checkpoints" / "checkpoint-2" / "custom_checkpoint_1.pkl", weights_only=True)[
+            "center"
+        ]
+        for name in ("one", "two")
+    ]
     torch.testing.assert_close(centres[1], centres[0], rtol=1e-5, atol=1e-6)
     assert centres[0].abs().sum() > 0
     if corrupt_image:
@@ -114,7 +174,8 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
 
 @pytest.mark.parametrize("when", ["before training", "after training"])
 def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
-        when, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback):
+    when, caption_folder, tmp_path, monkeypatch, capsys, sigterm_fallback
+):
     labelled = write_labelled_folder(tmp_path / "labelled", per_class=2)
     evaluate, calls = training.distillation.knn_evaluation, []
 
@@ -128,9 +189,12 @@ def test_sigterm_during_the_k_nn_evaluation_stops_at_once_and_says_what_is_kept(
     with pytest.raises(SystemExit) as exit_info:
         run_stage2(caption_folder, tmp_path / "run", "--max-steps", "2", "--epochs", "2", "--knn-data", str(labelled))
     assert exit_info.value.code == 143
-    kept = ("no checkpoint was written yet: the run starts from the beginning when run again" if when == "before training"
-            else f"the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'}; run the same command "
-                 "with --resume to continue")
+    kept = (
+        "no checkpoint was written yet: the run starts from the beginning when run again"
+        if when == "before training"
+        else f"the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'}; run the same command "
+        "with --resume to continue"
+    )
     assert f"SIGTERM received: stopped; {kept}" in capsys.readouterr().out
     assert not (tmp_path / "run" / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_fallback
@@ -157,16 +221,22 @@ def test_k_nn_bank_and_queries_come_from_the_splits_named(tmp_path):
     assert knn_bank_and_queries(knn / "train", None, None, seed=0)[1]["image"] == queries["image"]  # seeded
 
     shutil.rmtree(knn / "test" / "red")
-    with pytest.raises(ValueError, match=r"knn: the k-NN bank \(split 'train'\) has classes \['blue', 'green', 'red', "
-                                         r"'yellow'\] but the queries \(split 'test'\) have \['blue', 'green', 'yellow'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"knn: the k-NN bank \(split 'train'\) has classes \['blue', 'green', 'red', "
+        r"'yellow'\] but the queries \(split 'test'\) have \['blue', 'green', 'yellow'\]",
+    ):
         knn_bank_and_queries(knn, "train", "test", seed=0)
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--knn-bank-split", "train", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
-    (["--knn-query-split", "test", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
-    (["--knn-bank-split", "train", "--knn-query-split", "test"], "name splits of --knn-data: give --knn-data"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--knn-bank-split", "train", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
+        (["--knn-query-split", "test", "--knn-data", "knn"], "--knn-bank-split and --knn-query-split go together"),
+        (["--knn-bank-split", "train", "--knn-query-split", "test"], "name splits of --knn-data: give --knn-data"),
+    ],
+)
 def test_k_nn_splits_go_together_and_with_knn_data(flags, message, caption_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training.distillation, "run", lambda *args: pytest.fail("stage 2 started"))
     with pytest.raises(SystemExit) as exit_info:
@@ -174,13 +244,14 @@ def test_k_nn_splits_go_together_and_with_knn_data(flags, message, caption_folde
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_stage2_reads_the_columns_and_k_nn_splits_it_is_given(caption_folder, tmp_path, monkeypatch):
-    """--caption-column reaches the training data (a column not named `caption`), and the k-NN evaluation votes the
-    test split's 8 images by the train split's 12, before and after training."""
+def test_stage2_trains_on_images_without_captions_and_k_nn_splits_it_is_given(caption_folder, tmp_path, monkeypatch):
+    """Stage 2 needs no captions (metadata without a caption column), and the k-NN evaluation votes the test split's
+    8 images by the train split's 12, before and after training."""
     data = tmp_path / "data"
     shutil.copytree(caption_folder, data)
     for metadata in data.glob("*/metadata.jsonl"):
-        metadata.write_text(metadata.read_text().replace('"caption":', '"description":'))
+        rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({"file_name": row["file_name"]}) + "\n" for row in rows))
     write_labelled_folder(tmp_path / "knn" / "train", per_class=3)
     write_labelled_folder(tmp_path / "knn" / "test", per_class=2, seed=1)
     vote, sizes = training.distillation.knn_accuracy, []
@@ -190,8 +261,18 @@ def test_stage2_reads_the_columns_and_k_nn_splits_it_is_given(caption_folder, tm
         return vote(bank_x, bank_y, query_x, query_y, *args, **kwargs)
 
     monkeypatch.setattr(training.distillation, "knn_accuracy", counted_vote)
-    run_stage2(data, tmp_path / "run", "--max-steps", "1", "--caption-column", "description", "--knn-data",
-               str(tmp_path / "knn"), "--knn-bank-split", "train", "--knn-query-split", "test")
+    run_stage2(
+        data,
+        tmp_path / "run",
+        "--max-steps",
+        "1",
+        "--knn-data",
+        str(tmp_path / "knn"),
+        "--knn-bank-split",
+        "train",
+        "--knn-query-split",
+        "test",
+    )
     assert sizes == [(12, 8), (12, 8)]
     assert [row["knn_top1"] for row in read_metrics(tmp_path / "run", RUN) if "knn_top1" in row]
 
@@ -205,9 +286,26 @@ def test_every_schedule_spans_max_steps_beyond_the_epochs(caption_folder, tmp_pa
     """--max-steps 6 over --epochs 1 of 4 steps: the run goes on into a second epoch, and the learning rate (warmed
     up over 2 steps from the first), weight decay, teacher momentum and teacher temperature (1 epoch = 4 steps of
     warm-up) follow their formulas over those 6 steps."""
-    run_stage2(caption_folder, tmp_path, "--epochs", "1", "--max-steps", "6", "--warmup-steps", "2", "--learning-rate",
-               "5e-4", "--min-learning-rate", "1e-6", "--warmup-teacher-temp", "0.02", "--teacher-temp", "0.04",
-               "--warmup-teacher-temp-epochs", "1")
+    run_stage2(
+        caption_folder,
+        tmp_path,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--learning-rate",
+        "5e-4",
+        "--min-learning-rate",
+        "1e-6",
+        "--warmup-teacher-temp",
+        "0.02",
+        "--teacher-temp",
+        "0.04",
+        "--warmup-teacher-temp-epochs",
+        "1",
+    )
     rows = [row for row in read_metrics(tmp_path, RUN) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     peak = 5e-4 * 8 / 256  # per 256 images, scaled to the total batch of 8
@@ -219,8 +317,10 @@ def test_every_schedule_spans_max_steps_beyond_the_epochs(caption_folder, tmp_pa
     }
     for key, values in expected.items():
         assert [row[key] for row in rows] == pytest.approx(values, rel=1e-9), key
-    assert (f"peak learning rate {peak:.4g} = 0.0005 per 256 images x 8 images / 256, after 2 warm-up steps"
-            in capsys.readouterr().out)
+    assert (
+        f"peak learning rate {peak:.4g} = 0.0005 per 256 images x 8 images / 256, after 2 warm-up steps"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_warm_up_in_epochs_ends_by_the_end_of_a_short_run(caption_folder, tmp_path):
@@ -253,8 +353,20 @@ def test_the_default_collapse_window_scales_with_the_run(caption_folder, tmp_pat
 
 def test_a_collapse_error_names_the_flags_to_change(caption_folder, tmp_path):
     with pytest.raises(CollapseError) as error:
-        run_stage2(caption_folder, tmp_path, "--max-steps", "4", "--teacher-temp", "1000", "--warmup-teacher-temp", "1000",
-                   "--student-temp", "1000", "--collapse-window", "2")
+        run_stage2(
+            caption_folder,
+            tmp_path,
+            "--max-steps",
+            "4",
+            "--teacher-temp",
+            "1000",
+            "--warmup-teacher-temp",
+            "1000",
+            "--student-temp",
+            "1000",
+            "--collapse-window",
+            "2",
+        )
     message = str(error.value)
     assert "Stopped at step 2 of 4" in message and "--collapse-window (now 2 steps)" in message
     for flag in ("--teacher-temp", "--center-momentum", "--momentum-teacher", "--learning-rate", "--out-dim"):
@@ -264,13 +376,32 @@ def test_a_collapse_error_names_the_flags_to_change(caption_folder, tmp_path):
 REQUIRED = ["--model", "m", "--train-data", "d", "--output-dir", "o"]
 # DINO's published ViT settings (Caron et al. 2021, main_dino.py defaults for ViT-S/16), which stage 2 always defaulted
 # to; a learning rate of None is the optimizer's own (AdamW 5e-4, SGD 0.03).
-PUBLISHED = {"out_dim": 65536, "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "num_local_crops": 8,
-             "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
-             "center_momentum": 0.9, "momentum_teacher": 0.996, "freeze_last_layer_epochs": 1, "learning_rate": None,
-             "warmup_epochs": 10}
+PUBLISHED = {
+    "out_dim": 65536,
+    "head_hidden_dim": 2048,
+    "head_bottleneck_dim": 256,
+    "num_local_crops": 8,
+    "student_temp": 0.1,
+    "teacher_temp": 0.04,
+    "warmup_teacher_temp": 0.04,
+    "warmup_teacher_temp_epochs": 0,
+    "center_momentum": 0.9,
+    "momentum_teacher": 0.996,
+    "freeze_last_layer_epochs": 1,
+    "learning_rate": None,
+    "warmup_epochs": 10,
+}
 # The settings the README demo trained with before there were recipes (training/configs/demo.yaml, stage2).
-SMALL_DATA = {**PUBLISHED, "out_dim": 1024, "head_hidden_dim": 256, "head_bottleneck_dim": 64, "num_local_crops": 4,
-              "momentum_teacher": 0.99, "learning_rate": 0.002, "warmup_epochs": 1}
+SMALL_DATA = {
+    **PUBLISHED,
+    "out_dim": 1024,
+    "head_hidden_dim": 256,
+    "head_bottleneck_dim": 64,
+    "num_local_crops": 4,
+    "momentum_teacher": 0.99,
+    "learning_rate": 0.002,
+    "warmup_epochs": 1,
+}
 
 
 def _settings(args):
@@ -282,8 +413,9 @@ def test_the_recipes_fill_in_what_no_flag_gives():
     assert _settings(parse_options(REQUIRED)) == PUBLISHED and parse_options(REQUIRED).recipe == "published"
     assert _settings(parse_options([*REQUIRED, "--recipe", "published"])) == PUBLISHED
     assert _settings(parse_options([*REQUIRED, "--recipe", "small-data"])) == SMALL_DATA
-    given = parse_options([*REQUIRED, "--recipe", "small-data", "--out-dim", "4096", "--warmup-epochs", "0",
-                           "--learning-rate", "0.01"])
+    given = parse_options(
+        [*REQUIRED, "--recipe", "small-data", "--out-dim", "4096", "--warmup-epochs", "0", "--learning-rate", "0.01"]
+    )
     assert _settings(given) == {**SMALL_DATA, "out_dim": 4096, "warmup_epochs": 0, "learning_rate": 0.01}
     assert _settings(parse_options([*REQUIRED, "--momentum-teacher", "0.9"])) == {**PUBLISHED, "momentum_teacher": 0.9}
 
@@ -308,25 +440,30 @@ def test_the_help_shows_each_recipe_s_default():
     formatter = parser._get_formatter()
     shown = {action.dest: formatter._get_help_string(action) for action in parser._actions}
     assert shown["recipe"].endswith("(default: published).")
-    for name, defaults in [("out_dim", "published 65536, small-data 1024"),
-                           ("momentum_teacher", "published 0.996, small-data 0.99"),
-                           ("num_local_crops", "published 8, small-data 4"),
-                           ("learning_rate", "published by optimizer (adamw 5e-4, sgd 0.03), small-data 0.002"),
-                           ("teacher_temp", "published 0.04, small-data 0.04")]:
+    for name, defaults in [
+        ("out_dim", "published 65536, small-data 1024"),
+        ("momentum_teacher", "published 0.996, small-data 0.99"),
+        ("num_local_crops", "published 8, small-data 4"),
+        ("learning_rate", "published by optimizer (adamw 5e-4, sgd 0.03), small-data 0.002"),
+        ("teacher_temp", "published 0.04, small-data 0.04"),
+    ]:
         assert f"default: from --recipe: {defaults})" in shown[name], name
     for name in PUBLISHED:
         assert "default: from --recipe: published " in shown[name], name
     assert "--recipe {published,small-data}" in parser.format_help()
 
 
-@pytest.mark.parametrize(("options", "random"), [
-    ({"model": "tiny"}, True),
-    ({"model": "overrides.json"}, True),
-    ({"model": "runs/stage1/final"}, False),
-    ({"model": "runs/stage1/final", "random_init": True}, True),
-    ({"model": "tiny", "backbone": "facebook/dino-vits16"}, False),
-    ({"model": "tiny", "backbone": "facebook/dino-vits16", "random_init": True}, False),  # the weights load over it
-])
+@pytest.mark.parametrize(
+    ("options", "random"),
+    [
+        ({"model": "tiny"}, True),
+        ({"model": "overrides.json"}, True),
+        ({"model": "runs/stage1/final"}, False),
+        ({"model": "runs/stage1/final", "random_init": True}, True),
+        ({"model": "tiny", "backbone": "facebook/dino-vits16"}, False),
+        ({"model": "tiny", "backbone": "facebook/dino-vits16", "random_init": True}, False),  # the weights load over it
+    ],
+)
 def test_the_start_is_random_for_a_preset_or_random_init_without_backbone_weights(options, random):
     assert starts_random(SimpleNamespace(**{"backbone": None, "random_init": False, **options})) is random
 
@@ -354,25 +491,50 @@ def _features(backbone, folder, config):
     model's image size (bicubic) and the centre cropped, scaled to [0, 1] and normalised with the backbone's mean and
     std."""
     size = config.vision_config.image_size
-    mean, std = torch.tensor(config.dino_image_mean).view(1, 3, 1, 1), torch.tensor(config.dino_image_std).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(config.dino_image_mean).view(1, 3, 1, 1),
+        torch.tensor(config.dino_image_std).view(1, 3, 1, 1),
+    )
     classes = sorted(path.name for path in folder.iterdir())
     paths = sorted(folder.rglob("*.png"))
-    pixels = torch.from_numpy(np.stack([np.asarray(ImageOps.fit(Image.open(path).convert("RGB"), (size, size),
-                                                                           method=Image.Resampling.BICUBIC))
-                                        for path in paths])).permute(0, 3, 1, 2).float() / 255
+    pixels = (
+        torch.from_numpy(
+            np.stack(
+                [
+                    np.asarray(
+                        ImageOps.fit(Image.open(path).convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+                    )
+                    for path in paths
+                ]
+            )
+        )
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
     with torch.no_grad():
         features = backbone.eval()(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
     return features, torch.tensor([classes.index(path.parent.name) for path in paths])
 
 
 def test_the_untrained_control_is_a_fresh_seeded_backbone_of_the_same_architecture(
-        tiny_checkpoint, caption_folder, tmp_path, monkeypatch, capsys):
+    tiny_checkpoint, caption_folder, tmp_path, monkeypatch, capsys
+):
     """From a checkpoint (not a random start), the control is a newly drawn random backbone of the config's
     architecture under --seed: neither the start's weights nor the trained ones, and its k-NN top-1 is that of the
     backbone built and evaluated here."""
     seen = _recorded_knn_evaluations(monkeypatch)
-    final = run_stage2(caption_folder, tmp_path / "run", "--model", str(tiny_checkpoint), "--max-steps", "2",
-                       "--seed", "3", *_knn_folders(tmp_path / "knn"))
+    final = run_stage2(
+        caption_folder,
+        tmp_path / "run",
+        "--model",
+        str(tiny_checkpoint),
+        "--max-steps",
+        "2",
+        "--seed",
+        "3",
+        *_knn_folders(tmp_path / "knn"),
+    )
     start, trained, untrained = seen  # step 0, the trained teacher, the control
     config = AgriCLIPConfig.from_pretrained(tiny_checkpoint)
     torch.manual_seed(3)
@@ -398,16 +560,27 @@ def test_the_untrained_control_is_a_fresh_seeded_backbone_of_the_same_architectu
     assert report["teacher_student_kl"] == losses[-1]["teacher_student_kl"]
     assert report["ln_out_dim"] == pytest.approx(math.log(128))
     trained_knn, control = report["knn_top1_trained"], report["knn_top1_untrained"]
-    assert (f"stage 2 (recipe published): k-NN top-1 (knn): trained {trained_knn:.3f}, start {knn[0]:.3f}, untrained "
-            f"control {control:.3f} ({trained_knn - control:+.3f}); teacher entropy "
-            f"{report['teacher_entropy']:.2f} of ln K = {math.log(128):.2f} at the end, KL "
-            f"{report['teacher_student_kl']:.2f}") in capsys.readouterr().out
+    assert (
+        f"stage 2 (recipe published): k-NN top-1 (knn): trained {trained_knn:.3f}, start {knn[0]:.3f}, untrained "
+        f"control {control:.3f} ({trained_knn - control:+.3f}); teacher entropy "
+        f"{report['teacher_entropy']:.2f} of ln K = {math.log(128):.2f} at the end, KL "
+        f"{report['teacher_student_kl']:.2f}"
+    ) in capsys.readouterr().out
 
 
 def test_a_random_start_is_its_own_untrained_control(caption_folder, tmp_path, monkeypatch, capsys):
     seen = _recorded_knn_evaluations(monkeypatch)
-    final = run_stage2(caption_folder, tmp_path / "run", "--max-steps", "1", "--recipe", "small-data",
-                       "--photometric", "colour", *_knn_folders(tmp_path / "knn"))
+    final = run_stage2(
+        caption_folder,
+        tmp_path / "run",
+        "--max-steps",
+        "1",
+        "--recipe",
+        "small-data",
+        "--photometric",
+        "colour",
+        *_knn_folders(tmp_path / "knn"),
+    )
     assert len(seen) == 2  # the start and the trained teacher: the control is not evaluated again
     report = json.loads((final / "stage2_report.json").read_text())
     start = [row["knn_top1"] for row in read_metrics(tmp_path / "run", RUN) if row["step"] == 0]
@@ -426,7 +599,8 @@ def _step_rows(run_dir):
 
 
 def test_koleo_adds_its_weighted_term_to_the_loss_and_the_report_records_the_weight(
-        caption_folder, tmp_path, monkeypatch, capsys):
+    caption_folder, tmp_path, monkeypatch, capsys
+):
     """--koleo-weight 0.1 logs a finite KoLeo term per step and adds 0.1 x it to the loss: at step 1 (same weights,
     same crops) the loss is the DINO loss of a run without the term plus 0.1 x koleo. At weight 0 (the default) the
     KoLeo loss never runs and the loss is DINO's, bit for bit."""
@@ -463,8 +637,9 @@ def test_a_checkpoint_from_before_koleo_resumes_at_weight_0_only():
     from training.runtime import option_changes
 
     accelerator = SimpleNamespace(num_processes=1, mixed_precision="no")
-    default, weighted = (checkpoint_options(parse_options([*REQUIRED, *flags]), accelerator)
-                         for flags in ([], ["--koleo-weight", "0.1"]))
+    default, weighted = (
+        checkpoint_options(parse_options([*REQUIRED, *flags]), accelerator) for flags in ([], ["--koleo-weight", "0.1"])
+    )
     assert "koleo_weight" not in default and weighted["koleo_weight"] == 0.1
     before_koleo = dict(default)
     assert option_changes(before_koleo, default) == []
@@ -472,11 +647,14 @@ def test_a_checkpoint_from_before_koleo_resumes_at_weight_0_only():
     assert option_changes(weighted, default) == ["--koleo-weight: 0.1 -> (none)"]
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--koleo-weight", "-0.1"], "--koleo-weight must be a finite number of at least 0, got -0.1"),
-    (["--koleo-weight", "nan"], "--koleo-weight must be a finite number of at least 0, got nan"),
-    (["--koleo-weight", "0.1", "--batch-size", "1"], "--koleo-weight needs --batch-size of at least 2"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--koleo-weight", "-0.1"], "--koleo-weight must be a finite number of at least 0, got -0.1"),
+        (["--koleo-weight", "nan"], "--koleo-weight must be a finite number of at least 0, got nan"),
+        (["--koleo-weight", "0.1", "--batch-size", "1"], "--koleo-weight needs --batch-size of at least 2"),
+    ],
+)
 def test_bad_koleo_settings_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_options([*REQUIRED, *flags])

@@ -11,7 +11,11 @@ def test_ids_match_openai_clip(clip_tokenizer):
     # Token ids of openai/clip-vit-base-patch16 for this sentence (transformers CLIP docs).
     assert clip_tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(clip_tokenizer) == 49408
-    assert (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id) == (49406, 49407, 49407)
+    assert (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id) == (
+        49406,
+        49407,
+        49407,
+    )
     assert clip_tokenizer.model_max_length == 77
 
 

@@ -28,7 +28,9 @@ def _text_features(model, processor, texts):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def test_label_embeddings_are_the_normalised_mean_of_normalised_template_embeddings(classifier, tiny_model, tiny_processor):
+def test_label_embeddings_are_the_normalised_mean_of_normalised_template_embeddings(
+    classifier, tiny_model, tiny_processor
+):
     labels = classifier.label_embeddings(CLASSES, TEMPLATES)
     assert labels.shape == (len(CLASSES), tiny_model.config.projection_dim)
     for row, name in zip(labels, CLASSES):
@@ -68,7 +70,9 @@ def test_image_embeddings_match_the_model_and_are_batched(tiny_model, tiny_proce
 
 def test_embedding_sources_differ(tiny_model, tiny_processor, sample_images):
     aligned = ZeroShotClassifier(tiny_model, tiny_processor, embedding="aligned")
-    assert not torch.allclose(aligned.image_embeddings(sample_images), aligned.with_embedding("clip").image_embeddings(sample_images))
+    assert not torch.allclose(
+        aligned.image_embeddings(sample_images), aligned.with_embedding("clip").image_embeddings(sample_images)
+    )
 
 
 def test_logits_are_scaled_cosines(classifier, tiny_model, sample_images):
@@ -92,8 +96,11 @@ def test_predict_returns_sorted_softmax_scores_like_the_pipeline(classifier, sam
 
 
 def test_predict_with_a_single_label_warns_that_scores_are_relative_to_the_labels(classifier, sample_images):
-    with pytest.warns(SingleLabelWarning, match=r"a single label \('leaf rust'\) always scores 1.0: scores are softmax "
-                                                "probabilities over the labels given, relative to those labels only"):
+    with pytest.warns(
+        SingleLabelWarning,
+        match=r"a single label \('leaf rust'\) always scores 1.0: scores are softmax "
+        "probabilities over the labels given, relative to those labels only",
+    ):
         (only,) = classifier.predict(sample_images[:1], CLASSES[:1], TEMPLATES)
     assert only == [{"label": "leaf rust", "score": pytest.approx(1.0)}]
     with warnings.catch_warnings():
@@ -114,7 +121,9 @@ def test_a_fusion_weight_of_its_own_leaves_the_config_and_the_other_classifiers_
     assert tiny_model.config.fusion_weight == 0.5  # untouched: the config's weight serves the plain "fused"
     torch.testing.assert_close(
         base.with_embedding("fused").image_embeddings(sample_images),
-        F.normalize(0.5 * clip + 0.5 * aligned, dim=-1), atol=1e-5, rtol=1e-5,
+        F.normalize(0.5 * clip + 0.5 * aligned, dim=-1),
+        atol=1e-5,
+        rtol=1e-5,
     )
     with pytest.raises(ValueError, match="weighs the 'fused' image embedding, but this classifier uses 'aligned'"):
         base.with_embedding("aligned", fusion_weight=0.3)
@@ -138,7 +147,10 @@ def test_bad_templates_are_errors(classifier):
 
 def test_templates_fill_exactly_one_name_and_keep_escaped_braces():
     assert fill_templates(["rust", "mildew"], ["a {{leaf}} with {}.", "{}"]) == [
-        "a {leaf} with rust.", "rust", "a {leaf} with mildew.", "mildew"
+        "a {leaf} with rust.",
+        "rust",
+        "a {leaf} with mildew.",
+        "mildew",
     ]
     assert check_templates(("a photo of {}.",)) == ["a photo of {}."]
     for bad in ("a {} leaf }", "{0}", "{!r}", "{:>9}", None):
@@ -153,7 +165,9 @@ def test_clip_baseline(tiny_clip_baseline, sample_images):
     prompts = F.normalize(_text_features(model, processor, [t.format(CLASSES[1]) for t in TEMPLATES]), dim=-1)
     torch.testing.assert_close(labels[1], F.normalize(prompts.mean(dim=0), dim=-1), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        images = model.get_image_features(pixel_values=processor(images=sample_images, return_tensors="pt")["pixel_values"])
+        images = model.get_image_features(
+            pixel_values=processor(images=sample_images, return_tensors="pt")["pixel_values"]
+        )
     torch.testing.assert_close(
         classifier.image_embeddings(sample_images), F.normalize(images.pooler_output, dim=-1), atol=1e-5, rtol=1e-5
     )
@@ -161,7 +175,9 @@ def test_clip_baseline(tiny_clip_baseline, sample_images):
         ZeroShotClassifier(model, processor, embedding="aligned")
 
 
-def test_from_pretrained_loads_agriclip_and_clip_folders(tiny_checkpoint, tiny_clip_checkpoint, tiny_model, sample_images):
+def test_from_pretrained_loads_agriclip_and_clip_folders(
+    tiny_checkpoint, tiny_clip_checkpoint, tiny_model, sample_images
+):
     agriclip = ZeroShotClassifier.from_pretrained(tiny_checkpoint, embedding="clip", device="cpu")
     assert agriclip.device.type == "cpu" and agriclip.embedding == "clip"
     expected = ZeroShotClassifier(tiny_model, agriclip.processor, embedding="clip").image_embeddings(sample_images)
@@ -169,3 +185,52 @@ def test_from_pretrained_loads_agriclip_and_clip_folders(tiny_checkpoint, tiny_c
     baseline = ZeroShotClassifier.from_pretrained(tiny_clip_checkpoint)
     assert type(baseline.model).__name__ == "CLIPModel"
     assert baseline.predict(sample_images[:1], CLASSES)[0][0]["label"] in CLASSES
+
+
+@pytest.fixture(scope="module")
+def siglip_model():
+    """A tiny model whose towers SigLIP's loss trained, with a bias that leaves its sigmoids away from 0 and 1."""
+    from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
+
+    torch.manual_seed(0)
+    model = AgriCLIPModel(AgriCLIPConfig.tiny(contrastive_loss="siglip")).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(1.0)
+        model.logit_bias.fill_(0.5)
+    return model
+
+
+def test_a_siglip_model_scores_labels_with_its_bias_and_per_label_sigmoids(siglip_model, tiny_processor, sample_images):
+    classifier = ZeroShotClassifier(siglip_model, tiny_processor, batch_size=2)
+    assert classifier.sigmoid_scores and classifier.logit_bias == pytest.approx(0.5)
+    logits = classifier.logits(sample_images, CLASSES, TEMPLATES)
+    cosines = classifier.image_embeddings(sample_images) @ classifier.label_embeddings(CLASSES, TEMPLATES).T
+    torch.testing.assert_close(logits, torch.e * cosines + 0.5)
+    predictions = classifier.predict(sample_images, CLASSES, TEMPLATES, top_k=len(CLASSES))
+    for row, image_logits in zip(predictions, logits):
+        by_label = {entry["label"]: entry["score"] for entry in row}
+        assert [by_label[label] for label in CLASSES] == pytest.approx(image_logits.sigmoid().tolist())
+        assert all(0.0 <= entry["score"] <= 1.0 for entry in row)
+        assert [entry["score"] for entry in row] == sorted(by_label.values(), reverse=True)
+        assert sum(by_label.values()) != pytest.approx(1.0, abs=1e-3)
+    # A single label is a question of its own: no warning, and its score is its sigmoid, not 1.0.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (only,) = classifier.predict(sample_images[:1], CLASSES[:1], TEMPLATES)
+    assert only[0]["score"] == pytest.approx(logits[0, 0].sigmoid().item())
+
+
+def test_the_pipeline_ranks_a_siglip_model_as_the_classifier_does(
+    siglip_model, tiny_processor, sample_images, tmp_path
+):
+    """The pipeline softmaxes AgriCLIP's logits whatever the objective (its sigmoid branch is for model types
+    containing "siglip"): the bias is in the model's logits, the ranking is the classifier's, the scores a softmax."""
+    from transformers import pipeline
+
+    siglip_model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    pipe = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    results = pipe(sample_images[0], candidate_labels=CLASSES, hypothesis_template=TEMPLATES[0])
+    logits = ZeroShotClassifier(siglip_model, tiny_processor).logits(sample_images[:1], CLASSES, TEMPLATES[0])[0]
+    assert [entry["label"] for entry in results] == [CLASSES[i] for i in logits.argsort(descending=True).tolist()]
+    assert sum(entry["score"] for entry in results) == pytest.approx(1.0)

@@ -390,8 +390,9 @@ def fit_closed_form(stats: AlignerStatistics, ridge: float = 0.0) -> AlignerWeig
         # Cholesky "succeeds" on a numerically singular matrix with a tiny positive pivot and returns a huge,
         # meaningless solution; a pivot is the variance of a standardised dimension left unexplained by the previous
         # ones.
-        factored = (_factor_in_upper(sxx, stats.n, pivots, scale)
-                    and sxx.diagonal().square().min().item() > COLLINEARITY_RTOL)
+        factored = (
+            _factor_in_upper(sxx, stats.n, pivots, scale) and sxx.diagonal().square().min().item() > COLLINEARITY_RTOL
+        )
         if factored:
             torch.linalg.solve_triangular(sxx.mT, solution, upper=False, out=solution)  # Uᵀ Z = S⁻¹ Cxy
             torch.linalg.solve_triangular(sxx, solution, upper=True, out=solution)  # U (S Wᵀ) = Z
@@ -560,7 +561,9 @@ def fit_contrastive_head(
             f"got {tuple(x.shape)}, {tuple(targets.shape)} and {tuple(groups.shape)}"
         )
     if epochs < 1 or batch_size < 2:
-        raise ValueError(f"fit_contrastive_head: epochs must be >= 1 and batch_size >= 2, got {epochs} and {batch_size}")
+        raise ValueError(
+            f"fit_contrastive_head: epochs must be >= 1 and batch_size >= 2, got {epochs} and {batch_size}"
+        )
     mean, std = (moment.to(x.device) for moment in _feature_moments(x))
     linear = nn.Linear(x.shape[1], targets.shape[1]).to(x.device)
     with torch.no_grad():

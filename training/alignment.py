@@ -19,7 +19,6 @@ image-to-text recall@1 against the images' caption targets, identical caption se
 the objective and the fusion weight into the exported config.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -60,6 +59,7 @@ from training.runtime import (
     make_accelerator,
     report_decode_stats,
 )
+
 
 logger = get_logger(__name__)
 
@@ -140,11 +140,13 @@ class CaptionTargets:
                 new.setdefault(key, captions)
         if new:
             device = self.accelerator.device
-            texts = self.processor(text=[caption for captions in new.values() for caption in captions],
-                                   return_tensors="pt")
+            texts = self.processor(
+                text=[caption for captions in new.values() for caption in captions], return_tensors="pt"
+            )
             with self.accelerator.autocast():
-                embeddings = self.model.get_text_features(texts["input_ids"].to(device),
-                                                          texts["attention_mask"].to(device))
+                embeddings = self.model.get_text_features(
+                    texts["input_ids"].to(device), texts["attention_mask"].to(device)
+                )
             counts = torch.tensor([len(captions) for captions in new.values()], device=device)
             owner = torch.repeat_interleave(torch.arange(len(new), device=device), counts)
             sums = embeddings.new_zeros(len(new), embeddings.shape[1], dtype=torch.float32)
@@ -160,7 +162,9 @@ def extract_features(model, processor, loader, accelerator, description: str, te
     mean of the L2-normalised CLIP text embeddings of its caption variants, `CaptionTargets`), and their
     `caption_key` and `label_key`."""
     targets = CaptionTargets(model, processor, accelerator) if text else None
-    for batch in tqdm(counted(loader), desc=description, total=len(loader), disable=not accelerator.is_local_main_process):
+    for batch in tqdm(
+        counted(loader), desc=description, total=len(loader), disable=not accelerator.is_local_main_process
+    ):
         if batch is None:
             continue
         pixel_values = batch["pixel_values"].to(accelerator.device)
@@ -197,8 +201,16 @@ def towers_key(model, processor, accelerator) -> str:
     """Hash of the weights and buffers of both image towers and of their input renormalisation, of the image
     processor, and of the precision of the extraction: computed once per run, not per split."""
     digest = hashlib.sha256()
-    _hash_modules(digest, (model.dino_pixel_renorm, model.dino_model, model.clip_pixel_renorm, model.vision_model,
-                           model.visual_projection))
+    _hash_modules(
+        digest,
+        (
+            model.dino_pixel_renorm,
+            model.dino_model,
+            model.clip_pixel_renorm,
+            model.vision_model,
+            model.visual_projection,
+        ),
+    )
     digest.update(processor.image_processor.to_json_string().encode())
     digest.update(str(accelerator.mixed_precision).encode())
     return digest.hexdigest()
@@ -239,14 +251,20 @@ def cached_features(model, processor, loader, accelerator, cache: FeatureCache |
                 metadata = cached.metadata() or {}
                 if all(metadata.get(field) == key for field, key in keys.items()) and set(wanted) <= set(cached.keys()):
                     return {feature: cached.get_tensor(feature) for feature in wanted}
-            logger.warning(f"feature cache {path} was extracted from another model, processor or data, or without the "
-                           "caption targets; extracting again")
+            logger.warning(
+                f"feature cache {path} was extracted from another model, processor or data, or without the "
+                "caption targets; extracting again"
+            )
         except Exception as error:  # truncated, corrupt, or not a feature file: it is only a cache
             logger.warning(f"feature cache {path} cannot be read ({error}); extracting the features again")
     batches = list(extract_features(model, processor, loader, accelerator, f"features ({name})", text))
     # An empty shard (more processes than images) still has the features' shapes.
-    features = {feature: torch.cat([batch[feature].cpu() for batch in batches]) if batches else
-                _empty_feature(model.config, feature) for feature in wanted}
+    features = {
+        feature: torch.cat([batch[feature].cpu() for batch in batches])
+        if batches
+        else _empty_feature(model.config, feature)
+        for feature in wanted
+    }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp")
@@ -265,8 +283,9 @@ def _sum_over_processes(accelerator):
     return lambda tensor: accelerator.reduce(tensor, reduction="sum")
 
 
-def streamed_statistics(model, processor, loader, accelerator, cache: FeatureCache | None, name: str,
-                        target: str) -> AlignerStatistics:
+def streamed_statistics(
+    model, processor, loader, accelerator, cache: FeatureCache | None, name: str, target: str
+) -> AlignerStatistics:
     """Sufficient statistics of (backbone features, `target`) of a split over all processes, from the feature cache
     or one pass over the images (memory independent of their number)."""
     config = model.config
@@ -299,8 +318,9 @@ def training_data(objective, model, processor, loader, accelerator, cache: Featu
     """What `objective.fit` needs: the statistics over all processes and, for an objective that `needs_features`,
     the features of all processes, in the order one process would see them."""
     if not objective.needs_features:
-        return AlignmentData(streamed_statistics(model, processor, loader, accelerator, cache, "train",
-                                                 objective.target))
+        return AlignmentData(
+            streamed_statistics(model, processor, loader, accelerator, cache, "train", objective.target)
+        )
     features = cached_features(model, processor, loader, accelerator, cache, "train", objective.target == TARGET_TEXT)
     target = TARGET_FEATURES[objective.target]
     config = model.config
@@ -323,8 +343,14 @@ def caption_recall(image_embeds: torch.Tensor, val: Mapping[str, torch.Tensor], 
     first, _ = group_by(val["caption_key"].tolist())
     _, groups = group_by(val[MATCH_KEYS[match]].tolist())
     texts = F.normalize(val["t"][first], dim=-1)
-    recall = retrieval_recall(F.normalize(image_embeds, dim=-1), texts, torch.tensor(first), ks=(1,),
-                              image_groups=groups, source="stage 3's validation pairs")
+    recall = retrieval_recall(
+        F.normalize(image_embeds, dim=-1),
+        texts,
+        torch.tensor(first),
+        ks=(1,),
+        image_groups=groups,
+        source="stage 3's validation pairs",
+    )
     return recall["image_to_text"]["R@1"]
 
 
@@ -332,8 +358,9 @@ def _aligned(weights: AlignerWeights, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weights.weight.to(x.device), weights.bias.to(x.device))
 
 
-def choose_ridge(objective, stats: AlignerStatistics, val: Mapping[str, torch.Tensor], grid: Sequence[float],
-                 match: str = "caption") -> tuple[float, dict]:
+def choose_ridge(
+    objective, stats: AlignerStatistics, val: Mapping[str, torch.Tensor], grid: Sequence[float], match: str = "caption"
+) -> tuple[float, dict]:
     """The ridge of `fit_closed_form` on `stats` (the training statistics) that scores best on the validation
     features `val`, from `grid` (fractions of the mean feature variance, `relative_ridge`): held-out R² onto the CLIP
     image embedding for `image-mse`, image-to-text recall@1 (`caption_recall` by `match`) for the text objectives.
@@ -355,8 +382,9 @@ def choose_ridge(objective, stats: AlignerStatistics, val: Mapping[str, torch.Te
     return ridge, metrics
 
 
-def choose_fusion_weight(weights: AlignerWeights, val: Mapping[str, torch.Tensor], grid: Sequence[float],
-                         match: str = "caption") -> tuple[float, dict]:
+def choose_fusion_weight(
+    weights: AlignerWeights, val: Mapping[str, torch.Tensor], grid: Sequence[float], match: str = "caption"
+) -> tuple[float, dict]:
     """The CLIP weight of the fused image embedding (`fuse_image_embeddings`) from `grid` with the best image-to-text
     recall@1 on the validation features `val` (`caption_recall` by `match`); ties go to the first in `grid`. Returns
     it and the metrics to log: the recall of the aligned and the CLIP embeddings, of every fusion weight, and the
@@ -364,8 +392,10 @@ def choose_fusion_weight(weights: AlignerWeights, val: Mapping[str, torch.Tensor
     aligned, clip = _aligned(weights, val["x"]), val["y"]
     scores = [caption_recall(fuse_image_embeddings(clip, aligned, weight), val, match) for weight in grid]
     best = max(range(len(grid)), key=lambda index: (scores[index], -index))
-    metrics = {f"val/aligned/{RECALL_KEY}": caption_recall(aligned, val, match),
-               f"val/clip/{RECALL_KEY}": caption_recall(clip, val, match)}
+    metrics = {
+        f"val/aligned/{RECALL_KEY}": caption_recall(aligned, val, match),
+        f"val/clip/{RECALL_KEY}": caption_recall(clip, val, match),
+    }
     metrics |= {f"val/fused@{weight:g}/{RECALL_KEY}": score for weight, score in zip(grid, scores)}
     metrics |= {"fusion_weight": grid[best], f"val/fused_chosen/{RECALL_KEY}": scores[best]}
     return grid[best], metrics
@@ -377,15 +407,26 @@ def build_objective(args, model, device):
     options = {}
     if args.objective == "image-mse" and args.method == "sgd":
         options["sgd"] = {
-            "epochs": args.sgd_epochs, "lr": args.sgd_lr, "momentum": args.sgd_momentum,
-            "weight_decay": args.sgd_weight_decay, "batch_size": args.sgd_batch_size, "t_max": args.sgd_t_max,
-            "target_variance": args.target_variance, "legacy_bias_scaling": args.legacy_bias_scaling, "seed": args.seed,
+            "epochs": args.sgd_epochs,
+            "lr": args.sgd_lr,
+            "momentum": args.sgd_momentum,
+            "weight_decay": args.sgd_weight_decay,
+            "batch_size": args.sgd_batch_size,
+            "t_max": args.sgd_t_max,
+            "target_variance": args.target_variance,
+            "legacy_bias_scaling": args.legacy_bias_scaling,
+            "seed": args.seed,
         }
     elif args.objective == "contrastive":
         # The temperature stage 1 learned: what zero-shot's logits are scaled by.
-        options = {"logit_scale": model.logit_scale.item(), "epochs": args.contrastive_epochs,
-                   "lr": args.contrastive_lr, "batch_size": args.contrastive_batch_size, "seed": args.seed,
-                   "device": device}
+        options = {
+            "logit_scale": model.logit_scale.item(),
+            "epochs": args.contrastive_epochs,
+            "lr": args.contrastive_lr,
+            "batch_size": args.contrastive_batch_size,
+            "seed": args.seed,
+            "device": device,
+        }
     return create_objective(args.objective, **options)
 
 
@@ -394,8 +435,10 @@ def run(args, resume_hint: str) -> Path:
     caller's context."""
     accelerator = make_accelerator(args, RUN)
     kept = f"; the features of each split extracted in full stay in {args.feature_cache}" if args.feature_cache else ""
-    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
-            exit_on_sigterm(lambda: f"stage 3 keeps no checkpoints{kept}; {resume_hint}", accelerator.print):
+    with (
+        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
+        exit_on_sigterm(lambda: f"stage 3 keeps no checkpoints{kept}; {resume_hint}", accelerator.print),
+    ):
         return align(args, accelerator)
 
 
@@ -403,8 +446,9 @@ def align(args, accelerator) -> Path:
     """Extracts the features, fits the aligner by `--objective`, chooses the ridge and the fusion weight on the
     validation pairs, logs it all and exports the model; returns the exported folder."""
     # First, from the split names alone: a missing split fails before the model and the data load.
-    validation = plan_validation(args.train_data, args.train_split, args.val_data, args.val_split, args.val_fraction,
-                                 args.seed)
+    validation = plan_validation(
+        args.train_data, args.train_split, args.val_data, args.val_split, args.val_fraction, args.seed
+    )
     if validation.notice:
         accelerator.print(validation.notice)
     model, processor = load_model_and_processor(args.model)
@@ -416,18 +460,25 @@ def align(args, accelerator) -> Path:
     decode_stats = DecodeStats()
     train_pairs, val_pairs = validation.load(args.image_column, args.caption_column)
     if args.validation_match == "label" and "label" not in val_pairs.column_names:
-        raise ValueError(f"--validation-match label needs a `label` column in the validation pairs; they have "
-                         f"{sorted(val_pairs.column_names)}: use --validation-match caption")
-    train_loader = process_shard_loader(train_pairs, accelerator, args.batch_size,
-                                        PairCollator(processor, train_text, decode_stats), args.num_workers)
+        raise ValueError(
+            f"--validation-match label needs a `label` column in the validation pairs; they have "
+            f"{sorted(val_pairs.column_names)}: use --validation-match caption"
+        )
+    train_loader = process_shard_loader(
+        train_pairs, accelerator, args.batch_size, PairCollator(processor, train_text, decode_stats), args.num_workers
+    )
     # Validation always needs the caption targets: the fusion weight is chosen against them.
-    val_loader = process_shard_loader(val_pairs, accelerator, args.batch_size,
-                                      PairCollator(processor, True, decode_stats), args.num_workers)
+    val_loader = process_shard_loader(
+        val_pairs, accelerator, args.batch_size, PairCollator(processor, True, decode_stats), args.num_workers
+    )
     init_run_trackers(accelerator, RUN, args)
     cache = None
     if args.feature_cache:
-        cache = FeatureCache(Path(args.feature_cache), towers_key(model, processor, accelerator),
-                             text_tower_key(model, processor, accelerator))
+        cache = FeatureCache(
+            Path(args.feature_cache),
+            towers_key(model, processor, accelerator),
+            text_tower_key(model, processor, accelerator),
+        )
 
     data = training_data(objective, model, processor, train_loader, accelerator, cache)
     val_features = cached_features(model, processor, val_loader, accelerator, cache, "validation", text=True)
@@ -441,16 +492,19 @@ def align(args, accelerator) -> Path:
         if ridge is None:
             ridge, ridge_metrics = choose_ridge(objective, data.stats, val, args.ridge_grid, args.validation_match)
             metrics |= ridge_metrics
-            accelerator.print(f"ridge {ridge:.4g} ({ridge_metrics['ridge_fraction']:g} x the mean feature variance) "
-                              "chosen on the validation pairs")
+            accelerator.print(
+                f"ridge {ridge:.4g} ({ridge_metrics['ridge_fraction']:g} x the mean feature variance) "
+                "chosen on the validation pairs"
+            )
         else:
             metrics["ridge"] = ridge
         weights = objective.fit(data, ridge)
     else:
         weights = objective.fit(data)
     target = TARGET_FEATURES[objective.target]
-    train_metrics = (aligner_metrics(weights, data.x, data.targets) if data.x is not None
-                     else data.stats.metrics(weights))
+    train_metrics = (
+        aligner_metrics(weights, data.x, data.targets) if data.x is not None else data.stats.metrics(weights)
+    )
     metrics |= {f"train/{key}": value for key, value in train_metrics.items()}
     metrics |= {f"val/{key}": value for key, value in aligner_metrics(weights, val["x"], val[target]).items()}
     metrics |= objective.fit_metrics()
@@ -458,8 +512,12 @@ def align(args, accelerator) -> Path:
     metrics |= fusion_metrics
 
     accelerator.log(metrics, step=0)
-    accelerator.print(f"objective {objective.name}: " + " ".join(
-        f"{key}={value:.4f}" for key, value in metrics.items() if key.startswith(("train/", "val/r2", "val/mse"))))
+    accelerator.print(
+        f"objective {objective.name}: "
+        + " ".join(
+            f"{key}={value:.4f}" for key, value in metrics.items() if key.startswith(("train/", "val/r2", "val/mse"))
+        )
+    )
     accelerator.print(
         f"fusion weight {fusion_weight:g} chosen on the validation pairs: image->text R@1 "
         f"{fusion_metrics[f'val/fused_chosen/{RECALL_KEY}']:.4f} (aligned {fusion_metrics[f'val/aligned/{RECALL_KEY}']:.4f}, "

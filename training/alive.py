@@ -17,9 +17,15 @@ from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, epilog=SCRIPT_EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML or JSON build config (its keys: training/alive_builder.py).")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        epilog=SCRIPT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML or JSON build config (its keys: training/alive_builder.py)."
+    )
     parser.add_argument("--no-progress", action="store_true", help="Do not show the progress bar.")
     args = parser.parse_args(argv)
     # The heavy stack loads only once the options are valid: --help and argument errors answer at once.

@@ -10,7 +10,7 @@ The result is written as any of
     datasets/                                   DatasetDict.save_to_disk (optionally pushed to the Hub)
     webdataset/{train,validation}/shard-<n>.tar  <key>.<ext>, <key>.txt (caption), <key>.json (source, label, captions)
 
-plus `build_report.json`. Every output holds the same image bytes and rows, and `training.data.load_image_text_dataset`
+plus `build_report.json`. Every output holds the same image bytes and rows, and `agriclip.sources.load_image_text_dataset`
 reads each of them.
 
 Every source (its path, CSV columns and image paths, labels and metadata file) is checked before anything is written,
@@ -69,8 +69,8 @@ from tqdm.auto import tqdm
 from agriclip.atomic import replace_entries
 from agriclip.files import ContainedPaths
 from agriclip.images import DecodeStats, ImageDecodeError, open_image, read_image_bytes
+from agriclip.sources import load_labelled_dataset, read_csv_rows
 
-from .data import load_labelled_dataset, read_csv_rows
 from .prompts import CaptionGenerator, DatasetMetadata, TransformersParaphraser
 
 
@@ -178,7 +178,8 @@ def _names_a_local_path(root: Path, value: str) -> bool:
         or "\\" in value
         or value.count("/") > 1
         or Path(value).suffix.lower() in (".csv", ".tsv", ".tar", ".json", ".yaml")
-        or bool(rest) and (root / first).is_dir()
+        or bool(rest)
+        and (root / first).is_dir()
     )
 
 

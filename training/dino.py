@@ -7,11 +7,11 @@ by `modeling_agriclip.modeling_agriclip.backbone_features`. Also the home of wha
 per-step schedules, the parameter groups without weight decay and the batched crop-and-flip of stage 1.
 """
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from itertools import groupby
-import math
 
 import numpy as np
 import torch
@@ -215,8 +215,9 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
     grid = images.new_empty(count, views, size, size, 2)
     grid[..., 0] = ((left[..., None] + across * crop_w[..., None]) * (2 / width) - 1).transpose(0, 1)[:, :, None, :]
     grid[..., 1] = ((top[..., None] + fraction * crop_h[..., None]) * (2 / height) - 1).transpose(0, 1)[..., None]
-    crops = nn.functional.grid_sample(images, grid.view(count, views * size, size, 2), mode=mode, padding_mode="border",
-                                      align_corners=False)
+    crops = nn.functional.grid_sample(
+        images, grid.view(count, views * size, size, 2), mode=mode, padding_mode="border", align_corners=False
+    )
     return crops.view(count, -1, views, size, size).permute(2, 0, 1, 3, 4)
 
 
@@ -259,8 +260,11 @@ def _adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     chroma = value - torch.minimum(torch.minimum(red, green), blue)
     # torchvision's _rgb2hsv hue, in sixths of a turn: which channel is largest picks the sector. A grey pixel (no
     # chroma) has every numerator 0, so the clamped divisor leaves its hue 0.
-    sixths = torch.where(red == value, green - blue,
-                         torch.where(green == value, (blue - red).add_(chroma, alpha=2), (red - green).add_(chroma, alpha=4)))
+    sixths = torch.where(
+        red == value,
+        green - blue,
+        torch.where(green == value, (blue - red).add_(chroma, alpha=2), (red - green).add_(chroma, alpha=4)),
+    )
     sixths.div_(chroma.clamp_min(torch.finfo(images.dtype).tiny)).add_(6.0 * factor.view(-1, 1, 1))
     for channel, offset in zip((red, green, blue), (5.0, 3.0, 1.0)):
         k = torch.remainder(sixths + offset, 6.0)
@@ -294,10 +298,10 @@ def _gaussian_blur(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     padded = nn.functional.pad(images, (radius,) * 4, mode="replicate")
     rows = padded[:, :, :height] * weights[0]
     for tap in range(1, BLUR_KERNEL_SIZE):
-        rows.addcmul_(padded[:, :, tap:tap + height], weights[tap])
+        rows.addcmul_(padded[:, :, tap : tap + height], weights[tap])
     blurred = rows[..., :width] * weights[0]
     for tap in range(1, BLUR_KERNEL_SIZE):
-        blurred.addcmul_(rows[..., tap:tap + width], weights[tap])
+        blurred.addcmul_(rows[..., tap : tap + width], weights[tap])
     return blurred
 
 
@@ -331,7 +335,9 @@ def _apply_where(images: torch.Tensor, chosen: torch.Tensor, operation: Callable
     index = chosen.nonzero().squeeze(1)
     if len(index) == 0:
         return
-    subset = operation(images[index.to(images.device)], *(value[index].to(images.device, images.dtype) for value in values))
+    subset = operation(
+        images[index.to(images.device)], *(value[index].to(images.device, images.dtype) for value in values)
+    )
     images.index_copy_(0, index.to(images.device), subset)
 
 
@@ -345,12 +351,22 @@ class _ViewGroup:
     """`count` views of `size` px of every image, the global or the local ones: their random parameters and their
     augmentation, one batched operation at a time for all of them (per chunk of images on the CPU)."""
 
-    def __init__(self, count: int, size: int, scale: tuple[float, float], colour: PhotometricRecipe,
-                 blur_prob: Sequence[float], solarize_prob: Sequence[float]):
+    def __init__(
+        self,
+        count: int,
+        size: int,
+        scale: tuple[float, float],
+        colour: PhotometricRecipe,
+        blur_prob: Sequence[float],
+        solarize_prob: Sequence[float],
+    ):
         self.count, self.size, self.scale, self.colour = count, size, scale, colour
-        ranges = [(max(0.0, 1 - colour.brightness), 1 + colour.brightness),
-                  (max(0.0, 1 - colour.contrast), 1 + colour.contrast),
-                  (max(0.0, 1 - colour.saturation), 1 + colour.saturation), (-colour.hue, colour.hue)]
+        ranges = [
+            (max(0.0, 1 - colour.brightness), 1 + colour.brightness),
+            (max(0.0, 1 - colour.contrast), 1 + colour.contrast),
+            (max(0.0, 1 - colour.saturation), 1 + colour.saturation),
+            (-colour.hue, colour.hue),
+        ]
         self.low, self.high = torch.tensor(ranges, dtype=torch.float64).T
         # As torchvision's ColorJitter, an operation of no range (factor 1, or a hue turn of 0) is left out.
         self.jitter_ops = [op for op, (low, high) in enumerate(ranges) if low != high]
@@ -364,11 +380,21 @@ class _ViewGroup:
         factors = (self.low + (self.high - self.low) * torch.rand(*shape, 4, dtype=torch.float64)).float()
         order = torch.rand(*shape, 4).argsort(dim=-1)
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand(shape)
-        return ViewParams(boxes, coins[0] < 0.5, coins[1] < self.colour.jitter_prob, factors, order,
-                          coins[2] < self.colour.grayscale_prob, coins[3] < self.blur_prob, sigma,
-                          coins[4] < self.solarize_prob)
+        return ViewParams(
+            boxes,
+            coins[0] < 0.5,
+            coins[1] < self.colour.jitter_prob,
+            factors,
+            order,
+            coins[2] < self.colour.grayscale_prob,
+            coins[3] < self.blur_prob,
+            sigma,
+            coins[4] < self.solarize_prob,
+        )
 
-    def __call__(self, images: torch.Tensor, params: ViewParams, mean: torch.Tensor, std: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, params: ViewParams, mean: torch.Tensor, std: torch.Tensor
+    ) -> list[torch.Tensor]:
         batch = len(images)
         views = images.new_empty(self.count, batch, 3, self.size, self.size)
         step = max(1, _CPU_CHUNK_PIXELS // (self.count * self.size**2)) if images.device.type == "cpu" else batch
@@ -431,17 +457,33 @@ class MultiCropAugmentation(nn.Module):
     ):
         super().__init__()
         if photometric not in PHOTOMETRIC_RECIPES:
-            raise ValueError(f"MultiCropAugmentation: unknown photometric recipe {photometric!r}, expected one of "
-                             f"{sorted(PHOTOMETRIC_RECIPES)}")
+            raise ValueError(
+                f"MultiCropAugmentation: unknown photometric recipe {photometric!r}, expected one of "
+                f"{sorted(PHOTOMETRIC_RECIPES)}"
+            )
         colour = PHOTOMETRIC_RECIPES[photometric]
         if preset not in MULTICROP_PRESETS:
-            raise ValueError(f"MultiCropAugmentation: unknown preset {preset!r}, expected one of {sorted(MULTICROP_PRESETS)}")
+            raise ValueError(
+                f"MultiCropAugmentation: unknown preset {preset!r}, expected one of {sorted(MULTICROP_PRESETS)}"
+            )
         scales = MULTICROP_PRESETS[preset]
         self.num_local_crops = num_local_crops
-        self.global_views = _ViewGroup(2, global_size, scales.global_crops_scale, colour, blur_prob=(1.0, 0.1),
-                                       solarize_prob=(0.0, 0.2 if colour.solarize else 0.0))
-        self.local_views = _ViewGroup(num_local_crops, local_size, scales.local_crops_scale, colour,
-                                      blur_prob=(0.5,) * num_local_crops, solarize_prob=(0.0,) * num_local_crops)
+        self.global_views = _ViewGroup(
+            2,
+            global_size,
+            scales.global_crops_scale,
+            colour,
+            blur_prob=(1.0, 0.1),
+            solarize_prob=(0.0, 0.2 if colour.solarize else 0.0),
+        )
+        self.local_views = _ViewGroup(
+            num_local_crops,
+            local_size,
+            scales.local_crops_scale,
+            colour,
+            blur_prob=(0.5,) * num_local_crops,
+            solarize_prob=(0.0,) * num_local_crops,
+        )
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -460,7 +502,9 @@ class MultiCropAugmentation(nn.Module):
             )
         rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(images), rows, global_batch_size)
         views = []
-        for group, params in zip((self.global_views, self.local_views), self.draw(global_batch_size, *images.shape[-2:])):
+        for group, params in zip(
+            (self.global_views, self.local_views), self.draw(global_batch_size, *images.shape[-2:])
+        ):
             if group.count:
                 views.extend(group(images, params.select(rows), self.mean, self.std))
         return views
@@ -478,7 +522,9 @@ class CropAndFlip(nn.Module):
     global batch under several processes (`rows`, `global_batch_size`), as in MultiCropAugmentation.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float], flip_prob: float, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, size: int, scale: tuple[float, float], flip_prob: float, mean: Sequence[float], std: Sequence[float]
+    ):
         super().__init__()
         self.size, self.scale, self.flip_prob = size, tuple(scale), flip_prob
         mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -490,8 +536,10 @@ class CropAndFlip(nn.Module):
         self, pixels: torch.Tensor, rows: torch.Tensor | None = None, global_batch_size: int | None = None
     ) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
-            raise ValueError(f"CropAndFlip: pixels must be a float batch (B, 3, H, W), got dtype {pixels.dtype} and "
-                             f"shape {tuple(pixels.shape)}")
+            raise ValueError(
+                f"CropAndFlip: pixels must be a float batch (B, 3, H, W), got dtype {pixels.dtype} and "
+                f"shape {tuple(pixels.shape)}"
+            )
         rows, global_batch_size = _rows_in_global_batch(type(self).__name__, len(pixels), rows, global_batch_size)
         boxes = random_resized_boxes(global_batch_size, *pixels.shape[-2:], self.scale)
         flip = torch.rand(global_batch_size) < self.flip_prob
@@ -532,9 +580,11 @@ def cosine_schedule(
     optimizer steps (`training.runtime.run_steps`) with this function.
     """
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"cosine_schedule: warmup_steps ({warmup_steps}) must be between 0 and total_steps "
-                         f"({total_steps}): a warm-up (--warmup-steps) cannot outlast the run (--max-steps, or --epochs "
-                         "x steps per epoch)")
+        raise ValueError(
+            f"cosine_schedule: warmup_steps ({warmup_steps}) must be between 0 and total_steps "
+            f"({total_steps}): a warm-up (--warmup-steps) cannot outlast the run (--max-steps, or --epochs "
+            "x steps per epoch)"
+        )
     fraction_done = np.arange(1, warmup_steps + 1) / max(warmup_steps, 1)
     warmup = start_warmup_value + (base_value - start_warmup_value) * fraction_done
     iters = np.arange(total_steps - warmup_steps)

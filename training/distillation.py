@@ -7,27 +7,26 @@ trained backbone is set against an untrained control of the same architecture, a
 how they compare.
 """
 
-
 from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from agriclip.atomic import write_json_atomically
+from agriclip.images import DecodeStats, counted
+from agriclip.sources import load_image_dataset, load_labelled_dataset
 from evaluation.knn import knn_accuracy
+from modeling_agriclip.backbones import backbone_family
 from modeling_agriclip.convert import names_random_weights
 from modeling_agriclip.modeling_agriclip import backbone_features, unreadable_weights_named
-from agriclip.images import DecodeStats, counted
-from training.data import ImageCollator, load_image_text_dataset, load_labelled_dataset
+from training.data import ImageCollator
 from training.dino import (
     CollapseMonitor,
     DINOHead,
@@ -39,13 +38,12 @@ from training.dino import (
     param_groups_without_decay,
     update_teacher,
 )
+from training.loop import train_loop
 from training.losses import DINOLoss, KoLeoLoss
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
-from training.stage2_dino import recipe_settings
 from training.runtime import (
     CheckpointManager,
-    PreemptionGuard,
     RunLock,
     adamw,
     dataloader_generator,
@@ -55,11 +53,11 @@ from training.runtime import (
     make_accelerator,
     process_rows,
     report_decode_stats,
-    resumable_batches,
     run_options,
     run_steps,
-    train_step,
 )
+from training.stage2_dino import recipe_settings
+
 
 RUN = "stage2_dino"
 # Options that only change what the k-NN evaluation reports (see `training.runtime.run_options`).
@@ -88,8 +86,9 @@ def checkpoint_options(args, accelerator) -> dict:
     """The options saved with each checkpoint and compared on resume (`training.runtime.run_options`), less those of
     `ADDED_OPTIONS` at the value that a checkpoint written before them stands for."""
     options = run_options(args, accelerator, neutral=NEUTRAL_OPTIONS)
-    return {name: value for name, value in options.items()
-            if not (name in ADDED_OPTIONS and value == ADDED_OPTIONS[name])}
+    return {
+        name: value for name, value in options.items() if not (name in ADDED_OPTIONS and value == ADDED_OPTIONS[name])
+    }
 
 
 @dataclass
@@ -125,16 +124,16 @@ def koleo_term(koleo: KoLeoLoss, features: torch.Tensor, batch_size: int) -> tor
     pooled features), summed. Zero for a batch of fewer than 2 readable images, whose crops have no neighbour."""
     if batch_size < 2:
         return features.new_zeros((), dtype=torch.float32)
-    return sum(koleo(crop) for crop in features[:2 * batch_size].chunk(2))
+    return sum(koleo(crop) for crop in features[: 2 * batch_size].chunk(2))
 
 
 def resolve_recipe(args, backbone_type: str) -> None:
-    """Fills the crop scales and optimizer settings left unset from the published recipe of the backbone type (the
-    settings of `--recipe` are filled in by `training.stage2_dino.apply_recipe` already; a learning rate it leaves
-    unset is the optimizer's)."""
-    is_resnet = backbone_type == "resnet"
-    args.crop_recipe = args.crop_recipe or ("resnet" if is_resnet else "vit")
-    args.optimizer = args.optimizer or ("sgd" if is_resnet else "adamw")
+    """Fills the crop scales and optimizer settings left unset from the recipe of the backbone's family
+    (`modeling_agriclip.backbones.BACKBONE_FAMILIES`, keyed by the backbone's `model_type`; the settings of `--recipe`
+    are filled in by `training.stage2_dino.apply_recipe` already; a learning rate it leaves unset is the optimizer's)."""
+    family = backbone_family(backbone_type)
+    args.crop_recipe = args.crop_recipe or family.crop_recipe
+    args.optimizer = args.optimizer or family.optimizer
     for name, value in OPTIMIZER_RECIPES[args.optimizer].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -178,10 +177,9 @@ def starts_random(args) -> bool:
 def untrained_backbone(config, seed: int):
     """A backbone of the architecture of `config.dino_config`, built as `AgriCLIPModel` builds its `dino_model`, with
     the random initialisation of its transformers class drawn under `seed` (the global RNG is left as it was)."""
-    kwargs = {"add_pooling_layer": False} if config.dino_config.model_type == "vit" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModel.from_config(config.dino_config, **kwargs)
+        return backbone_family(config.dino_config).build(config.dino_config)
 
 
 def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None, seed: int):
@@ -189,7 +187,7 @@ def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None
 
     DINO's protocol (eval_knn.py): `bank_split` of `source` (its train split) as the bank and `query_split` (its
     validation or test split) as the queries, each split an image folder of class folders or a split of a saved
-    dataset (`training.data.load_labelled_dataset`). Without splits, one labelled set split in halves, seeded.
+    dataset (`agriclip.sources.load_labelled_dataset`). Without splits, one labelled set split in halves, seeded.
     """
     if bank_split is None:
         labelled, class_names = load_labelled_dataset(source)
@@ -198,8 +196,10 @@ def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None
     bank, class_names = load_labelled_dataset(source, bank_split)
     queries, query_classes = load_labelled_dataset(source, query_split)
     if query_classes != class_names:
-        raise ValueError(f"{source}: the k-NN bank (split {bank_split!r}) has classes {class_names} but the queries "
-                         f"(split {query_split!r}) have {query_classes}; both splits need the same class folders")
+        raise ValueError(
+            f"{source}: the k-NN bank (split {bank_split!r}) has classes {class_names} but the queries "
+            f"(split {query_split!r}) have {query_classes}; both splits need the same class folders"
+        )
     return bank, queries, class_names
 
 
@@ -226,8 +226,10 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
     the caller's context (`training.run_all` resumes by itself)."""
     accelerator = make_accelerator(args, RUN)
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
-    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
-            exit_on_sigterm(checkpoints.describe_saved, accelerator.print):
+    with (
+        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
+        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
+    ):
         return train(args, accelerator, checkpoints)
 
 
@@ -241,26 +243,43 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
 
     feature_size = backbone_features(backbone.eval(), torch.zeros(1, 3, global_size, global_size)).shape[-1]
     backbone.train()
-    head = DINOHead(feature_size, args.out_dim, norm_last_layer=args.norm_last_layer,
-                    hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+    head = DINOHead(
+        feature_size,
+        args.out_dim,
+        norm_last_layer=args.norm_last_layer,
+        hidden_dim=args.head_hidden_dim,
+        bottleneck_dim=args.head_bottleneck_dim,
+    )
     student = MultiCropWrapper(backbone, head)
     teacher = copy.deepcopy(student).requires_grad_(False)
     # The teacher's head always has a normalised last layer (DINO); only the student's may train its norm.
     # KoLeo (after the copy: the teacher keeps no features) sees the student's pooled features.
     pooled = PooledFeatures(head) if args.koleo_weight > 0 else None
     koleo = KoLeoLoss()
-    augment = MultiCropAugmentation(args.crop_recipe, args.num_local_crops, global_size, local_size,
-                                    mean=config.dino_image_mean, std=config.dino_image_std,
-                                    photometric=args.photometric).to(accelerator.device)
+    augment = MultiCropAugmentation(
+        args.crop_recipe,
+        args.num_local_crops,
+        global_size,
+        local_size,
+        mean=config.dino_image_mean,
+        std=config.dino_image_std,
+        photometric=args.photometric,
+    ).to(accelerator.device)
     num_crops = 2 + args.num_local_crops
 
     decode_stats = DecodeStats()
-    dataset = load_image_text_dataset(args.train_data, split=args.train_split, image_column=args.image_column,
-                                      caption_column=args.caption_column)
+    dataset = load_image_dataset(args.train_data, split=args.train_split, image_column=args.image_column)
     collate = ImageCollator(size=math.ceil(global_size * 8 / 7), stats=decode_stats)
     # drop_last: the centre averages equal-size batches from every process.
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=args.num_workers, generator=dataloader_generator(args.seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.num_workers,
+        generator=dataloader_generator(args.seed),
+    )
 
     total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     params = param_groups_without_decay(student, args.weight_decay)
@@ -272,11 +291,21 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     teacher.to(accelerator.device)
     steps_per_epoch, max_steps = run_steps(args, loader)
     # DINO counts these in epochs; an epoch is `steps_per_epoch` optimizer steps, and a warm-up stops at the run's end.
-    warmup_steps = min(args.warmup_epochs * steps_per_epoch, max_steps) if args.warmup_steps is None else args.warmup_steps
+    warmup_steps = (
+        min(args.warmup_epochs * steps_per_epoch, max_steps) if args.warmup_steps is None else args.warmup_steps
+    )
     teacher_temp_warmup_steps = min(args.warmup_teacher_temp_epochs * steps_per_epoch, max_steps)
     freeze_last_layer_steps = args.freeze_last_layer_epochs * steps_per_epoch
-    dino_loss = DINOLoss(args.out_dim, num_crops, max_steps, args.warmup_teacher_temp, args.teacher_temp,
-                         teacher_temp_warmup_steps, args.student_temp, args.center_momentum).to(accelerator.device)
+    dino_loss = DINOLoss(
+        args.out_dim,
+        num_crops,
+        max_steps,
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        teacher_temp_warmup_steps,
+        args.student_temp,
+        args.center_momentum,
+    ).to(accelerator.device)
     accelerator.register_for_checkpointing(teacher, dino_loss)
 
     # DINO's linear scaling rule: --learning-rate is per 256 images of the total batch.
@@ -287,11 +316,16 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
 
     knn_sets = None
     if args.knn_data:
-        bank, queries, class_names = knn_bank_and_queries(args.knn_data, args.knn_bank_split, args.knn_query_split,
-                                                          args.seed)
+        bank, queries, class_names = knn_bank_and_queries(
+            args.knn_data, args.knn_bank_split, args.knn_query_split, args.seed
+        )
         knn_collate = ImageCollator(size=global_size, stats=decode_stats)
-        knn_sets = {"num_classes": len(class_names), "loaders": [
-            DataLoader(images, batch_size=args.batch_size, collate_fn=knn_collate) for images in (bank, queries)]}
+        knn_sets = {
+            "num_classes": len(class_names),
+            "loaders": [
+                DataLoader(images, batch_size=args.batch_size, collate_fn=knn_collate) for images in (bank, queries)
+            ],
+        }
 
     def normalise(pixels):
         return (pixels - augment.mean) / augment.std
@@ -303,78 +337,99 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     if knn_sets and position.step == 0:
         initial_knn = knn_evaluation(teacher.backbone, knn_sets, normalise, accelerator, args.knn_k)
         accelerator.log({"knn_top1": initial_knn}, step=0)
-        accelerator.print(f"k-NN top-1 of the initial backbone{' (random weights)' if random_start else ''}: "
-                          f"{initial_knn:.3f}")
-    collapse_window = default_collapse_window(max_steps, warmup_steps) if args.collapse_window is None else args.collapse_window
+        accelerator.print(
+            f"k-NN top-1 of the initial backbone{' (random weights)' if random_start else ''}: {initial_knn:.3f}"
+        )
+    collapse_window = (
+        default_collapse_window(max_steps, warmup_steps) if args.collapse_window is None else args.collapse_window
+    )
     recipe_values, overridden = resolved_recipe(args)
-    accelerator.print(f"stage 2: recipe {args.recipe}: " + ", ".join(f"{name} {value:g}" for name, value in recipe_values.items())
-                      + (f"; given instead of the recipe's: {', '.join(sorted(overridden))}" if overridden else "")
-                      + f"; photometric {args.photometric}; KoLeo weight {args.koleo_weight:g}"
-                      + (" (off: the published DINO)" if pooled is None else ""))
-    accelerator.print(f"stage 2: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
-                      f"x {args.gradient_accumulation_steps} accumulation, {num_crops} crops ({global_size}/{local_size} px), "
-                      f"{args.optimizer}, on {accelerator.device}\n"
-                      f"stage 2: peak learning rate {peak_lr:.4g} = {args.learning_rate:g} per 256 images x {total_batch} "
-                      f"images / 256, after {warmup_steps} warm-up steps, cosine to {args.min_learning_rate:g}; last layer "
-                      f"frozen for {min(freeze_last_layer_steps, max_steps)} steps, teacher temperature warm-up "
-                      f"{teacher_temp_warmup_steps} steps; stopped if collapsed for {collapse_window} steps in a row")
+    accelerator.print(
+        f"stage 2: recipe {args.recipe}: "
+        + ", ".join(f"{name} {value:g}" for name, value in recipe_values.items())
+        + (f"; given instead of the recipe's: {', '.join(sorted(overridden))}" if overridden else "")
+        + f"; photometric {args.photometric}; KoLeo weight {args.koleo_weight:g}"
+        + (" (off: the published DINO)" if pooled is None else "")
+    )
+    accelerator.print(
+        f"stage 2: {max_steps} optimizer steps of {args.batch_size} x {accelerator.num_processes} process(es) "
+        f"x {args.gradient_accumulation_steps} accumulation, {num_crops} crops ({global_size}/{local_size} px), "
+        f"{args.optimizer}, on {accelerator.device}\n"
+        f"stage 2: peak learning rate {peak_lr:.4g} = {args.learning_rate:g} per 256 images x {total_batch} "
+        f"images / 256, after {warmup_steps} warm-up steps, cosine to {args.min_learning_rate:g}; last layer "
+        f"frozen for {min(freeze_last_layer_steps, max_steps)} steps, teacher temperature warm-up "
+        f"{teacher_temp_warmup_steps} steps; stopped if collapsed for {collapse_window} steps in a row"
+    )
     collapse = CollapseMonitor(args.out_dim, window=collapse_window)
-    progress = tqdm(total=max_steps, initial=position.step, desc="stage 2", disable=not accelerator.is_local_main_process)
-    samples, started = 0, time.perf_counter()
     last = {}  # the teacher's entropy and teacher-student KL of the last step of this segment
 
-    def student_loss(crops, teacher_output, batch_size) -> StudentLoss:
+    def views_and_teacher(batch, step: int):
+        # Only the first group decays.
+        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])
+        pixels = batch["pixel_values"].to(accelerator.device)
+        rows, global_batch_size = process_rows(accelerator, len(pixels))
+        crops = augment(pixels, rows=rows, global_batch_size=global_batch_size)
+        with torch.no_grad():
+            teacher_output = teacher(crops[:2])
+        return crops, teacher_output, len(pixels)
+
+    def student_loss(inputs) -> StudentLoss:
+        crops, teacher_output, batch_size = inputs
         output = dino_loss(student(crops), teacher_output, position.step)
         if pooled is None:
             return StudentLoss(output.loss, output.teacher_entropy, output.teacher_student_kl)
         term = koleo_term(koleo, pooled.take(), batch_size)
-        return StudentLoss(output.loss + args.koleo_weight * term, output.teacher_entropy, output.teacher_student_kl,
-                           term.detach())
+        return StudentLoss(
+            output.loss + args.koleo_weight * term, output.teacher_entropy, output.teacher_student_kl, term.detach()
+        )
 
-    with PreemptionGuard(accelerator) as preemption:
-        for batch in resumable_batches(loader, accelerator, position, max_steps, args.train_data):
-            # Only the first group decays.
-            optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[position.step])
-            pixels = batch["pixel_values"].to(accelerator.device)
-            rows, global_batch_size = process_rows(accelerator, len(pixels))
-            crops = augment(pixels, rows=rows, global_batch_size=global_batch_size)
-            with torch.no_grad():
-                teacher_output = teacher(crops[:2])
-            output = train_step(
-                accelerator, student, optimizer, lambda: student_loss(crops, teacher_output, len(pixels)),
-                float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints,
-                before_optimizer_step=lambda: cancel_gradients_last_layer(student, position.step, freeze_last_layer_steps),
+    def step_logs(output: StudentLoss, step: int) -> dict:
+        update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[step]))
+        # Means over the global batch, so every process logs and judges collapse on the same numbers.
+        values = [output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]
+        if output.koleo is not None:
+            values.append(output.koleo)
+        loss, entropy, kl, *koleo_value = accelerator.reduce(torch.stack(values), reduction="mean").tolist()
+        last.update(teacher_entropy=entropy, teacher_student_kl=kl)
+        return {
+            "loss": loss,
+            "teacher_entropy": entropy,
+            "teacher_student_kl": kl,
+            **({"koleo": koleo_value[0]} if koleo_value else {}),
+            "weight_decay": float(wd_schedule[step]),
+            "teacher_momentum": float(momentum_schedule[step]),
+            "teacher_temp": float(dino_loss.teacher_temp_schedule[step]),
+        }
+
+    def check_collapse(logs) -> None:
+        message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
+        if message:
+            raise CollapseError(
+                f"{message} Stopped at step {position.step} of {max_steps}. If the run is only slow to leave its "
+                f"start-up phase, give a longer --collapse-window (now {collapse_window} steps); otherwise change "
+                "--teacher-temp (--warmup-teacher-temp during its warm-up), --center-momentum, --momentum-teacher, "
+                "--learning-rate or --out-dim."
             )
-            samples += len(batch["pixel_values"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[position.step]))
-            position.step += 1
-            progress.update(1)
-            # Means over the global batch, so every process logs and judges collapse on the same numbers.
-            values = [output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]
-            if output.koleo is not None:
-                values.append(output.koleo)
-            loss, entropy, kl, *koleo_value = accelerator.reduce(torch.stack(values), reduction="mean").tolist()
-            logs = {"loss": loss, "teacher_entropy": entropy, "teacher_student_kl": kl,
-                    **({"koleo": koleo_value[0]} if koleo_value else {}),
-                    "lr": float(lr_schedule[position.step - 1]), "weight_decay": float(wd_schedule[position.step - 1]),
-                    "teacher_momentum": float(momentum_schedule[position.step - 1]),
-                    "teacher_temp": float(dino_loss.teacher_temp_schedule[position.step - 1]),
-                    "samples_per_second": samples / (time.perf_counter() - started)}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            last = {"teacher_entropy": entropy, "teacher_student_kl": kl}
-            accelerator.log(logs, step=position.step)
-            message = collapse.update(logs["teacher_entropy"], logs["teacher_student_kl"])
-            if message:
-                raise CollapseError(
-                    f"{message} Stopped at step {position.step} of {max_steps}. If the run is only slow to leave its "
-                    f"start-up phase, give a longer --collapse-window (now {collapse_window} steps); otherwise change "
-                    "--teacher-temp (--warmup-teacher-temp during its warm-up), --center-momentum, --momentum-teacher, "
-                    "--learning-rate or --out-dim."
-                )
-            checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
-    progress.close()
+
+    train_loop(
+        accelerator,
+        student,
+        optimizer,
+        loader,
+        position=position,
+        checkpoints=checkpoints,
+        max_steps=max_steps,
+        lr_schedule=lr_schedule,
+        max_grad_norm=args.max_grad_norm,
+        checkpoint_every=args.checkpoint_every,
+        data=args.train_data,
+        description="stage 2",
+        prepare=views_and_teacher,
+        compute_loss=student_loss,
+        before_optimizer_step=lambda step: cancel_gradients_last_layer(student, step, freeze_last_layer_steps),
+        step_logs=step_logs,
+        check=check_collapse,
+    )
 
     knn = None
     if knn_sets:
@@ -402,7 +457,9 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     # The report goes into `final` with the weights it describes: both or neither.
     report_file = SimpleNamespace(save_pretrained=lambda folder: write_json_atomically(Path(folder) / REPORT, report))
     final = export_atomically(accelerator, output_dir / "final", model, processor, report_file)
-    accelerator.print(f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}; report: {final / REPORT}")
+    accelerator.print(
+        f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}; report: {final / REPORT}"
+    )
     accelerator.end_training()
     return final
 
@@ -445,11 +502,19 @@ def summary_line(report: dict) -> str:
     if report["knn_top1_trained"] is not None:
         trained, untrained = report["knn_top1_trained"], report["knn_top1_untrained"]
         name = Path(report["knn_data"]).name or report["knn_data"]
-        start = "" if report["knn_top1_start"] is None or report["start_random"] else f", start {report['knn_top1_start']:.3f}"
+        start = (
+            ""
+            if report["knn_top1_start"] is None or report["start_random"]
+            else f", start {report['knn_top1_start']:.3f}"
+        )
         control = "; the random start" if report["untrained_control"].startswith("the random start") else ""
-        parts.append(f"k-NN top-1 ({name}): trained {trained:.3f}{start}, untrained control {untrained:.3f} "
-                     f"({trained - untrained:+.3f}{control})")
+        parts.append(
+            f"k-NN top-1 ({name}): trained {trained:.3f}{start}, untrained control {untrained:.3f} "
+            f"({trained - untrained:+.3f}{control})"
+        )
     if report["teacher_entropy"] is not None:
-        parts.append(f"teacher entropy {report['teacher_entropy']:.2f} of ln K = {report['ln_out_dim']:.2f} at the end, "
-                     f"KL {report['teacher_student_kl']:.2f}")
+        parts.append(
+            f"teacher entropy {report['teacher_entropy']:.2f} of ln K = {report['ln_out_dim']:.2f} at the end, "
+            f"KL {report['teacher_student_kl']:.2f}"
+        )
     return f"stage 2 (recipe {report['recipe']}): " + ("; ".join(parts) or "no step run and no k-NN data")

@@ -2,12 +2,10 @@
 options; its docstring describes the towers, objectives, evaluation and outputs).
 """
 
-
 from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -16,39 +14,38 @@ from types import SimpleNamespace
 import datasets
 import torch
 import torch.nn.functional as F
-from torch import nn
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from agriclip.atomic import write_json_atomically
+from agriclip.images import DecodeStats, counted
+from agriclip.sources import load_image_text_dataset, load_labelled_dataset
+from agriclip.templates import fill_templates, get_templates
 from evaluation.linear_probe import sample_k_shot, stratified_split
 from evaluation.metrics import classification_metrics
 from evaluation.runner import PROBE_TEST_FRACTION
 from evaluation.suite import DatasetSpec, load_suite_config
-from agriclip.atomic import write_json_atomically
 from modeling_agriclip.convert import PRESETS
-from agriclip.images import DecodeStats, counted
-from agriclip.templates import fill_templates, get_templates
+from modeling_agriclip.lora_targets import default_target_modules
 from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings
 from training.aligner import AlignerStatistics, fit_closed_form
 from training.data import (
     ImageTextCollator,
     IndexedRows,
     LabelledImageCollator,
-    load_image_text_dataset,
-    load_labelled_dataset,
     process_shard_loader,
 )
 from training.dino import cosine_schedule, param_groups_without_decay
-from training.losses import ContrastiveLoss, share_of_global_batch
+from training.loop import train_loop
+from training.losses import ImageTextLoss, create_loss, share_of_global_batch
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
 from training.runtime import (
     CheckpointManager,
-    PreemptionGuard,
     RunLock,
     adamw,
     dataloader_generator,
@@ -58,11 +55,10 @@ from training.runtime import (
     make_accelerator,
     readable_on_every_process,
     report_decode_stats,
-    resumable_batches,
     run_options,
     run_steps,
-    train_step,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +75,6 @@ TOWER_OF_MODULE = {
     "visual_projection": "image",
     "dino_model": "backbone",
 }
-ATTENTION_TARGETS = {
-    "text": r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-    "image": r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-    "backbone": r"dino_model\..*\.attention\.(q_proj|k_proj|v_proj|o_proj)",
-}
-# A ResNet has no attention: LoRA goes on the convolutions of its residual blocks (PEFT's LoRA Conv2d).
-RESNET_TARGETS = r"dino_model\.encoder\.stages\.\d+\.layers\.\d+\.layer\.\d+\.convolution"
 ALIGNED_EMBEDDINGS = ("aligned", "fused")
 # Trainable weights of a checkpoint (the frozen base is not saved).
 ADAPTER_STATE = "adapter_state.safetensors"
@@ -100,15 +89,6 @@ RESULTS = "results.json"
 def tower_of(module_name: str) -> str | None:
     """The tower that owns a module of AgriCLIPModel (None for the aligner and the pixel re-normalisations)."""
     return TOWER_OF_MODULE.get(module_name.split(".", 1)[0])
-
-
-def default_target_modules(config, towers) -> str:
-    """The regex of the default LoRA targets of `towers` (attention projections; block convolutions of a ResNet)."""
-    patterns = [
-        RESNET_TARGETS if tower == "backbone" and config.dino_config.model_type == "resnet" else ATTENTION_TARGETS[tower]
-        for tower in towers
-    ]
-    return "|".join(f"(?:{pattern})" for pattern in patterns)
 
 
 def resolve_lora_targets(model, towers, target_modules: str | None = None) -> tuple[str, list[str]]:
@@ -177,9 +157,14 @@ def build_lora_model(
     regex, _ = resolve_lora_targets(model, towers, target_modules)
     embedding = objective_embedding(towers) or model.config.image_embedding
     if train_aligner and embedding not in ALIGNED_EMBEDDINGS:
-        raise ValueError(f"--train-aligner: the {embedding!r} image embedding the towers {list(towers)} train through does not use the aligner")
+        raise ValueError(
+            f"--train-aligner: the {embedding!r} image embedding the towers {list(towers)} train through does not use the aligner"
+        )
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex,
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=regex,
         modules_to_save=["aligner"] if train_aligner or save_aligner else None,
     )
     peft_model = get_peft_model(model, config)
@@ -214,7 +199,11 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
     def save_hook(models, weights, output_dir):
         for model in models:
             if accelerator.is_main_process:
-                state = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+                state = {
+                    n: p.detach().cpu().contiguous()
+                    for n, p in accelerator.unwrap_model(model).named_parameters()
+                    if p.requires_grad
+                }
                 save_file(state, str(Path(output_dir) / ADAPTER_STATE))
         weights.clear()
 
@@ -255,14 +244,18 @@ def base_model_reference(model_argument: str, base_model_id: str | None, publish
         except HFValidationError as error:
             raise ValueError(f"--base-model-id {base_model_id!r} is not a Hub id (org/name): {error}") from None
         if Path(base_model_id).exists():
-            raise ValueError(f"--base-model-id {base_model_id!r} is a local path; a published adapter names the base by its Hub id")
+            raise ValueError(
+                f"--base-model-id {base_model_id!r} is a local path; a published adapter names the base by its Hub id"
+            )
         return base_model_id
     if model_argument in PRESETS:
         reference = None
         message = f"the base model is the randomly initialised preset {model_argument!r}: the adapter cannot be loaded without it"
     elif Path(model_argument).exists():
         reference = str(Path(model_argument).resolve())
-        message = f"the adapter records the local base folder {reference}; pass --base-model-id org/name before publishing it"
+        message = (
+            f"the adapter records the local base folder {reference}; pass --base-model-id org/name before publishing it"
+        )
     else:
         return model_argument
     if publishing:
@@ -304,8 +297,12 @@ def task_spec(args) -> DatasetSpec | None:
         return None
     templates = args.templates[0] if len(args.templates) == 1 and "{}" not in args.templates[0] else args.templates
     return DatasetSpec(
-        name=Path(path).name, display_name=Path(path).name, path=Path(path), split=args.eval_split,
-        train_split=args.train_split if args.objective == "classification" else None, templates=get_templates(templates),
+        name=Path(path).name,
+        display_name=Path(path).name,
+        path=Path(path),
+        split=args.eval_split,
+        train_split=args.train_split if args.objective == "classification" else None,
+        templates=get_templates(templates),
     )
 
 
@@ -378,14 +375,21 @@ class PromptClassifier(nn.Module):
         return logit_scale.exp() * image_embeds @ self.class_embeddings().t().to(image_embeds.dtype)
 
 
-def contrastive_loss(model, batch, loss_fn: ContrastiveLoss, embedding: str | None, logit_scale: torch.Tensor) -> torch.Tensor:
-    """InfoNCE between the objective's image embedding and the caption embeddings, on the global batch.
+def contrastive_loss(model, batch, loss_fn: ImageTextLoss, embedding: str | None) -> torch.Tensor:
+    """`loss_fn` (the objective the base model's towers were trained with, `config.contrastive_loss`) between the
+    objective's image embedding and the caption embeddings, on the global batch, with the `logit_scale` and
+    `logit_bias` the model's output carries.
 
     The towers run through `model.forward` (the DDP wrapper's hooks need it).
     """
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_embedding=embedding)
-    return loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale)
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_embedding=embedding,
+        return_logits=False,
+    )
+    return loss_fn.output_loss(outputs)
 
 
 @torch.no_grad()
@@ -440,8 +444,10 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
     base_reference = base_model_reference(args.model, args.base_model_id, publishing=bool(args.push_to_hub))
     accelerator = make_accelerator(args, RUN)
     checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
-    with RunLock(args.output_dir, accelerator.print, accelerator.is_main_process), \
-            exit_on_sigterm(checkpoints.describe_saved, accelerator.print):
+    with (
+        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
+        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
+    ):
         return adapt(args, accelerator, checkpoints, base_reference)
 
 
@@ -449,12 +455,21 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
     base_model, processor = load_model_and_processor(args.model)
     embedding = objective_embedding(args.towers)
     embedding_name = embedding or base_model.config.image_embedding
-    logit_scale = base_model.logit_scale
-    peft_model = build_lora_model(base_model, args.towers, args.target_modules, args.lora_rank, args.lora_alpha,
-                                  args.lora_dropout, train_aligner=args.train_aligner, save_aligner=args.refit_aligner)
+    peft_model = build_lora_model(
+        base_model,
+        args.towers,
+        args.target_modules,
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_dropout,
+        train_aligner=args.train_aligner,
+        save_aligner=args.refit_aligner,
+    )
     trainable, total = trainable_parameters(peft_model)
-    accelerator.print(f"LoRA r={args.lora_rank} on {len(peft_model.targeted_module_names)} modules of the {'+'.join(args.towers)} "
-                      f"tower: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    accelerator.print(
+        f"LoRA r={args.lora_rank} on {len(peft_model.targeted_module_names)} modules of the {'+'.join(args.towers)} "
+        f"tower: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    )
     adapters_train_mode(peft_model)
 
     decode_stats = DecodeStats()
@@ -464,29 +479,51 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         train_data, collate = task.train, LabelledImageCollator(processor, decode_stats)
         train_rows, train_collate = train_data, collate
     else:
-        train_data = load_image_text_dataset(args.train_data, split=args.train_split or "train",
-                                             image_column=args.image_column, caption_column=args.caption_column)
+        train_data = load_image_text_dataset(
+            args.train_data,
+            split=args.train_split or "train",
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+        )
         # Training draws caption variants from the seed, the epoch and each pair's index; the re-fit needs images only.
         collate = ImageTextCollator(processor, decode_stats)
         train_rows, train_collate = IndexedRows(train_data), ImageTextCollator(processor, decode_stats, seed=args.seed)
     # The contrastive loss on the global batch needs equal batches on every process; cross-entropy does not, and a
     # k-shot set may be smaller than one batch.
-    train_loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=train_collate,
-                              drop_last=args.objective == "contrastive", num_workers=args.num_workers,
-                              generator=dataloader_generator(args.seed))
+    train_loader = DataLoader(
+        train_rows,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=train_collate,
+        drop_last=args.objective == "contrastive",
+        num_workers=args.num_workers,
+        generator=dataloader_generator(args.seed),
+    )
     if len(train_loader) == 0:
-        raise ValueError(f"{args.train_data}: {len(train_data)} training pairs, fewer than one batch of {args.batch_size}")
+        raise ValueError(
+            f"{args.train_data}: {len(train_data)} training pairs, fewer than one batch of {args.batch_size}"
+        )
     if args.objective == "classification":
-        objective = PromptClassifier(peft_model, processor, task.prompt_names, task.templates, embedding, "text" in args.towers)
+        objective = PromptClassifier(
+            peft_model, processor, task.prompt_names, task.templates, embedding, "text" in args.towers
+        )
     else:
-        objective, loss_fn = peft_model, ContrastiveLoss()
-    optimizer = adamw(param_groups_without_decay(objective, args.weight_decay), accelerator.device, lr=args.learning_rate)
+        objective, loss_fn = peft_model, create_loss(base_model.config.contrastive_loss)
+    optimizer = adamw(
+        param_groups_without_decay(objective, args.weight_decay), accelerator.device, lr=args.learning_rate
+    )
     objective, optimizer, train_loader = accelerator.prepare(objective, optimizer, train_loader)
     checkpoint_trainable_weights_only(accelerator)
     held_out_loader = refit_loader = None
     if task is not None:
-        held_out_loader = accelerator.prepare(DataLoader(task.held_out, batch_size=args.batch_size, num_workers=args.num_workers,
-                                                         collate_fn=LabelledImageCollator(processor, decode_stats)))
+        held_out_loader = accelerator.prepare(
+            DataLoader(
+                task.held_out,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                collate_fn=LabelledImageCollator(processor, decode_stats),
+            )
+        )
     if args.refit_aligner:
         refit_loader = process_shard_loader(train_data, accelerator, args.batch_size, collate, args.num_workers)
 
@@ -495,50 +532,70 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
             labels = batch["labels"]
             share = share_of_global_batch(len(labels), device=labels.device)
             return F.cross_entropy(objective(batch["pixel_values"]), labels) * share
-        return contrastive_loss(objective, batch, loss_fn, embedding, logit_scale)
+        return contrastive_loss(objective, batch, loss_fn, embedding)
 
     _, max_steps = run_steps(args, train_loader)
     lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, max_steps, args.warmup_steps)
-    position = checkpoints.start(args.resume, run_options(args, accelerator, neutral=PUBLISHING_OPTIONS),
-                                 args.allow_changed_config)
+    position = checkpoints.start(
+        args.resume, run_options(args, accelerator, neutral=PUBLISHING_OPTIONS), args.allow_changed_config
+    )
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
-    accelerator.print(f"LoRA ({args.objective}, {embedding_name} image embedding): "
-                      f"{len(train_data)} training examples, {max_steps} optimizer steps of {args.batch_size} x "
-                      f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}, "
-                      f"peak learning rate {args.learning_rate:g} after {args.warmup_steps} warm-up steps")
-    progress = tqdm(total=max_steps, initial=position.step, desc="LoRA", disable=not accelerator.is_local_main_process)
-    samples, started = 0, time.perf_counter()
+    accelerator.print(
+        f"LoRA ({args.objective}, {embedding_name} image embedding): "
+        f"{len(train_data)} training examples, {max_steps} optimizer steps of {args.batch_size} x "
+        f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation on {accelerator.device}, "
+        f"peak learning rate {args.learning_rate:g} after {args.warmup_steps} warm-up steps"
+    )
 
-    with PreemptionGuard(accelerator) as preemption:
-        for batch in resumable_batches(train_loader, accelerator, position, max_steps, args.train_data or spec.path):
-            loss = train_step(accelerator, objective, optimizer, lambda: compute_loss(batch),
-                              float(lr_schedule[position.step]), args.max_grad_norm, position, checkpoints)
-            samples += len(batch["pixel_values"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            position.step += 1
-            progress.update(1)
-            logs = {"loss": loss.item(), "lr": float(lr_schedule[position.step - 1]),
-                    "samples_per_second": samples / (time.perf_counter() - started)}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            if task is not None and args.eval_every and position.step % args.eval_every == 0:
-                metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
-                logs.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
-            accelerator.log(logs, step=position.step)
-            checkpoints.after_step(position, args.checkpoint_every, max_steps, preemption)
-    progress.close()
+    def step_logs(loss, step: int) -> dict:
+        logs = {"loss": loss.item()}
+        if task is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+            metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
+            logs.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
+        return logs
 
-    results = {"objective": args.objective, "towers": list(args.towers), "embedding": embedding,
-               "target_modules": peft_model.peft_config["default"].target_modules, "lora_rank": args.lora_rank,
-               "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
-               "n_train": len(train_data), "shots": args.shots, "steps": position.step}
+    train_loop(
+        accelerator,
+        objective,
+        optimizer,
+        train_loader,
+        position=position,
+        checkpoints=checkpoints,
+        max_steps=max_steps,
+        lr_schedule=lr_schedule,
+        max_grad_norm=args.max_grad_norm,
+        checkpoint_every=args.checkpoint_every,
+        data=args.train_data or spec.path,
+        description="LoRA",
+        compute_loss=compute_loss,
+        step_logs=step_logs,
+    )
+
+    results = {
+        "objective": args.objective,
+        "towers": list(args.towers),
+        "embedding": embedding,
+        "target_modules": peft_model.peft_config["default"].target_modules,
+        "lora_rank": args.lora_rank,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "n_train": len(train_data),
+        "shots": args.shots,
+        "steps": position.step,
+    }
     if task is not None:
         with peft_model.disable_adapter():
-            results["zero_shot"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
+            results["zero_shot"] = held_out_metrics(
+                peft_model, processor, held_out_loader, task, embedding, accelerator
+            )
         results["adapted"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
     if args.refit_aligner:
         results["aligner_refit"] = refit_aligner(peft_model, refit_loader, accelerator, args.aligner_ridge)
-        accelerator.print("aligner re-fit on the adapted backbone: " + " ".join(f"{k}={v:.4f}" for k, v in results["aligner_refit"].items()))
+        accelerator.print(
+            "aligner re-fit on the adapted backbone: "
+            + " ".join(f"{k}={v:.4f}" for k, v in results["aligner_refit"].items())
+        )
         if task is not None:
             results["adapted_before_refit"] = results["adapted"]
             results["adapted"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
@@ -546,8 +603,10 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         final = {f"eval/{k}": v for k, v in results["adapted"].items() if v is not None}
         final |= {f"eval/zero_shot_{k}": v for k, v in results["zero_shot"].items() if v is not None}
         accelerator.log(final, step=position.step)
-        accelerator.print(f"held-out top-1 on {results['adapted']['n_images']} images: zero-shot {results['zero_shot']['top1']:.4f} -> "
-                          f"adapted {results['adapted']['top1']:.4f}")
+        accelerator.print(
+            f"held-out top-1 on {results['adapted']['n_images']} images: zero-shot {results['zero_shot']['top1']:.4f} -> "
+            f"adapted {results['adapted']['top1']:.4f}"
+        )
     report_decode_stats(accelerator, decode_stats)
 
     output_dir = Path(args.output_dir)
@@ -560,7 +619,9 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         # The folder just written and checked is what gets published.
         api = HfApi()
         api.create_repo(args.push_to_hub, exist_ok=True)
-        api.upload_folder(repo_id=args.push_to_hub, folder_path=str(adapter_dir), commit_message="Upload AgriCLIP LoRA adapter")
+        api.upload_folder(
+            repo_id=args.push_to_hub, folder_path=str(adapter_dir), commit_message="Upload AgriCLIP LoRA adapter"
+        )
         accelerator.print(f"adapter published to {args.push_to_hub} (base model {base_reference})")
     if args.merge:
         merged_dir = export_atomically(accelerator, output_dir / "merged", peft_model.merge_and_unload(), processor)
@@ -569,4 +630,3 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         write_json_atomically(output_dir / RESULTS, results)
     accelerator.end_training()
     return output_dir
-

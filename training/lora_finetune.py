@@ -55,45 +55,109 @@ from training.options import (
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__spec__.name, __doc__)
     add_model_argument(parser)
-    parser.add_argument("--towers", nargs="+", choices=["text", "image", "backbone"], default=["backbone"], help="Tower(s) that get LoRA adapters.")
-    parser.add_argument("--target-modules", default=None,
-                        help="Regex over whole module names replacing the towers' default targets; it must hit every chosen tower and nothing else.")
+    parser.add_argument(
+        "--towers",
+        nargs="+",
+        choices=["text", "image", "backbone"],
+        default=["backbone"],
+        help="Tower(s) that get LoRA adapters.",
+    )
+    parser.add_argument(
+        "--target-modules",
+        default=None,
+        help="Regex over whole module names replacing the towers' default targets; it must hit every chosen tower and nothing else.",
+    )
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r.")
-    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (the update is scaled by alpha / r).")
+    parser.add_argument(
+        "--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (the update is scaled by alpha / r)."
+    )
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
-    parser.add_argument("--train-aligner", action="store_true", help="Also train the aligner fully (saved with the adapter).")
-    parser.add_argument("--refit-aligner", action="store_true",
-                        help="After training, re-fit the aligner in closed form (stage 3) from the adapted backbone to the CLIP "
-                             "image embeddings of the training images (saved with the adapter).")
+    parser.add_argument(
+        "--train-aligner", action="store_true", help="Also train the aligner fully (saved with the adapter)."
+    )
+    parser.add_argument(
+        "--refit-aligner",
+        action="store_true",
+        help="After training, re-fit the aligner in closed form (stage 3) from the adapted backbone to the CLIP "
+        "image embeddings of the training images (saved with the adapter).",
+    )
     parser.add_argument("--aligner-ridge", type=float, default=0.0, help="Ridge penalty of the aligner re-fit.")
-    parser.add_argument("--objective", choices=["classification", "contrastive"], default="classification",
-                        help="Cross-entropy against class-prompt embeddings on labelled images, or InfoNCE on image-caption pairs.")
-    parser.add_argument("--train-data", default=None,
-                        help="classification: labelled images (one subfolder per class, or a datasets dataset with a ClassLabel "
-                             "column); contrastive: image-caption pairs.")
+    parser.add_argument(
+        "--objective",
+        choices=["classification", "contrastive"],
+        default="classification",
+        help="Cross-entropy against class-prompt embeddings on labelled images, or InfoNCE on image-caption pairs.",
+    )
+    parser.add_argument(
+        "--train-data",
+        default=None,
+        help="classification: labelled images (one subfolder per class, or a datasets dataset with a ClassLabel "
+        "column); contrastive: image-caption pairs.",
+    )
     add_column_arguments(parser)
-    parser.add_argument("--train-split", default=None,
-                        help="Split to train on (contrastive default: train; classification default: a seeded stratified half "
-                             "of the evaluated split).")
+    parser.add_argument(
+        "--train-split",
+        default=None,
+        help="Split to train on (contrastive default: train; classification default: a seeded stratified half "
+        "of the evaluated split).",
+    )
     parser.add_argument("--eval-split", default=None, help="Split of the labelled data held out for evaluation.")
-    parser.add_argument("--eval-data", default=None,
-                        help="contrastive only: labelled images to measure zero-shot accuracy on before and after adaptation.")
-    parser.add_argument("--suite", default=None,
-                        help="Evaluation suite YAML whose --task gives the labelled data, class prompt names and templates.")
+    parser.add_argument(
+        "--eval-data",
+        default=None,
+        help="contrastive only: labelled images to measure zero-shot accuracy on before and after adaptation.",
+    )
+    parser.add_argument(
+        "--suite",
+        default=None,
+        help="Evaluation suite YAML whose --task gives the labelled data, class prompt names and templates.",
+    )
     parser.add_argument("--task", default=None, help="Name of the --suite dataset to adapt to or evaluate on.")
-    parser.add_argument("--templates", nargs="+", default=["default"],
-                        help="Prompt templates of the classes: a name from training.prompts (e.g. crop, leaf, fish, livestock) "
-                             "or templates with '{}'.")
-    parser.add_argument("--shots", type=int, default=None, help="classification: train on K images per class (seeded sample of the training split).")
-    parser.add_argument("--eval-every", type=int, default=0, help="Evaluate on the held-out images every N optimizer steps (0: only at the end).")
+    parser.add_argument(
+        "--templates",
+        nargs="+",
+        default=["default"],
+        help="Prompt templates of the classes: a name from training.prompts (e.g. crop, leaf, fish, livestock) "
+        "or templates with '{}'.",
+    )
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="classification: train on K images per class (seeded sample of the training split).",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="Evaluate on the held-out images every N optimizer steps (0: only at the end).",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (AdamW).")
-    parser.add_argument("--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay.")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases and norms).")
-    parser.add_argument("--merge", action="store_true", help="Also write <output-dir>/merged: the adapter merged into a plain AgriCLIP folder.")
-    parser.add_argument("--base-model-id", default=None,
-                        help="Hub id (org/name) of the base model, recorded in the adapter instead of a local folder; required to publish.")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Publish the adapter to this Hub repository.")
+    parser.add_argument(
+        "--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay."
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases and norms)."
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="Also write <output-dir>/merged: the adapter merged into a plain AgriCLIP folder.",
+    )
+    parser.add_argument(
+        "--base-model-id",
+        default=None,
+        help="Hub id (org/name) of the base model, recorded in the adapter instead of a local folder; required to publish.",
+    )
+    parser.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_ID", help="Publish the adapter to this Hub repository."
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(epochs=20, batch_size=16, checkpoint_every=50)
     return parser
@@ -107,10 +171,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if bool(args.train_data) == bool(args.suite):
             parser.error("classification needs either --train-data (labelled images) or --suite/--task")
         if args.eval_data:
-            parser.error("--eval-data is for the contrastive objective; classification holds out --eval-split or half of its data")
+            parser.error(
+                "--eval-data is for the contrastive objective; classification holds out --eval-split or half of its data"
+            )
         if args.image_column or args.caption_column:
-            parser.error("--image-column and --caption-column name columns of image-caption pairs (the contrastive "
-                         "objective); classification reads class folders or a ClassLabel column")
+            parser.error(
+                "--image-column and --caption-column name columns of image-caption pairs (the contrastive "
+                "objective); classification reads class folders or a ClassLabel column"
+            )
     else:
         if not args.train_data:
             parser.error("contrastive needs --train-data (image-caption pairs)")

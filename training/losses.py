@@ -1,16 +1,21 @@
-"""Training losses: CLIP's symmetric InfoNCE on the global batch (stage 1, LoRA), InfoNCE against fixed caption
-targets (stage 3's contrastive alignment), and the DINO loss and DINOv2's KoLeo regulariser (stage 2)."""
+"""Training losses: the contrastive losses of the CLIP towers on the global batch (stage 1, LoRA), chosen by name
+(`create_loss`; CLIP's symmetric InfoNCE and SigLIP's sigmoid loss), InfoNCE against fixed caption targets (stage 3's
+contrastive alignment), and the DINO loss and DINOv2's KoLeo regulariser (stage 2).
 
-from dataclasses import dataclass
+A new contrastive loss is one `ImageTextLoss` subclass here and one row of `training.loss_table.CONTRASTIVE_LOSSES`.
+"""
+
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from modeling_agriclip.modeling_agriclip import clip_loss
+from modeling_agriclip.modeling_agriclip import clip_loss, sigmoid_loss
 from training.dino import cosine_schedule, teacher_entropy
+from training.loss_table import CONTRASTIVE_LOSSES
 
 
 def _world_size() -> int:
@@ -45,25 +50,58 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[:count] for rows, count in zip(gathered, counts)])
 
 
-class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE between image and text embeddings, with a learnable temperature, on the global batch.
+class ImageTextLoss(nn.Module):
+    """Base of the contrastive losses of the CLIP towers (`training.loss_table.CONTRASTIVE_LOSSES`), on the global
+    batch: `loss(image_embeds, text_embeds, logit_scale, logit_bias=None, normalized=False)`, or
+    `loss.output_loss(outputs)` on an `AgriCLIPOutput`, which carries the embeddings and the model's `logit_scale` and
+    `logit_bias`.
 
-    The embeddings are L2-normalised here, unless the caller passes `normalized=True` for embeddings that already
-    are (`AgriCLIPModel.forward` returns them so): normalising twice only costs time. Under several processes the local embeddings of every process are
-    gathered with gradients, so each process computes the loss of the whole global batch: the value equals
-    the single-process loss on the concatenated batch, and so do the gradients after DDP averages them
-    (see `forward`). Local batch sizes may differ between processes (e.g. after unreadable images were skipped).
+    The embeddings (batch, dim) are L2-normalised here, unless the caller passes `normalized=True` for embeddings that
+    already are (`AgriCLIPModel.forward` returns them so): normalising twice only costs time. Under several processes
+    the local embeddings of every process are gathered with gradients (`global_batch`), so each process computes the
+    loss of the whole global batch: the value equals the single-process loss on the concatenated batch, and so do the
+    gradients after DDP averages them. Local batch sizes may differ between processes (e.g. after unreadable images
+    were skipped). `logit_scale` (log t) is capped at `max_logit_scale` (ln 100, CLIP's bound, which open_clip applies
+    to SigLIP as well); the clamp keeps the gradient below the bound.
+
+    A subclass sets:
+        objective: the `AgriCLIPConfig.contrastive_loss` a model trained with it records, i.e. how its logits read
+            at inference (`"infonce"`: softmax, no bias; `"siglip"`: sigmoid with the bias).
+        logit_scale_init, logit_bias_init: the published initial log t and b, which `adopt` gives a model whose config
+            records another objective; `logit_bias_init = None` for a loss without a bias (the model's `logit_bias`
+            then stays frozen, and `output_loss` does not pass it).
     """
+
+    objective: str
+    logit_scale_init: float
+    logit_bias_init: float | None = None
 
     def __init__(self, max_logit_scale: float = math.log(100.0)):
         super().__init__()
         self.max_logit_scale = max_logit_scale
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                normalized: bool = False) -> torch.Tensor:
+    @property
+    def uses_logit_bias(self) -> bool:
+        return self.logit_bias_init is not None
+
+    def output_loss(self, outputs) -> torch.Tensor:
+        """The loss of a model output's L2-normalised `image_embeds` and `text_embeds`, with its `logit_scale` (and
+        `logit_bias`, for a loss that uses it)."""
+        return self(
+            outputs.image_embeds,
+            outputs.text_embeds,
+            outputs.logit_scale,
+            outputs.logit_bias if self.uses_logit_bias else None,
+            normalized=True,
+        )
+
+    def global_batch(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, normalized: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checked, L2-normalised embeddings of the global batch (every process's rows, in process order)."""
         if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
             raise ValueError(
-                "ContrastiveLoss: image_embeds and text_embeds must both be (batch, dim), got "
+                f"{type(self).__name__}: image_embeds and text_embeds must both be (batch, dim), got "
                 f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
             )
         if not normalized:
@@ -73,14 +111,98 @@ class ContrastiveLoss(nn.Module):
             # The backward of all_gather sums the gradients that all W processes send to each local slice.
             # Every process computes the same global loss L, so each local embedding receives W * dL/dx, and
             # DDP's division by W when it averages the parameter gradients cancels that factor: the result
-            # is exactly dL/dtheta of the single-process loss. logit_scale is not gathered: each process
-            # gets the full dL/ds from its own copy of L, and the average of W equal values is dL/ds.
+            # is exactly dL/dtheta of the single-process loss. logit_scale and logit_bias are not gathered: each
+            # process gets the full dL/ds from its own copy of L, and the average of W equal values is dL/ds.
             image_embeds = gather_with_grad(image_embeds)
             text_embeds = gather_with_grad(text_embeds)
-        # clamp keeps the gradient below the bound (CLIP caps the temperature at 100).
+        return image_embeds, text_embeds
+
+    @torch.no_grad()
+    def adopt(self, model) -> bool:
+        """Makes `model` (an `AgriCLIPModel`) one that this loss trains: when its config records another objective,
+        its `logit_scale` (and `logit_bias`, for a loss with a bias) start from this loss's published values and the
+        config records `objective`, so the saved model's logits read the way it was trained. A model already of this
+        objective keeps its learned values. Returns whether the objective changed."""
+        if model.config.contrastive_loss == self.objective:
+            return False
+        model.logit_scale.fill_(self.logit_scale_init)
+        if self.uses_logit_bias:
+            model.logit_bias.fill_(self.logit_bias_init)
+        model.config.contrastive_loss = self.objective
+        return True
+
+
+class ContrastiveLoss(ImageTextLoss):
+    """Symmetric InfoNCE between image and text embeddings, with a learnable temperature, on the global batch (CLIP,
+    Radford et al. 2021): the mean of the image-to-text and text-to-image cross-entropies of
+    `exp(logit_scale) * cos`, each pair's own caption the positive. See `ImageTextLoss` for the inputs and the global
+    batch. `logit_bias` is ignored: a shift shared by a row does not change its softmax.
+    """
+
+    objective = "infonce"
+    logit_scale_init = math.log(1 / 0.07)
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        normalized: bool = False,
+    ) -> torch.Tensor:
+        image_embeds, text_embeds = self.global_batch(image_embeds, text_embeds, normalized)
         scale = logit_scale.clamp(max=self.max_logit_scale).exp()
         logits_per_text = scale * text_embeds @ image_embeds.t()
         return clip_loss(logits_per_text)
+
+
+class SigLIPLoss(ImageTextLoss):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training") on the
+    global batch of N pairs: `-1/N * sum_i sum_j log sigmoid(z_ij * (t * x_i . y_j + b))`, with x_i and y_j the
+    L2-normalised image and text embeddings, z_ij = 1 for a matching pair (i = j) and -1 otherwise, the learnable
+    temperature t = exp(logit_scale) (initialised at 10) and bias b = logit_bias (initialised at -10).
+
+    Each pair is a binary classification of its own, so no softmax normalises over the batch. Under several processes
+    the embeddings are gathered with gradients and every process computes the whole N x N matrix (the paper's chunked
+    exchange computes the same sum with less memory): the value and, after DDP's average, the gradients equal the
+    single-process ones on the global batch. See `ImageTextLoss` for the inputs.
+    """
+
+    objective = "siglip"
+    logit_scale_init = math.log(10.0)
+    logit_bias_init = -10.0
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        normalized: bool = False,
+    ) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("SigLIPLoss: logit_bias is needed (the model's learnable bias b)")
+        image_embeds, text_embeds = self.global_batch(image_embeds, text_embeds, normalized)
+        scale = logit_scale.clamp(max=self.max_logit_scale).exp()
+        return sigmoid_loss(scale * text_embeds @ image_embeds.t() + logit_bias)
+
+
+# Registry name -> class, from the one table (`training.loss_table`), which holds the rows.
+LOSSES: dict[str, type[ImageTextLoss]] = {
+    name: globals()[class_name] for name, (class_name, _) in CONTRASTIVE_LOSSES.items()
+}
+
+
+def create_loss(name: str, **options) -> ImageTextLoss:
+    """The contrastive loss registered as `name` in `training.loss_table.CONTRASTIVE_LOSSES`, built with `options`
+    (e.g. `max_logit_scale`), as open_clip's `create_loss`.
+
+    Raises:
+        ValueError: for a name the table does not hold, naming those it does.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown contrastive loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    return LOSSES[name](**options)
 
 
 class CaptionTargetInfoNCE(nn.Module):
@@ -99,8 +221,9 @@ class CaptionTargetInfoNCE(nn.Module):
         super().__init__()
         self.max_logit_scale = max_logit_scale
 
-    def forward(self, image_embeds: torch.Tensor, text_targets: torch.Tensor, groups: torch.Tensor,
-                logit_scale: float) -> torch.Tensor:
+    def forward(
+        self, image_embeds: torch.Tensor, text_targets: torch.Tensor, groups: torch.Tensor, logit_scale: float
+    ) -> torch.Tensor:
         if image_embeds.ndim != 2 or image_embeds.shape != text_targets.shape or groups.shape != image_embeds.shape[:1]:
             raise ValueError(
                 "CaptionTargetInfoNCE: image_embeds and text_targets must both be (batch, dim) and groups (batch,), got "
@@ -109,7 +232,9 @@ class CaptionTargetInfoNCE(nn.Module):
         distinct, positive = torch.unique(groups, return_inverse=True)
         rows = torch.arange(len(groups), device=groups.device)
         # One target per group: that of the group's first image in the batch.
-        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(0, positive, rows, "amin")
+        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(
+            0, positive, rows, "amin"
+        )
         texts = nn.functional.normalize(text_targets[first], dim=-1)
         scale = math.exp(min(float(logit_scale), self.max_logit_scale))
         logits = scale * nn.functional.normalize(image_embeds, dim=-1) @ texts.t()
@@ -170,17 +295,23 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         # A cosine from a value to itself is constant: the warm-up, then teacher_temp.
-        self.teacher_temp_schedule = cosine_schedule(teacher_temp, teacher_temp, num_steps, warmup_teacher_temp_steps,
-                                                     start_warmup_value=warmup_teacher_temp)
+        self.teacher_temp_schedule = cosine_schedule(
+            teacher_temp, teacher_temp, num_steps, warmup_teacher_temp_steps, start_warmup_value=warmup_teacher_temp
+        )
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, step: int) -> DINOLossOutput:
-        if student_output.shape[0] % self.num_crops or teacher_output.shape[0] * self.num_crops != 2 * student_output.shape[0]:
+        if (
+            student_output.shape[0] % self.num_crops
+            or teacher_output.shape[0] * self.num_crops != 2 * student_output.shape[0]
+        ):
             raise ValueError(
                 f"DINOLoss: expected student_output ({self.num_crops} * B, out_dim) and teacher_output (2 * B, out_dim), "
                 f"got {tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
             )
         if not 0 <= step < len(self.teacher_temp_schedule):
-            raise ValueError(f"DINOLoss: step {step} is outside the teacher temperature schedule of {len(self.teacher_temp_schedule)} steps")
+            raise ValueError(
+                f"DINOLoss: step {step} is outside the teacher temperature schedule of {len(self.teacher_temp_schedule)} steps"
+            )
         # float32 whatever the autocast dtype: sums over 65,536 prototypes lose too much in half precision.
         student_log_probs = nn.functional.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_log_probs = student_log_probs.unflatten(0, (self.num_crops, -1))
@@ -194,8 +325,9 @@ class DINOLoss(nn.Module):
         loss = cross_entropy / (2 * (self.num_crops - 1))
         entropy = teacher_entropy(teacher_probs)
         share = share_of_global_batch(teacher_output.shape[0], global_count=self.update_center(teacher_output))
-        return DINOLossOutput(loss=loss * share, teacher_entropy=entropy * share,
-                              teacher_student_kl=(loss.detach() - entropy) * share)
+        return DINOLossOutput(
+            loss=loss * share, teacher_entropy=entropy * share, teacher_student_kl=(loss.detach() - entropy) * share
+        )
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> int:
@@ -239,8 +371,9 @@ class KoLeoLoss(nn.Module):
                 f"neighbour), got {tuple(features.shape)}"
             )
         with torch.autocast(features.device.type, enabled=False):
-            features = nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)),
-                                               p=2, dim=-1, eps=self.eps)
+            features = nn.functional.normalize(
+                features.to(torch.promote_types(features.dtype, torch.float32)), p=2, dim=-1, eps=self.eps
+            )
             with torch.no_grad():
                 dots = features @ features.t()
                 dots.fill_diagonal_(float("-inf"))

@@ -15,6 +15,7 @@ from modeling_agriclip.commands import hide_weight_loading_bars
 from modeling_agriclip.convert import PRESETS, names_random_weights
 from modeling_agriclip.zero_shot import model_source_options
 
+
 logger = get_logger(__name__)
 
 
@@ -22,7 +23,9 @@ def _merged(base: dict, overrides: dict) -> dict:
     """`base` with `overrides` laid over it, nested mappings (the sub-configs) merged key by key."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merged[key] = (
+            _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return merged
 
 
@@ -65,14 +68,16 @@ def load_model_and_processor(name_or_path: str) -> tuple[AgriCLIPModel, AgriCLIP
         logger.warning(
             f"starting from RANDOM weights ({name_or_path}: {parameters / 1e6:.1f} M parameters), not from a pretrained "
             "model; to start from CLIP, build a folder with `agriclip convert --clip openai/clip-vit-base-patch16 "
-            "--output DIR` and pass --model DIR", main_process_only=True,
+            "--output DIR` and pass --model DIR",
+            main_process_only=True,
         )
         return model, AgriCLIPProcessor.from_config(config)
     options = model_source_options(name_or_path)  # a folder without config.json, or a Hub out of reach: at once
     hide_weight_loading_bars()
     # transformers does not pass local_files_only on to its lookup of a PEFT adapter.
-    model = AgriCLIPModel.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=False, **options,
-                                          adapter_kwargs=options)
+    model = AgriCLIPModel.from_pretrained(
+        name_or_path, dtype=torch.float32, trust_remote_code=False, **options, adapter_kwargs=options
+    )
     processor = AgriCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False, **options)
     try:
         processor.check_fits(model.config)

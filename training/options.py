@@ -40,8 +40,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def script_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The parser of the training script `module` (`__spec__.name`, also under `python -m`), with `description`
     (its module docstring), every default in its help, and the exit codes of `agriclip.errors.run_command`."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=SCRIPT_EXIT_CODES,
-                                   formatter_class=HelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}", description=description, epilog=SCRIPT_EXIT_CODES, formatter_class=HelpFormatter
+    )
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -63,7 +64,9 @@ def load_config_file(path: str | os.PathLike) -> dict:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parses flags over the values of `--config FILE`: a flag given on the command line wins over the file, and
     the file may give any option, required ones included (e.g. `--train-data`, `--output-dir`)."""
-    parser.add_argument("--config", help="YAML or JSON file of option values; flags given on the command line override it.")
+    parser.add_argument(
+        "--config", help="YAML or JSON file of option values; flags given on the command line override it."
+    )
     # A parser of --config alone: the script's own would stop at its required options before reading the file.
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
@@ -86,11 +89,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """`--model`: where a run starts. Required: leaving it out used to train a small random model silently."""
     parser.add_argument(
-        "--model", required=True,
+        "--model",
+        required=True,
         help="What to start from: an AgriCLIP folder or Hub id (e.g. written by `agriclip convert --clip "
-             "openai/clip-vit-base-patch16 --dino facebook/dino-vitb16`, or a previous stage's final folder); a "
-             "preset name, randomly initialised (tiny, tiny_resnet, paper, vit_b16); or a JSON file of AgriCLIPConfig "
-             "values over a preset, e.g. {\"preset\": \"tiny\", \"vision_config\": {\"hidden_size\": 64}}.",
+        "openai/clip-vit-base-patch16 --dino facebook/dino-vitb16`, or a previous stage's final folder); a "
+        "preset name, randomly initialised (tiny, tiny_<backbone> for another backbone family: tiny_resnet, "
+        "tiny_dinov2, tiny_convnext; paper, vit_b16); or a JSON file of AgriCLIPConfig "
+        'values over a preset, e.g. {"preset": "tiny", "vision_config": {"hidden_size": 64}}.',
     )
 
 
@@ -101,54 +106,72 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="Seed of every random number generator.")
     group.add_argument("--epochs", type=int, default=1, help="Passes over the training data.")
     group.add_argument(
-        "--max-steps", type=int, default=None,
+        "--max-steps",
+        type=int,
+        default=None,
         help="Optimizer steps of the run; when given, it replaces --epochs and every schedule spans it.",
     )
     group.add_argument("--batch-size", type=int, default=32, help="Images per process per forward pass.")
     group.add_argument(
-        "--gradient-accumulation-steps", type=int, default=1,
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
         help="Forward passes per optimizer step: the gradient is averaged over batch size x processes x this images. "
-             "A contrastive loss (stage 1, LoRA's contrastive objective) still contrasts each pass's own batch size x "
-             "processes pairs: accumulation averages the gradients of those losses and adds no negatives.",
+        "A contrastive loss (stage 1, LoRA's contrastive objective) still contrasts each pass's own batch size x "
+        "processes pairs: accumulation averages the gradients of those losses and adds no negatives.",
     )
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="Clip the gradient norm to this (0 disables).")
     group.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
         help="Overrides the launcher's setting (default: `accelerate launch --mixed-precision`, or its config, decides). "
-             "bf16 runs on the CPU too (autocast; weights and checkpoints stay float32): faster on CPUs with "
-             "AVX512-BF16 or AMX-BF16, emulated and often slower elsewhere (`python -m bench.bench_precision` measures it).",
+        "bf16 runs on the CPU too (autocast; weights and checkpoints stay float32): faster on CPUs with "
+        "AVX512-BF16 or AMX-BF16, emulated and often slower elsewhere (`python -m bench.bench_precision` measures it).",
     )
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
-    group.add_argument("--checkpoint-every", type=int, default=100, help="Save a resumable checkpoint every N optimizer steps.")
+    group.add_argument(
+        "--checkpoint-every", type=int, default=100, help="Save a resumable checkpoint every N optimizer steps."
+    )
     group.add_argument("--keep-checkpoints", type=int, default=3, help="Keep only the newest N checkpoints.")
     group.add_argument(
-        "--resume", nargs="?", const="latest", default=None,
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
         help="Resume from the newest intact checkpoint in --output-dir, or from the given checkpoint folder "
-             "(default: start from scratch).",
+        "(default: start from scratch).",
     )
     group.add_argument(
-        "--allow-changed-config", action="store_true",
+        "--allow-changed-config",
+        action="store_true",
         help="Resume although options that change the result (batch size, learning rate, seed, data, steps, number of "
-             "processes, precision...) differ from the checkpoint's; without it such a resume is refused. Paths of "
-             "outputs, logging, workers and checkpoint/evaluation frequency may always change.",
+        "processes, precision...) differ from the checkpoint's; without it such a resume is refused. Paths of "
+        "outputs, logging, workers and checkpoint/evaluation frequency may always change.",
     )
     group.add_argument(
-        "--log-with", default="auto",
+        "--log-with",
+        default="auto",
         help="Accelerate tracker(s), comma-separated (e.g. tensorboard,wandb); 'auto': tensorboard when installed; "
-             "'none'.",
+        "'none'.",
     )
 
 
-def add_column_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--image-column` and `--caption-column`: the columns of the image-caption data (`training.data`'s defaults)."""
+def add_column_arguments(parser: argparse.ArgumentParser, captions: bool = True) -> None:
+    """`--image-column`, and `--caption-column` where the stage reads `captions`: the columns of the data
+    (`agriclip.sources`' defaults)."""
     parser.add_argument(
-        "--image-column", default=None,
+        "--image-column",
+        default=None,
         help="Image column of the data (default: `filepath` for a CSV, else `image` or the first image feature).",
     )
+    if not captions:
+        return
     parser.add_argument(
-        "--caption-column", default=None,
+        "--caption-column",
+        default=None,
         help="Caption column of the data (default: `title` for a CSV, `txt` for WebDataset shards, else `caption`, or "
-             "`text` when there is no `caption`, as `datasets` image folders name captions).",
+        "`text` when there is no `caption`, as `datasets` image folders name captions).",
     )
 
 
@@ -163,15 +186,20 @@ def held_out_fraction(text: str) -> float:
 def add_validation_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """`--val-data`, `--val-split` and `--val-fraction` of a stage that reports `what` on held-out pairs
     (`training.data.plan_validation` decides from them)."""
-    parser.add_argument("--val-data", default=None, help=f"Held-out image-caption pairs for {what} (default: --train-data).")
     parser.add_argument(
-        "--val-split", default=None,
-        help=f"Split of --val-data for {what} (default: `validation`; without --val-data and --val-split, data that "
-             "has no `validation` split holds --val-fraction of its training pairs out instead; --val-data of one "
-             "split is used whole).",
+        "--val-data", default=None, help=f"Held-out image-caption pairs for {what} (default: --train-data)."
     )
     parser.add_argument(
-        "--val-fraction", type=held_out_fraction, default=0.05,
+        "--val-split",
+        default=None,
+        help=f"Split of --val-data for {what} (default: `validation`; without --val-data and --val-split, data that "
+        "has no `validation` split holds --val-fraction of its training pairs out instead; --val-data of one "
+        "split is used whole).",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=held_out_fraction,
+        default=0.05,
         help="Fraction of the training pairs held out, drawn with --seed and not trained on, when the data has no "
-             "validation split and neither --val-data nor --val-split is given.",
+        "validation split and neither --val-data nor --val-split is given.",
     )

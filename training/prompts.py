@@ -20,7 +20,6 @@ from typing import Protocol
 import yaml
 
 
-
 def with_article(phrase: str) -> str:
     """Prefixes "a" or "an" by the sound of the first word, for the common English exceptions."""
     word = phrase.split(" ", 1)[0].lower()
@@ -272,9 +271,7 @@ class TransformersParaphraser:
     """
 
     DEFAULT_PROMPT = (
-        "Rewrite the image caption in different words, keeping every visual detail.\n"
-        "Caption: {caption}\n"
-        "Rewrite:"
+        "Rewrite the image caption in different words, keeping every visual detail.\nCaption: {caption}\nRewrite:"
     )
 
     def __init__(

@@ -30,6 +30,7 @@ from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from training import stage1_contrastive, stage2_dino, stage3_align
 from training.options import load_config_file
 
+
 # Packaged run configs, by name: the README demo, and a smoke run that checks an install end to end in seconds.
 CONFIGS = {name: Path(__file__).parent / "configs" / f"{name}.yaml" for name in ("demo", "smoke")}
 STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
@@ -67,8 +68,13 @@ def prepare_data(config: dict, output_dir: Path) -> dict:
         if not (root / "suite.yaml").is_file():
             with timed("embedded dataset"):
                 build_embedded_dataset(root, progress=True, **embedded)
-        data = {"train_data": str(root / "pretrain"), "suite": str(root / "suite.yaml"), "name": "ALive-mini (embedded)",
-                "knn_data": str(root / "downstream" / "cattle-breed"), **data}
+        data = {
+            "train_data": str(root / "pretrain"),
+            "suite": str(root / "suite.yaml"),
+            "name": "ALive-mini (embedded)",
+            "knn_data": str(root / "downstream" / "cattle-breed"),
+            **data,
+        }
         # The card says the training images were drawn procedurally, unless the config trains on data of its own.
         data.setdefault("synthetic", data["train_data"] == str(root / "pretrain"))
     if "train_data" not in data:
@@ -80,6 +86,7 @@ def prepare_data(config: dict, output_dir: Path) -> dict:
 def timed(what: str):
     """Prints how long `what` took: wall-clock seconds and CPU-seconds (this process's threads, and its finished
     worker processes), so that a slow run says where its time goes."""
+
     def cpu() -> float:
         times = os.times()
         return times.user + times.system + times.children_user + times.children_system
@@ -158,8 +165,9 @@ def run_control(options: dict, config: dict, data: dict, output_dir: Path) -> Pa
     """Trains the control with `options` (`control_options`) into `<output_dir>/control`, from the model the run
     starts from (the config's `model`, as stage 1); returns its final folder."""
     options = {**training_source(data), **options, "model": config.get("model", "tiny"), "resume": True}
-    return train_into(CONTROL, stage1_contrastive, options, output_dir / CONTROL,
-                      "control (stage 1 for the stage-1 + stage-2 budget)")
+    return train_into(
+        CONTROL, stage1_contrastive, options, output_dir / CONTROL, "control (stage 1 for the stage-1 + stage-2 budget)"
+    )
 
 
 def read_stage_logs(output_dir: Path) -> dict:
@@ -171,8 +179,11 @@ def read_stage_logs(output_dir: Path) -> dict:
     stages = {run: flags for info in logs for run, flags in info["stages"].items()}
     final_metrics = {run: metrics for info in logs for run, metrics in info["final_metrics"].items()}
     initialisation = describe_initialisation(stages)
-    return {"stages": stages, "final_metrics": final_metrics,
-            **({"initialisation": initialisation} if initialisation else {})}
+    return {
+        "stages": stages,
+        "final_metrics": final_metrics,
+        **({"initialisation": initialisation} if initialisation else {}),
+    }
 
 
 def describe_control(output_dir: Path, stages: dict) -> str:
@@ -181,9 +192,11 @@ def describe_control(output_dir: Path, stages: dict) -> str:
     from model_card.card import read_training_info
 
     control = read_training_info(output_dir / CONTROL)["stages"]["stage1_contrastive"]
-    return (f"the equal-compute CLIP control: stage 1 alone, from the same start, for {_length(control)}, against "
-            f"this checkpoint's stage 1 of {_length(stages['stage1_contrastive'])} and stage 2 of "
-            f"{_length(stages['stage2_dino'])}")
+    return (
+        f"the equal-compute CLIP control: stage 1 alone, from the same start, for {_length(control)}, against "
+        f"this checkpoint's stage 1 of {_length(stages['stage1_contrastive'])} and stage 2 of "
+        f"{_length(stages['stage2_dino'])}"
+    )
 
 
 def _length(flags: dict) -> str:
@@ -195,7 +208,11 @@ def _length(flags: dict) -> str:
 def describe_progress(output_dir: Path) -> str:
     """What a stop of the end-to-end run outside a stage leaves: the stages finished, and how to continue."""
     finished = [name for name in (*dict(STAGES), CONTROL) if (output_dir / name / "final").is_dir()]
-    done = f"the stages finished so far ({', '.join(finished)}) are in {output_dir}" if finished else "no stage finished yet"
+    done = (
+        f"the stages finished so far ({', '.join(finished)}) are in {output_dir}"
+        if finished
+        else "no stage finished yet"
+    )
     return f"{done}; {RESUME_HINT}"
 
 
@@ -217,12 +234,17 @@ def classify_demo_photo(checkpoint: Path, suite_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, epilog=SCRIPT_EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        epilog=SCRIPT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "--config", default="demo",
+        "--config",
+        default="demo",
         help="Run config: a YAML or JSON file, or a packaged one by name: demo (the README demo, the default) or smoke "
-             "(the whole pipeline on a few images in seconds, to check an install; its numbers mean nothing).",
+        "(the whole pipeline on a few images in seconds, to check an install; its numbers mean nothing).",
     )
     parser.add_argument("--output-dir", default=None, help="Overrides the config's output_dir.")
     args = parser.parse_args(argv)
@@ -268,25 +290,40 @@ def run(config: dict, output_dir: Path) -> Path:
         if control is not None:
             models[CONTROL_MODEL] = f"{control}:clip"
         with timed("evaluation"):
-            results = run_suite(data["suite"], models, output_dir / "evaluation", batch_size=evaluation.get("batch_size", 32))
+            results = run_suite(
+                data["suite"], models, output_dir / "evaluation", batch_size=evaluation.get("batch_size", 32)
+            )
         print("\nzero-shot top-1 on the downstream tasks:\n" + render_markdown_table(results))
         write_json_atomically(staging / "eval_results.json", results)
     # read_stage_logs gives the start (a preset: random weights) from the stage logs; the card says it and whether
     # the images were synthetic.
-    training_info = {**read_stage_logs(output_dir), "data": {
-        **describe_caption_data(data["train_data"], name=data.get("name")), "synthetic": bool(data.get("synthetic"))}}
+    training_info = {
+        **read_stage_logs(output_dir),
+        "data": {
+            **describe_caption_data(data["train_data"], name=data.get("name")),
+            "synthetic": bool(data.get("synthetic")),
+        },
+    }
     if results is not None and control is not None:
         training_info["baselines"] = {f"{CONTROL_MODEL} (clip)": describe_control(output_dir, training_info["stages"])}
     # Named after the run (or its repo), never after the staging folder the card is written into.
-    write_model_card(staging, eval_results=results, training_info=training_info, repo_id=config.get("repo_id"),
-                     eval_model=eval_model, model_name=None if config.get("repo_id") else output_dir.resolve().name)
+    write_model_card(
+        staging,
+        eval_results=results,
+        training_info=training_info,
+        repo_id=config.get("repo_id"),
+        eval_model=eval_model,
+        model_name=None if config.get("repo_id") else output_dir.resolve().name,
+    )
     replace_folder(staging, checkpoint)
 
     if data.get("suite"):
         classify_demo_photo(checkpoint, Path(data["suite"]))
     control_logs = f", the control's: {output_dir / CONTROL / 'logs'}" if control is not None else ""
-    print(f"\nHub-ready checkpoint: {checkpoint}\nevaluation report: {output_dir / 'evaluation'}\n"
-          f"stage logs: {output_dir}/stage*/logs{control_logs}")
+    print(
+        f"\nHub-ready checkpoint: {checkpoint}\nevaluation report: {output_dir / 'evaluation'}\n"
+        f"stage logs: {output_dir}/stage*/logs{control_logs}"
+    )
     return checkpoint
 
 

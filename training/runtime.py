@@ -45,6 +45,7 @@ from agriclip.atomic import replace_folder, write_json_atomically
 from agriclip.images import DecodeStats, counted
 from training.options import RESUME_HINT
 
+
 logger = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -55,10 +56,19 @@ RUN_OPTIONS = "run_options.json"
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # Options a resume may change: where a run writes and how it reports, not what it computes. Scripts add their own
 # (validation and k-NN data, publishing flags) through `run_options(neutral=...)`.
-RESULT_NEUTRAL_OPTIONS = frozenset({
-    "output_dir", "resume", "allow_changed_config", "config", "log_with", "num_workers", "checkpoint_every",
-    "keep_checkpoints", "eval_every",
-})
+RESULT_NEUTRAL_OPTIONS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "allow_changed_config",
+        "config",
+        "log_with",
+        "num_workers",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+    }
+)
 
 
 # Entries of the tracker configuration that describe the segment of a run (see `init_run_trackers`), not an option.
@@ -158,18 +168,27 @@ def run_options(args: argparse.Namespace, accelerator: Accelerator, neutral=()) 
 
 def option_changes(before: dict, after: dict) -> list[str]:
     """`--name: old -> new` for each option that differs (absent on one side: `(none)`)."""
+
     def shown(options, key):
         return str(options[key]) if key in options else "(none)"
 
     def flag(key):
         return "processes" if key == "num_processes" else "--" + key.replace("_", "-")
 
-    return [f"{flag(key)}: {shown(before, key)} -> {shown(after, key)}"
-            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    return [
+        f"{flag(key)}: {shown(before, key)} -> {shown(after, key)}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
-def init_run_trackers(accelerator: Accelerator, run_name: str, args: argparse.Namespace,
-                      start_step: int = 0, resumed_from: str | os.PathLike | None = None) -> None:
+def init_run_trackers(
+    accelerator: Accelerator,
+    run_name: str,
+    args: argparse.Namespace,
+    start_step: int = 0,
+    resumed_from: str | os.PathLike | None = None,
+) -> None:
     """Starts the run's trackers with its scalar options as the run configuration, and the segment: the step it
     starts at and the checkpoint it resumed from (see `JSONLinesTracker`)."""
     config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
@@ -190,8 +209,17 @@ class TrainingPosition:
         self.batch_in_epoch = 0
 
 
-def train_step(accelerator: Accelerator, model, optimizer, compute_loss, learning_rate: float, max_grad_norm: float,
-               position: TrainingPosition, checkpoints: "CheckpointManager", before_optimizer_step=None):
+def train_step(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    compute_loss,
+    learning_rate: float,
+    max_grad_norm: float,
+    position: TrainingPosition,
+    checkpoints: "CheckpointManager",
+    before_optimizer_step=None,
+):
     """One forward/backward pass under gradient accumulation; the optimizer steps when gradients are in sync.
 
     `compute_loss()` returns the loss, or an output that holds it as `.loss`; either is returned. The loss is
@@ -233,8 +261,10 @@ def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(batch is None)], device=accelerator.device)
     unreadable_on = int(accelerator.reduce(flag, reduction="sum").item())
     if unreadable_on:
-        logger.warning(f"a batch is skipped on all {accelerator.num_processes} processes: {unreadable_on} of them could "
-                       "read none of its images, so the readable images of the others are left out of this step")
+        logger.warning(
+            f"a batch is skipped on all {accelerator.num_processes} processes: {unreadable_on} of them could "
+            "read none of its images, so the readable images of the others are left out of this step"
+        )
     return not unreadable_on
 
 
@@ -250,7 +280,7 @@ def process_rows(accelerator: Accelerator, batch_size: int) -> tuple[torch.Tenso
     if accelerator.num_processes == 1:
         return torch.arange(batch_size), batch_size
     sizes = accelerator.gather(torch.tensor([batch_size], device=accelerator.device)).tolist()
-    first = sum(sizes[:accelerator.process_index])
+    first = sum(sizes[: accelerator.process_index])
     return torch.arange(first, first + batch_size), sum(sizes)
 
 
@@ -319,8 +349,9 @@ def unreadable_epoch(loader, accelerator: Accelerator, position: TrainingPositio
     else:
         what = f"no batch of epoch {position.epoch} ({position.batch_in_epoch} batches) holds a readable image"
     summary = decode_totals(accelerator, loader.collate_fn.stats).summary()
-    return UnreadableDataError(f"{data}: {what}, so training cannot go on; check that the images exist and decode, "
-                               f"then run again.\n{summary}")
+    return UnreadableDataError(
+        f"{data}: {what}, so training cannot go on; check that the images exist and decode, then run again.\n{summary}"
+    )
 
 
 def dataloader_generator(seed: int) -> torch.Generator:
@@ -433,8 +464,12 @@ class RunLock:
 
     def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        holder = {"pid": os.getpid(), "hostname": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": shlex.join(sys.argv)}
+        holder = {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": shlex.join(sys.argv),
+        }
         while True:
             try:
                 descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -454,14 +489,20 @@ class RunLock:
         except FileNotFoundError:
             return  # released meanwhile
         except (ValueError, KeyError, TypeError):
-            raise RunLockedError(f"{self.path} exists but names no run (being written, or damaged); if no other run "
-                                 f"writes to {self.path.parent}, delete it") from None
+            raise RunLockedError(
+                f"{self.path} exists but names no run (being written, or damaged); if no other run "
+                f"writes to {self.path.parent}, delete it"
+            ) from None
         if host != socket.gethostname():
-            raise RunLockedError(f"{self.path.parent} is locked by a run on another host ({described}), which cannot "
-                                 f"be checked from {socket.gethostname()}; if that run is over, delete {self.path}")
+            raise RunLockedError(
+                f"{self.path.parent} is locked by a run on another host ({described}), which cannot "
+                f"be checked from {socket.gethostname()}; if that run is over, delete {self.path}"
+            )
         if process_alive(pid):
-            raise RunLockedError(f"{self.path.parent} is in use by another run ({described}); wait for it to end or "
-                                 f"choose another --output-dir (if that pid is no longer the run, delete {self.path})")
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another run ({described}); wait for it to end or "
+                f"choose another --output-dir (if that pid is no longer the run, delete {self.path})"
+            )
         self.say(f"taking over the stale lock {self.path} of a run that is gone ({described})")
         self.path.unlink(missing_ok=True)
 
@@ -505,8 +546,9 @@ class CheckpointManager:
     on its own); the messages about checkpoints end with it.
     """
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, keep: int = 3,
-                 resume_hint: str = RESUME_HINT):
+    def __init__(
+        self, accelerator: Accelerator, output_dir: str | os.PathLike, keep: int = 3, resume_hint: str = RESUME_HINT
+    ):
         self.accelerator = accelerator
         self.directory = Path(output_dir) / "checkpoints"
         self.keep = keep
@@ -569,8 +611,11 @@ class CheckpointManager:
         """Refuses to continue `checkpoint` with other options than it was written with, listing each difference."""
         recorded = checkpoint / RUN_OPTIONS
         if not recorded.is_file():
-            logger.warning(f"{checkpoint} does not record its options (an older version wrote it): they cannot be "
-                           "compared with this run's", main_process_only=True)
+            logger.warning(
+                f"{checkpoint} does not record its options (an older version wrote it): they cannot be "
+                "compared with this run's",
+                main_process_only=True,
+            )
             return
         changes = option_changes(json.loads(recorded.read_text()), self.options)
         if not changes:
@@ -578,12 +623,15 @@ class CheckpointManager:
         if not allow_changed:
             raise ValueError(
                 f"{checkpoint} was written with other options than this run's; resuming would silently continue a "
-                "different run (checkpoint -> this run):\n  " + "\n  ".join(changes) + "\nResume with the checkpoint's options, or pass "
+                "different run (checkpoint -> this run):\n  "
+                + "\n  ".join(changes)
+                + "\nResume with the checkpoint's options, or pass "
                 "--allow-changed-config to continue with the new ones (logs/<run>/segments.jsonl records every "
                 "segment)."
             )
-        self.accelerator.print(f"resuming {checkpoint} with changed options (--allow-changed-config): "
-                               + "; ".join(changes))
+        self.accelerator.print(
+            f"resuming {checkpoint} with changed options (--allow-changed-config): " + "; ".join(changes)
+        )
 
     def resume(self, source: str, allow_changed: bool = False) -> TrainingPosition:
         """Loads `source` (a checkpoint folder, or "latest": the newest intact one, falling back past corrupt ones)
@@ -600,7 +648,9 @@ class CheckpointManager:
             except Exception as error:  # a truncated or corrupt file of any kind: try the next older checkpoint
                 if source != "latest":
                     raise ValueError(f"checkpoint {checkpoint} cannot be loaded: {error}") from error
-                logger.warning(f"checkpoint {checkpoint} cannot be loaded ({error}); trying an older one", main_process_only=True)
+                logger.warning(
+                    f"checkpoint {checkpoint} cannot be loaded ({error}); trying an older one", main_process_only=True
+                )
                 continue
             self.check_options(checkpoint, allow_changed)
             self.resumed_from = checkpoint
@@ -667,6 +717,7 @@ def adamw(params, device: torch.device | str | None = None, **kwargs) -> torch.o
     params = list(params)
     tensors = [tensor for group in params for tensor in (group["params"] if isinstance(group, dict) else [group])]
     supported = getattr(torch.utils._foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cpu", "cuda"])()
-    fused = all(tensor.is_floating_point() and torch.device(device or tensor.device).type in supported
-                for tensor in tensors)
+    fused = all(
+        tensor.is_floating_point() and torch.device(device or tensor.device).type in supported for tensor in tensors
+    )
     return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **kwargs)

@@ -12,10 +12,19 @@ lowest class index comes first, the order `argmax` uses. The rank of the referen
 classes scoring strictly higher plus the number scoring the same with a lower index; top-k counts rank < k, and
 the predicted class (for mean per-class accuracy, macro-F1 and the confusion matrix) is the class of rank 0.
 Non-finite scores have no rank: they are an error (`NonFiniteError`), not a number.
+
+`METRICS` is the one table of classification metrics: each row (`Metric`) holds the computation on the tensors, the
+title of report and card tables, the Hub metric id of the card's model-index, the chance-level rule, whether higher is
+better, and the `evaluate` module (if any) of the reference path. The suite (`evaluation.runner`), the report
+(`evaluation.report`) and the model card (`model_card.card`) read their metric lists, titles and Hub ids from it, so a
+new metric is one function and one row here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,7 +99,9 @@ def _checked_tensors(scores: torch.Tensor, labels: torch.Tensor, num_classes: in
     scores = scores.detach().float()
     labels = labels.detach().to(device=scores.device, dtype=torch.long)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must be class ids in [0, {num_classes}); got {int(labels.min())}..{int(labels.max())}.")
+        raise ValueError(
+            f"labels must be class ids in [0, {num_classes}); got {int(labels.min())}..{int(labels.max())}."
+        )
     return scores, labels
 
 
@@ -119,80 +130,266 @@ def _predicted_class_tensor(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=1)
 
 
-def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Top-1, top-5 (None with 5 classes or fewer), mean per-class accuracy and macro-F1 of a score matrix.
+class ScoreSummary:
+    """One score matrix and its labels, with what the metrics are computed from, each part computed once on first
+    use: the ranks of the reference classes, the predicted classes, the per-class counts and the top-1 confidences.
 
-    `scores` is (n_examples, num_classes); `labels` holds the reference class ids. Every metric follows the ranking
-    rule of the module docstring, so top-1 is the accuracy of the predictions the other metrics score. Mean
-    per-class accuracy averages over the classes that have examples; macro-F1 over the classes that are referenced
-    or predicted. A NaN or infinite score raises `NonFiniteError`.
+    Every metric of `METRICS` reads it, so ten metrics on a (10,000 x 1,000) matrix still rank it once. `scores` is
+    float32 and `labels` int64 on the scores' device, as `_checked_tensors` leaves them.
+    """
+
+    def __init__(self, scores: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        self.scores, self.labels = _checked_tensors(scores, labels, num_classes)
+        self.num_classes = num_classes
+        self.n_examples = len(self.labels)
+        if not self.n_examples:
+            raise ValueError("No reference examples for any of the requested labels.")
+
+    @cached_property
+    def ranks(self) -> torch.Tensor:
+        """The rank of each example's reference class (`reference_ranks`)."""
+        return reference_ranks(self.scores, self.labels)
+
+    @cached_property
+    def predictions(self) -> torch.Tensor:
+        """The predicted class of each example: its class of rank 0."""
+        return _predicted_class_tensor(self.scores)
+
+    @cached_property
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per class, as int64 numpy arrays: its reference examples, its predictions and its true positives. The
+        per-class steps on these C numbers run in numpy, as the `evaluate` modules take them: the same float64
+        operations, so the same values to the last bit."""
+        reference_counts = torch.bincount(self.labels, minlength=self.num_classes)
+        predicted_counts = torch.bincount(self.predictions, minlength=self.num_classes)
+        true_positives = torch.bincount(self.labels[self.predictions == self.labels], minlength=self.num_classes)
+        return tuple(
+            counts.cpu().numpy().astype(np.int64) for counts in (reference_counts, predicted_counts, true_positives)
+        )
+
+    @cached_property
+    def confidences(self) -> torch.Tensor:
+        """The softmax probability of each example's predicted class, the scores read as logits: exp(max score -
+        logsumexp(scores)), in float32 on the matrix (a float64 copy of it would cost more than every other metric
+        together), then float64. See `classification_metrics` on what the scores are."""
+        scores = self.scores
+        return torch.exp(scores.max(dim=1).values - torch.logsumexp(scores, dim=1)).double()
+
+
+def _top_k_accuracy(k: int) -> Callable[[ScoreSummary], float]:
+    """The share of examples whose reference class has rank below `k`."""
+
+    def compute(summary: ScoreSummary) -> float:
+        return int((summary.ranks < k).sum()) / summary.n_examples
+
+    return compute
+
+
+def _mean_per_class_accuracy(summary: ScoreSummary) -> float:
+    """The mean recall over the classes that have examples."""
+    reference_counts, _, true_positives = summary.counts
+    has_examples = reference_counts > 0
+    return float(np.mean(true_positives[has_examples] / reference_counts[has_examples]))
+
+
+def _macro_f1(summary: ScoreSummary) -> float:
+    """The mean F1 over the classes that are referenced or predicted."""
+    reference_counts, predicted_counts, true_positives = summary.counts
+    in_union = (reference_counts > 0) | (predicted_counts > 0)
+    # 2·TP + FP + FN = (TP + FN) + (TP + FP): never 0 for a referenced or predicted class.
+    return float(np.mean(2 * true_positives[in_union] / (reference_counts[in_union] + predicted_counts[in_union])))
+
+
+# Equal-width confidence bins of the expected calibration error, as in Guo et al. (2017).
+ECE_BINS = 15
+
+
+def _expected_calibration_error(summary: ScoreSummary) -> float:
+    """Expected calibration error (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017): the examples
+    binned by top-1 confidence into `ECE_BINS` equal-width bins ((m-1)/M, m/M], then sum_b |B_b|/N ·
+    |acc(B_b) - conf(B_b)| = sum_b |sum over B_b of (correct - confidence)| / N. 0 is perfectly calibrated."""
+    confidences = summary.confidences
+    correct = (summary.predictions == summary.labels).double()
+    bins = (torch.ceil(confidences * ECE_BINS).long() - 1).clamp(0, ECE_BINS - 1)
+    gaps = torch.bincount(bins, weights=correct - confidences, minlength=ECE_BINS)
+    return float(gaps.abs().sum()) / summary.n_examples
+
+
+class ModuleInputs:
+    """What the local `evaluate` modules take, for `classification_metrics_from_modules`: the scores (float32 numpy,
+    as the modules store them), the predicted classes and the references; `metric(name)` loads a module once."""
+
+    def __init__(self, scores: np.ndarray, references: np.ndarray):
+        self.scores, self.references = scores, references
+        self.predictions = predicted_classes(scores)
+        self._loaded = {}
+
+    def metric(self, name: str) -> evaluate.EvaluationModule:
+        if name not in self._loaded:
+            self._loaded[name] = load_metric(name)
+        return self._loaded[name]
+
+
+def _top_k_module(k: int) -> Callable[[ModuleInputs], float]:
+    def compute(inputs: ModuleInputs) -> float:
+        return inputs.metric("topk_accuracy").compute(predictions=inputs.scores, references=inputs.references, k=k)[
+            "top_k_accuracy"
+        ]
+
+    return compute
+
+
+def _class_module(name: str) -> Callable[[ModuleInputs], float]:
+    """A module scoring predicted class ids, whose result is under its own name."""
+
+    def compute(inputs: ModuleInputs) -> float:
+        return inputs.metric(name).compute(predictions=inputs.predictions, references=inputs.references)[name]
+
+    return compute
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One classification metric: everything the suite, the report and the model card need to know of it.
+
+    Attributes:
+        key: its key in the results (`evaluation.suite` documents the schema).
+        title: its name in report and card tables, plot axes and the model-index `name`.
+        compute: its value from a `ScoreSummary` (a float; fractions in [0, 1] are shown in %).
+        hub_type: the Hub metric id of the card's model-index (`type`), and `hub_args` its arguments.
+        higher_is_better: False for an error (the report says "lower is better" beside the title).
+        chance: its value for a guess drawn uniformly from C classes, as a function of C; None where it has no
+            closed form or none that would mean anything (`chance_levels`).
+        min_classes: the value (and its chance level) is None with fewer classes than this (top-5 with 5 or fewer,
+            where it is a certainty).
+        module: its value through the local `evaluate` modules (`classification_metrics_from_modules`, the
+            reference the tensor path is tested against); None: that path uses `compute` too.
+        headline: one of the few metrics the model card shows as tables and the k-shot results keep.
+    """
+
+    key: str
+    title: str
+    compute: Callable[[ScoreSummary], float]
+    hub_type: str
+    hub_args: Mapping | None = None
+    higher_is_better: bool = True
+    chance: Callable[[int], float] | None = None
+    min_classes: int = 1
+    module: Callable[[ModuleInputs], float] | None = None
+    headline: bool = False
+
+
+# THE table of classification metrics: a new metric is one function above and one row here. The suite records every
+# row (per dataset, and their means), the report has a table per row, the model card a model-index entry per row.
+METRICS: dict[str, Metric] = {
+    metric.key: metric
+    for metric in (
+        Metric(
+            "top1",
+            "Top-1 accuracy",
+            _top_k_accuracy(1),
+            "accuracy",
+            chance=lambda c: 1 / c,
+            module=_top_k_module(1),
+            headline=True,
+        ),
+        Metric(
+            "top5",
+            f"Top-{TOP_K} accuracy",
+            _top_k_accuracy(TOP_K),
+            "top_k_accuracy",
+            {"k": TOP_K},
+            chance=lambda c: TOP_K / c,
+            min_classes=TOP_K + 1,
+            module=_top_k_module(TOP_K),
+        ),
+        # Also the balanced accuracy: for single-label classification, the mean recall over classes is exactly it.
+        Metric(
+            "mean_per_class",
+            "Mean per-class accuracy",
+            _mean_per_class_accuracy,
+            "mean_per_class_accuracy",
+            chance=lambda c: 1 / c,
+            module=_class_module("mean_per_class_accuracy"),
+            headline=True,
+        ),
+        # No chance level: macro-F1 has no simple closed form.
+        Metric("macro_f1", "Macro-F1", _macro_f1, "f1", {"average": "macro"}, module=_class_module("macro_f1")),
+        # No chance level: a uniform guess (equal scores) is confident 1/C and right 1/C of the time, so its ECE is
+        # about 0, the best value; it is no floor to compare a model with.
+        Metric(
+            "ece",
+            "Expected calibration error",
+            _expected_calibration_error,
+            "ece",
+            {"n_bins": ECE_BINS},
+            higher_is_better=False,
+        ),
+    )
+}
+METRIC_KEYS = tuple(METRICS)
+# The metrics the model card shows as tables and the k-shot results keep.
+HEADLINE_KEYS = tuple(key for key, metric in METRICS.items() if metric.headline)
+# The metrics `chance_levels` gives.
+CHANCE_KEYS = tuple(key for key, metric in METRICS.items() if metric.chance is not None)
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Every metric of `METRICS` of a score matrix: top-1, top-5 (None with 5 classes or fewer), mean per-class
+    accuracy, macro-F1 and the expected calibration error (ECE).
+
+    `scores` is (n_examples, num_classes) of logits; `labels` holds the reference class ids. Every metric follows
+    the ranking rule of the module docstring, so top-1 is the accuracy of the predictions the other metrics score.
+    Mean per-class accuracy averages over the classes that have examples; macro-F1 over the classes that are
+    referenced or predicted. A NaN or infinite score raises `NonFiniteError`.
+
+    The ranking metrics only need the order of each row; ECE reads the scores as logits, its confidences their
+    softmax: the suite passes logits (zero-shot: cosine similarities times the model's `exp(logit_scale)`, as
+    CLIP's `logits_per_image`; linear and k-shot probes: the classifier's logits). Log-probabilities work alike
+    (the softmax ignores a constant per row); probabilities do not: pass their logarithm.
 
     Computed on the tensors (on their device), the per-class counts from `torch.bincount`: the same values as the
     local `evaluate` modules give (`classification_metrics_from_modules`), without their Arrow round trips of the
     score matrix, which cost seconds per call on a thousand classes.
     """
-    scores, references = _checked_tensors(scores, labels, num_classes)
-    n_examples = len(references)
-    if not n_examples:
-        raise ValueError("No reference examples for any of the requested labels.")
-    ranks = reference_ranks(scores, references)
-    predictions = _predicted_class_tensor(scores)
-    reference_counts = torch.bincount(references, minlength=num_classes)
-    predicted_counts = torch.bincount(predictions, minlength=num_classes)
-    true_positives = torch.bincount(references[predictions == references], minlength=num_classes)
-    # The last, per-class steps on C numbers in numpy, as the modules take them: the same float64 operations.
-    reference_counts, predicted_counts, true_positives = (
-        counts.cpu().numpy().astype(np.int64) for counts in (reference_counts, predicted_counts, true_positives)
-    )
-    has_examples = reference_counts > 0
-    recalls = true_positives[has_examples] / reference_counts[has_examples]
-    in_union = has_examples | (predicted_counts > 0)
-    # 2·TP + FP + FN = (TP + FN) + (TP + FP): never 0 for a referenced or predicted class.
-    f1 = 2 * true_positives[in_union] / (reference_counts[in_union] + predicted_counts[in_union])
+    summary = ScoreSummary(scores, labels, num_classes)
     return {
-        "top1": int((ranks < 1).sum()) / n_examples,
-        "top5": int((ranks < TOP_K).sum()) / n_examples if num_classes > TOP_K else None,
-        "mean_per_class": float(np.mean(recalls)),
-        "macro_f1": float(np.mean(f1)),
+        key: metric.compute(summary) if num_classes >= metric.min_classes else None for key, metric in METRICS.items()
     }
 
 
 def classification_metrics_from_modules(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """`classification_metrics` through the local `evaluate` modules (`load_metric`): the reference it is tested
-    and benchmarked against (`tests/test_metrics.py`, `bench/bench_metrics.py`). Slow on large label sets: each
-    call loads the modules and passes the score matrix through Arrow twice."""
-    scores, references = _checked_arrays(scores, labels, num_classes)
-    predictions = predicted_classes(scores)
-    topk = load_metric("topk_accuracy")
-    return {
-        "top1": topk.compute(predictions=scores, references=references, k=1)["top_k_accuracy"],
-        "top5": topk.compute(predictions=scores, references=references, k=TOP_K)["top_k_accuracy"]
-        if num_classes > TOP_K
-        else None,
-        "mean_per_class": load_metric("mean_per_class_accuracy").compute(
-            predictions=predictions, references=references
-        )["mean_per_class_accuracy"],
-        "macro_f1": load_metric("macro_f1").compute(predictions=predictions, references=references)["macro_f1"],
-    }
-
-
-# The metrics `chance_levels` gives.
-CHANCE_KEYS = ("top1", "top5", "mean_per_class")
+    and benchmarked against (`tests/test_metrics.py`, `bench/bench_metrics.py`). A metric without a module
+    (`Metric.module` None, e.g. ECE) is computed as `classification_metrics` computes it. Slow on large label sets:
+    each call loads the modules and passes the score matrix through Arrow twice."""
+    inputs = ModuleInputs(*_checked_arrays(scores, labels, num_classes))
+    summary = None
+    results = {}
+    for key, metric in METRICS.items():
+        if num_classes < metric.min_classes:
+            results[key] = None
+        elif metric.module is not None:
+            results[key] = metric.module(inputs)
+        else:
+            summary = summary or ScoreSummary(scores, labels, num_classes)
+            results[key] = metric.compute(summary)
+    return results
 
 
 def chance_levels(num_classes: int) -> dict:
-    """The expected top-1, top-5 and mean per-class accuracy of a guess drawn uniformly from `num_classes` classes.
+    """The metrics of `CHANCE_KEYS` for a guess drawn uniformly from `num_classes` classes (`Metric.chance`).
 
     Whatever the class balance, such a guess names each image's class with probability 1/C, so top-1 and every
-    class's recall are 1/C; its top 5 hold the class with probability 5/C. Top-5 is None where
-    `classification_metrics` reports none (5 classes or fewer). Macro-F1 has no such simple form and is left out.
+    class's recall are 1/C; its top 5 hold the class with probability 5/C. A value is None where
+    `classification_metrics` reports none (top-5 with 5 classes or fewer). Macro-F1 has no such simple form and ECE
+    none that means anything; both are left out.
     """
     if num_classes < 1:
         raise ValueError(f"chance levels need at least one class; got {num_classes}")
     return {
-        "top1": 1 / num_classes,
-        "top5": TOP_K / num_classes if num_classes > TOP_K else None,
-        "mean_per_class": 1 / num_classes,
+        key: METRICS[key].chance(num_classes) if num_classes >= METRICS[key].min_classes else None
+        for key in CHANCE_KEYS
     }
 
 
