@@ -25,21 +25,18 @@ from agriclip.images import DecodeStats, counted
 from evaluation.retrieval import group_by, retrieval_recall
 from training.data import ROW_INDEX, ImageTextCollator, IndexedRows, ValidationPlan, plan_validation
 from training.dino import CropAndFlip, cosine_schedule, param_groups_without_decay
-from training.loop import train_loop
+from training.loop import run_resumable, train_loop
 from training.losses import ImageTextLoss, create_loss
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
 from training.runtime import (
     CheckpointManager,
-    RunLock,
     UnreadableDataError,
     adamw,
     dataloader_generator,
     decode_totals,
-    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
-    make_accelerator,
     process_rows,
     readable_on_every_process,
     report_decode_stats,
@@ -68,8 +65,9 @@ def trainable_clip(model, freeze_text: bool, freeze_image: bool, train_bias: boo
     model.logit_bias.requires_grad_(train_bias and not (freeze_text and freeze_image))
 
 
-def contrastive_forward(model, batch, loss_fn: ImageTextLoss) -> torch.Tensor:
-    """The stage-1 loss of one batch: `loss_fn` between CLIP image and text embeddings.
+def contrastive_forward(model, batch, loss_fn: ImageTextLoss, image_embedding: str | None = "clip") -> torch.Tensor:
+    """The contrastive loss of one batch: `loss_fn` between the image embedding `image_embedding` (stage 1: the
+    CLIP tower's; LoRA: its objective's) and the caption embeddings, on the global batch.
 
     The towers run through `model.forward` (the DDP wrapper's hooks need it); the global-batch loss is computed
     outside, on the gathered embeddings, with the `logit_scale` and `logit_bias` the output carries. The forward skips
@@ -80,7 +78,7 @@ def contrastive_forward(model, batch, loss_fn: ImageTextLoss) -> torch.Tensor:
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
-        image_embedding="clip",
+        image_embedding=image_embedding,
         return_logits=False,
     )
     return loss_fn.output_loss(outputs)
@@ -182,13 +180,7 @@ def build_loaders(
 def run(args, resume_hint: str = RESUME_HINT) -> Path:
     """Runs stage 1 with parsed `args`; `resume_hint` says how to continue a stopped run in the caller's context
     (`training.run_all` resumes by itself). Returns the exported folder."""
-    accelerator = make_accelerator(args, RUN)
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
-    with (
-        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
-        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
-    ):
-        return train(args, accelerator, checkpoints)
+    return run_resumable(args, RUN, resume_hint, train)
 
 
 def train(args, accelerator, checkpoints: CheckpointManager) -> Path:

@@ -38,19 +38,16 @@ from training.dino import (
     param_groups_without_decay,
     update_teacher,
 )
-from training.loop import train_loop
+from training.loop import run_resumable, train_loop
 from training.losses import DINOLoss, KoLeoLoss
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
 from training.runtime import (
     CheckpointManager,
-    RunLock,
     adamw,
     dataloader_generator,
-    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
-    make_accelerator,
     process_rows,
     report_decode_stats,
     run_options,
@@ -224,13 +221,7 @@ def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
 def run(args, resume_hint: str = RESUME_HINT) -> Path:
     """Runs stage 2 with parsed `args`; `resume_hint` says how to continue a stopped run in
     the caller's context (`training.run_all` resumes by itself)."""
-    accelerator = make_accelerator(args, RUN)
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
-    with (
-        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
-        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
-    ):
-        return train(args, accelerator, checkpoints)
+    return run_resumable(args, RUN, resume_hint, train)
 
 
 def train(args, accelerator, checkpoints: CheckpointManager) -> Path:

@@ -15,17 +15,42 @@ as functions of the batch and of the step:
 - `check(logs)`: a verdict on the logged row (stage 2's collapse guard raises there).
 
 `step` is the number of optimizer steps done before the current one: the index into every schedule.
+
+`run_resumable` starts such a run: the Accelerator, the checkpoints, the run folder's lock and the SIGTERM handler.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training.runtime import CheckpointManager, PreemptionGuard, TrainingPosition, resumable_batches, train_step
+from training.runtime import (
+    CheckpointManager,
+    PreemptionGuard,
+    RunLock,
+    TrainingPosition,
+    exit_on_sigterm,
+    make_accelerator,
+    resumable_batches,
+    train_step,
+)
+
+
+def run_resumable(args, run_name: str, resume_hint: str, train: Callable[..., Path]) -> Path:
+    """`train(args, accelerator, checkpoints)` as run `run_name` in `args.output_dir`: one run at a time in the
+    folder, checkpoints kept per `args.keep_checkpoints`, and a SIGTERM answered by saying what is saved and how
+    to go on (`resume_hint`, in the caller's words). Returns what `train` returns."""
+    accelerator = make_accelerator(args, run_name)
+    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
+    with (
+        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
+        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
+    ):
+        return train(args, accelerator, checkpoints)
 
 
 def loss_logs(output, step: int) -> dict:

@@ -33,6 +33,7 @@ from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.lora_targets import default_target_modules
 from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings
 from training.aligner import AlignerStatistics, fit_closed_form
+from training.contrastive import contrastive_forward
 from training.data import (
     ImageTextCollator,
     IndexedRows,
@@ -40,19 +41,16 @@ from training.data import (
     process_shard_loader,
 )
 from training.dino import cosine_schedule, param_groups_without_decay
-from training.loop import train_loop
-from training.losses import ImageTextLoss, create_loss, share_of_global_batch
+from training.loop import run_resumable, train_loop
+from training.losses import create_loss, share_of_global_batch
 from training.models import load_model_and_processor
 from training.options import RESUME_HINT
 from training.runtime import (
     CheckpointManager,
-    RunLock,
     adamw,
     dataloader_generator,
-    exit_on_sigterm,
     export_atomically,
     init_run_trackers,
-    make_accelerator,
     readable_on_every_process,
     report_decode_stats,
     run_options,
@@ -375,24 +373,6 @@ class PromptClassifier(nn.Module):
         return logit_scale.exp() * image_embeds @ self.class_embeddings().t().to(image_embeds.dtype)
 
 
-def contrastive_loss(model, batch, loss_fn: ImageTextLoss, embedding: str | None) -> torch.Tensor:
-    """`loss_fn` (the objective the base model's towers were trained with, `config.contrastive_loss`) between the
-    objective's image embedding and the caption embeddings, on the global batch, with the `logit_scale` and
-    `logit_bias` the model's output carries.
-
-    The towers run through `model.forward` (the DDP wrapper's hooks need it).
-    """
-    outputs = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
-        image_embedding=embedding,
-        return_logits=False,
-    )
-    return loss_fn.output_loss(outputs)
-
-
-@torch.no_grad()
 def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embedding, accelerator) -> dict:
     """Zero-shot classification metrics of the model as it is (adapters on, or off inside `disable_adapter`)."""
     classifier = ZeroShotClassifier(peft_model, processor, embedding=embedding)
@@ -442,13 +422,7 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
     """Runs the LoRA adaptation with parsed (and checked) `args`; `resume_hint` says how to continue a stopped run
     in the caller's context."""
     base_reference = base_model_reference(args.model, args.base_model_id, publishing=bool(args.push_to_hub))
-    accelerator = make_accelerator(args, RUN)
-    checkpoints = CheckpointManager(accelerator, args.output_dir, keep=args.keep_checkpoints, resume_hint=resume_hint)
-    with (
-        RunLock(args.output_dir, accelerator.print, accelerator.is_main_process),
-        exit_on_sigterm(checkpoints.describe_saved, accelerator.print),
-    ):
-        return adapt(args, accelerator, checkpoints, base_reference)
+    return run_resumable(args, RUN, resume_hint, partial(adapt, base_reference=base_reference))
 
 
 def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str) -> Path:
@@ -532,7 +506,7 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
             labels = batch["labels"]
             share = share_of_global_batch(len(labels), device=labels.device)
             return F.cross_entropy(objective(batch["pixel_values"]), labels) * share
-        return contrastive_loss(objective, batch, loss_fn, embedding)
+        return contrastive_forward(objective, batch, loss_fn, embedding)
 
     _, max_steps = run_steps(args, train_loader)
     lr_schedule = cosine_schedule(args.learning_rate, args.min_learning_rate, max_steps, args.warmup_steps)
