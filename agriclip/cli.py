@@ -30,6 +30,7 @@ Zero-shot classification and embeddings of field photos, checkpoints and publish
   agriclip classify-folder DIR --labels-file labels.txt --output predictions.csv
   agriclip embed IMAGE... [--labels ...] --output embeddings.safetensors
   agriclip info MODEL
+  agriclip export MODEL --labels "leaf rust,healthy leaf" --output DIR [--quantize int8]
   agriclip convert --clip openai/clip-vit-base-patch16 --dino facebook/dino-vitb16 --output agriclip-init
   agriclip tokenizer --output DIR
   agriclip card FOLDER [--eval-results results.json --run-dir runs]
@@ -69,6 +70,15 @@ outputs:
          unreadable file with the reason in error (e.g. corrupt, truncated)
   json   {"model", "embedding", "labels", "templates", "results": [{"image", "predictions": [{"label", "score"}]}],
          "skipped": [{"image", "error"}]}
+"""
+
+EXPORT_OUTPUTS = """\
+export writes into --output: model.onnx (input pixel_values (batch, 3, H, W) as the processor makes them; outputs
+logits and probabilities (batch, labels): softmax over the labels, or per-label sigmoids for a SigLIP-trained model),
+model.int8.onnx with --quantize int8 (with --open-vocabulary instead: image_encoder.onnx, text_encoder.onnx and
+tokenizer.json, and image_encoder.int8.onnx), labels.json (labels in output order, templates, embedding, model and package
+version), preprocessing.json (shorter side, resampling, crop, rescale, mean, std) and runner.py:
+  python runner.py photos/ --top-k 3 [--model model.int8.onnx] [--format json]
 """
 
 EMBED_OUTPUTS = """\
@@ -147,6 +157,19 @@ def check_embed(args) -> None:
         )
     args.class_names = parse_labels(args.labels, args.labels_file) if wants_labels else []
     args.templates = resolve_templates(args.template, args.dataset_template)
+
+
+def check_export(args) -> None:
+    """export: the labels (optional for an open vocabulary: the runner's defaults) and templates, as predict checks
+    them, and an output folder that is not an existing file."""
+    if args.labels is None and args.labels_file is None:
+        if not args.open_vocabulary:
+            raise CLIError(ExitCode.LABELS, "a closed-vocabulary export needs --labels or --labels-file")
+        args.class_names, args.templates = [], resolve_templates(args.template, args.dataset_template)
+    else:
+        check_labelled(args)
+    if args.output.exists() and not args.output.is_dir():
+        raise CLIError(ExitCode.OUTPUT, f"--output {args.output} is a file; the export is a folder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +315,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
 
+    export = _command(
+        commands,
+        "export",
+        "Export a closed-vocabulary classifier of the labels for offline devices: the image path of the embedding "
+        "and the label embeddings as one linear layer, in ONNX (dynamic batch), with labels.json, "
+        "preprocessing.json and runner.py (onnxruntime, Pillow and numpy only).",
+        "modeling_agriclip.commands:run_export",
+        check_export,
+        EXPORT_OUTPUTS,
+        needs_model=True,
+    )
+    export.add_argument(
+        "model",
+        nargs="?",
+        default=os.environ.get(MODEL_ENV),
+        metavar="MODEL",
+        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
+    )
+    _add_label_options(export, required=False)
+    export.add_argument("--output", type=Path, required=True, help="Folder to write the export to (replaced whole).")
+    export.add_argument(
+        "--open-vocabulary",
+        action="store_true",
+        help="Export the image and text encoders as separate graphs, with the tokenizer, so that runner.py --labels "
+        "takes new labels on the device (which then also needs the tokenizers package); --labels become its defaults.",
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="Model format (default: onnx).")
+    export.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="Also write model.int8.onnx, onnxruntime's dynamic int8 quantisation (default: none).",
+    )
+    export.add_argument(
+        "--embedding",
+        choices=IMAGE_EMBEDDINGS,
+        default=None,
+        help="AgriCLIP image embedding to export (default: the checkpoint's image_embedding).",
+    )
+
     convert = _command(
         commands,
         "convert",
@@ -414,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "needs_model", False) and not args.model:
-        parser.error(f"no model given: pass --model PATH (or MODEL for info), or set {MODEL_ENV}")
+        parser.error(f"no model given: pass --model PATH (or MODEL for info and export), or set {MODEL_ENV}")
     try:
         if args.check is not None:
             args.check(args)

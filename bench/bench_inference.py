@@ -130,9 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(workdir: Path, args) -> None:
     """Saves the AgriCLIP model, a CLIPModel of the same tower sizes, both processors, and the photos."""
-    import numpy as np
     import torch
-    from PIL import Image
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     from bench.bench_stage1 import bench_config
@@ -152,15 +150,23 @@ def prepare(workdir: Path, args) -> None:
     clip_processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
     clip_processor.save_pretrained(workdir / "clip")
 
-    # Smooth colour fields with noise: photo-like PNG sizes, unlike pure noise.
+    write_photos(workdir / "photos", args.images, args.size)
+
+
+def write_photos(folder: Path, count: int, size: int) -> list[str]:
+    """`count` PNG photos of `size` x `size` pixels in `folder`: smooth colour fields with noise, photo-like file
+    sizes unlike pure noise. Returns their paths, in order."""
+    import numpy as np
+    from PIL import Image
+
     rng = np.random.default_rng(0)
-    images = workdir / "photos"
-    images.mkdir()
-    ramp = np.linspace(0, 1, args.size)[None, :, None]
-    for index in range(args.images):
+    folder.mkdir()
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    for index in range(count):
         base = rng.uniform(0, 255, 3) * ramp + rng.uniform(0, 255, 3) * (1 - ramp.transpose(1, 0, 2))
-        pixels = np.clip(base / 2 + rng.normal(0, 12, (args.size, args.size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"{index:04d}.png")
+        pixels = np.clip(base / 2 + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    return [str(folder / f"{index:04d}.png") for index in range(count)]
 
 
 def max_rss_mib(who=resource.RUSAGE_SELF) -> float:

@@ -14,6 +14,7 @@ on up to k further images per class from the rest of the training pool, and repo
 over seeds.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,15 @@ def _accuracy(classifier: nn.Linear, features: torch.Tensor, labels: torch.Tenso
         return (classifier(features.float()).argmax(dim=1) == labels).float().mean().item()
 
 
+def _shuffled_classes(labels: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
+    """The example indices of each class in turn (in label order), each class's in a seeded random order: what the
+    seeded per-class samples below draw from."""
+    generator = torch.Generator().manual_seed(seed)
+    for label in labels.unique():
+        indices = (labels == label).nonzero().flatten()
+        yield indices[torch.randperm(len(indices), generator=generator)]
+
+
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded per-class split of example indices into (rest, held_out), `fraction` of each class held out.
 
@@ -73,11 +83,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1); got {fraction}.")
-    generator = torch.Generator().manual_seed(seed)
     rest, held_out = [], []
-    for label in labels.unique():
-        indices = (labels == label).nonzero().flatten()
-        indices = indices[torch.randperm(len(indices), generator=generator)]
+    for indices in _shuffled_classes(labels, seed):
         n_held_out = min(max(round(fraction * len(indices)), 1), len(indices) - 1)
         held_out.append(indices[:n_held_out])
         rest.append(indices[n_held_out:])
@@ -135,11 +142,8 @@ def sample_k_shot(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor
     """
     if k < 1:
         raise ValueError(f"k must be at least 1; got {k}.")
-    generator = torch.Generator().manual_seed(seed)
     train, val = [], []
-    for label in labels.unique():
-        indices = (labels == label).nonzero().flatten()
-        indices = indices[torch.randperm(len(indices), generator=generator)]
+    for indices in _shuffled_classes(labels, seed):
         train.append(indices[:k])
         val.append(indices[k : 2 * k])
     return torch.cat(train).sort().values, torch.cat(val).sort().values

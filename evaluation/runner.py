@@ -216,10 +216,27 @@ class ProbeData:
     num_classes: int
 
 
+def probe_split(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (train, test) indices of a dataset without a `train_split`: a seeded stratified `PROBE_TEST_FRACTION` of
+    each class is tested on, the rest trained on (`stratified_split`)."""
+    return stratified_split(labels, PROBE_TEST_FRACTION, seed)
+
+
+def load_train_split(spec: DatasetSpec, class_names: Sequence[str]):
+    """The labelled images of `spec.train_split`, which must have the classes `class_names` of `spec.split`."""
+    train_dataset, train_classes = load_labelled_dataset(spec.path, spec.train_split)
+    if list(train_classes) != list(class_names):
+        raise ValueError(
+            f"{spec.path}: the classes of split {spec.train_split!r} ({train_classes}) differ from those of "
+            f"split {spec.split!r} ({class_names})"
+        )
+    return train_dataset
+
+
 def _probe_data(spec: DatasetSpec, class_names, features, labels, classifiers, batch_size, seed) -> ProbeData:
     """The dataset's `train_split` against the evaluated split, or a seeded stratified split of the latter."""
     if spec.train_split is None:
-        train, test = stratified_split(labels, PROBE_TEST_FRACTION, seed)
+        train, test = probe_split(labels, seed)
         return ProbeData(
             {name: embeds[train] for name, embeds in features.items()},
             labels[train],
@@ -227,12 +244,7 @@ def _probe_data(spec: DatasetSpec, class_names, features, labels, classifiers, b
             labels[test],
             len(class_names),
         )
-    train_dataset, train_classes = load_labelled_dataset(spec.path, spec.train_split)
-    if list(train_classes) != list(class_names):
-        raise ValueError(
-            f"{spec.path}: the classes of split {spec.train_split!r} ({train_classes}) differ from those of "
-            f"split {spec.split!r} ({class_names})"
-        )
+    train_dataset = load_train_split(spec, class_names)
     desc = f"{spec.name} [{spec.train_split}]"
     train_features, kept, _ = embed_images(train_dataset, classifiers, batch_size, desc)
     return ProbeData(train_features, _labels(train_dataset, kept), features, labels, len(class_names))

@@ -60,6 +60,12 @@ class BackboneFamily:
             `training.distillation.OPTIMIZER_RECIPES`).
         lora_targets: the regex of the backbone's modules that LoRA adapts by default, on module names inside the
             backbone (`training.lora` anchors it on `dino_model.`).
+        returns_attentions: whether the model has attention layers whose weights `output_attentions=True` returns
+            (ViT, DINOv2). A convolutional network (ResNet, ConvNeXt) has hidden states (one per stage) but no
+            attentions: the model is not passed `output_attentions`, and its output's `attentions` stay None.
+        no_split_modules: module class names that a `device_map` split must keep whole, beyond the model class's own
+            `_no_split_modules` (ResNet lists only its conv layers and shortcut, but a residual block adds its
+            shortcut to its layers' output, so the block must stay on one device).
     """
 
     model_type: str
@@ -71,14 +77,24 @@ class BackboneFamily:
     lora_targets: str
     model_kwargs: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     interpolate_pos_encoding: bool = False
+    returns_attentions: bool = False
+    no_split_modules: tuple[str, ...] = ()
 
     def build(self, config: PreTrainedConfig) -> "PreTrainedModel":
         """A randomly initialised backbone of `config` (as `AgriCLIPModel` builds its `dino_model`)."""
         return AutoModel.from_config(config, **self.model_kwargs)
 
-    def features(self, backbone: "PreTrainedModel", pixel_values: "torch.Tensor") -> "torch.Tensor":
-        """The pooled features `(batch_size, feature_size)` of `backbone` on `pixel_values`."""
-        kwargs = {}
+    def outputs(
+        self,
+        backbone: "PreTrainedModel",
+        pixel_values: "torch.Tensor",
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ):
+        """The model output of `backbone` on `pixel_values` (a `ModelOutput`), with its hidden states and, for a
+        family with attention layers, its attentions where asked (`output_attentions` is ignored by a family that
+        `returns_attentions` is False for)."""
+        kwargs = {"return_dict": True}
         image_size = getattr(backbone.config, "image_size", None)
         if (
             self.interpolate_pos_encoding
@@ -86,7 +102,15 @@ class BackboneFamily:
             and tuple(pixel_values.shape[-2:]) != _pair(image_size)
         ):
             kwargs["interpolate_pos_encoding"] = True
-        return self.pool(backbone(pixel_values=pixel_values, **kwargs))
+        if output_hidden_states is not None:
+            kwargs["output_hidden_states"] = output_hidden_states
+        if output_attentions is not None and self.returns_attentions:
+            kwargs["output_attentions"] = output_attentions
+        return backbone(pixel_values=pixel_values, **kwargs)
+
+    def features(self, backbone: "PreTrainedModel", pixel_values: "torch.Tensor") -> "torch.Tensor":
+        """The pooled features `(batch_size, feature_size)` of `backbone` on `pixel_values`."""
+        return self.pool(self.outputs(backbone, pixel_values))
 
 
 def _pair(size) -> tuple[int, int]:
@@ -118,6 +142,7 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
             lora_targets=ATTENTION_PROJECTIONS,
             model_kwargs=MappingProxyType({"add_pooling_layer": False}),
             interpolate_pos_encoding=True,
+            returns_attentions=True,
         ),
         # DINOv2 (`facebook/dinov2-*`): a ViT whose CLS token after the final layer norm is also its pooler output;
         # it interpolates its position embeddings by itself. Trained as a ViT.
@@ -136,6 +161,7 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
             crop_recipe="vit",
             optimizer="adamw",
             lora_targets=ATTENTION_PROJECTIONS,
+            returns_attentions=True,
         ),
         # The paper's DINO ResNet-50: the published ResNet recipe (SGD; global crops 0.14-1). No attention: LoRA goes
         # on the convolutions of the residual blocks (PEFT's LoRA Conv2d), not the stem or the shortcuts.
@@ -149,6 +175,7 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
             crop_recipe="resnet",
             optimizer="sgd",
             lora_targets=r"encoder\.stages\.\d+\.layers\.\d+\.layer\.\d+\.convolution",
+            no_split_modules=("ResNetBasicLayer", "ResNetBottleNeckLayer"),
         ),
         # ConvNeXt: pooled output is the final layer norm of the global average pool. DINO published no ConvNeXt
         # recipe; it gets the ViT one (AdamW, global crops 0.4-1), the recipe ConvNeXt was designed and is trained

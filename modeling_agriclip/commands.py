@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import importlib.metadata
 import io
 import json
 import os
@@ -492,6 +493,42 @@ def run_embed(args) -> ExitCode:
     shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in tensors.items())
     print(f"wrote {shapes} to {' and '.join(map(str, written))}", file=sys.stderr)
     return ExitCode.OK
+
+
+def run_export(args) -> ExitCode:
+    from modeling_agriclip.export import export_classifier
+
+    classifier = load_classifier(args.model, torch.device("cpu"), 32, args.embedding)
+    provenance = {"model": args.model, "agriclip_version": package_version()}
+    revision = getattr(classifier.model.config, "_commit_hash", None)
+    if revision:
+        provenance["revision"] = revision
+    try:
+        export = export_classifier(
+            classifier,
+            args.class_names,
+            args.templates,
+            args.output,
+            quantize=args.quantize,
+            provenance=provenance,
+            open_vocabulary=args.open_vocabulary,
+        )
+    except ImportError as error:
+        raise CLIError(ExitCode.USAGE, str(error)) from error
+    except OSError as error:
+        raise CLIError(ExitCode.OUTPUT, f"cannot write {args.output}: {error}; nothing was replaced") from error
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in export.sizes.items())
+    what = "an open-vocabulary classifier" if args.open_vocabulary else f"{len(args.class_names)} labels"
+    print(f"exported {what} to {export.folder} ({sizes})", file=sys.stderr)
+    return ExitCode.OK
+
+
+def package_version() -> str:
+    """This package's installed version ("unknown" when it runs from a source tree that was never installed)."""
+    try:
+        return importlib.metadata.version("agriclip")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _tower(config, *fields: str) -> dict:

@@ -154,6 +154,21 @@ class AgriCLIPConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None):
+        """As `PreTrainedConfig`'s (set on this config and recursively on the sub-configs), except that a backbone
+        without attention layers (ResNet, ConvNeXt) stays "eager": it has no attention to implement, and transformers
+        would otherwise refuse a plain `attn_implementation="sdpa"` (or flex, flash) for the whole model, though the
+        CLIP towers support it."""
+        PreTrainedConfig._attn_implementation.fset(self, value)
+        dino_config = getattr(self, "dino_config", None)
+        if isinstance(dino_config, PreTrainedConfig) and not backbone_family(dino_config).returns_attentions:
+            dino_config._attn_implementation_internal = "eager"
+
+    @property
     def backbone_hidden_size(self) -> int:
         """Size of the pooled backbone feature that the aligner maps (e.g. 2048 for ResNet-50, 768 for ViT-B), as the
         backbone's family reads it from `dino_config` (`backbones.BACKBONE_FAMILIES`; an unsupported family raises a

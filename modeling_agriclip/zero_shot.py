@@ -22,6 +22,7 @@ transformers load gets `trust_remote_code=False`, so transformers refuses instea
 """
 
 import inspect
+import json
 import logging
 import os
 import warnings
@@ -35,7 +36,7 @@ from huggingface_hub.utils import get_session, httpx
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.utils import CONFIG_NAME
+from transformers.utils import ADAPTER_CONFIG_NAME, CONFIG_NAME
 
 from agriclip.errors import SINGLE_LABEL_WARNING, SingleLabelWarning
 from agriclip.files import check_folder_files, weight_files
@@ -58,8 +59,8 @@ HUB_PROBE_TIMEOUT = 5.0
 def _as_embedding(output) -> torch.Tensor:
     """The projected embedding of a `get_*_features` call.
 
-    AgriCLIP returns the tensor; transformers 5 `CLIPModel` returns a `BaseModelOutputWithPooling` whose
-    `pooler_output` holds the projected embedding.
+    AgriCLIP and transformers 5 `CLIPModel` return a `BaseModelOutputWithPooling` whose `pooler_output` holds the
+    projected embedding; a model that returns the tensor itself (transformers 4 style) is accepted too.
     """
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -86,13 +87,36 @@ def _hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
+def adapter_base(source) -> str | None:
+    """The base model that a PEFT adapter folder (adapter_config.json, no config.json: what LoRA adaptation writes)
+    names; None for anything else.
+
+    Raises:
+        UnavailableModelError: for an adapter folder whose adapter_config.json names no base model.
+    """
+    source = str(source)
+    adapter_config = os.path.join(source, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(adapter_config) or os.path.isfile(os.path.join(source, CONFIG_NAME)):
+        return None
+    try:
+        base = json.loads(open(adapter_config, encoding="utf-8").read()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UnavailableModelError(f"{adapter_config}: not a readable adapter config ({error})") from error
+    if not base:
+        raise UnavailableModelError(
+            f"{adapter_config} names no base model (base_model_name_or_path): the adapter cannot be loaded without one"
+        )
+    return base
+
+
 def model_source_options(source) -> dict:
     """Checks where `source` would load from and returns the options its `from_pretrained` calls need: `{}`, or
     `{"local_files_only": True}` for a Hub id that the Hugging Face cache holds while the Hub cannot be reached (a
     laptop in the field), said in a warning. Fails at once, saying what to do, where loading would fail late or with
     a misleading message:
 
-    - a local folder without config.json is not a saved model (transformers asks for a `model_type` key in it);
+    - a local folder without config.json is not a saved model (transformers asks for a `model_type` key in it),
+      unless it is a PEFT adapter folder (`adapter_base`), whose base model is checked instead;
     - a Hub id in offline mode (`HF_HUB_OFFLINE=1`) that the cache does not hold;
     - a Hub id the cache does not hold while the Hub (`HF_ENDPOINT`) cannot be reached: one try of
       `HUB_PROBE_TIMEOUT` seconds, where huggingface_hub retries five times with a growing backoff.
@@ -103,6 +127,9 @@ def model_source_options(source) -> dict:
         UnavailableModelError: an OSError naming the source.
     """
     source = str(source)
+    base = adapter_base(source)
+    if base is not None:
+        return model_source_options(base)  # transformers loads the base, then the adapter onto it
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, CONFIG_NAME)):
             raise UnavailableModelError(
@@ -273,7 +300,8 @@ class ZeroShotClassifier:
         trust_remote_code: bool = False,
         **kwargs,
     ):
-        """Loads an AgriCLIP folder or a plain transformers CLIP folder (model and processor) from `path`.
+        """Loads an AgriCLIP folder, a plain transformers CLIP folder or a LoRA adapter folder that carries its
+        processor (`python -m training.lora_finetune` writes one; the base model it names loads first) from `path`.
 
         The checkpoint's own code runs only with `trust_remote_code=True` (see `load_config`). The weights must fit
         the model exactly (`check_loading_info`). In a local folder, FIFOs and devices are refused before anything
@@ -292,7 +320,8 @@ class ZeroShotClassifier:
                 pass  # weights in another format: transformers finds them or says what is missing
         options = model_source_options(path)  # a folder without config.json, or a Hub out of reach: at once
         # Importing this module imported the package, which registered AgriCLIP with the Auto classes.
-        config = load_config(path, trust_remote_code=trust_remote_code, **options)
+        # A LoRA adapter folder holds no config: its base model's is the model's.
+        config = load_config(adapter_base(path) or path, trust_remote_code=trust_remote_code, **options)
         # Tensors of another shape are left for `check_loading_info` to name, instead of transformers' RuntimeError.
         model, loading_info = AutoModel.from_pretrained(
             path,

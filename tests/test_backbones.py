@@ -48,7 +48,7 @@ def test_every_family_is_one_consistent_entry():
         model = AgriCLIPModel(config).eval()
         with torch.no_grad():  # the global size and stage 2's smallest local crops (3/7 of it)
             for side in (64, 27):
-                features = model.get_backbone_features(torch.randn(2, 3, side, side))
+                features = model.get_backbone_features(torch.randn(2, 3, side, side)).pooler_output
                 assert features.shape == (2, config.backbone_hidden_size), (name, side)
     # The published recipes as before, and the new families' choices (ConvNeXt trains as ViTs do: AdamW).
     assert {name: (f.crop_recipe, f.optimizer) for name, f in BACKBONE_FAMILIES.items()} == {
@@ -75,7 +75,9 @@ def test_features_equal_the_standalone_model_s_pooled_output_before_and_after_sa
             pixel_values = torch.randn(2, 3, side, side)
             expected = _standalone_pooled(kind, standalone, pixel_values)
             for candidate in (model, reloaded):
-                torch.testing.assert_close(candidate.get_backbone_features(pixel_values), expected, rtol=0, atol=1e-6)
+                torch.testing.assert_close(
+                    candidate.get_backbone_features(pixel_values).pooler_output, expected, rtol=0, atol=1e-6
+                )
 
 
 def test_a_convnext_checkpoint_loads_through_remote_code_with_the_same_features(tmp_path):
@@ -86,7 +88,7 @@ def test_a_convnext_checkpoint_loads_through_remote_code_with_the_same_features(
     pixel_values = torch.randn(2, 3, 64, 64)
     torch.save(pixel_values, tmp_path / "pixels.pt")
     with torch.no_grad():
-        torch.save(model.get_backbone_features(pixel_values), tmp_path / "expected.pt")
+        torch.save(model.get_backbone_features(pixel_values).pooler_output, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import sys
@@ -97,7 +99,7 @@ def test_a_convnext_checkpoint_loads_through_remote_code_with_the_same_features(
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert "modeling_agriclip" not in sys.modules
         with torch.no_grad():
-            features = model.get_backbone_features(torch.load({str(tmp_path / "pixels.pt")!r}))
+            features = model.get_backbone_features(torch.load({str(tmp_path / "pixels.pt")!r})).pooler_output
         print("REMOTE", (features - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item())
         """
     )
@@ -133,7 +135,8 @@ def test_default_lora_targets_are_the_family_s_modules_and_peft_wraps_them(kind)
     assert lora and all(name.startswith("base_model.model.dino_model.") for name in lora)
     assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())
     with torch.no_grad():
-        assert peft_model.get_base_model().get_backbone_features(torch.randn(1, 3, 64, 64)).shape == (1, 48)
+        features = peft_model.get_base_model().get_backbone_features(torch.randn(1, 3, 64, 64)).pooler_output
+        assert features.shape == (1, 48)
 
 
 @pytest.mark.parametrize("kind", sorted(BACKBONE_FAMILIES))

@@ -379,7 +379,10 @@ def test_missing_model_argument_is_a_usage_error(capsys, photos, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(photos), "--labels", "a,b"])
     assert exit_info.value.code == ExitCode.USAGE
-    assert f"no model given: pass --model PATH (or MODEL for info), or set {cli.MODEL_ENV}" in capsys.readouterr().err
+    assert (
+        f"no model given: pass --model PATH (or MODEL for info and export), or set {cli.MODEL_ENV}"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

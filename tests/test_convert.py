@@ -110,8 +110,9 @@ def test_clip_parity(clip_folder, tmp_path):
         expected_image = reference.get_image_features(pixel_values=clip_pixels).pooler_output
         reloaded = AgriCLIPModel.from_pretrained(tmp_path / "out").eval()
         for candidate in (model, reloaded):
-            assert (candidate.get_text_features(**texts) - expected_text).abs().max() <= 1e-5
-            assert (candidate.get_image_features(pixel_values, embedding="clip") - expected_image).abs().max() <= 1e-5
+            assert (candidate.get_text_features(**texts).pooler_output - expected_text).abs().max() <= 1e-5
+            clip_image = candidate.get_image_features(pixel_values, embedding="clip").pooler_output
+            assert (clip_image - expected_image).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
@@ -136,7 +137,7 @@ def test_backbone_parity(kind, tmp_path):
     with torch.no_grad():
         outputs = backbone(pixel_values=pixel_values)
         expected = outputs.last_hidden_state[:, 0] if kind == "vit" else outputs.pooler_output.flatten(1)
-        torch.testing.assert_close(model.get_backbone_features(pixel_values), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.get_backbone_features(pixel_values).pooler_output, expected, rtol=0, atol=1e-6)
 
 
 def test_official_release_reproduces_official_zero_shot(clip_folder, tmp_path):
@@ -181,11 +182,11 @@ def test_official_release_reproduces_official_zero_shot(clip_folder, tmp_path):
             class_weights.append(F.normalize(clip_reference.get_text_features(**tokens).pooler_output, dim=-1).mean(0))
         official_logits = official_images @ F.normalize(torch.stack(class_weights), dim=-1).T
 
-        ours_images = F.normalize(model.get_image_features(pixel_values), dim=-1)
+        ours_images = F.normalize(model.get_image_features(pixel_values).pooler_output, dim=-1)
         ours_text = []
         for name in classes:
             tokens = processor(text=[p.format(name) for p in prompts], return_tensors="pt")
-            ours_text.append(F.normalize(model.get_text_features(**tokens), dim=-1).mean(0))
+            ours_text.append(F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1).mean(0))
         ours_logits = ours_images @ F.normalize(torch.stack(ours_text), dim=-1).T
     torch.testing.assert_close(ours_images, official_images, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_logits, official_logits, rtol=0, atol=1e-5)

@@ -397,10 +397,12 @@ def test_a_fusion_weight_given_to_the_suite_is_used_reported_and_recorded(
     labels = np.repeat(np.arange(3), 4)
     with torch.no_grad():
         prompts = tiny_processor(text=[f"a photo of {name}" for name in classes], return_tensors="pt", padding=True)
-        text = F.normalize(tiny_model.get_text_features(prompts["input_ids"], prompts["attention_mask"]), dim=-1)
+        text = F.normalize(
+            tiny_model.get_text_features(prompts["input_ids"], prompts["attention_mask"]).pooler_output, dim=-1
+        )
         pixel_values = tiny_processor(images=[Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
-        clip = F.normalize(tiny_model.get_clip_image_features(pixel_values), dim=-1)
-        aligned = F.normalize(tiny_model.aligner(tiny_model.get_backbone_features(pixel_values)), dim=-1)
+        clip = F.normalize(tiny_model.get_clip_image_features(pixel_values).pooler_output, dim=-1)
+        aligned = F.normalize(tiny_model.aligner(tiny_model.get_backbone_features(pixel_values).pooler_output), dim=-1)
     predictions = {}
     for name, weight in weights.items():
         predictions[name] = (F.normalize(weight * clip + (1 - weight) * aligned, dim=-1) @ text.T).argmax(dim=1).numpy()
@@ -997,3 +999,16 @@ def test_a_full_disk_leaves_the_previous_report_whole(tmp_path, in_memory_model,
     monkeypatch.undo()
     run_suite(renamed, in_memory_model, output)
     assert set(_files(output)) == set(first) and "| Model | Leaves | Mean |" in (output / "results.md").read_text()
+
+
+def test_a_train_split_with_other_classes_is_refused_by_the_suite_and_lora_alike(tmp_path):
+    """`evaluation.runner.load_train_split` is the one check, for the probes and for `training.lora`'s tasks."""
+    from evaluation.runner import load_train_split
+    from evaluation.suite import DatasetSpec
+
+    _write_class_folder(tmp_path / "data" / "train", {"cow": 2, "goat": 2})
+    _write_class_folder(tmp_path / "data" / "test", {"cow": 2, "sheep": 2}, seed=1)
+    spec = DatasetSpec("farm", "Farm", tmp_path / "data", split="test", train_split="train")
+    with pytest.raises(ValueError, match="the classes of split 'train' .* differ from those of split 'test'"):
+        load_train_split(spec, ["cow", "sheep"])
+    assert len(load_train_split(spec, ["cow", "goat"])) == 4

@@ -15,14 +15,24 @@ from modeling_agriclip.configuration_agriclip import IMAGE_EMBEDDINGS
 from conftest import run_subprocess
 
 
-HEAVY = ("torch", "transformers", "datasets", "accelerate", "peft", "evaluate", "kornia")
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "peft", "evaluate", "kornia", "onnx", "onnxruntime")
 
 # (module run with -m, arguments): every command and script, with --help and with an argument error.
 ENTRY_POINTS = [
     ("agriclip", ["--help"]),
     *[
         ("agriclip", [command, "--help"])
-        for command in ("predict", "classify-folder", "embed", "info", "convert", "tokenizer", "card", "publish")
+        for command in (
+            "predict",
+            "classify-folder",
+            "embed",
+            "info",
+            "export",
+            "convert",
+            "tokenizer",
+            "card",
+            "publish",
+        )
     ],
     ("agriclip", ["predict", "photo.jpg"]),  # no --labels
     ("agriclip", ["predict", "photo.jpg", "--labels", "a,b", "--model", "m", "--template", "{} with {}"]),
@@ -66,8 +76,8 @@ def test_help_and_argument_errors_load_no_heavy_stack(tmp_path):
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert [result["heavy"] for result in results] == [[] for _ in ENTRY_POINTS], results
     codes = [result["code"] for result in results]
-    assert codes[:9] == [0] * 9 and codes[9] == 2 and codes[10] == 7  # help; missing --labels; bad template
-    assert codes[11:19] == [0] * 8 and codes[19:] == [2, 2]
+    assert codes[:10] == [0] * 10 and codes[10] == 2 and codes[11] == 7  # help; missing --labels; bad template
+    assert codes[12:20] == [0] * 8 and codes[20:] == [2, 2]
     assert "exactly one" in done.stderr and "the following arguments are required: --model, --output-dir" in done.stderr
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import training.lora
+from agriclip.cli import main as agriclip_main
 from agriclip.errors import ExitCode
 from agriclip.images import open_image
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
@@ -328,6 +329,22 @@ def test_adapter_and_merged_folders_work_in_the_pipeline(adapted, tiny_checkpoin
         classify = pipeline("zero-shot-image-classification", model=str(adapted / folder))
         scores = {row["label"]: row["score"] for row in classify(sample_images[0], candidate_labels=labels)}
         assert scores == pytest.approx(expected, abs=1e-5), folder
+
+
+def test_the_adapter_folder_is_a_model_folder_for_the_agriclip_command(adapted, sample_images, tmp_path, capsys):
+    """The adapter folder carries the processor, so `agriclip predict --model <adapter>` runs, and predicts what
+    the merged model predicts."""
+    assert {"processor_config.json", "tokenizer.json"} <= {path.name for path in (adapted / "adapter").iterdir()}
+    photo = tmp_path / "leaf.png"
+    sample_images[0].save(photo)
+    printed = {}
+    for folder in ("adapter", "merged"):
+        argv = ["predict", str(photo), "--labels", ",".join(COLOURS), "--model", str(adapted / folder), "--format"]
+        assert agriclip_main([*argv, "json", "--num-workers", "0"]) == 0, folder
+        printed[folder] = json.loads(capsys.readouterr().out)
+    adapter, merged = (printed[folder]["results"][0]["predictions"] for folder in ("adapter", "merged"))
+    assert [row["label"] for row in adapter] == [row["label"] for row in merged]
+    assert [row["score"] for row in adapter] == pytest.approx([row["score"] for row in merged], abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -51,10 +51,10 @@ def test_clip_loss_matches_hand_computation():
 def test_embedding_modes(tiny_model, batch):
     pixel_values = batch["pixel_values"]
     with torch.no_grad():
-        clip = tiny_model.get_image_features(pixel_values, embedding="clip")
-        aligned = tiny_model.get_image_features(pixel_values, embedding="aligned")
-        fused = tiny_model.get_image_features(pixel_values, embedding="fused")
-        backbone = tiny_model.get_backbone_features(pixel_values)
+        clip = tiny_model.get_image_features(pixel_values, embedding="clip").pooler_output
+        aligned = tiny_model.get_image_features(pixel_values, embedding="aligned").pooler_output
+        fused = tiny_model.get_image_features(pixel_values, embedding="fused").pooler_output
+        backbone = tiny_model.get_backbone_features(pixel_values).pooler_output
     assert backbone.shape == (3, tiny_model.config.backbone_hidden_size)
     torch.testing.assert_close(aligned, tiny_model.aligner(backbone))
     weight = tiny_model.config.fusion_weight
@@ -82,7 +82,9 @@ def test_pixel_renormalisation_feeds_clip_tower_its_own_normalisation(tiny_model
     )
     with torch.no_grad():
         expected = tiny_model.visual_projection(tiny_model.vision_model(pixel_values=clip_normalised).pooler_output)
-        torch.testing.assert_close(tiny_model.get_clip_image_features(pixel_values), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            tiny_model.get_clip_image_features(pixel_values).pooler_output, expected, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_long_prompt_is_truncated_with_eos(tiny_model, clip_tokenizer):
@@ -90,7 +92,9 @@ def test_long_prompt_is_truncated_with_eos(tiny_model, clip_tokenizer):
     assert long_ids.shape[1] > 77
     truncated = clip_tokenizer(["rust " * 120], truncation=True, max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.get_text_features(long_ids), tiny_model.get_text_features(truncated))
+        torch.testing.assert_close(
+            tiny_model.get_text_features(long_ids).pooler_output, tiny_model.get_text_features(truncated).pooler_output
+        )
 
 
 def test_save_and_load_round_trip(tiny_model, tiny_checkpoint, batch):
@@ -234,7 +238,7 @@ def test_config_presets():
     assert AgriCLIPConfig.vit_b16().backbone_hidden_size == 768
     resnet = AgriCLIPModel(AgriCLIPConfig.tiny(backbone="resnet")).eval()
     with torch.no_grad():
-        assert resnet.get_backbone_features(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+        assert resnet.get_backbone_features(torch.randn(2, 3, 64, 64)).pooler_output.shape == (2, 64)
 
 
 def test_the_output_carries_the_logit_parameters_and_a_siglip_model_adds_its_bias(tiny_model, batch):

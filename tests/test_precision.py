@@ -90,6 +90,8 @@ def test_stage1_under_bf16_trains_in_bf16_keeps_float32_weights_and_resumes_exac
     assert_float32(straight / "model.safetensors", *(tmp_path / "straight" / "checkpoints").glob("*/model.safetensors"))
     options = json.loads((tmp_path / "straight" / "checkpoints" / "checkpoint-4" / "run_options.json").read_text())
     assert options["mixed_precision"] == "bf16"
+    logged = json.loads((tmp_path / "straight" / "logs" / training.contrastive.RUN / "config.json").read_text())
+    assert logged["mixed_precision"] == "bf16" and logged["num_processes"] == 1  # the launcher's choice, logged
     losses = [row["loss"] for row in read_metrics(tmp_path / "straight", training.contrastive.RUN) if "loss" in row]
     assert len(losses) == 4 and torch.isfinite(torch.tensor(losses)).all()
 

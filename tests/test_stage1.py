@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import training.contrastive
 from agriclip.images import DecodeStats, open_image
@@ -237,9 +238,11 @@ def test_validation_recall_reads_the_same_at_the_same_weights(variant_caption_fo
         text=captions, images=[open_image(image) for image in pairs["image"]], return_tensors="pt", padding=True
     )
     with torch.no_grad():
-        images = torch.nn.functional.normalize(model.get_clip_image_features(inputs["pixel_values"]), dim=-1)
+        images = torch.nn.functional.normalize(
+            model.get_clip_image_features(inputs["pixel_values"]).pooler_output, dim=-1
+        )
         texts = torch.nn.functional.normalize(
-            model.get_text_features(inputs["input_ids"], inputs["attention_mask"]), dim=-1
+            model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output, dim=-1
         )
     expected = recall_by_caption_text(images, texts, captions, 1) | recall_by_caption_text(images, texts, captions, 5)
     assert first == pytest.approx(expected, abs=1e-6)
@@ -260,12 +263,13 @@ class ColourOracle(torch.nn.Module):
 
     def get_clip_image_features(self, pixel_values):
         rgb = pixel_values.mean(dim=(2, 3)) * self.std + self.mean
-        return torch.nn.functional.one_hot(torch.cdist(rgb, self.colours).argmin(1), len(COLOURS)).float()
+        one_hot = torch.nn.functional.one_hot(torch.cdist(rgb, self.colours).argmin(1), len(COLOURS)).float()
+        return BaseModelOutputWithPooling(pooler_output=one_hot)  # as AgriCLIPModel's get_*_features return
 
     def get_text_features(self, input_ids, attention_mask):
         named = (input_ids[:, :, None] == self.colour_tokens).any(dim=1)
         assert (named.sum(1) == 1).all()
-        return named.float()
+        return BaseModelOutputWithPooling(pooler_output=named.float())
 
 
 def test_validation_recall_counts_a_caption_identical_to_the_true_one_as_a_hit(caption_folder, tiny_processor):

@@ -251,7 +251,8 @@ def test_text_mse_fits_least_squares_onto_the_mean_text_embedding_of_the_caption
         expected = torch.stack(
             [
                 torch.nn.functional.normalize(
-                    model.get_text_features(**processor(text=row["captions"], return_tensors="pt")), dim=-1
+                    model.get_text_features(**processor(text=row["captions"], return_tensors="pt")).pooler_output,
+                    dim=-1,
                 ).mean(0)
                 for row in rows
             ]
@@ -321,7 +322,10 @@ def test_captions_are_encoded_only_where_used_and_each_caption_set_once_per_spli
         expected = torch.stack(
             [
                 torch.nn.functional.normalize(
-                    model.get_text_features(**call(processor, text=caption_variants(row), return_tensors="pt")), dim=-1
+                    model.get_text_features(
+                        **call(processor, text=caption_variants(row), return_tensors="pt")
+                    ).pooler_output,
+                    dim=-1,
                 ).mean(0)
                 for row in rows["validation"]
             ]

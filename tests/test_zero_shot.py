@@ -1,5 +1,6 @@
 """ZeroShotClassifier: prompt ensembles, the label cache, batching, AgriCLIP embedding sources and a CLIP baseline."""
 
+import json
 import re
 import warnings
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from agriclip.errors import SingleLabelWarning
 from agriclip.templates import check_template, check_templates, fill_templates
-from modeling_agriclip.zero_shot import ZeroShotClassifier
+from modeling_agriclip.zero_shot import UnavailableModelError, ZeroShotClassifier, adapter_base
 
 
 CLASSES = ["leaf rust", "healthy leaf", "powdery mildew"]
@@ -63,7 +64,7 @@ def test_image_embeddings_match_the_model_and_are_batched(tiny_model, tiny_proce
     embeds = classifier.image_embeddings(sample_images)
     pixel_values = tiny_processor(images=sample_images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        expected = F.normalize(tiny_model.get_image_features(pixel_values, embedding=embedding), dim=-1)
+        expected = F.normalize(tiny_model.get_image_features(pixel_values, embedding=embedding).pooler_output, dim=-1)
     torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(classifier.image_embeddings(pixel_values), embeds, atol=1e-5, rtol=1e-5)
 
@@ -234,3 +235,13 @@ def test_the_pipeline_ranks_a_siglip_model_as_the_classifier_does(
     logits = ZeroShotClassifier(siglip_model, tiny_processor).logits(sample_images[:1], CLASSES, TEMPLATES[0])[0]
     assert [entry["label"] for entry in results] == [CLASSES[i] for i in logits.argsort(descending=True).tolist()]
     assert sum(entry["score"] for entry in results) == pytest.approx(1.0)
+
+
+def test_an_adapter_folder_without_a_base_model_is_named(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": None}))
+    with pytest.raises(UnavailableModelError, match="names no base model"):
+        ZeroShotClassifier.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert adapter_base(tmp_path) == "org/base"
+    (tmp_path / "config.json").write_text("{}")
+    assert adapter_base(tmp_path) is None  # a model folder that also holds an adapter config is a model folder

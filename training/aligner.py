@@ -13,13 +13,14 @@ release format.
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from agriclip.atomic import atomic_open
 
 
 logger = logging.getLogger(__name__)
@@ -741,13 +742,5 @@ def load_aligner_file(path: str | os.PathLike, expected_shape: tuple[int, int] |
 
 def save_aligner_file(weights: AlignerWeights, path: str | os.PathLike) -> None:
     """Writes `weights` in the official `{"W", "b"}` format, atomically (a temporary file renamed over `path`)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"W": weights.weight.detach().cpu().float(), "b": weights.bias.detach().cpu().float()}, handle)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save({"W": weights.weight.detach().cpu().float(), "b": weights.bias.detach().cpu().float()}, handle)

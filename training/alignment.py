@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from agriclip.images import DecodeStats, DecodingCollator, counted
+from agriclip.atomic import atomic_path
+from agriclip.images import DecodeStats, DecodingCollator
 from evaluation.retrieval import group_by, retrieval_recall
 from modeling_agriclip.modeling_agriclip import fuse_image_embeddings
 from training.aligner import (
@@ -52,6 +52,7 @@ from training.models import load_model_and_processor
 from training.runtime import (
     RunLock,
     UnreadableDataError,
+    batch_outputs,
     decode_totals,
     exit_on_sigterm,
     export_atomically,
@@ -146,7 +147,7 @@ class CaptionTargets:
             with self.accelerator.autocast():
                 embeddings = self.model.get_text_features(
                     texts["input_ids"].to(device), texts["attention_mask"].to(device)
-                )
+                ).pooler_output
             counts = torch.tensor([len(captions) for captions in new.values()], device=device)
             owner = torch.repeat_interleave(torch.arange(len(new), device=device), counts)
             sums = embeddings.new_zeros(len(new), embeddings.shape[1], dtype=torch.float32)
@@ -155,28 +156,26 @@ class CaptionTargets:
         return torch.stack([self.targets[key] for key in keys])
 
 
-@torch.no_grad()
 def extract_features(model, processor, loader, accelerator, description: str, text: bool):
     """Yields per batch of this process's shard, in float32: `x`, the backbone features, `y`, the CLIP image
     embeddings, and with `text` (a loader of `PairCollator(captions=True)`), `t`, the caption targets (each image's
     mean of the L2-normalised CLIP text embeddings of its caption variants, `CaptionTargets`), and their
     `caption_key` and `label_key`."""
     targets = CaptionTargets(model, processor, accelerator) if text else None
-    for batch in tqdm(
-        counted(loader), desc=description, total=len(loader), disable=not accelerator.is_local_main_process
-    ):
-        if batch is None:
-            continue
+
+    def features_of(batch) -> dict[str, torch.Tensor]:
         pixel_values = batch["pixel_values"].to(accelerator.device)
         with accelerator.autocast():
-            x = model.get_backbone_features(pixel_values)
-            y = model.get_clip_image_features(pixel_values)
+            x = model.get_backbone_features(pixel_values).pooler_output
+            y = model.get_clip_image_features(pixel_values).pooler_output
         features = {"x": x.float(), "y": y.float()}
         if text:
             features["t"] = targets(batch["caption_variants"], batch["caption_key"])
             features["caption_key"] = batch["caption_key"].to(accelerator.device)
             features["label_key"] = batch["label_key"].to(accelerator.device)
-        yield features
+        return features
+
+    return batch_outputs(loader, accelerator, features_of, description=description)
 
 
 @dataclass(frozen=True)
@@ -266,10 +265,8 @@ def cached_features(model, processor, loader, accelerator, cache: FeatureCache |
         for feature in wanted
     }
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        save_file({feature: tensor.contiguous() for feature, tensor in features.items()}, staging, metadata=keys)
-        staging.replace(path)
+        with atomic_path(path) as staging:
+            save_file({feature: tensor.contiguous() for feature, tensor in features.items()}, staging, metadata=keys)
     return features
 
 
@@ -279,8 +276,14 @@ def _empty_feature(config, feature: str) -> torch.Tensor:
     return torch.zeros(0, config.backbone_hidden_size if feature == "x" else config.projection_dim)
 
 
-def _sum_over_processes(accelerator):
-    return lambda tensor: accelerator.reduce(tensor, reduction="sum")
+def feature_statistics(model, batches, accelerator, target: str) -> AlignerStatistics:
+    """Sufficient statistics over all processes of (backbone features, `target`) of `batches` (each a dict of
+    `extract_features`' keys, this process's)."""
+    config = model.config
+    stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
+    for features in batches:
+        stats.update(features["x"], features[TARGET_FEATURES[target]])
+    return stats.all_reduce(lambda tensor: accelerator.reduce(tensor, reduction="sum"))
 
 
 def streamed_statistics(
@@ -288,16 +291,12 @@ def streamed_statistics(
 ) -> AlignerStatistics:
     """Sufficient statistics of (backbone features, `target`) of a split over all processes, from the feature cache
     or one pass over the images (memory independent of their number)."""
-    config = model.config
-    stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
     text = target == TARGET_TEXT
     if cache is not None:
         batches = [cached_features(model, processor, loader, accelerator, cache, name, text)]
     else:
         batches = extract_features(model, processor, loader, accelerator, f"statistics ({name})", text)
-    for features in batches:
-        stats.update(features["x"], features[TARGET_FEATURES[target]])
-    return stats.all_reduce(_sum_over_processes(accelerator))
+    return feature_statistics(model, batches, accelerator, target)
 
 
 def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -323,9 +322,7 @@ def training_data(objective, model, processor, loader, accelerator, cache: Featu
         )
     features = cached_features(model, processor, loader, accelerator, cache, "train", objective.target == TARGET_TEXT)
     target = TARGET_FEATURES[objective.target]
-    config = model.config
-    stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
-    stats.update(features["x"], features[target]).all_reduce(_sum_over_processes(accelerator))
+    stats = feature_statistics(model, [features], accelerator, objective.target)
     gathered = {feature: gather_rows(accelerator, tensor) for feature, tensor in features.items()}
     return AlignmentData(stats, x=gathered["x"], targets=gathered[target], groups=gathered.get("caption_key"))
 

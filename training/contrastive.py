@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from agriclip.images import DecodeStats, counted
+from agriclip.images import DecodeStats
 from evaluation.retrieval import group_by, retrieval_recall
 from training.data import ROW_INDEX, ImageTextCollator, IndexedRows, ValidationPlan, plan_validation
 from training.dino import CropAndFlip, cosine_schedule, param_groups_without_decay
@@ -35,10 +35,10 @@ from training.runtime import (
     adamw,
     dataloader_generator,
     decode_totals,
+    embed_batches,
     export_atomically,
     init_run_trackers,
     process_rows,
-    readable_on_every_process,
     report_decode_stats,
     run_options,
     run_steps,
@@ -126,22 +126,22 @@ def validation_recall(model, loader, accelerator, captions: Sequence[str]) -> di
     by caption), so an identical caption counts as the true one. `captions[r]` is the caption of row r of the
     loader's `IndexedRows`, whose index each batch carries."""
     model.eval()
-    image_embeds, text_embeds, rows = [], [], []
-    for batch in counted(loader):
-        if not readable_on_every_process(batch, accelerator):
-            continue
-        images = accelerator.unwrap_model(model).get_clip_image_features(batch["pixel_values"])
-        texts = accelerator.unwrap_model(model).get_text_features(batch["input_ids"], batch["attention_mask"])
-        image_embeds.append(accelerator.gather_for_metrics(images))
-        text_embeds.append(accelerator.gather_for_metrics(texts))
-        rows.append(accelerator.gather_for_metrics(batch[ROW_INDEX]))
+
+    def embedded(batch) -> dict[str, torch.Tensor]:
+        images = accelerator.unwrap_model(model).get_clip_image_features(batch["pixel_values"]).pooler_output
+        texts = (
+            accelerator.unwrap_model(model).get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+        )
+        return {"images": images, "texts": texts, "rows": batch[ROW_INDEX]}
+
+    embeds = embed_batches(loader, accelerator, embedded, gather=True)
     model.train()
-    if not image_embeds:
+    if not embeds:
         summary = decode_totals(accelerator, loader.collate_fn.stats).summary()
         raise UnreadableDataError(f"validation: no batch of the validation pairs holds a readable image\n{summary}")
-    images = torch.nn.functional.normalize(torch.cat(image_embeds).float(), dim=-1)
-    texts = torch.nn.functional.normalize(torch.cat(text_embeds).float(), dim=-1)
-    _, same_caption = group_by(captions[row] for row in torch.cat(rows).tolist())
+    images = torch.nn.functional.normalize(embeds["images"].float(), dim=-1)
+    texts = torch.nn.functional.normalize(embeds["texts"].float(), dim=-1)
+    _, same_caption = group_by(captions[row] for row in embeds["rows"].tolist())
     recall = retrieval_recall(images, texts, torch.arange(len(texts)), ks=(1, 5), image_groups=same_caption)
     return {
         f"val/{direction}_R@{k}": value

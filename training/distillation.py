@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel
 
 from agriclip.atomic import write_json_atomically
-from agriclip.images import DecodeStats, counted
+from agriclip.images import DecodeStats
 from agriclip.sources import load_image_dataset, load_labelled_dataset
 from evaluation.knn import knn_accuracy
 from modeling_agriclip.backbones import backbone_family
@@ -46,6 +46,7 @@ from training.runtime import (
     CheckpointManager,
     adamw,
     dataloader_generator,
+    embed_batches,
     export_atomically,
     init_run_trackers,
     process_rows,
@@ -204,18 +205,16 @@ def knn_bank_and_queries(source, bank_split: str | None, query_split: str | None
 def knn_evaluation(backbone, knn_sets, normalise, accelerator, k: int) -> float:
     """k-NN accuracy of the backbone's features: the queries (second loader) voted on by the memory bank (first)."""
     backbone.eval()
-    features = []
-    for loader in knn_sets["loaders"]:
-        chunks, labels = [], []
-        for batch in counted(loader):
-            if batch is None:
-                continue
-            chunks.append(backbone_features(backbone, normalise(batch["pixel_values"].to(accelerator.device))))
-            labels.append(batch["labels"])
-        features.append((torch.cat(chunks), torch.cat(labels)))
+
+    def embedded(batch) -> dict[str, torch.Tensor]:
+        pixel_values = normalise(batch["pixel_values"].to(accelerator.device))
+        return {"features": backbone_features(backbone, pixel_values), "labels": batch["labels"]}
+
+    bank, queries = [embed_batches(loader, accelerator, embedded) for loader in knn_sets["loaders"]]
     backbone.train()
-    (bank_x, bank_y), (query_x, query_y) = features
-    return knn_accuracy(bank_x, bank_y, query_x, query_y, knn_sets["num_classes"], k=k)
+    return knn_accuracy(
+        bank["features"], bank["labels"], queries["features"], queries["labels"], knn_sets["num_classes"], k=k
+    )
 
 
 def run(args, resume_hint: str = RESUME_HINT) -> Path:

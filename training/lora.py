@@ -22,17 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from agriclip.atomic import write_json_atomically
-from agriclip.images import DecodeStats, counted
+from agriclip.images import DecodeStats
 from agriclip.sources import load_image_text_dataset, load_labelled_dataset
 from agriclip.templates import fill_templates, get_templates
-from evaluation.linear_probe import sample_k_shot, stratified_split
+from evaluation.linear_probe import sample_k_shot
 from evaluation.metrics import classification_metrics
-from evaluation.runner import PROBE_TEST_FRACTION
+from evaluation.runner import load_train_split, probe_split
 from evaluation.suite import DatasetSpec, load_suite_config
 from modeling_agriclip.convert import PRESETS
 from modeling_agriclip.lora_targets import default_target_modules
 from modeling_agriclip.zero_shot import ZeroShotClassifier, ensemble_prompt_embeddings
-from training.aligner import AlignerStatistics, fit_closed_form
+from training.aligner import TARGET_IMAGE, fit_closed_form
+from training.alignment import streamed_statistics
 from training.contrastive import contrastive_forward
 from training.data import (
     ImageTextCollator,
@@ -49,9 +50,9 @@ from training.runtime import (
     CheckpointManager,
     adamw,
     dataloader_generator,
+    embed_batches,
     export_atomically,
     init_run_trackers,
-    readable_on_every_process,
     report_decode_stats,
     run_options,
     run_steps,
@@ -307,22 +308,17 @@ def task_spec(args) -> DatasetSpec | None:
 def load_labelled_task(spec: DatasetSpec, train: bool, shots: int | None = None, seed: int = 0) -> LabelledTask:
     """Loads the held-out images of `spec` and, with `train`, the images to train on.
 
-    Without `spec.train_split`, a seeded stratified `PROBE_TEST_FRACTION` of the evaluated split is held out and the
-    rest is trained on (the evaluation suite's protocol); `shots` keeps a seeded sample of that many images per class.
+    Without `spec.train_split`, the evaluated split is split as the evaluation suite's probes split it
+    (`probe_split`): its test part is held out and the rest trained on; `shots` keeps a seeded sample of that many images per class.
     """
     held_out, class_names = load_labelled_dataset(spec.path, spec.split)
     training = None
     if train:
         if spec.train_split is None:
-            train_rows, held_out_rows = stratified_split(_labels(held_out), PROBE_TEST_FRACTION, seed)
+            train_rows, held_out_rows = probe_split(_labels(held_out), seed)
             training, held_out = held_out.select(train_rows.tolist()), held_out.select(held_out_rows.tolist())
         else:
-            training, train_classes = load_labelled_dataset(spec.path, spec.train_split)
-            if list(train_classes) != list(class_names):
-                raise ValueError(
-                    f"{spec.path}: the classes of split {spec.train_split!r} ({train_classes}) differ from those of "
-                    f"split {spec.split!r} ({class_names})"
-                )
+            training = load_train_split(spec, class_names)
         if shots:
             training = training.select(sample_k_shot(_labels(training), shots, seed)[0].tolist())
     prompt_names = spec.prompt_names(class_names, f"task {spec.name!r}")
@@ -364,11 +360,15 @@ class PromptClassifier(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         if self.class_embeds is not None:
             return self.class_embeds
-        text_embeds = self.model.get_text_features(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        text_embeds = self.model.get_text_features(
+            input_ids=self.input_ids, attention_mask=self.attention_mask
+        ).pooler_output
         return ensemble_prompt_embeddings(text_embeds, self.num_classes)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        image_embeds = F.normalize(self.model.get_image_features(pixel_values, embedding=self.embedding), dim=-1)
+        image_embeds = F.normalize(
+            self.model.get_image_features(pixel_values, embedding=self.embedding).pooler_output, dim=-1
+        )
         logit_scale = self.model.get_base_model().logit_scale
         return logit_scale.exp() * image_embeds @ self.class_embeddings().t().to(image_embeds.dtype)
 
@@ -376,17 +376,16 @@ class PromptClassifier(nn.Module):
 def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embedding, accelerator) -> dict:
     """Zero-shot classification metrics of the model as it is (adapters on, or off inside `disable_adapter`)."""
     classifier = ZeroShotClassifier(peft_model, processor, embedding=embedding)
-    scores, labels = [], []
-    for batch in counted(loader):
-        if not readable_on_every_process(batch, accelerator):
-            continue
+
+    def scored(batch) -> dict[str, torch.Tensor]:
         image_embeds = classifier.image_embeddings(batch["pixel_values"])
         logits = classifier.embedding_logits(image_embeds, task.prompt_names, task.templates)
-        scores.append(accelerator.gather_for_metrics(logits.to(accelerator.device)))
-        labels.append(accelerator.gather_for_metrics(batch["labels"]))
+        return {"scores": logits.to(accelerator.device), "labels": batch["labels"]}
+
+    outputs = embed_batches(loader, accelerator, scored, gather=True)
     adapters_train_mode(peft_model)
-    labels = torch.cat(labels)
-    return {**classification_metrics(torch.cat(scores), labels, len(task.class_names)), "n_images": len(labels)}
+    labels = outputs["labels"]
+    return {**classification_metrics(outputs["scores"], labels, len(task.class_names)), "n_images": len(labels)}
 
 
 @torch.no_grad()
@@ -398,14 +397,7 @@ def refit_aligner(peft_model: PeftModel, loader, accelerator, ridge: float = 0.0
     Returns the fit's MSE and R² on those images.
     """
     model = peft_model.get_base_model()
-    config = model.config
-    stats = AlignerStatistics(config.backbone_hidden_size, config.projection_dim, device=accelerator.device)
-    for batch in counted(loader):
-        if batch is None:
-            continue
-        pixel_values = batch["pixel_values"].to(accelerator.device)
-        stats.update(model.get_backbone_features(pixel_values), model.get_clip_image_features(pixel_values))
-    stats.all_reduce(lambda tensor: accelerator.reduce(tensor, reduction="sum"))
+    stats = streamed_statistics(model, None, loader, accelerator, None, "aligner re-fit", TARGET_IMAGE)
     weights = fit_closed_form(stats, ridge)
     aligner = aligner_copy(peft_model)
     aligner.weight.copy_(weights.weight)
@@ -587,7 +579,8 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
     peft_model.peft_config["default"].base_model_name_or_path = base_reference
     # The adapter never resizes the vocabulary, so PEFT need not look the base's config up on the Hub to check it.
     adapter = SimpleNamespace(save_pretrained=partial(peft_model.save_pretrained, save_embedding_layers=False))
-    adapter_dir = export_atomically(accelerator, output_dir / "adapter", adapter)
+    # With the processor, the adapter folder is a model folder of its own (`agriclip predict --model <adapter>`).
+    adapter_dir = export_atomically(accelerator, output_dir / "adapter", adapter, processor)
     accelerator.print(f"adapter written to {adapter_dir}")
     if args.push_to_hub and accelerator.is_main_process:
         # The folder just written and checked is what gets published.

@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from accelerate.utils import (
     set_seed,
 )
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from agriclip.atomic import replace_folder, write_json_atomically
 from agriclip.images import DecodeStats, counted
@@ -189,9 +190,11 @@ def init_run_trackers(
     start_step: int = 0,
     resumed_from: str | os.PathLike | None = None,
 ) -> None:
-    """Starts the run's trackers with its scalar options as the run configuration, and the segment: the step it
-    starts at and the checkpoint it resumed from (see `JSONLinesTracker`)."""
+    """Starts the run's trackers with its scalar options as the run configuration, the precision and number of
+    processes the launcher chose, and the segment: the step it starts at and the checkpoint it resumed from (see
+    `JSONLinesTracker`)."""
     config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+    config |= {"mixed_precision": str(accelerator.mixed_precision), "num_processes": accelerator.num_processes}
     config |= {"start_step": start_step, "resumed_from": str(resumed_from or "")}
     accelerator.init_trackers(run_name, config=config)
 
@@ -266,6 +269,44 @@ def readable_on_every_process(batch, accelerator: Accelerator) -> bool:
             "read none of its images, so the readable images of the others are left out of this step"
         )
     return not unreadable_on
+
+
+def batch_outputs(
+    loader,
+    accelerator: Accelerator,
+    outputs: Callable[[dict], dict[str, torch.Tensor]],
+    gather: bool = False,
+    description: str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields `outputs(batch)`, run under `torch.no_grad`, for every batch of `loader` (a DataLoader over an
+    `agriclip.images.DecodingCollator`, whose decode reports `counted` merges).
+
+    With `gather`, each output holds the rows of every process (`gather_for_metrics`: a prepared loader's padding is
+    dropped), and a batch that some process could not read at all is skipped by every process
+    (`readable_on_every_process`); without, the outputs are this process's own and only its unreadable batches are
+    skipped. With `description`, a progress bar on the local main process counts the batches.
+    """
+    batches = counted(loader)
+    if description is not None:
+        batches = tqdm(batches, desc=description, total=len(loader), disable=not accelerator.is_local_main_process)
+    for batch in batches:
+        if not (readable_on_every_process(batch, accelerator) if gather else batch is not None):
+            continue
+        with torch.no_grad():
+            result = outputs(batch)
+        yield {key: accelerator.gather_for_metrics(value) for key, value in result.items()} if gather else result
+
+
+def embed_batches(
+    loader, accelerator: Accelerator, outputs: Callable[[dict], dict[str, torch.Tensor]], gather: bool = False
+) -> dict[str, torch.Tensor]:
+    """Each output of `batch_outputs` concatenated over the batches, in loader order (of every process in turn with
+    `gather`); empty when no batch could be read."""
+    chunks = {}
+    for result in batch_outputs(loader, accelerator, outputs, gather):
+        for key, value in result.items():
+            chunks.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in chunks.items()}
 
 
 def process_rows(accelerator: Accelerator, batch_size: int) -> tuple[torch.Tensor, int]:
