@@ -43,6 +43,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
+from training.sharding import full_state_dict, full_value, prepare_for_sharding, register_feature_methods
 
 
 RUN = "stage1_contrastive"
@@ -199,6 +200,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             + (f" and logit bias {loss_fn.logit_bias_init:g}" if loss_fn.uses_logit_bias else "")
         )
     trainable_clip(model, args.freeze_text, args.freeze_image, train_bias=loss_fn.uses_logit_bias)
+    model = prepare_for_sharding(accelerator, model)
     model.train()
 
     decode_stats = DecodeStats()
@@ -212,6 +214,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         eps=args.adam_eps,
     )
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    register_feature_methods(accelerator, model)
 
     # Read for the logs only: the loss takes them from the model's output.
     logit_scale, logit_bias = accelerator.unwrap_model(model).logit_scale, accelerator.unwrap_model(model).logit_bias
@@ -243,10 +246,10 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     def step_logs(loss, step: int) -> dict:
         logs = {
             "loss": loss.item(),
-            "temperature": (-logit_scale.detach().clamp(max=loss_fn.max_logit_scale)).exp().item(),
+            "temperature": (-full_value(logit_scale.detach()).clamp(max=loss_fn.max_logit_scale)).exp().item(),
         }
         if loss_fn.uses_logit_bias:
-            logs["logit_bias"] = logit_bias.item()
+            logs["logit_bias"] = full_value(logit_bias.detach()).item()
         if args.eval_every and (step + 1) % args.eval_every == 0:
             logs.update(validation_recall(model, val_loader, accelerator, val_captions))
         return logs
@@ -276,7 +279,13 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         + " ".join(f"{k}={v:.3f}" for k, v in final_metrics.items())
     )
     report_decode_stats(accelerator, decode_stats)
-    output = export_atomically(accelerator, Path(args.output_dir) / "final", accelerator.unwrap_model(model), processor)
+    output = export_atomically(
+        accelerator,
+        Path(args.output_dir) / "final",
+        accelerator.unwrap_model(model),
+        processor,
+        state_dict=full_state_dict(accelerator, model),
+    )
     accelerator.print(f"stage 1 model written to {output}")
     accelerator.end_training()
     return output

@@ -20,6 +20,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from modeling_agriclip.modeling_agriclip import backbone_features
+from training.sharding import full_value
 
 
 class DINOHead(nn.Module):
@@ -596,7 +597,8 @@ def cosine_schedule(
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """EMA of the student's parameters into the teacher's, in place: t = m * t + (1 - m) * s.
 
-    Pass the unwrapped student (no DDP `module.` prefix); parameters are matched by name. Buffers are left
+    Pass the unwrapped student (no DDP `module.` prefix); parameters are matched by name; a student sharded by
+    FSDP2 updates the full teacher from its gathered parameters (`training.sharding.full_value`). Buffers are left
     alone, as in DINO: the teacher runs in train mode, so its BatchNorm layers (ResNet) normalise with the
     statistics of the teacher's own batch and keep their own running statistics, which are what a saved
     teacher backbone uses at inference.
@@ -608,7 +610,9 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         raise ValueError(f"update_teacher: student and teacher parameters differ by name, e.g. {mismatch[:3]}")
     names = list(teacher_params)
     teacher_tensors = [teacher_params[name].detach() for name in names]
-    student_tensors = [student_params[name].detach() for name in names]
+    # Under FSDP the student's parameters are shards (DTensors): each is gathered whole (a collective that every
+    # process joins, as every process updates its own replica of the teacher).
+    student_tensors = [full_value(student_params[name].detach()) for name in names]
     torch._foreach_mul_(teacher_tensors, momentum)
     torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - momentum)
 

@@ -54,6 +54,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
+from training.sharding import is_fsdp, prepare_for_sharding
 from training.stage2_dino import recipe_settings
 
 
@@ -272,6 +273,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     )
 
     total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    student = prepare_for_sharding(accelerator, student)
     params = param_groups_without_decay(student, args.weight_decay)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
@@ -439,14 +441,23 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     report = stage2_report(args, knn, last, position.step, max_steps)
     accelerator.print(summary_line(report))
     report_decode_stats(accelerator, decode_stats)
-    model.dino_model.load_state_dict(teacher.backbone.state_dict())
+    final_weights = None
+    if is_fsdp(accelerator):
+        # The model's backbone is the student's, sharded: the export takes the (full, replicated) teacher's weights
+        # and the model's own for the rest.
+        final_weights = {key: value for key, value in model.state_dict().items() if not key.startswith("dino_model.")}
+        final_weights |= {f"dino_model.{key}": value for key, value in teacher.backbone.state_dict().items()}
+    else:
+        model.dino_model.load_state_dict(teacher.backbone.state_dict())
     output_dir = Path(args.output_dir)
     backbone_processor = copy.deepcopy(processor.image_processor)
     backbone_processor.image_mean, backbone_processor.image_std = config.dino_image_mean, config.dino_image_std
     export_atomically(accelerator, output_dir / "backbone", teacher.backbone, backbone_processor)
     # The report goes into `final` with the weights it describes: both or neither.
     report_file = SimpleNamespace(save_pretrained=lambda folder: write_json_atomically(Path(folder) / REPORT, report))
-    final = export_atomically(accelerator, output_dir / "final", model, processor, report_file)
+    final = export_atomically(
+        accelerator, output_dir / "final", model, processor, report_file, state_dict=final_weights
+    )
     accelerator.print(
         f"stage 2 backbone written to {output_dir / 'backbone'} and into {final}; report: {final / REPORT}"
     )

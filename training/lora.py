@@ -57,6 +57,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
+from training.sharding import full_state_dict, gathered, is_fsdp, prepare_for_sharding, submodule_state_dict
 
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,12 @@ def adapters_train_mode(model) -> None:
 
 
 def checkpoint_trainable_weights_only(accelerator) -> None:
-    """Makes `save_state`/`load_state` write and read only the trainable weights (adapters, trained aligner)."""
+    """Makes `save_state`/`load_state` write and read only the trainable weights (adapters, trained aligner).
+
+    Under FSDP the checkpoint stays Accelerate's sharded one of the whole model (each process writes its shards):
+    the trainable weights are shards there, which the main process alone cannot write."""
+    if is_fsdp(accelerator):
+        return
 
     def save_hook(models, weights, output_dir):
         for model in models:
@@ -419,6 +425,7 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
 
 def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str) -> Path:
     base_model, processor = load_model_and_processor(args.model)
+    base_model = prepare_for_sharding(accelerator, base_model)
     embedding = objective_embedding(args.towers)
     embedding_name = embedding or base_model.config.image_embedding
     peft_model = build_lora_model(
@@ -516,7 +523,8 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
     def step_logs(loss, step: int) -> dict:
         logs = {"loss": loss.item()}
         if task is not None and args.eval_every and (step + 1) % args.eval_every == 0:
-            metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
+            with gathered(accelerator, objective):
+                metrics = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
             logs.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
         return logs
 
@@ -550,21 +558,24 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         "shots": args.shots,
         "steps": position.step,
     }
-    if task is not None:
-        with peft_model.disable_adapter():
-            results["zero_shot"] = held_out_metrics(
-                peft_model, processor, held_out_loader, task, embedding, accelerator
-            )
-        results["adapted"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
-    if args.refit_aligner:
-        results["aligner_refit"] = refit_aligner(peft_model, refit_loader, accelerator, args.aligner_ridge)
-        accelerator.print(
-            "aligner re-fit on the adapted backbone: "
-            + " ".join(f"{k}={v:.4f}" for k, v in results["aligner_refit"].items())
-        )
+    with gathered(accelerator, objective):
         if task is not None:
-            results["adapted_before_refit"] = results["adapted"]
+            with peft_model.disable_adapter():
+                results["zero_shot"] = held_out_metrics(
+                    peft_model, processor, held_out_loader, task, embedding, accelerator
+                )
             results["adapted"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
+        if args.refit_aligner:
+            results["aligner_refit"] = refit_aligner(peft_model, refit_loader, accelerator, args.aligner_ridge)
+            accelerator.print(
+                "aligner re-fit on the adapted backbone: "
+                + " ".join(f"{k}={v:.4f}" for k, v in results["aligner_refit"].items())
+            )
+            if task is not None:
+                results["adapted_before_refit"] = results["adapted"]
+                results["adapted"] = held_out_metrics(
+                    peft_model, processor, held_out_loader, task, embedding, accelerator
+                )
     if task is not None:
         final = {f"eval/{k}": v for k, v in results["adapted"].items() if v is not None}
         final |= {f"eval/zero_shot_{k}": v for k, v in results["zero_shot"].items() if v is not None}
@@ -578,7 +589,17 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
     output_dir = Path(args.output_dir)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference
     # The adapter never resizes the vocabulary, so PEFT need not look the base's config up on the Hub to check it.
-    adapter = SimpleNamespace(save_pretrained=partial(peft_model.save_pretrained, save_embedding_layers=False))
+    # Under FSDP the adapter weights are shards: PEFT picks them out of the gathered full state dict.
+    adapter_weights = submodule_state_dict(
+        full_state_dict(accelerator, objective), accelerator.unwrap_model(objective), peft_model
+    )
+    adapter = SimpleNamespace(
+        save_pretrained=partial(
+            peft_model.save_pretrained,
+            save_embedding_layers=False,
+            **({} if adapter_weights is None else {"state_dict": adapter_weights}),
+        )
+    )
     # With the processor, the adapter folder is a model folder of its own (`agriclip predict --model <adapter>`).
     adapter_dir = export_atomically(accelerator, output_dir / "adapter", adapter, processor)
     accelerator.print(f"adapter written to {adapter_dir}")

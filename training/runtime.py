@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from agriclip.atomic import replace_folder, write_json_atomically
 from agriclip.images import DecodeStats, counted
 from training.options import RESUME_HINT
+from training.sharding import enable_fsdp_on_cpu, plain_class
 
 
 logger = get_logger(__name__)
@@ -130,6 +131,7 @@ def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    enable_fsdp_on_cpu(accelerator)
     check_world_size(accelerator)
     set_seed(args.seed)
     return accelerator
@@ -138,8 +140,9 @@ def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
 def check_world_size(accelerator: Accelerator) -> None:
     """Refuses processes that a launcher started together but Accelerate runs one by one.
 
-    torchrun on CPU, or `accelerate launch` with an FSDP or DeepSpeed config on CPU, starts N processes (and may
-    initialise torch.distributed) while Accelerate falls back to a single process: the contrastive loss would
+    torchrun on CPU, or `accelerate launch` with a DeepSpeed config on CPU, starts N processes (and may initialise
+    torch.distributed) while Accelerate falls back to a single process (an FSDP2 config on CPU processes runs
+    sharded: `training.sharding.enable_fsdp_on_cpu`): the contrastive loss would
     still gather across processes, but gradients would not be synchronised and every process would write the same
     checkpoints.
     """
@@ -152,9 +155,9 @@ def check_world_size(accelerator: Accelerator) -> None:
             f"{'initialised with ' + str(grouped) + ' processes' if distributed else 'not initialised'}) but "
             f"Accelerate runs each alone (distributed type {accelerator.distributed_type}): gradients would not be "
             "synchronised and every process would write the same checkpoints. For CPU processes set "
-            "ACCELERATE_USE_CPU=1 and launch with `accelerate launch --multi_gpu --num_processes N` (an FSDP or "
-            "DeepSpeed config, or torchrun alone, leaves Accelerate single-process on CPU); on GPUs, check that "
-            "every process sees a device."
+            "ACCELERATE_USE_CPU=1 and launch with `accelerate launch --multi_gpu --num_processes N` or with an FSDP2 "
+            "config (training/configs/fsdp2.yaml; a DeepSpeed config, or torchrun alone, leaves Accelerate "
+            "single-process on CPU); on GPUs, check that every process sees a device."
         )
 
 
@@ -615,6 +618,8 @@ class CheckpointManager:
         kept = f"the newest intact checkpoint is still {intact[0]}" if intact else "no earlier checkpoint exists"
         with staged_write(staging, final, kept):
             self.accelerator.save_state(str(staging))
+            # Every process writes its part (its random states; its shards under FSDP) before the folder moves.
+            self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 write_json_atomically(staging / RUN_OPTIONS, self.options)
                 write_json_atomically(staging / TRAINER_STATE, asdict(position))
@@ -734,8 +739,14 @@ def staged_write(staging: Path, target: Path, kept: str):
         raise OSError(getattr(error, "errno", None), f"writing {target} failed ({reason}); {kept}") from error
 
 
-def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *savables) -> Path:
-    """Writes `save_pretrained` objects (model, processor, ...) into `output` as a whole or not at all."""
+def export_atomically(
+    accelerator: Accelerator, output: str | os.PathLike, *savables, state_dict: dict | None = None
+) -> Path:
+    """Writes `save_pretrained` objects (model, processor, ...) into `output` as a whole or not at all.
+
+    `state_dict`: the weights the model (each `torch.nn.Module` among `savables`) writes instead of its own, such as
+    the full state dict of a sharded model (`training.sharding.full_state_dict`, gathered on every process before
+    this call: only the main process writes)."""
     output = Path(output)
     staging = output.with_name(f".staging-{output.name}")
     if accelerator.is_main_process:
@@ -743,7 +754,11 @@ def export_atomically(accelerator: Accelerator, output: str | os.PathLike, *sava
         kept = f"the previous {output} is untouched" if output.exists() else f"nothing was written to {output}"
         with staged_write(staging, output, kept):
             for savable in savables:
-                savable.save_pretrained(staging)
+                if isinstance(savable, torch.nn.Module):
+                    with plain_class(savable):
+                        savable.save_pretrained(staging, **({} if state_dict is None else {"state_dict": state_dict}))
+                else:
+                    savable.save_pretrained(staging)
         replace_folder(staging, output)
     accelerator.wait_for_everyone()
     return output

@@ -1,0 +1,206 @@
+"""Sharded training: stage 1 under FSDP2 (`accelerate launch --config_file training/configs/fsdp2.yaml`) on 2 CPU
+processes over gloo, against one process on the same global batch; exact resume; the export."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from modeling_agriclip import AgriCLIPModel
+from training.sharding import SCALAR_PARAMETERS, full_state_dict, plain_class, prepare_for_sharding
+
+from conftest import kill_before_last_checkpoint, read_metrics, run_script, run_subprocess, write_labelled_folder
+
+
+RUN = "stage1_contrastive"
+FSDP2_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "fsdp2.yaml"
+
+
+def run_fsdp2(module_args, timeout=300):
+    """`python -m <module> ...` under `accelerate launch` with the shipped FSDP2 config, on 2 CPU processes."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP2_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        *module_args,
+    ]
+    return run_subprocess(command, env=env, timeout=timeout)
+
+
+def test_the_shipped_fsdp2_config_asks_for_fsdp2():
+    text = FSDP2_CONFIG.read_text()
+    assert "distributed_type: FSDP" in text and "fsdp_version: 2" in text
+
+
+def test_plain_class_is_the_class_itself_for_an_unsharded_model(tiny_model):
+    with plain_class(tiny_model) as model:
+        assert type(model) is AgriCLIPModel
+    assert all(getattr(tiny_model, name).dim() == 0 for name in SCALAR_PARAMETERS)
+
+
+def test_without_fsdp_the_sharding_steps_leave_the_model_as_it_is(tiny_config):
+    model = AgriCLIPModel(tiny_config)
+    accelerator = Accelerator(cpu=True)
+    assert prepare_for_sharding(accelerator, model) is model
+    assert all(getattr(model, name).dim() == 0 for name in SCALAR_PARAMETERS)
+    assert full_state_dict(accelerator, model) is None
+
+
+@pytest.mark.slow
+def test_fsdp2_stage1_matches_one_process_resumes_exactly_and_exports_full_weights(caption_folder, tmp_path):
+    """FSDP2 on 2 processes x batch 4 equals 1 process x batch 8 in losses and exported weights (1e-5); a run killed
+    before its last checkpoint resumes under FSDP2 to the same weights bit for bit; the export holds every tensor of
+    the model, the scalar parameters in their checkpoint shape, and loads."""
+    common = [
+        "training.stage1_contrastive",
+        "--model",
+        "tiny",
+        "--train-data",
+        str(caption_folder),
+        "--max-steps",
+        "5",
+        "--checkpoint-every",
+        "3",
+        "--log-with",
+        "none",
+        "--learning-rate",
+        "1e-3",
+    ]
+    sharded = run_fsdp2([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "4 x 2 process(es)" in sharded.stdout, sharded.stderr[-3000:]
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir(), "the checkpoint is not FSDP's sharded one"
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    losses = {
+        name: [row["loss"] for row in read_metrics(tmp_path / name, RUN) if "loss" in row] for name in ("one", "fsdp")
+    }
+    assert len(losses["one"]) == 5
+    assert losses["fsdp"] == pytest.approx(losses["one"], abs=1e-5)
+    weights_one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    weights_fsdp = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert weights_one.keys() == weights_fsdp.keys()
+    for key in weights_one:
+        assert weights_one[key].shape == weights_fsdp[key].shape, key
+        torch.testing.assert_close(weights_fsdp[key], weights_one[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert all(weights_fsdp[name].dim() == 0 for name in SCALAR_PARAMETERS)
+    assert (tmp_path / "fsdp" / "final" / "modeling_agriclip.py").is_file()
+    assert not list((tmp_path / "fsdp" / "final").glob("_fsdp*.py"))
+
+    loaded, info = AgriCLIPModel.from_pretrained(tmp_path / "fsdp" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(torch.isfinite(value).all() for value in weights_fsdp.values())
+    state = loaded.state_dict()  # the backbone's keys are renamed on loading; the CLIP towers' are not
+    shared = [key for key in weights_fsdp if key in state]
+    assert len(shared) > len(weights_fsdp) // 2 and "logit_scale" in shared
+    for key in shared:
+        assert torch.equal(state[key], weights_fsdp[key]), key
+
+    kill_before_last_checkpoint(tmp_path / "fsdp", last_step=5)
+    resumed = run_fsdp2([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp"), "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoint}" in resumed.stdout
+    rows = [row for row in read_metrics(tmp_path / "fsdp", RUN) if "loss" in row]
+    assert [row["loss"] for row in rows[-2:]] == losses["fsdp"][-2:]
+    final = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert final.keys() == weights_fsdp.keys()
+    for key in final:
+        assert torch.equal(final[key], weights_fsdp[key]), key
+    assert json.loads((tmp_path / "fsdp" / "final" / "config.json").read_text())["model_type"] == "agriclip"
+
+
+@pytest.mark.slow
+def test_fsdp2_stage2_matches_one_process_and_exports_the_teacher(caption_folder, tmp_path):
+    """Stage 2 under FSDP2 on 2 processes x batch 4 equals 1 process x batch 8: losses, and the exported model and
+    backbone (the EMA teacher, updated from the student's gathered shards)."""
+    common = [
+        "training.stage2_dino",
+        "--model",
+        "tiny",
+        "--train-data",
+        str(caption_folder),
+        "--max-steps",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--out-dim",
+        "128",
+        "--head-hidden-dim",
+        "32",
+        "--head-bottleneck-dim",
+        "16",
+        "--num-local-crops",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--log-with",
+        "none",
+    ]
+    sharded = run_fsdp2([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = {
+        name: [row for row in read_metrics(tmp_path / name, "stage2_dino") if "loss" in row] for name in ("one", "fsdp")
+    }
+    assert len(rows["one"]) == len(rows["fsdp"]) == 2
+    for row_one, row_fsdp in zip(rows["one"], rows["fsdp"]):
+        for key in ("loss", "teacher_entropy", "teacher_student_kl"):
+            assert row_fsdp[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-6), key
+    for folder in ("final", "backbone"):
+        weights = [load_file(tmp_path / name / folder / "model.safetensors") for name in ("one", "fsdp")]
+        assert weights[0].keys() == weights[1].keys()
+        for key in weights[0]:
+            torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_matches_one_process(tiny_checkpoint, tmp_path):
+    """LoRA (classification) under FSDP2 on 2 processes x batch 4 equals 1 process x batch 8: the adapter weights and
+    the held-out top-1 (evaluated with the root's parameters gathered)."""
+    folder = write_labelled_folder(tmp_path / "colours")
+    common = [
+        "training.lora_finetune",
+        "--model",
+        str(tiny_checkpoint),
+        "--train-data",
+        str(folder),
+        "--templates",
+        "a photo of a {} leaf.",
+        "--learning-rate",
+        "1e-2",
+        "--shots",
+        "4",  # 16 images: two whole global batches of 8
+        "--max-steps",
+        "2",
+        "--log-with",
+        "none",
+    ]
+    sharded = run_fsdp2([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "fsdp")}
+    assert weights["one"].keys() == weights["fsdp"].keys() and weights["one"]
+    for key in weights["one"]:
+        torch.testing.assert_close(weights["fsdp"][key], weights["one"][key], atol=1e-5, rtol=1e-4, msg=key)
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "fsdp")}
+    assert results["fsdp"]["adapted"]["top1"] == results["one"]["adapted"]["top1"]

@@ -1,0 +1,179 @@
+"""Sharded training (FSDP2 through Accelerate's plugin) of the AgriCLIP model: what the training scripts do around
+`accelerator.prepare` so that `accelerate launch --config_file training/configs/fsdp2.yaml` works.
+
+- `enable_fsdp_on_cpu`: Accelerate runs an FSDP config on CPU processes (ACCELERATE_USE_CPU=1, gloo) as plain DDP
+  (`MULTI_CPU`) and says nothing; here such a launch gets the FSDP plugin the config asked for (PyTorch's
+  `fully_shard` runs on gloo), so a sharded run can be checked on CPUs before it goes to GPUs.
+- `prepare_for_sharding`, before the optimizer is built and the model prepared: `fully_shard` refuses 0-dimensional
+  parameters ("Change logit_scale to a 1D tensor with numel equal to 1"), so `logit_scale` and `logit_bias` become
+  1-element tensors of shape (1,) for the run (the same values and the same arithmetic: they only broadcast); and
+  the wrap policy gets the model's blocks without the text embeddings, which Accelerate shards as a unit of their
+  own (`get_input_embeddings`) and cannot also shard inside a wrapped `CLIPTextEmbeddings`.
+  The exported model keeps the scalar parameters of the checkpoint format (`full_state_dict`).
+- `register_feature_methods`: the feature methods (`get_text_features`, ...) run outside `forward`; FSDP2 gathers
+  the root's parameters only around `forward`, so they are registered as forward methods (validation calls them).
+- `full_state_dict`: the model's full state dict, gathered on every process (each must join the gather), with the
+  scalar parameters back in their checkpoint shape; `training.runtime.export_atomically` saves it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+
+# The model's 0-dimensional parameters, which `fully_shard` cannot shard.
+SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
+# Methods a training script calls on the model besides `forward`.
+FEATURE_METHODS = ("get_text_features", "get_clip_image_features", "get_backbone_features", "get_image_features")
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher was given an FSDP config (`accelerate launch` sets ACCELERATE_USE_FSDP from it)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turns a multi-process CPU run that an FSDP config launched into the FSDP run it asked for.
+
+    Accelerate only enables its FSDP plugin on accelerators; on CPU processes it runs such a launch as DDP. FSDP2 runs
+    on gloo, so the plugin built from the launcher's environment is installed on the shared state. An FSDP1 config
+    on CPU processes is refused (it would silently run as DDP).
+    """
+    if not (fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise RuntimeError(
+            f"an FSDP{plugin.fsdp_version} config was launched on CPU processes, which Accelerate would run as plain "
+            "DDP without saying so; sharding on CPU processes runs FSDP2 only: set `fsdp_version: 2` (see "
+            "training/configs/fsdp2.yaml)"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def prepare_for_sharding(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Makes `model` (an `AgriCLIPModel`, not yet prepared, before its optimizer is built) shardable by FSDP2; a
+    no-op without FSDP. See the module's docstring."""
+    if not is_fsdp(accelerator):
+        return model
+    for name in SCALAR_PARAMETERS:
+        parameter = getattr(model, name, None)
+        if isinstance(parameter, torch.nn.Parameter) and parameter.dim() == 0:
+            setattr(
+                model, name, torch.nn.Parameter(parameter.detach().reshape(1), requires_grad=parameter.requires_grad)
+            )
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None and hasattr(model, "get_input_embeddings"):
+        # Accelerate shards the input embedding on its own; the module holding it must not be a unit too.
+        embedding = model.get_input_embeddings()
+        holders = {
+            type(module).__name__
+            for module in model.modules()
+            if any(child is embedding for child in module.modules()) and module is not model
+        }
+        present = {type(module).__name__ for module in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [
+            name for name in model._no_split_modules if name in present and name not in holders
+        ]
+    return model
+
+
+def _own_scalars(module, args, kwargs, output):
+    """A forward hook that runs before FSDP2 reshards the root: the output's `logit_scale` and `logit_bias` (the
+    parameters themselves, whose unsharded storage FSDP frees after the forward) become copies that keep the
+    gradient path to the parameters."""
+    for name in SCALAR_PARAMETERS:
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            setattr(output, name, value.clone())
+    return output
+
+
+def register_feature_methods(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Lets the prepared FSDP2 `model`'s feature methods gather its parameters as `forward` does, and keeps the
+    parameters the forward returns readable after it (`_own_scalars`)."""
+    if not (is_fsdp(accelerator) and accelerator.is_fsdp2):
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for method in FEATURE_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    model.register_forward_hook(_own_scalars, with_kwargs=True, prepend=True)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a possibly sharded tensor (a DTensor's `full_tensor`, a collective every process must join)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The prepared model's full state dict, gathered on every process (a collective: call it on all), with the
+    parameters `prepare_for_sharding` reshaped back to their checkpoint shape (scalars); None without FSDP (the
+    model's own state dict is then what `save_pretrained` writes)."""
+    if not is_fsdp(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)
+    if state is None:
+        return None
+    return {
+        key: value.reshape(()) if key.split(".")[-1] in SCALAR_PARAMETERS and value.numel() == 1 else value
+        for key, value in state.items()
+    }
+
+
+@contextmanager
+def plain_class(module: torch.nn.Module):
+    """`module` seen as its own class for the duration: `fully_shard` swaps a module's class for a generated
+    `FSDP<Name>` subclass, whose source file (torch's) `save_pretrained` would copy as the model's custom code in
+    place of `modeling_agriclip.py`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = type(module)
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.__class__ = next(cls for cls in sharded.__mro__[1:] if not issubclass(cls, FSDPModule))
+    try:
+        yield module
+    finally:
+        module.__class__ = sharded
+
+
+@contextmanager
+def gathered(accelerator: Accelerator, model: torch.nn.Module):
+    """The prepared FSDP2 `model`'s root parameters gathered for the duration, so that code calling its submodules
+    outside `forward` (evaluation through a wrapped model's feature methods) reads whole tensors; the blocks that
+    are units of their own gather themselves when they run. A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (is_fsdp(accelerator) and isinstance(model, FSDPModule)):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
+def submodule_state_dict(state: dict | None, root: torch.nn.Module, module: torch.nn.Module) -> dict | None:
+    """The entries of `root`'s state dict `state` that belong to its submodule `module`, named as in `module`."""
+    if state is None:
+        return None
+    prefix = next((f"{name}." for name, child in root.named_modules() if child is module and name), "")
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
