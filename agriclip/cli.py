@@ -31,6 +31,7 @@ Zero-shot classification and embeddings of field photos, checkpoints and publish
   agriclip embed IMAGE... [--labels ...] --output embeddings.safetensors
   agriclip info MODEL
   agriclip export MODEL --labels "leaf rust,healthy leaf" --output DIR [--quantize int8]
+  agriclip explain MODEL IMAGE... --labels "leaf rust,healthy leaf" --output DIR [--label "leaf rust"]
   agriclip convert --clip openai/clip-vit-base-patch16 --dino facebook/dino-vitb16 --output agriclip-init
   agriclip tokenizer --output DIR
   agriclip card FOLDER [--eval-results results.json --run-dir runs]
@@ -85,6 +86,21 @@ EMBED_OUTPUTS = """\
 embed writes L2-normalised embeddings: image_embeds (one row per readable image, in the order of the files list)
 and, with labels, label_embeds (one row per label). A .safetensors file holds both, with model, embedding, files,
 skipped, labels and templates in its metadata; a .npy file holds one array and the metadata goes to <output>.json.
+"""
+
+
+EXPLAIN_OUTPUTS = """\
+explain writes into --output, per readable image (named by its path below the folder common to all images, folders
+joined by "__"): <name>.<map>.png, the heat map of the explained label overlaid on the processed (resized, centre-
+cropped) photo, a cross at its maximum, and <name>.json: {"image", "model", "embedding", "labels", "templates",
+"score", "scores": [{"label", "score"}] best first, "predicted", "explained", "explained_score", "explained_logit",
+"size", "maps": [{"type", "description", "overlay", "grid", "argmax": {"x", "y"}, "constant"}]}; plus explain.json, the list of
+results and skipped images. The maps follow the embedding (aligned: the backbone's; clip: the CLIP tower's; fused:
+both), each min-max scaled to [0, 1]:
+  backbone-attention   ViT/DINOv2 backbone: last-layer CLS-to-patch attention, mean over heads (and per head in
+                       <name>.backbone-attention.heads.png); it does not depend on the label
+  backbone-grad-cam    ResNet/ConvNeXt backbone: Grad-CAM of the explained logit on the last stage's feature map
+  clip-grad-attention  CLIP image tower: gradient-weighted attention relevance over all layers (Chefer et al. 2021)
 """
 
 
@@ -170,6 +186,16 @@ def check_export(args) -> None:
         check_labelled(args)
     if args.output.exists() and not args.output.is_dir():
         raise CLIError(ExitCode.OUTPUT, f"--output {args.output} is a file; the export is a folder")
+
+
+def check_explain(args) -> None:
+    """explain: the labels and templates as predict checks them, --label among the labels, and an output folder
+    that is not an existing file."""
+    check_labelled(args)
+    if args.label is not None and args.label not in args.class_names:
+        raise CLIError(ExitCode.LABELS, f"--label {args.label!r} is not one of the labels {args.class_names}")
+    if args.output.exists() and not args.output.is_dir():
+        raise CLIError(ExitCode.OUTPUT, f"--output {args.output} is a file; explain writes into a folder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,6 +379,46 @@ def build_parser() -> argparse.ArgumentParser:
         choices=IMAGE_EMBEDDINGS,
         default=None,
         help="AgriCLIP image embedding to export (default: the checkpoint's image_embedding).",
+    )
+
+    explain = _command(
+        commands,
+        "explain",
+        "Show where the model looked: for the predicted (or --label) label of each image, a heat map overlaid on the "
+        "processed photo (PNG) next to a JSON of the scores.",
+        "modeling_agriclip.commands:run_explain",
+        check_explain,
+        EXPLAIN_OUTPUTS,
+        needs_model=True,
+    )
+    explain.add_argument(
+        "model",
+        nargs="?",
+        default=os.environ.get(MODEL_ENV),
+        metavar="MODEL",
+        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
+    )
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
+    _add_label_options(explain, required=True)
+    explain.add_argument("--output", type=Path, required=True, help="Folder to write the overlays and JSON files to.")
+    explain.add_argument(
+        "--label", default=None, help="Explain this label (one of --labels) for every image (default: the predicted)."
+    )
+    explain.add_argument(
+        "--embedding",
+        choices=IMAGE_EMBEDDINGS,
+        default=None,
+        help="AgriCLIP image embedding to explain (default: the checkpoint's image_embedding).",
+    )
+    explain.add_argument("--batch-size", type=_positive_int, default=8, help="Images per forward pass (default: 8).")
+    explain.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=None,
+        help="Processes decoding images (default: up to 4, two cores spared; 0 for a single batch).",
+    )
+    explain.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
     )
 
     convert = _command(

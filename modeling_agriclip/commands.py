@@ -671,3 +671,47 @@ def run_tokenizer(args) -> ExitCode:
     build_clip_tokenizer(args.bpe).save_pretrained(args.output)
     print(f"CLIP tokenizer written to {args.output}", file=sys.stderr)
     return ExitCode.OK
+
+
+def run_explain(args) -> ExitCode:
+    from modeling_agriclip.explain import explain_files
+
+    classifier, files = _prepare(args, args.images)
+    header = {"model": args.model}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingleLabelWarning)  # `agriclip.cli.check_labelled` said it already
+            result = explain_files(
+                classifier,
+                files,
+                args.class_names,
+                args.templates,
+                args.output,
+                label=args.label,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                header=header,
+            )
+        _require_readable(result.stats)  # names the skipped files itself: the warning would name them twice
+        _report_skipped(result.stats)
+        index = {
+            **header,
+            "embedding": result.results[0]["document"]["embedding"],
+            "labels": args.class_names,
+            "templates": args.templates,
+            "results": [
+                {"image": row["image"], "json": row["json"], "explained": row["document"]["explained"]}
+                for row in result.results
+            ],
+            "skipped": [{"image": path, "error": reason} for path, reason in skipped_files(files, result.stats)],
+        }
+        text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+        with atomic_open(args.output / "explain.json", "wb") as handle:
+            handle.write(text.encode("utf-8"))
+    except OSError as error:
+        raise CLIError(ExitCode.OUTPUT, f"cannot write into {args.output}: {error.strerror or error}") from error
+    print(
+        f"explained {len(result.results)} images, skipped {result.stats.num_skipped} unreadable; wrote {args.output}",
+        file=sys.stderr,
+    )
+    return ExitCode.OK

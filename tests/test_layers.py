@@ -28,6 +28,7 @@ ENTRY_POINTS = [
             "embed",
             "info",
             "export",
+            "explain",
             "convert",
             "tokenizer",
             "card",
@@ -76,8 +77,8 @@ def test_help_and_argument_errors_load_no_heavy_stack(tmp_path):
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert [result["heavy"] for result in results] == [[] for _ in ENTRY_POINTS], results
     codes = [result["code"] for result in results]
-    assert codes[:10] == [0] * 10 and codes[10] == 2 and codes[11] == 7  # help; missing --labels; bad template
-    assert codes[12:20] == [0] * 8 and codes[20:] == [2, 2]
+    assert codes[:11] == [0] * 11 and codes[11] == 2 and codes[12] == 7  # help; missing --labels; bad template
+    assert codes[13:21] == [0] * 8 and codes[21:] == [2, 2]
     assert "exactly one" in done.stderr and "the following arguments are required: --model, --output-dir" in done.stderr
 
 

@@ -260,8 +260,22 @@ _SPOTS = {
 }
 
 
+# Conditions drawn as localised lesions, whose pixels `render_leaf_with_lesions` returns: spots (core and rim, not the
+# halo), rust pustules, blight's dead patches, and pest damage's holes, bites and their brown edges. The others are
+# spread over the whole leaf (mosaic mottling, chlorosis) or absent (healthy).
+LESION_CONDITIONS = ("leaf_spot", "bacterial_spot", "frogeye_spot", "rust", "blight", "pest_damage")
+
+
 def render_leaf(crop_key: str, condition_key: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """One leaf of `crop_key` with `condition_key` on a lab or soil background; uint8 (size, size, 3)."""
+    return render_leaf_with_lesions(crop_key, condition_key, rng, size)[0]
+
+
+def render_leaf_with_lesions(
+    crop_key: str, condition_key: str, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render_leaf` (the same image from the same `rng` state) and the boolean (size, size) mask of the pixels
+    where it drew a lesion of a `LESION_CONDITIONS` condition (all False for the others)."""
     crop = CROPS[crop_key]
     scale = crop.scale * rng.uniform(0.88, 1.05)
     center = rng.uniform(-0.08, 0.08, 2)
@@ -300,6 +314,7 @@ def render_leaf(crop_key: str, condition_key: str, rng: np.random.Generator, siz
             leaf = _blend(leaf, _jitter(rng, halo_color, 0.03), np.clip((1 + halo - field) / edge, 0, 1))
         leaf = _blend(leaf, _jitter(rng, rim, 0.02), np.clip((1 - field) / edge + 0.5, 0, 1))
         leaf = _blend(leaf, _jitter(rng, core, 0.03), np.clip((0.72 - field) / edge + 0.5, 0, 1))
+        lesions = field < 1
     elif condition_key == "blight":
         score = 0.5 * _noise(rng, size, 5) + 0.7 * np.clip(toward_tip, 0, 1)
         threshold = rng.uniform(0.62, 0.75)
@@ -307,6 +322,7 @@ def render_leaf(crop_key: str, condition_key: str, rng: np.random.Generator, siz
         dead = np.clip((score - threshold) * 30, 0, 1)
         texture = 0.8 + 0.4 * rng.random((size, size), dtype=np.float32)
         leaf = _blend(leaf, _jitter(rng, (0.3, 0.19, 0.09), 0.02), dead) * np.where(dead > 0.5, texture, 1)[..., None]
+        lesions = dead > 0.5
     elif condition_key == "pest_damage":
         holes = int(rng.integers(3, 7))
         centers = _sample_points(rng, inside, 0.12, holes)
@@ -317,10 +333,16 @@ def render_leaf(crop_key: str, condition_key: str, rng: np.random.Generator, siz
         bite_field = _spot_field(size, margin, np.full(bites, 0.16 * scale))
         field = np.minimum(field, bite_field + 0.25 * (_noise(rng, size, 10) - 0.5))
         leaf = _blend(leaf, _jitter(rng, (0.42, 0.3, 0.14), 0.03), np.clip((1.3 - field) * 6, 0, 1))
+        lesions = (field < 1.3) & (alpha > 0.5)  # holes and brown edges inside the intact outline
         alpha = alpha * np.clip((field - 1) * 8, 0, 1)
 
     background = _plain_background(rng, size) if rng.random() < 0.5 else _soil_background(rng, size)
-    return _finish(rng, _blend(background, leaf, alpha))
+    image = _finish(rng, _blend(background, leaf, alpha))
+    if condition_key == "pest_damage":
+        return image, lesions
+    if condition_key in LESION_CONDITIONS:
+        return image, lesions & (alpha > 0.5)
+    return image, np.zeros((size, size), dtype=bool)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,6 +675,15 @@ def draw(drawings: list[Drawing], rng: np.random.Generator, size: int) -> np.nda
     return RENDERERS[kind](*arguments, rng, size)
 
 
+def draw_with_lesions(drawings: list[Drawing], rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`draw` (the same image from the same `rng` state) and its lesion mask (`render_leaf_with_lesions`; all False
+    for a fish, a cow, or a leaf without localised lesions)."""
+    kind, arguments = drawings[int(rng.integers(len(drawings)))] if len(drawings) > 1 else drawings[0]
+    if kind == "leaf":
+        return render_leaf_with_lesions(*arguments, rng, size)
+    return RENDERERS[kind](*arguments, rng, size), np.zeros((size, size), dtype=bool)
+
+
 @dataclass(frozen=True)
 class EmbeddedSource:
     """One ALive-mini source: its metadata (which drives the captions) and each class's drawing."""
@@ -780,6 +811,28 @@ def _stream(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def _downstream_entropy(seed: int, task: str, class_index: int, index: int) -> list[int]:
+    """The seed of image `index` of class `class_index` of downstream task `task`."""
+    return [seed, _stream(f"downstream/{task}"), class_index, index]
+
+
+def downstream_image(
+    task: str, class_folder: str, index: int, seed: int = 0, image_size: int = 96
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` of `downstream/<task>/<class_folder>/` as `build_embedded_dataset(seed=seed,
+    image_size=image_size)` draws it (uint8 (size, size, 3), the pixels of its PNG) and the boolean mask of its drawn
+    lesions (`draw_with_lesions`). The seed and image size of a built dataset are in its embedded.json."""
+    tasks = {spec.name: spec for spec in downstream_tasks()}
+    if task not in tasks:
+        raise KeyError(f"no downstream task {task!r}; the tasks are {', '.join(tasks)}")
+    folders = list(tasks[task].drawings)
+    if class_folder not in folders:
+        raise KeyError(f"task {task!r} has no class {class_folder!r}; its classes are {', '.join(folders)}")
+    class_index = folders.index(class_folder)
+    rng = np.random.default_rng(_downstream_entropy(seed, task, class_index, index))
+    return draw_with_lesions(tasks[task].drawings[class_folder], rng, image_size)
+
+
 def _render_jobs(jobs: list[tuple]) -> int:
     """Draws and saves each (drawings, entropy, size, path) job; returns how many."""
     for drawings, entropy, size, path in jobs:
@@ -849,7 +902,7 @@ def build_embedded_dataset(
         for class_index, (folder, drawings) in enumerate(task.drawings.items()):
             (output_dir / "downstream" / task.name / folder).mkdir(parents=True, exist_ok=True)
             for index in range(per_class):
-                entropy = [seed, _stream(f"downstream/{task.name}"), class_index, index]
+                entropy = _downstream_entropy(seed, task.name, class_index, index)
                 path = output_dir / "downstream" / task.name / folder / f"{index:04d}.png"
                 jobs.append((drawings, entropy, image_size, path))
         counts[f"downstream/{task.name}"] = per_class * len(task.drawings)
