@@ -242,6 +242,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_model_positional(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=os.environ.get(MODEL_ENV),
+        metavar="MODEL",
+        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
+    )
+
+
 def _add_label_options(parser: argparse.ArgumentParser, required: bool) -> None:
     labels = parser.add_mutually_exclusive_group(required=required)
     labels.add_argument("--labels", help='Comma-separated class names, e.g. "leaf rust,healthy leaf".')
@@ -332,13 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "modeling_agriclip.commands:run_info",
         needs_model=True,
     )
-    info.add_argument(
-        "model",
-        nargs="?",
-        default=os.environ.get(MODEL_ENV),
-        metavar="MODEL",
-        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
-    )
+    _add_model_positional(info)
     info.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
 
     export = _command(
@@ -352,13 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         EXPORT_OUTPUTS,
         needs_model=True,
     )
-    export.add_argument(
-        "model",
-        nargs="?",
-        default=os.environ.get(MODEL_ENV),
-        metavar="MODEL",
-        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
-    )
+    _add_model_positional(export)
     _add_label_options(export, required=False)
     export.add_argument("--output", type=Path, required=True, help="Folder to write the export to (replaced whole).")
     export.add_argument(
@@ -391,13 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         EXPLAIN_OUTPUTS,
         needs_model=True,
     )
-    explain.add_argument(
-        "model",
-        nargs="?",
-        default=os.environ.get(MODEL_ENV),
-        metavar="MODEL",
-        help=f"Checkpoint folder or Hub id (default: ${MODEL_ENV}).",
-    )
+    _add_model_positional(explain)
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
     _add_label_options(explain, required=True)
     explain.add_argument("--output", type=Path, required=True, help="Folder to write the overlays and JSON files to.")

@@ -722,16 +722,9 @@ def load_image_dataset(
         A Dataset (or IterableDataset) with an undecoded `image` column, and `source` and `label` where the data has
         them.
     """
-    path = Path(str(source))
-    if (
-        not isinstance(source, (list, tuple))
-        and path.is_dir()
-        and not _is_saved_dataset(path)
-        and next(_metadata_files(path), None) is None
-        and not _matches(path, "*.tar")
-        and not _matches(path, "*/*.tar")
-    ):
-        dataset = _plain_image_folder(path, split)
+    kind = _source_kind(source)
+    if kind == "hub" and Path(source).is_dir():  # a folder that is no dataset, no image folder, no shards
+        dataset = _plain_image_folder(Path(source), split)
         return dataset.to_iterable_dataset() if streaming else dataset
     opened = _open_source(source, split, streaming, image_column, None, separator, captions=False)
     dataset = opened.dataset

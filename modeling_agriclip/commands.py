@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from agriclip.atomic import atomic_open
+from agriclip.atomic import atomic_open, write_json_atomically
 from agriclip.cli import MODEL_ENV
 from agriclip.errors import CLIError, ExitCode, SingleLabelWarning, warn
 from agriclip.files import check_folder_files, check_hub_id, parameter_counts
@@ -705,9 +705,7 @@ def run_explain(args) -> ExitCode:
             ],
             "skipped": [{"image": path, "error": reason} for path, reason in skipped_files(files, result.stats)],
         }
-        text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
-        with atomic_open(args.output / "explain.json", "wb") as handle:
-            handle.write(text.encode("utf-8"))
+        write_json_atomically(args.output / "explain.json", index)
     except OSError as error:
         raise CLIError(ExitCode.OUTPUT, f"cannot write into {args.output}: {error.strerror or error}") from error
     print(

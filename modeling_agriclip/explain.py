@@ -27,7 +27,6 @@ random maximum falls inside.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from agriclip.atomic import atomic_open
+from agriclip.atomic import atomic_open, write_json_atomically
 from agriclip.images import DecodeStats
 from agriclip.templates import DEFAULT_TEMPLATES
 
@@ -345,11 +344,6 @@ def _save_png(image: Image.Image, path: Path) -> None:
         image.save(handle, format="PNG")
 
 
-def _save_json(document: dict, path: Path) -> None:
-    with atomic_open(path, "wb") as handle:
-        handle.write((json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def _heads_strip(view: np.ndarray, heads: np.ndarray) -> Image.Image:
     """The overlays of each head's map side by side."""
     tiles = [overlay(view, head) for head in heads]
@@ -440,7 +434,7 @@ def explain_files(
                 "size": {"height": int(views[index].shape[0]), "width": int(views[index].shape[1])},
                 "maps": maps,
             }
-            _save_json(document, output / f"{name}.json")
+            write_json_atomically(output / f"{name}.json", document)
             result.results.append({"image": path, "json": f"{name}.json", "document": document})
     return result
 
