@@ -72,7 +72,7 @@ def stage3(config: dict, model: Path, train_data: str, output_dir: Path, objecti
         "train_data": train_data,
         "feature_cache": str(cache),
     }
-    return run_all.train_into(f"stage 3 ({output_dir.name})", stage3_align, options, output_dir)
+    return run_all.train_into(f"stage 3 ({output_dir.name})", run_all.STAGES["stage3"], options, output_dir)
 
 
 def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple[dict, dict]:
@@ -107,7 +107,7 @@ def ablate_seed(config: dict, root: Path, seed: int, data: dict | None) -> tuple
             "train_data": train_data,
             "knn_data": data.get("knn_data"),
         }
-        run_all.train_into(f"stage 2 ({folder})", stage2_dino, options, stage2_dirs[name])
+        run_all.train_into(f"stage 2 ({folder})", run_all.STAGES["stage2"], options, stage2_dirs[name])
         variants[name] = stage3(
             seed_config,
             stage2_dirs[name] / "final",

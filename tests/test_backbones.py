@@ -4,7 +4,6 @@
 import re
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from modeling_agriclip.convert import PRESETS, convert
 from training.dino import MULTICROP_PRESETS
 from training.distillation import OPTIMIZER_RECIPES, resolve_recipe
 from training.lora import build_lora_model, resolve_lora_targets
-from training.stage2_dino import build_parser
+from training.options import options_from
+from training.stage2_dino import DinoOptions, build_parser
 from training.stage2_dino import main as stage2_main
 
 from conftest import run_subprocess
@@ -141,17 +141,17 @@ def test_default_lora_targets_are_the_family_s_modules_and_peft_wraps_them(kind)
 
 @pytest.mark.parametrize("kind", sorted(BACKBONE_FAMILIES))
 def test_stage2_fills_the_family_s_recipe(kind):
-    args = SimpleNamespace(
-        crop_recipe=None, optimizer=None, learning_rate=None, weight_decay=None, weight_decay_end=None
-    )
-    resolve_recipe(args, kind)
+    required = {"model": "tiny", "train_data": "data", "output_dir": "out"}
+    unset = options_from(DinoOptions, required, "stage2")
+    args = resolve_recipe(unset, kind)
     family = BACKBONE_FAMILIES[kind]
     assert (args.crop_recipe, args.optimizer) == (family.crop_recipe, family.optimizer)
     assert args.learning_rate == OPTIMIZER_RECIPES[family.optimizer]["learning_rate"]
-    given = SimpleNamespace(
-        crop_recipe="resnet", optimizer="sgd", learning_rate=0.1, weight_decay=None, weight_decay_end=None
+    assert unset.optimizer is None and unset.learning_rate is None  # a pure function: the given options stay
+    given = options_from(
+        DinoOptions, {**required, "crop_recipe": "resnet", "optimizer": "sgd", "learning_rate": 0.1}, "stage2"
     )
-    resolve_recipe(given, kind)  # flags win over the family's recipe
+    given = resolve_recipe(given, kind)  # flags win over the family's recipe
     assert (given.crop_recipe, given.optimizer, given.learning_rate) == ("resnet", "sgd", 0.1)
 
 
@@ -166,8 +166,9 @@ def test_a_short_stage2_run_on_a_convnext_backbone(caption_folder, tmp_path, mon
     resolved = []
 
     def recording(args, backbone_type):
-        resolve_recipe(args, backbone_type)
+        args = resolve_recipe(args, backbone_type)
         resolved.append((backbone_type, args.crop_recipe, args.optimizer))
+        return args
 
     monkeypatch.setattr(training.distillation, "resolve_recipe", recording)
     final = stage2_main(
@@ -221,4 +222,4 @@ def test_an_unsupported_backbone_fails_where_first_needed_listing_the_families(t
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "swin")) + ": " + UNSUPPORTED):
         convert(clip=None, dino=str(tmp_path / "swin"), preset="tiny")
     with pytest.raises(ValueError, match=UNSUPPORTED):
-        resolve_recipe(SimpleNamespace(crop_recipe=None, optimizer=None), "swin")
+        resolve_recipe(options_from(DinoOptions, {"model": "tiny", "train_data": "d", "output_dir": "o"}, "s"), "swin")

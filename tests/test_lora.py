@@ -29,8 +29,8 @@ from training.lora import (
     tower_of,
     trainable_parameters,
 )
-from training.lora_finetune import build_parser, main
-from training.options import parse_args
+from training.lora_finetune import LoraOptions, main
+from training.options import options_from
 
 from conftest import (
     COLOURS,
@@ -209,9 +209,10 @@ def paths(dataset):
 
 def labelled_task(folder, shots=3, seed=0):
     """The task a classification run on `folder` trains on and holds out, as the script resolves it."""
-    args = parse_args(
-        build_parser(),
-        ["--model", "tiny", "--train-data", str(folder), "--output-dir", "unused", "--templates", TEMPLATE],
+    args = options_from(
+        LoraOptions,
+        {"model": "tiny", "train_data": str(folder), "output_dir": "unused", "templates": [TEMPLATE]},
+        "test",
     )
     return load_labelled_task(task_spec(args), train=True, shots=shots, seed=seed)
 

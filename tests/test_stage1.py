@@ -19,8 +19,9 @@ from training.contrastive import build_loaders, contrastive_forward, trainable_c
 from training.data import ImageTextCollator, IndexedRows, plan_validation
 from training.dino import CropAndFlip, param_groups_without_decay
 from training.losses import ContrastiveLoss
+from training.options import parse_options
 from training.runtime import NonFiniteLossError, adamw
-from training.stage1_contrastive import build_parser, main
+from training.stage1_contrastive import ContrastiveOptions, build_parser, main
 
 from conftest import COLOURS, assert_same_tensors, kill_before_last_checkpoint, read_metrics, run_script
 
@@ -196,8 +197,10 @@ def test_caption_variants_depend_on_seed_epoch_and_index_only(variant_caption_fo
 
 def validation_loader(data, processor, *flags):
     """Stage 1's validation loader and captions for `data`, prepared for one CPU process, and the accelerator."""
-    args = build_parser().parse_args(
-        ["--model", "tiny", "--train-data", str(data), "--output-dir", "unused", "--batch-size", "8", *flags]
+    args = parse_options(
+        ContrastiveOptions,
+        ["--model", "tiny", "--train-data", str(data), "--output-dir", "unused", "--batch-size", "8", *flags],
+        prog="test",
     )
     validation = plan_validation(
         args.train_data, args.train_split, args.val_data, args.val_split, args.val_fraction, args.seed

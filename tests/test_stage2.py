@@ -9,19 +9,18 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 import training.distillation
 from evaluation.knn import knn_accuracy
-from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
+from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel, AgriCLIPProcessor
 from training.distillation import CollapseError, knn_bank_and_queries, starts_random
-from training.stage2_dino import RECIPES, build_parser, main, parse_options
+from training.stage2_dino import RECIPES, build_parser, main, parse_command_line
 
 from conftest import (
     COLOURS,
@@ -410,27 +409,30 @@ def _settings(args):
 
 def test_the_recipes_fill_in_what_no_flag_gives():
     assert sorted(RECIPES) == ["published", "small-data"]
-    assert _settings(parse_options(REQUIRED)) == PUBLISHED and parse_options(REQUIRED).recipe == "published"
-    assert _settings(parse_options([*REQUIRED, "--recipe", "published"])) == PUBLISHED
-    assert _settings(parse_options([*REQUIRED, "--recipe", "small-data"])) == SMALL_DATA
-    given = parse_options(
+    assert _settings(parse_command_line(REQUIRED)) == PUBLISHED and parse_command_line(REQUIRED).recipe == "published"
+    assert _settings(parse_command_line([*REQUIRED, "--recipe", "published"])) == PUBLISHED
+    assert _settings(parse_command_line([*REQUIRED, "--recipe", "small-data"])) == SMALL_DATA
+    given = parse_command_line(
         [*REQUIRED, "--recipe", "small-data", "--out-dim", "4096", "--warmup-epochs", "0", "--learning-rate", "0.01"]
     )
     assert _settings(given) == {**SMALL_DATA, "out_dim": 4096, "warmup_epochs": 0, "learning_rate": 0.01}
-    assert _settings(parse_options([*REQUIRED, "--momentum-teacher", "0.9"])) == {**PUBLISHED, "momentum_teacher": 0.9}
+    assert _settings(parse_command_line([*REQUIRED, "--momentum-teacher", "0.9"])) == {
+        **PUBLISHED,
+        "momentum_teacher": 0.9,
+    }
 
 
 def test_a_config_file_gives_the_recipe_and_overrides_its_settings(tmp_path):
     config = tmp_path / "stage2.yaml"
     config.write_text(yaml.safe_dump({"recipe": "small-data", "out_dim": 512}))
-    assert _settings(parse_options([*REQUIRED, "--config", str(config)])) == {**SMALL_DATA, "out_dim": 512}
-    assert _settings(parse_options([*REQUIRED, "--config", str(config), "--out-dim", "256"]))["out_dim"] == 256
+    assert _settings(parse_command_line([*REQUIRED, "--config", str(config)])) == {**SMALL_DATA, "out_dim": 512}
+    assert _settings(parse_command_line([*REQUIRED, "--config", str(config), "--out-dim", "256"]))["out_dim"] == 256
 
 
 def test_the_demo_config_trains_with_the_small_data_settings_at_the_resnet_sgd_rate():
     demo = yaml.safe_load((Path(__file__).parents[1] / "training" / "configs" / "demo.yaml").read_text())["stage2"]
     assert demo["recipe"] == "small-data"
-    args = parse_options([*REQUIRED, *[f"--{key.replace('_', '-')}={value}" for key, value in demo.items()]])
+    args = parse_command_line([*REQUIRED, *[f"--{key.replace('_', '-')}={value}" for key, value in demo.items()]])
     # The demo's backbone is a ResNet, trained with SGD: DINO's ResNet-50 rate, 0.03 per 256 images.
     assert _settings(args) == {**SMALL_DATA, "learning_rate": 0.03}
 
@@ -486,34 +488,21 @@ def _knn_folders(root):
     return ["--knn-data", str(root), "--knn-bank-split", "train", "--knn-query-split", "test"]
 
 
-def _features(backbone, folder, config):
-    """CLS features and labels of an image folder of class folders, preprocessed here: the shorter side resized to the
-    model's image size (bicubic) and the centre cropped, scaled to [0, 1] and normalised with the backbone's mean and
-    std."""
-    size = config.vision_config.image_size
-    mean, std = (
-        torch.tensor(config.dino_image_mean).view(1, 3, 1, 1),
-        torch.tensor(config.dino_image_std).view(1, 3, 1, 1),
+def _features(backbone, folder, checkpoint):
+    """CLS features and labels of an image folder of class folders, fed as inference feeds the backbone: the
+    checkpoint's processor (as zero-shot and stage 3 use it), its normalisation undone and the backbone's applied."""
+    config = AgriCLIPConfig.from_pretrained(checkpoint)
+    processor = AgriCLIPProcessor.from_pretrained(checkpoint)
+    mean, std, dino_mean, dino_std = (
+        torch.tensor(values).view(1, 3, 1, 1)
+        for values in (config.image_mean, config.image_std, config.dino_image_mean, config.dino_image_std)
     )
     classes = sorted(path.name for path in folder.iterdir())
     paths = sorted(folder.rglob("*.png"))
-    pixels = (
-        torch.from_numpy(
-            np.stack(
-                [
-                    np.asarray(
-                        ImageOps.fit(Image.open(path).convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
-                    )
-                    for path in paths
-                ]
-            )
-        )
-        .permute(0, 3, 1, 2)
-        .float()
-        / 255
-    )
+    pixels = processor(images=[Image.open(path).convert("RGB") for path in paths], return_tensors="pt")["pixel_values"]
+    pixels = pixels * std + mean
     with torch.no_grad():
-        features = backbone.eval()(pixel_values=(pixels - mean) / std).last_hidden_state[:, 0]
+        features = backbone.eval()(pixel_values=(pixels - dino_mean) / dino_std).last_hidden_state[:, 0]
     return features, torch.tensor([classes.index(path.parent.name) for path in paths])
 
 
@@ -545,7 +534,7 @@ def test_the_untrained_control_is_a_fresh_seeded_backbone_of_the_same_architectu
     assert weights and not any(torch.equal(untrained[name], start[name]) for name in weights)
     assert not any(torch.equal(untrained[name], trained[name]) for name in weights)
 
-    bank, queries = (_features(fresh, tmp_path / "knn" / split, config) for split in ("train", "test"))
+    bank, queries = (_features(fresh, tmp_path / "knn" / split, tiny_checkpoint) for split in ("train", "test"))
     expected = knn_accuracy(*bank, *queries, num_classes=len(COLOURS), k=20)
     report = json.loads((final / "stage2_report.json").read_text())
     rows = read_metrics(tmp_path / "run", RUN)
@@ -638,7 +627,8 @@ def test_a_checkpoint_from_before_koleo_resumes_at_weight_0_only():
 
     accelerator = SimpleNamespace(num_processes=1, mixed_precision="no")
     default, weighted = (
-        checkpoint_options(parse_options([*REQUIRED, *flags]), accelerator) for flags in ([], ["--koleo-weight", "0.1"])
+        checkpoint_options(parse_command_line([*REQUIRED, *flags]), accelerator)
+        for flags in ([], ["--koleo-weight", "0.1"])
     )
     assert "koleo_weight" not in default and weighted["koleo_weight"] == 0.1
     before_koleo = dict(default)
@@ -657,7 +647,7 @@ def test_a_checkpoint_from_before_koleo_resumes_at_weight_0_only():
 )
 def test_bad_koleo_settings_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_options([*REQUIRED, *flags])
+        parse_command_line([*REQUIRED, *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -665,5 +655,5 @@ def test_the_koleo_weight_is_a_dino_loss_option_off_by_default():
     parser = build_parser()
     group = next(group for group in parser._action_groups if group.title == "DINO head and loss")
     action = next(action for action in group._group_actions if action.dest == "koleo_weight")
-    assert action.default == 0.0 and parse_options(REQUIRED).koleo_weight == 0.0
+    assert action.default == 0.0 and parse_command_line(REQUIRED).koleo_weight == 0.0
     assert "published DINO" in action.help and "DINOv2 uses 0.1" in action.help

@@ -210,7 +210,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         param_groups_without_decay(model, args.weight_decay),
         accelerator.device,
         lr=args.learning_rate,
-        betas=tuple(args.adam_betas),
+        betas=args.adam_betas,
         eps=args.adam_eps,
     )
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)

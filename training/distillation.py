@@ -10,6 +10,7 @@ how they compare.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from evaluation.knn import knn_accuracy
 from modeling_agriclip.backbones import backbone_family
 from modeling_agriclip.convert import names_random_weights
 from modeling_agriclip.modeling_agriclip import backbone_features, unreadable_weights_named
-from training.data import ImageCollator
+from training.data import ImageCollator, LabelledImageCollator
 from training.dino import (
     CollapseMonitor,
     DINOHead,
@@ -126,16 +127,17 @@ def koleo_term(koleo: KoLeoLoss, features: torch.Tensor, batch_size: int) -> tor
     return sum(koleo(crop) for crop in features[: 2 * batch_size].chunk(2))
 
 
-def resolve_recipe(args, backbone_type: str) -> None:
-    """Fills the crop scales and optimizer settings left unset from the recipe of the backbone's family
-    (`modeling_agriclip.backbones.BACKBONE_FAMILIES`, keyed by the backbone's `model_type`; the settings of `--recipe`
-    are filled in by `training.stage2_dino.apply_recipe` already; a learning rate it leaves unset is the optimizer's)."""
+def resolve_recipe(options, backbone_type: str):
+    """`options` (`training.stage2_dino.DinoOptions`) with the crop scales and optimizer settings left unset taken
+    from the recipe of the backbone's family (`modeling_agriclip.backbones.BACKBONE_FAMILIES`, keyed by the
+    backbone's `model_type`; the settings of `--recipe` are filled in by `training.stage2_dino.apply_recipe` already; a
+    learning rate it leaves unset is the optimizer's)."""
     family = backbone_family(backbone_type)
-    args.crop_recipe = args.crop_recipe or family.crop_recipe
-    args.optimizer = args.optimizer or family.optimizer
-    for name, value in OPTIMIZER_RECIPES[args.optimizer].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    optimizer = options.optimizer or family.optimizer
+    unset = {name: value for name, value in OPTIMIZER_RECIPES[optimizer].items() if getattr(options, name) is None}
+    return dataclasses.replace(
+        options, crop_recipe=options.crop_recipe or family.crop_recipe, optimizer=optimizer, **unset
+    )
 
 
 def load_backbone(args, model):
@@ -228,7 +230,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     model, processor = load_model_and_processor(args.model)
     config = model.config
     backbone = load_backbone(args, model)
-    resolve_recipe(args, backbone.config.model_type)
+    args = resolve_recipe(args, backbone.config.model_type)
     global_size = args.global_size or config.vision_config.image_size
     local_size = args.local_size or max(8, global_size * 3 // 7)
 
@@ -311,7 +313,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         bank, queries, class_names = knn_bank_and_queries(
             args.knn_data, args.knn_bank_split, args.knn_query_split, args.seed
         )
-        knn_collate = ImageCollator(size=global_size, stats=decode_stats)
+        # The processor's pixels, as zero-shot and stage 3 feed the backbone: k-NN measures the features they use.
+        knn_collate = LabelledImageCollator(processor, decode_stats)
         knn_sets = {
             "num_classes": len(class_names),
             "loaders": [
@@ -319,9 +322,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
             ],
         }
 
-    def normalise(pixels):
-        return (pixels - augment.mean) / augment.std
-
+    # From the processor's normalisation to the backbone's, as `AgriCLIPModel.get_backbone_features` converts.
+    normalise = model.dino_pixel_renorm.to(accelerator.device)
     position = checkpoints.start(args.resume, checkpoint_options(args, accelerator), args.allow_changed_config)
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     random_start = starts_random(args)

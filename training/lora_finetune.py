@@ -38,170 +38,136 @@ base comes back from `--model` on resume.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from agriclip.errors import run_command
 from training.options import (
     RESUME_HINT,
-    add_column_arguments,
-    add_model_argument,
-    add_runtime_arguments,
-    parse_args,
-    script_parser,
+    ColumnOptions,
+    LoopOptions,
+    ModelOption,
+    option,
+    options_parser,
+    parse_options,
+    redefault,
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = script_parser(__spec__.name, __doc__)
-    add_model_argument(parser)
-    parser.add_argument(
-        "--towers",
-        nargs="+",
-        choices=["text", "image", "backbone"],
-        default=["backbone"],
-        help="Tower(s) that get LoRA adapters.",
+@dataclass(kw_only=True)
+class LoraOptions(LoopOptions, ColumnOptions, ModelOption):
+    """The options of a LoRA adaptation."""
+
+    towers: tuple[Literal["text", "image", "backbone"], ...] = option("Tower(s) that get LoRA adapters.", ("backbone",))
+    target_modules: str | None = option(
+        "Regex over whole module names replacing the towers' default targets; it must hit every chosen tower and "
+        "nothing else.",
+        None,
     )
-    parser.add_argument(
-        "--target-modules",
-        default=None,
-        help="Regex over whole module names replacing the towers' default targets; it must hit every chosen tower and nothing else.",
-    )
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r.")
-    parser.add_argument(
-        "--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (the update is scaled by alpha / r)."
-    )
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
-    parser.add_argument(
-        "--train-aligner", action="store_true", help="Also train the aligner fully (saved with the adapter)."
-    )
-    parser.add_argument(
-        "--refit-aligner",
-        action="store_true",
-        help="After training, re-fit the aligner in closed form (stage 3) from the adapted backbone to the CLIP "
+    lora_rank: int = option("LoRA rank r.", 8)
+    lora_alpha: float = option("LoRA scaling numerator (the update is scaled by alpha / r).", 16.0)
+    lora_dropout: float = option("Dropout on the LoRA input.", 0.0)
+    train_aligner: bool = option("Also train the aligner fully (saved with the adapter).", False)
+    refit_aligner: bool = option(
+        "After training, re-fit the aligner in closed form (stage 3) from the adapted backbone to the CLIP "
         "image embeddings of the training images (saved with the adapter).",
+        False,
     )
-    parser.add_argument("--aligner-ridge", type=float, default=0.0, help="Ridge penalty of the aligner re-fit.")
-    parser.add_argument(
-        "--objective",
-        choices=["classification", "contrastive"],
-        default="classification",
-        help="Cross-entropy against class-prompt embeddings on labelled images, or InfoNCE on image-caption pairs.",
+    aligner_ridge: float = option("Ridge penalty of the aligner re-fit.", 0.0)
+    objective: Literal["classification", "contrastive"] = option(
+        "Cross-entropy against class-prompt embeddings on labelled images, or InfoNCE on image-caption pairs.",
+        "classification",
     )
-    parser.add_argument(
-        "--train-data",
-        default=None,
-        help="classification: labelled images (one subfolder per class, or a datasets dataset with a ClassLabel "
+    train_data: str | None = option(
+        "classification: labelled images (one subfolder per class, or a datasets dataset with a ClassLabel "
         "column); contrastive: image-caption pairs.",
+        None,
     )
-    add_column_arguments(parser)
-    parser.add_argument(
-        "--train-split",
-        default=None,
-        help="Split to train on (contrastive default: train; classification default: a seeded stratified half "
+    train_split: str | None = option(
+        "Split to train on (contrastive default: train; classification default: a seeded stratified half "
         "of the evaluated split).",
+        None,
     )
-    parser.add_argument("--eval-split", default=None, help="Split of the labelled data held out for evaluation.")
-    parser.add_argument(
-        "--eval-data",
-        default=None,
-        help="contrastive only: labelled images to measure zero-shot accuracy on before and after adaptation.",
+    eval_split: str | None = option("Split of the labelled data held out for evaluation.", None)
+    eval_data: str | None = option(
+        "contrastive only: labelled images to measure zero-shot accuracy on before and after adaptation.", None
     )
-    parser.add_argument(
-        "--suite",
-        default=None,
-        help="Evaluation suite YAML whose --task gives the labelled data, class prompt names and templates.",
+    suite: str | None = option(
+        "Evaluation suite YAML whose --task gives the labelled data, class prompt names and templates.", None
     )
-    parser.add_argument("--task", default=None, help="Name of the --suite dataset to adapt to or evaluate on.")
-    parser.add_argument(
-        "--templates",
-        nargs="+",
-        default=["default"],
-        help="Prompt templates of the classes: a name from training.prompts (e.g. crop, leaf, fish, livestock) "
+    task: str | None = option("Name of the --suite dataset to adapt to or evaluate on.", None)
+    templates: tuple[str, ...] = option(
+        "Prompt templates of the classes: a name from training.prompts (e.g. crop, leaf, fish, livestock) "
         "or templates with '{}'.",
+        ("default",),
     )
-    parser.add_argument(
-        "--shots",
-        type=int,
-        default=None,
-        help="classification: train on K images per class (seeded sample of the training split).",
+    shots: int | None = option(
+        "classification: train on K images per class (seeded sample of the training split).", None
     )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
-        help="Evaluate on the held-out images every N optimizer steps (0: only at the end).",
+    eval_every: int = option("Evaluate on the held-out images every N optimizer steps (0: only at the end).", 0)
+    learning_rate: float = option("Peak learning rate (AdamW).", 1e-3)
+    min_learning_rate: float = option("Learning rate at the end of the cosine decay.", 0.0)
+    warmup_steps: int = option(
+        "Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.", 0
     )
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (AdamW).")
-    parser.add_argument(
-        "--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay."
+    weight_decay: float = option("AdamW weight decay (none on biases and norms).", 0.01)
+    merge: bool = option("Also write <output-dir>/merged: the adapter merged into a plain AgriCLIP folder.", False)
+    base_model_id: str | None = option(
+        "Hub id (org/name) of the base model, recorded in the adapter instead of a local folder; required to publish.",
+        None,
     )
-    parser.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=0,
-        help="Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.",
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases and norms)."
-    )
-    parser.add_argument(
-        "--merge",
-        action="store_true",
-        help="Also write <output-dir>/merged: the adapter merged into a plain AgriCLIP folder.",
-    )
-    parser.add_argument(
-        "--base-model-id",
-        default=None,
-        help="Hub id (org/name) of the base model, recorded in the adapter instead of a local folder; required to publish.",
-    )
-    parser.add_argument(
-        "--push-to-hub", default=None, metavar="REPO_ID", help="Publish the adapter to this Hub repository."
-    )
-    add_runtime_arguments(parser)
-    parser.set_defaults(epochs=20, batch_size=16, checkpoint_every=50)
-    return parser
+    push_to_hub: str | None = option("Publish the adapter to this Hub repository.", None, metavar="REPO_ID")
+    epochs: int = redefault(LoopOptions, "epochs", 20)
+    batch_size: int = redefault(LoopOptions, "batch_size", 16)
+    checkpoint_every: int = redefault(LoopOptions, "checkpoint_every", 50)
+
+    def __post_init__(self):
+        # Flag combinations that cannot work are refused before anything is loaded.
+        if bool(self.suite) != bool(self.task):
+            raise ValueError("--suite and --task go together")
+        if self.objective == "classification":
+            if bool(self.train_data) == bool(self.suite):
+                raise ValueError("classification needs either --train-data (labelled images) or --suite/--task")
+            if self.eval_data:
+                raise ValueError(
+                    "--eval-data is for the contrastive objective; classification holds out --eval-split or half "
+                    "of its data"
+                )
+            if self.image_column or self.caption_column:
+                raise ValueError(
+                    "--image-column and --caption-column name columns of image-caption pairs (the contrastive "
+                    "objective); classification reads class folders or a ClassLabel column"
+                )
+        else:
+            if not self.train_data:
+                raise ValueError("contrastive needs --train-data (image-caption pairs)")
+            if self.shots:
+                raise ValueError("--shots applies to the classification objective")
+            if self.eval_data and self.suite:
+                raise ValueError("give --eval-data or --suite/--task, not both")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"--shots must be at least 1, got {self.shots}")
+        if self.refit_aligner and "backbone" not in self.towers:
+            raise ValueError("--refit-aligner re-fits the aligner to an adapted backbone: add backbone to --towers")
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Rejects flag combinations that cannot work before anything is loaded."""
-    if bool(args.suite) != bool(args.task):
-        parser.error("--suite and --task go together")
-    if args.objective == "classification":
-        if bool(args.train_data) == bool(args.suite):
-            parser.error("classification needs either --train-data (labelled images) or --suite/--task")
-        if args.eval_data:
-            parser.error(
-                "--eval-data is for the contrastive objective; classification holds out --eval-split or half of its data"
-            )
-        if args.image_column or args.caption_column:
-            parser.error(
-                "--image-column and --caption-column name columns of image-caption pairs (the contrastive "
-                "objective); classification reads class folders or a ClassLabel column"
-            )
-    else:
-        if not args.train_data:
-            parser.error("contrastive needs --train-data (image-caption pairs)")
-        if args.shots:
-            parser.error("--shots applies to the classification objective")
-        if args.eval_data and args.suite:
-            parser.error("give --eval-data or --suite/--task, not both")
-    if args.shots is not None and args.shots < 1:
-        parser.error(f"--shots must be at least 1, got {args.shots}")
-    if args.refit_aligner and "backbone" not in args.towers:
-        parser.error("--refit-aligner re-fits the aligner to an adapted backbone: add backbone to --towers")
+def build_parser():
+    """The command-line parser of the LoRA adaptation (its --help)."""
+    return options_parser(LoraOptions, f"python -m {__spec__.name}", __doc__)
+
+
+def run(options: LoraOptions, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs the LoRA adaptation; `resume_hint` says how to continue a stopped run in the caller's context."""
+    # The heavy stack loads only here: --help and argument errors answer at once.
+    from training.lora import run
+
+    return run(options, resume_hint)
 
 
 def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
-    """Runs the LoRA adaptation with `argv` (default: the command line); `resume_hint` says how to continue a
-    stopped run in the caller's context."""
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    check_arguments(parser, args)
-    # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
-    from training.lora import run
-
-    return run(args, resume_hint)
+    """Runs the LoRA adaptation with the options of `argv` (default: the command line)."""
+    return run(parse_options(LoraOptions, argv, prog=f"python -m {__spec__.name}", description=__doc__), resume_hint)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,17 @@ import yaml
 from agriclip.atomic import replace_folder, write_json_atomically, write_text_atomically
 from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from training import stage1_contrastive, stage2_dino, stage3_align
-from training.options import load_config_file
+from training.options import load_config_file, options_from
 
 
 # Packaged run configs, by name: the README demo, and a smoke run that checks an install end to end in seconds.
 CONFIGS = {name: Path(__file__).parent / "configs" / f"{name}.yaml" for name in ("demo", "smoke")}
-STAGES = (("stage1", stage1_contrastive), ("stage2", stage2_dino), ("stage3", stage3_align))
+# Each stage by its config section: the options class the section is read into, and the stage's `run`.
+STAGES = {
+    "stage1": (stage1_contrastive.ContrastiveOptions, stage1_contrastive.run),
+    "stage2": (stage2_dino.DinoOptions, stage2_dino.run),
+    "stage3": (stage3_align.AlignmentOptions, stage3_align.run),
+}
 # The equal-compute CLIP control: its folder beside the stages' and its name in the evaluation results.
 CONTROL = "control"
 CONTROL_MODEL = "clip-control"
@@ -41,20 +46,6 @@ CONTROL_MODEL = "clip-control"
 BUDGET_KEYS = ("epochs", "max_steps")
 # How to continue a stopped end-to-end run: the stages' messages say this instead of their own `--resume` advice.
 RESUME_HINT = "run the same command again to continue (finished stages are skipped, an interrupted one resumes)"
-
-
-def as_flags(options: dict) -> list[str]:
-    """`{"batch_size": 64, "freeze_text": True}` -> `["--batch-size", "64", "--freeze-text"]`."""
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif isinstance(value, (list, tuple)):
-            flags += [flag, *map(str, value)]
-        elif value is not None and value is not False:
-            flags += [flag, str(value)]
-    return flags
 
 
 def prepare_data(config: dict, output_dir: Path) -> dict:
@@ -101,27 +92,30 @@ def training_source(data: dict) -> dict:
     return {"train_data": data["train_data"], **({"val_data": data["val_data"]} if data.get("val_data") else {})}
 
 
-def train_into(name: str, script, options: dict, folder: Path, what: str | None = None) -> Path:
-    """Runs `script` with `options` into `folder`, timed as `what` (default: `name`), unless `folder/final` exists
-    already; returns `folder/final`."""
+def train_into(name: str, stage: tuple, values: dict, folder: Path, what: str | None = None) -> Path:
+    """Runs `stage` (an entry of `STAGES`) with its options read from `values` (the config's section `name`, and
+    what run_all adds) into `folder`, timed as `what` (default: `name`), unless `folder/final` exists already;
+    returns `folder/final`."""
+    options_class, run = stage
+    options = options_from(options_class, {**values, "output_dir": str(folder)}, f"run config section {name}")
     final = folder / "final"
     if final.is_dir():
         print(f"{name}: done already ({final}), skipped")
     else:
         with timed(what or name):
-            script.main(as_flags({**options, "output_dir": str(folder)}), resume_hint=RESUME_HINT)
+            run(options, resume_hint=RESUME_HINT)
     return final
 
 
 def run_stages(config: dict, data: dict, output_dir: Path) -> Path:
     model = config.get("model", "tiny")
-    for name, script in STAGES:
-        options = {**training_source(data), **(config.get(name) or {}), "model": model}
+    for name, stage in STAGES.items():
+        values = {**training_source(data), **(config.get(name) or {}), "model": model}
         if name == "stage2" and data.get("knn_data"):
-            options.setdefault("knn_data", data["knn_data"])
+            values.setdefault("knn_data", data["knn_data"])
         if name != "stage3":
-            options["resume"] = True  # continues an interrupted run; starts fresh when there is no checkpoint
-        model = str(train_into(name, script, options, output_dir / name))
+            values["resume"] = "latest"  # continues an interrupted run; starts fresh when there is no checkpoint
+        model = str(train_into(name, stage, values, output_dir / name))
     return Path(model)
 
 
@@ -164,9 +158,9 @@ def _budget_key(section: dict) -> str | None:
 def run_control(options: dict, config: dict, data: dict, output_dir: Path) -> Path:
     """Trains the control with `options` (`control_options`) into `<output_dir>/control`, from the model the run
     starts from (the config's `model`, as stage 1); returns its final folder."""
-    options = {**training_source(data), **options, "model": config.get("model", "tiny"), "resume": True}
+    values = {**training_source(data), **options, "model": config.get("model", "tiny"), "resume": "latest"}
     return train_into(
-        CONTROL, stage1_contrastive, options, output_dir / CONTROL, "control (stage 1 for the stage-1 + stage-2 budget)"
+        CONTROL, STAGES["stage1"], values, output_dir / CONTROL, "control (stage 1 for the stage-1 + stage-2 budget)"
     )
 
 
@@ -175,7 +169,7 @@ def read_stage_logs(output_dir: Path) -> dict:
     made, and a second `stage1_contrastive` run under `output_dir` would make the whole folder ambiguous."""
     from model_card.card import describe_initialisation, read_training_info
 
-    logs = [read_training_info(output_dir / name) for name, _ in STAGES if (output_dir / name / "logs").is_dir()]
+    logs = [read_training_info(output_dir / name) for name in STAGES if (output_dir / name / "logs").is_dir()]
     stages = {run: flags for info in logs for run, flags in info["stages"].items()}
     final_metrics = {run: metrics for info in logs for run, metrics in info["final_metrics"].items()}
     initialisation = describe_initialisation(stages)
@@ -207,7 +201,7 @@ def _length(flags: dict) -> str:
 
 def describe_progress(output_dir: Path) -> str:
     """What a stop of the end-to-end run outside a stage leaves: the stages finished, and how to continue."""
-    finished = [name for name in (*dict(STAGES), CONTROL) if (output_dir / name / "final").is_dir()]
+    finished = [name for name in (*STAGES, CONTROL) if (output_dir / name / "final").is_dir()]
     done = (
         f"the stages finished so far ({', '.join(finished)}) are in {output_dir}"
         if finished

@@ -11,7 +11,6 @@ saying what is saved), with a `PreemptionGuard` around its training steps (SIGTE
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -63,7 +62,6 @@ RESULT_NEUTRAL_OPTIONS = frozenset(
         "output_dir",
         "resume",
         "allow_changed_config",
-        "config",
         "log_with",
         "num_workers",
         "checkpoint_every",
@@ -115,7 +113,7 @@ class JSONLinesTracker(GeneralTracker):
             handle.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def make_accelerator(args: argparse.Namespace, run_name: str) -> Accelerator:
+def make_accelerator(args, run_name: str) -> Accelerator:
     """The Accelerator of a run: launcher precision unless overridden, seedable sampling for exact resume, and
     trackers (metrics.jsonl always; tensorboard when installed, or those named by --log-with)."""
     output_dir = Path(args.output_dir)
@@ -161,11 +159,11 @@ def check_world_size(accelerator: Accelerator) -> None:
         )
 
 
-def run_options(args: argparse.Namespace, accelerator: Accelerator, neutral=()) -> dict:
+def run_options(args, accelerator: Accelerator, neutral=()) -> dict:
     """The options that decide a run's result, as JSON values: every flag but `RESULT_NEUTRAL_OPTIONS` and
     `neutral`, with the number of processes and the precision Accelerate runs under (the launcher may choose
     them). Saved with each checkpoint and compared on resume."""
-    options = {key: value for key, value in vars(args).items() if key not in RESULT_NEUTRAL_OPTIONS | set(neutral)}
+    options = {key: value for key, value in asdict(args).items() if key not in RESULT_NEUTRAL_OPTIONS | set(neutral)}
     options |= {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
     return json.loads(json.dumps(options, default=str))
 
@@ -189,14 +187,14 @@ def option_changes(before: dict, after: dict) -> list[str]:
 def init_run_trackers(
     accelerator: Accelerator,
     run_name: str,
-    args: argparse.Namespace,
+    args,
     start_step: int = 0,
     resumed_from: str | os.PathLike | None = None,
 ) -> None:
     """Starts the run's trackers with its scalar options as the run configuration, the precision and number of
     processes the launcher chose, and the segment: the step it starts at and the checkpoint it resumed from (see
     `JSONLinesTracker`)."""
-    config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+    config = {key: value for key, value in asdict(args).items() if isinstance(value, (int, float, str, bool))}
     config |= {"mixed_precision": str(accelerator.mixed_precision), "num_processes": accelerator.num_processes}
     config |= {"start_step": start_step, "resumed_from": str(resumed_from or "")}
     accelerator.init_trackers(run_name, config=config)
@@ -347,7 +345,7 @@ class UnreadableDataError(RuntimeError):
     """A whole epoch held no batch with a readable image: the run cannot make progress."""
 
 
-def run_steps(args: argparse.Namespace, loader) -> tuple[int, int]:
+def run_steps(args, loader) -> tuple[int, int]:
     """The optimizer steps of one epoch of the prepared `loader` and of the whole run: `--max-steps` when given, else
     `--epochs` epochs (a run longer than its epochs goes on into the next). The schedules of stages 1 and 2 and LoRA
     span the run's steps (`training.dino.cosine_schedule`)."""

@@ -17,106 +17,89 @@ Ends by writing a complete AgriCLIP folder (model + processor) to `<output-dir>/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from agriclip.errors import run_command
 from training.loss_table import CONTRASTIVE_LOSSES
 from training.options import (
     RESUME_HINT,
-    add_column_arguments,
-    add_model_argument,
-    add_runtime_arguments,
-    add_validation_arguments,
-    parse_args,
-    script_parser,
+    ColumnOptions,
+    LoopOptions,
+    ModelOption,
+    ValidationOptions,
+    option,
+    options_parser,
+    parse_options,
 )
 
 
-def build_parser():
-    parser = script_parser(__spec__.name, __doc__)
-    add_model_argument(parser)
-    parser.add_argument(
-        "--train-data",
-        required=True,
-        help="Image-caption pairs: image folder with metadata, CSV, datasets folder or Hub id, or WebDataset shards.",
+@dataclass(kw_only=True)
+class ContrastiveOptions(LoopOptions, ValidationOptions, ColumnOptions, ModelOption):
+    """The options of stage 1 (and of the equal-compute CLIP control, which is stage 1 for a longer budget)."""
+
+    train_data: str = option(
+        "Image-caption pairs: image folder with metadata, CSV, datasets folder or Hub id, or WebDataset shards."
     )
-    parser.add_argument("--train-split", default="train", help="Split of --train-data to train on.")
-    add_column_arguments(parser)
-    add_validation_arguments(parser, "validation recall")
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
-        help="Validate every N optimizer steps (0: only at the end): recall@1/5 image-to-text and "
+    train_split: str = option("Split of --train-data to train on.", "train")
+    eval_every: int = option(
+        "Validate every N optimizer steps (0: only at the end): recall@1/5 image-to-text and "
         "text-to-image, where a caption with the same text as the true one counts as a hit.",
+        0,
     )
-    parser.add_argument(
-        "--loss",
-        choices=list(CONTRASTIVE_LOSSES),
-        default="infonce",
-        help="Contrastive loss of the towers (training.losses.create_loss): "
+    loss: str = option(
+        "Contrastive loss of the towers (training.losses.create_loss): "
         + "; ".join(f"{name}: {description}" for name, (_, description) in CONTRASTIVE_LOSSES.items())
         + ". A model whose config records another objective starts from the loss's published logit scale (and "
         "bias), and the exported config records the new one.",
+        "infonce",
+        choices=tuple(CONTRASTIVE_LOSSES),
     )
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=5e-5,
-        help="Peak learning rate (AdamW), reached at the end of the warm-up.",
+    learning_rate: float = option("Peak learning rate (AdamW), reached at the end of the warm-up.", 5e-5)
+    min_learning_rate: float = option("Learning rate at the end of the cosine decay.", 0.0)
+    warmup_steps: int = option(
+        "Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.", 0
     )
-    parser.add_argument(
-        "--min-learning-rate", type=float, default=0.0, help="Learning rate at the end of the cosine decay."
-    )
-    parser.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=0,
-        help="Linear warm-up optimizer steps before the cosine decay: step i of n takes the peak x (i + 1) / n.",
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.2,
-        help="AdamW weight decay (none on norms, biases, embeddings, temperature).",
-    )
-    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas (CLIP's).")
-    parser.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon (CLIP's for ViT).")
-    parser.add_argument("--freeze-text", action="store_true", help="Keep the text tower and its projection fixed.")
-    parser.add_argument(
-        "--freeze-image", action="store_true", help="Keep the CLIP image tower and its projection fixed."
-    )
-    augment = parser.add_argument_group("augmentation")
-    augment.add_argument(
-        "--augment",
-        action="store_true",
-        help="Augment the training images as open_clip trains CLIP (a random resized crop, resized "
+    weight_decay: float = option("AdamW weight decay (none on norms, biases, embeddings, temperature).", 0.2)
+    adam_betas: tuple[float, float] = option("AdamW betas (CLIP's).", (0.9, 0.98))
+    adam_eps: float = option("AdamW epsilon (CLIP's for ViT).", 1e-6)
+    freeze_text: bool = option("Keep the text tower and its projection fixed.", False)
+    freeze_image: bool = option("Keep the CLIP image tower and its projection fixed.", False)
+    augment: bool = option(
+        "Augment the training images as open_clip trains CLIP (a random resized crop, resized "
         "back to the model's image size), plus a horizontal flip, batched on the training device "
         "(training.dino.CropAndFlip); the validation images are never augmented.",
+        False,
+        group="augmentation",
     )
-    augment.add_argument(
-        "--crop-scale",
-        type=float,
-        nargs=2,
-        default=(0.9, 1.0),
+    crop_scale: tuple[float, float] = option(
+        "With --augment: the crop's share of the processed image's area (open_clip's).",
+        (0.9, 1.0),
         metavar=("MIN", "MAX"),
-        help="With --augment: the crop's share of the processed image's area (open_clip's).",
+        group="augmentation",
     )
-    augment.add_argument(
-        "--flip-prob", type=float, default=0.5, help="With --augment: probability of a horizontal flip."
-    )
-    add_runtime_arguments(parser)
-    return parser
+    flip_prob: float = option("With --augment: probability of a horizontal flip.", 0.5, group="augmentation")
+
+
+def build_parser():
+    """The command-line parser of stage 1 (its --help)."""
+    return options_parser(ContrastiveOptions, f"python -m {__spec__.name}", __doc__)
+
+
+def run(options: ContrastiveOptions, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs stage 1; `resume_hint` says how to continue a stopped run in the caller's context (`training.run_all`
+    resumes by itself)."""
+    # The heavy stack loads only here: --help and argument errors answer at once.
+    from training.contrastive import run
+
+    return run(options, resume_hint)
 
 
 def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
-    """Runs stage 1 with `argv` (default: the command line); `resume_hint` says how to continue a stopped run in
-    the caller's context (`training.run_all` resumes by itself)."""
-    args = parse_args(build_parser(), argv)
-    # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
-    from training.contrastive import run
-
-    return run(args, resume_hint)
+    """Runs stage 1 with the options of `argv` (default: the command line)."""
+    return run(
+        parse_options(ContrastiveOptions, argv, prog=f"python -m {__spec__.name}", description=__doc__), resume_hint
+    )
 
 
 if __name__ == "__main__":

@@ -26,18 +26,22 @@ images, 1 warm-up epoch, 4 local crops).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from agriclip.errors import run_command
 from training.options import (
     RESUME_HINT,
-    add_column_arguments,
-    add_model_argument,
-    add_runtime_arguments,
-    parse_args,
-    script_parser,
+    ImageColumnOption,
+    LoopOptions,
+    ModelOption,
+    option,
+    options_parser,
+    parse_options,
+    redefault,
 )
 
 
@@ -88,15 +92,15 @@ def _recipe_default(name: str) -> str:
     )
 
 
-def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills every recipe setting that no flag (or `--config` value) gave from the table of `args.recipe`."""
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+def apply_recipe(options: DinoOptions) -> DinoOptions:
+    """`options` with every recipe setting that no flag (or `--config` value) gave taken from `options.recipe`."""
+    table = RECIPES[options.recipe]
+    return dataclasses.replace(
+        options, **{name: value for name, value in table.items() if getattr(options, name) is None}
+    )
 
 
-def recipe_settings(args: argparse.Namespace, resolved_defaults: dict | None = None) -> tuple[dict, dict]:
+def recipe_settings(args, resolved_defaults: dict | None = None) -> tuple[dict, dict]:
     """The recipe settings of `args` as the run uses them, and those of them that differ from the recipe's values.
 
     A setting the table leaves None (the published learning rate: the optimizer's) is compared with its value in
@@ -114,230 +118,204 @@ def recipe_settings(args: argparse.Namespace, resolved_defaults: dict | None = N
     return values, changed
 
 
-def build_parser():
-    parser = script_parser(__spec__.name, __doc__)
-    add_model_argument(parser)
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        help="Start from the weights of this transformers ViT/DINOv2/ResNet/ConvNeXt checkpoint (folder or Hub id; same architecture as the model's backbone).",
+KNN = "k-NN evaluation of the teacher's features (DINO's protocol)"
+CROPS = "multi-crop"
+HEAD = "DINO head and loss"
+OPTIMISATION = "optimisation"
+
+
+@dataclass(kw_only=True)
+class DinoOptions(LoopOptions, ImageColumnOption, ModelOption):
+    """The options of stage 2. Those left None that `--recipe` names are filled in by `apply_recipe`, the crop recipe
+    and optimizer by the backbone's family (`training.distillation.resolve_recipe`)."""
+
+    backbone: str | None = option(
+        "Start from the weights of this transformers ViT/DINOv2/ResNet/ConvNeXt checkpoint (folder or Hub id; same "
+        "architecture as the model's backbone).",
+        None,
     )
-    parser.add_argument("--random-init", action="store_true", help="Start the backbone from random initialisation.")
-    parser.add_argument(
-        "--train-data",
-        required=True,
-        help="Images: any image-caption source (captions are neither needed nor read), or a folder of "
-        "image files (in split subfolders train/, validation/ where it has them).",
+    random_init: bool = option("Start the backbone from random initialisation.", False)
+    train_data: str = option(
+        "Images: any image-caption source (captions are neither needed nor read), or a folder of "
+        "image files (in split subfolders train/, validation/ where it has them)."
     )
-    parser.add_argument("--train-split", default="train", help="Split of --train-data.")
-    add_column_arguments(parser, captions=False)
-    parser.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default=DEFAULT_RECIPE,
-        help="The DINO settings a flag does not give: published (DINO's published ViT settings) or small-data (short "
+    train_split: str = option("Split of --train-data.", "train")
+    recipe: str = option(
+        "The DINO settings a flag does not give: published (DINO's published ViT settings) or small-data (short "
         "runs on a few thousand images, as the README demo). The flags marked 'from --recipe' below override it "
         f"one by one (default: {DEFAULT_RECIPE}).",
+        DEFAULT_RECIPE,
+        choices=sorted(RECIPES),
     )
-    knn = parser.add_argument_group("k-NN evaluation of the teacher's features (DINO's protocol)")
-    knn.add_argument(
-        "--knn-data",
-        default=None,
-        help="Labelled images: an image folder of class folders (optionally in split folders, e.g. train/ "
+    knn_data: str | None = option(
+        "Labelled images: an image folder of class folders (optionally in split folders, e.g. train/ "
         "and test/) or a datasets dataset with a ClassLabel column.",
+        None,
+        group=KNN,
     )
-    knn.add_argument(
-        "--knn-bank-split",
-        default=None,
-        help="Split of --knn-data whose features form the memory bank, e.g. train (default: none, a "
+    knn_bank_split: str | None = option(
+        "Split of --knn-data whose features form the memory bank, e.g. train (default: none, a "
         "seeded half of --knn-data; give --knn-query-split with it).",
+        None,
+        group=KNN,
     )
-    knn.add_argument(
-        "--knn-query-split",
-        default=None,
-        help="Split of --knn-data whose images are classified by the bank, e.g. test or validation "
+    knn_query_split: str | None = option(
+        "Split of --knn-data whose images are classified by the bank, e.g. test or validation "
         "(default: none, the other half).",
+        None,
+        group=KNN,
     )
-    knn.add_argument("--knn-k", type=int, default=20, help="Neighbours of the k-NN vote.")
-    crops = parser.add_argument_group("multi-crop")
-    crops.add_argument(
-        "--crop-recipe",
-        choices=["vit", "resnet"],
-        default=None,
-        help="Crop scales of the published recipe (default: by backbone type).",
+    knn_k: int = option("Neighbours of the k-NN vote.", 20, group=KNN)
+    crop_recipe: Literal["vit", "resnet"] | None = option(
+        "Crop scales of the published recipe (default: by backbone type).", None, group=CROPS
     )
-    crops.add_argument(
-        "--global-size", type=int, default=None, help="Global crop size (default: the model's image size)."
-    )
-    crops.add_argument(
-        "--local-size", type=int, default=None, help="Local crop size (default: 3/7 of the global size, 96 for 224)."
-    )
-    crops.add_argument(
-        "--photometric",
-        choices=["dino", "colour"],
-        default="dino",
-        help="Colour operations of the views: dino (the published jitter of brightness, contrast, saturation and hue, "
+    global_size: int | None = option("Global crop size (default: the model's image size).", None, group=CROPS)
+    local_size: int | None = option("Local crop size (default: 3/7 of the global size, 96 for 224).", None, group=CROPS)
+    photometric: Literal["dino", "colour"] = option(
+        "Colour operations of the views: dino (the published jitter of brightness, contrast, saturation and hue, "
         "grayscale, solarisation) or colour (brightness and contrast only: for data whose colour is the class).",
+        "dino",
+        group=CROPS,
     )
-    crops.add_argument(
-        "--num-local-crops",
-        type=int,
-        default=None,
-        help=f"Local crops per image ({_recipe_default('num_local_crops')}).",
+    num_local_crops: int | None = option(
+        f"Local crops per image ({_recipe_default('num_local_crops')}).", None, group=CROPS
     )
-    head = parser.add_argument_group("DINO head and loss")
-    head.add_argument(
-        "--out-dim", type=int, default=None, help=f"Prototypes of the DINO head ({_recipe_default('out_dim')})."
+    out_dim: int | None = option(f"Prototypes of the DINO head ({_recipe_default('out_dim')}).", None, group=HEAD)
+    head_hidden_dim: int | None = option(
+        f"Hidden size of the head's MLP ({_recipe_default('head_hidden_dim')}).", None, group=HEAD
     )
-    head.add_argument(
-        "--head-hidden-dim",
-        type=int,
-        default=None,
-        help=f"Hidden size of the head's MLP ({_recipe_default('head_hidden_dim')}).",
+    head_bottleneck_dim: int | None = option(
+        f"Bottleneck size before the weight-normalised last layer ({_recipe_default('head_bottleneck_dim')}).",
+        None,
+        group=HEAD,
     )
-    head.add_argument(
-        "--head-bottleneck-dim",
-        type=int,
-        default=None,
-        help=f"Bottleneck size before the weight-normalised last layer ({_recipe_default('head_bottleneck_dim')}).",
+    norm_last_layer: bool = option(
+        "Let the last layer's weight norm train (DINO's option for stability with ViT-B).",
+        True,
+        flag="--no-norm-last-layer",
+        group=HEAD,
     )
-    head.add_argument(
-        "--no-norm-last-layer",
-        dest="norm_last_layer",
-        action="store_false",
-        help="Let the last layer's weight norm train (DINO's option for stability with ViT-B).",
+    freeze_last_layer_epochs: int | None = option(
+        "Epochs (of optimizer steps) during which the head's last layer stays fixed "
+        f"({_recipe_default('freeze_last_layer_epochs')}).",
+        None,
+        group=HEAD,
     )
-    head.add_argument(
-        "--freeze-last-layer-epochs",
-        type=int,
-        default=None,
-        help=f"Epochs (of optimizer steps) during which the head's last layer stays fixed ({_recipe_default('freeze_last_layer_epochs')}).",
+    student_temp: float | None = option(
+        f"Student softmax temperature ({_recipe_default('student_temp')}).", None, group=HEAD
     )
-    head.add_argument(
-        "--student-temp",
-        type=float,
-        default=None,
-        help=f"Student softmax temperature ({_recipe_default('student_temp')}).",
+    teacher_temp: float | None = option(
+        f"Teacher softmax temperature after warm-up ({_recipe_default('teacher_temp')}).", None, group=HEAD
     )
-    head.add_argument(
-        "--teacher-temp",
-        type=float,
-        default=None,
-        help=f"Teacher softmax temperature after warm-up ({_recipe_default('teacher_temp')}).",
+    warmup_teacher_temp: float | None = option(
+        f"Teacher temperature at the start of the warm-up ({_recipe_default('warmup_teacher_temp')}).",
+        None,
+        group=HEAD,
     )
-    head.add_argument(
-        "--warmup-teacher-temp",
-        type=float,
-        default=None,
-        help=f"Teacher temperature at the start of the warm-up ({_recipe_default('warmup_teacher_temp')}).",
+    warmup_teacher_temp_epochs: int | None = option(
+        "Epochs (of optimizer steps, at most the run) of linear teacher-temperature warm-up, per step "
+        f"({_recipe_default('warmup_teacher_temp_epochs')}).",
+        None,
+        group=HEAD,
     )
-    head.add_argument(
-        "--warmup-teacher-temp-epochs",
-        type=int,
-        default=None,
-        help=f"Epochs (of optimizer steps, at most the run) of linear teacher-temperature warm-up, per step ({_recipe_default('warmup_teacher_temp_epochs')}).",
+    center_momentum: float | None = option(
+        f"Momentum of the centre of the teacher outputs ({_recipe_default('center_momentum')}).", None, group=HEAD
     )
-    head.add_argument(
-        "--center-momentum",
-        type=float,
-        default=None,
-        help=f"Momentum of the centre of the teacher outputs ({_recipe_default('center_momentum')}).",
-    )
-    head.add_argument(
-        "--koleo-weight",
-        type=float,
-        default=0.0,
-        help="Weight of DINOv2's KoLeo regulariser (Oquab et al. 2023), added to the loss: it spreads the student's "
+    koleo_weight: float = option(
+        "Weight of DINOv2's KoLeo regulariser (Oquab et al. 2023), added to the loss: it spreads the student's "
         "pooled backbone features of each global crop uniformly over the batch, against features that bunch "
         "together as a teacher's outputs stay uniform or collapse in short runs. 0 (the default) is the "
         "published DINO, which has no such term; DINOv2 uses 0.1. Needs --batch-size of at least 2.",
+        0.0,
+        group=HEAD,
     )
-    head.add_argument(
-        "--momentum-teacher",
-        type=float,
-        default=None,
-        help=f"Teacher EMA momentum at the start; a cosine over the run's optimizer steps takes it to 1 ({_recipe_default('momentum_teacher')}).",
+    momentum_teacher: float | None = option(
+        "Teacher EMA momentum at the start; a cosine over the run's optimizer steps takes it to 1 "
+        f"({_recipe_default('momentum_teacher')}).",
+        None,
+        group=HEAD,
     )
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
-        "--optimizer",
-        choices=["adamw", "sgd"],
-        default=None,
-        help="adamw (ViT recipe) or sgd (ResNet-50 recipe); default by backbone type.",
+    optimizer: Literal["adamw", "sgd"] | None = option(
+        "adamw (ViT recipe) or sgd (ResNet-50 recipe); default by backbone type.", None, group=OPTIMISATION
     )
-    optim.add_argument(
-        "--learning-rate",
-        type=float,
-        default=None,
-        help=f"Peak learning rate per 256 images: the run's peak is this x total batch (batch size x processes x accumulation) / 256, as the start-up banner prints ({_recipe_default('learning_rate')}).",
+    learning_rate: float | None = option(
+        "Peak learning rate per 256 images: the run's peak is this x total batch (batch size x processes x "
+        f"accumulation) / 256, as the start-up banner prints ({_recipe_default('learning_rate')}).",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--min-learning-rate", type=float, default=1e-6, help="Learning rate at the end of the cosine decay."
+    min_learning_rate: float = option("Learning rate at the end of the cosine decay.", 1e-6, group=OPTIMISATION)
+    warmup_epochs: int | None = option(
+        "Linear learning-rate warm-up, in epochs of optimizer steps (at most the whole run; "
+        f"{_recipe_default('warmup_epochs')}).",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=None,
-        help=f"Linear learning-rate warm-up, in epochs of optimizer steps (at most the whole run; {_recipe_default('warmup_epochs')}).",
+    warmup_steps: int | None = option(
+        "Linear learning-rate warm-up in optimizer steps; when given, it replaces --warmup-epochs.",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help="Linear learning-rate warm-up in optimizer steps; when given, it replaces --warmup-epochs.",
+    weight_decay: float | None = option(
+        "Weight decay at the start (default: the optimizer's published value, adamw 0.04, sgd 1e-4).",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="Weight decay at the start (default: the optimizer's published value, adamw 0.04, sgd 1e-4).",
+    weight_decay_end: float | None = option(
+        "Weight decay at the end of a cosine over the run's optimizer steps (default: the optimizer's published "
+        "value, adamw 0.4, sgd 1e-4).",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--weight-decay-end",
-        type=float,
-        default=None,
-        help="Weight decay at the end of a cosine over the run's optimizer steps (default: the optimizer's published value, adamw 0.4, sgd 1e-4).",
+    collapse_window: int | None = option(
+        "Stop when the teacher looks collapsed for this many consecutive steps (default: the learning-rate warm-up "
+        "steps plus a tenth of the run's steps, at least 100).",
+        None,
+        group=OPTIMISATION,
     )
-    optim.add_argument(
-        "--collapse-window",
-        type=int,
-        default=None,
-        help="Stop when the teacher looks collapsed for this many consecutive steps (default: the learning-rate warm-up steps plus a tenth of the run's steps, at least 100).",
-    )
-    add_runtime_arguments(parser)
-    parser.set_defaults(batch_size=64, max_grad_norm=3.0, epochs=100)
-    return parser
+    batch_size: int = redefault(LoopOptions, "batch_size", 64)
+    max_grad_norm: float = redefault(LoopOptions, "max_grad_norm", 3.0)
+    epochs: int = redefault(LoopOptions, "epochs", 100)
+
+    def __post_init__(self):
+        if (self.knn_bank_split is None) != (self.knn_query_split is None):
+            raise ValueError(
+                "--knn-bank-split and --knn-query-split go together (or leave both out to split --knn-data in halves)"
+            )
+        if self.knn_bank_split and not self.knn_data:
+            raise ValueError("--knn-bank-split and --knn-query-split name splits of --knn-data: give --knn-data")
+        if not (math.isfinite(self.koleo_weight) and self.koleo_weight >= 0):
+            raise ValueError(f"--koleo-weight must be a finite number of at least 0, got {self.koleo_weight:g}")
+        if self.koleo_weight > 0 and self.batch_size < 2:
+            raise ValueError(
+                "--koleo-weight needs --batch-size of at least 2: KoLeo measures each feature's nearest neighbour "
+                "in the batch"
+            )
 
 
-def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser():
+    """The command-line parser of stage 2 (its --help)."""
+    return options_parser(DinoOptions, f"python -m {__spec__.name}", __doc__)
+
+
+def parse_command_line(argv: list[str] | None = None) -> DinoOptions:
     """The options of `argv` (default: the command line), checked, with the recipe's settings filled in where no flag
     gave them; exits with argparse's usage error on a bad combination."""
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if (args.knn_bank_split is None) != (args.knn_query_split is None):
-        parser.error(
-            "--knn-bank-split and --knn-query-split go together (or leave both out to split --knn-data in halves)"
-        )
-    if args.knn_bank_split and not args.knn_data:
-        parser.error("--knn-bank-split and --knn-query-split name splits of --knn-data: give --knn-data")
-    if not (math.isfinite(args.koleo_weight) and args.koleo_weight >= 0):
-        parser.error(f"--koleo-weight must be a finite number of at least 0, got {args.koleo_weight:g}")
-    if args.koleo_weight > 0 and args.batch_size < 2:
-        parser.error(
-            "--koleo-weight needs --batch-size of at least 2: KoLeo measures each feature's nearest neighbour "
-            "in the batch"
-        )
-    return apply_recipe(args)
+    return apply_recipe(parse_options(DinoOptions, argv, prog=f"python -m {__spec__.name}", description=__doc__))
+
+
+def run(options: DinoOptions, resume_hint: str = RESUME_HINT) -> Path:
+    """Runs stage 2; `resume_hint` says how to continue a stopped run in the caller's context (`training.run_all`
+    resumes by itself)."""
+    # The heavy stack loads only here: --help and argument errors answer at once.
+    from training.distillation import run
+
+    return run(apply_recipe(options), resume_hint)
 
 
 def main(argv: list[str] | None = None, resume_hint: str = RESUME_HINT) -> Path:
-    """Runs stage 2 with `argv` (default: the command line); `resume_hint` says how to continue a stopped run in
-    the caller's context (`training.run_all` resumes by itself)."""
-    args = parse_options(argv)
-    # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
-    from training.distillation import run
-
-    return run(args, resume_hint)
+    """Runs stage 2 with the options of `argv` (default: the command line)."""
+    return run(parse_command_line(argv), resume_hint)
 
 
 if __name__ == "__main__":

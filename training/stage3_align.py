@@ -25,10 +25,20 @@ the objective's target, and writes the aligner, the objective and the fusion wei
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from agriclip.errors import run_command
-from training.options import add_column_arguments, add_validation_arguments, parse_args, script_parser
+from training.options import (
+    ColumnOptions,
+    OutputOptions,
+    ValidationOptions,
+    option,
+    options_parser,
+    parse_options,
+    redefault,
+)
 
 
 # How to redo a stopped stage 3, which keeps no checkpoints, when run on its own.
@@ -60,139 +70,106 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def build_parser():
-    parser = script_parser(__spec__.name, __doc__)
-    parser.add_argument(
-        "--model", required=True, help="AgriCLIP folder or Hub id holding the trained CLIP towers and backbone."
+SGD = "paper's SGD recipe (--method sgd)"
+CONTRASTIVE = "contrastive head (--objective contrastive)"
+
+
+@dataclass(kw_only=True)
+class AlignmentOptions(OutputOptions, ValidationOptions, ColumnOptions):
+    """The options of stage 3, which needs no training loop: it streams the images once and fits."""
+
+    model: str = option("AgriCLIP folder or Hub id holding the trained CLIP towers and backbone.")
+    train_data: str = option(
+        "Image-caption pairs to fit on (any image-caption source; image-mse ignores the captions)."
     )
-    parser.add_argument(
-        "--train-data",
-        required=True,
-        help="Image-caption pairs to fit on (any image-caption source; image-mse ignores the captions).",
+    train_split: str = option("Split of --train-data to fit on.", "train")
+    feature_cache: str | None = option(
+        "Folder to keep the extracted features in (safetensors per split and process); reused when present.", None
     )
-    parser.add_argument("--train-split", default="train", help="Split of --train-data to fit on.")
-    add_column_arguments(parser)
-    add_validation_arguments(parser, "choosing the ridge and the fusion weight, and MSE and R²")
-    parser.add_argument(
-        "--output-dir", required=True, help="Folder for the final AgriCLIP checkpoint, metrics and logs."
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="Images per process per forward pass of feature extraction."
-    )
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
-    parser.add_argument(
-        "--mixed-precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Overrides the launcher's precision for feature extraction (statistics stay float64).",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed of the SGD recipe, of the contrastive head and of a held-out --val-fraction.",
-    )
-    parser.add_argument(
-        "--feature-cache",
-        default=None,
-        help="Folder to keep the extracted features in (safetensors per split and process); reused when present.",
-    )
-    parser.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        default="image-mse",
-        help="What the aligner is fitted to: image-mse (the CLIP image embedding, the paper's), text-mse "
+    objective: str = option(
+        "What the aligner is fitted to: image-mse (the CLIP image embedding, the paper's), text-mse "
         "(the CLIP text embeddings of each image's captions, closed form) or contrastive (InfoNCE "
         "against them, started from the text-mse solution).",
+        "image-mse",
+        choices=OBJECTIVES,
     )
-    parser.add_argument(
-        "--method",
-        choices=["closed-form", "sgd"],
-        default="closed-form",
-        help="How to fit --objective image-mse: the exact optimum, or the paper's SGD recipe.",
+    method: Literal["closed-form", "sgd"] = option(
+        "How to fit --objective image-mse: the exact optimum, or the paper's SGD recipe.", "closed-form"
     )
-    parser.add_argument(
-        "--ridge",
-        type=non_negative,
-        default=None,
-        help="Closed forms: L2 penalty on W (not on the bias), added to the feature covariance; given, it "
+    ridge: float | None = option(
+        "Closed forms: L2 penalty on W (not on the bias), added to the feature covariance; given, it "
         "replaces the choice among --ridge-grid (default: chosen).",
+        None,
+        parse=non_negative,
     )
-    parser.add_argument(
-        "--ridge-grid",
-        type=non_negative,
-        nargs="+",
-        default=list(RIDGE_GRID),
-        help="Closed forms without --ridge: the ridges to choose from on the validation pairs, as "
+    ridge_grid: tuple[float, ...] = option(
+        "Closed forms without --ridge: the ridges to choose from on the validation pairs, as "
         "fractions of the mean variance of a feature dimension; image-mse keeps the best held-out "
         "R², the text objectives the best image-to-text recall@1 (ties: the first).",
+        RIDGE_GRID,
+        parse=non_negative,
     )
-    parser.add_argument(
-        "--fusion-grid",
-        type=unit_interval,
-        nargs="+",
-        default=list(FUSION_GRID),
-        help="CLIP weights of the fused image embedding to choose from on the validation pairs by "
+    fusion_grid: tuple[float, ...] = option(
+        "CLIP weights of the fused image embedding to choose from on the validation pairs by "
         "image-to-text recall@1 (ties: the first); the choice becomes the config's fusion_weight. "
         "One value fixes it.",
+        FUSION_GRID,
+        parse=unit_interval,
     )
-    parser.add_argument(
-        "--validation-match",
-        choices=["caption", "label"],
-        default="caption",
-        help="Which caption counts as a validation image's own in that recall@1: its own caption set "
+    validation_match: Literal["caption", "label"] = option(
+        "Which caption counts as a validation image's own in that recall@1: its own caption set "
         "(or an identical one), or any of an image of the same class (`source` and `label` "
         "columns): caption-as-class accuracy, a steadier choice when every image has captions "
         "of its own.",
+        "caption",
     )
-    sgd = parser.add_argument_group("paper's SGD recipe (--method sgd)")
-    sgd.add_argument("--sgd-epochs", type=int, default=70, help="Epochs (70 in AgriCLIP).")
-    sgd.add_argument("--sgd-lr", type=float, default=0.01, help="Learning rate.")
-    sgd.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum.")
-    sgd.add_argument("--sgd-weight-decay", type=float, default=5e-4, help="SGD weight decay.")
-    sgd.add_argument("--sgd-batch-size", type=int, default=100, help="Feature pairs per SGD step.")
-    sgd.add_argument("--sgd-t-max", type=int, default=200, help="CosineAnnealingLR T_max (epochs); 200 in the paper.")
-    sgd.add_argument("--target-variance", type=float, default=4.5, help="Variance the features are scaled to.")
-    sgd.add_argument(
-        "--legacy-bias-scaling",
-        action="store_true",
-        help="Export the bias as the original code does (b' c1/c2, wrong); only to reproduce released aligners.",
+    sgd_epochs: int = option("Epochs (70 in AgriCLIP).", 70, group=SGD)
+    sgd_lr: float = option("Learning rate.", 0.01, group=SGD)
+    sgd_momentum: float = option("SGD momentum.", 0.9, group=SGD)
+    sgd_weight_decay: float = option("SGD weight decay.", 5e-4, group=SGD)
+    sgd_batch_size: int = option("Feature pairs per SGD step.", 100, group=SGD)
+    sgd_t_max: int = option("CosineAnnealingLR T_max (epochs); 200 in the paper.", 200, group=SGD)
+    target_variance: float = option("Variance the features are scaled to.", 4.5, group=SGD)
+    legacy_bias_scaling: bool = option(
+        "Export the bias as the original code does (b' c1/c2, wrong); only to reproduce released aligners.",
+        False,
+        group=SGD,
     )
-    contrastive = parser.add_argument_group("contrastive head (--objective contrastive)")
-    contrastive.add_argument("--contrastive-epochs", type=int, default=20, help="Passes over the training features.")
-    contrastive.add_argument(
-        "--contrastive-lr", type=float, default=1e-3, help="AdamW learning rate (no weight decay)."
+    contrastive_epochs: int = option("Passes over the training features.", 20, group=CONTRASTIVE)
+    contrastive_lr: float = option("AdamW learning rate (no weight decay).", 1e-3, group=CONTRASTIVE)
+    contrastive_batch_size: int = option(
+        "Images per step; each is contrasted with the distinct caption targets of its batch.", 256, group=CONTRASTIVE
     )
-    contrastive.add_argument(
-        "--contrastive-batch-size",
-        type=int,
-        default=256,
-        help="Images per step; each is contrasted with the distinct caption targets of its batch.",
-    )
-    parser.add_argument("--log-with", default="auto", help="Accelerate trackers, as in the other stages.")
-    return parser
+    batch_size: int = redefault(OutputOptions, "batch_size", 64)
+
+    def __post_init__(self):
+        # Options that would be ignored are refused.
+        if self.method == "sgd" and self.objective != "image-mse":
+            raise ValueError(f"--method sgd is the paper's recipe for --objective image-mse, not for {self.objective}")
+        if self.method == "sgd" and self.ridge is not None:
+            raise ValueError("--ridge applies to the closed forms; the SGD recipe has --sgd-weight-decay")
+        if self.contrastive_epochs < 1 or self.contrastive_batch_size < 2:
+            raise ValueError("--contrastive-epochs must be >= 1 and --contrastive-batch-size >= 2")
 
 
-def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuses, through `parser.error`, options that would be ignored."""
-    if args.method == "sgd" and args.objective != "image-mse":
-        parser.error(f"--method sgd is the paper's recipe for --objective image-mse, not for {args.objective}")
-    if args.method == "sgd" and args.ridge is not None:
-        parser.error("--ridge applies to the closed forms; the SGD recipe has --sgd-weight-decay")
-    if args.contrastive_epochs < 1 or args.contrastive_batch_size < 2:
-        parser.error("--contrastive-epochs must be >= 1 and --contrastive-batch-size >= 2")
+def build_parser():
+    """The command-line parser of stage 3 (its --help)."""
+    return options_parser(AlignmentOptions, f"python -m {__spec__.name}", __doc__)
+
+
+def run(options: AlignmentOptions, resume_hint: str = RESTART_HINT) -> Path:
+    """Runs stage 3; `resume_hint` says how to redo a stopped run in the caller's context."""
+    # The heavy stack loads only here: --help and argument errors answer at once.
+    from training.alignment import run
+
+    return run(options, resume_hint)
 
 
 def main(argv: list[str] | None = None, resume_hint: str = RESTART_HINT) -> Path:
-    """Runs stage 3 with `argv` (default: the command line); `resume_hint` says how to redo a stopped run in the
-    caller's context."""
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    check_options(parser, args)
-    # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
-    from training.alignment import run
-
-    return run(args, resume_hint)
+    """Runs stage 3 with the options of `argv` (default: the command line)."""
+    return run(
+        parse_options(AlignmentOptions, argv, prog=f"python -m {__spec__.name}", description=__doc__), resume_hint
+    )
 
 
 if __name__ == "__main__":
