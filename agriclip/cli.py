@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agriclip import IMAGE_EMBEDDINGS
 from agriclip.errors import SINGLE_LABEL_WARNING, CLIError, ExitCode, warn
+from agriclip.labels import is_hierarchy_file, load_hierarchy
 from agriclip.templates import DEFAULT_TEMPLATES, ZERO_SHOT_TEMPLATES, get_templates
 
 
@@ -32,6 +33,8 @@ Zero-shot classification and embeddings of field photos, checkpoints and publish
   agriclip info MODEL
   agriclip export MODEL --labels "leaf rust,healthy leaf" --output DIR [--quantize int8]
   agriclip explain MODEL IMAGE... --labels "leaf rust,healthy leaf" --output DIR [--label "leaf rust"]
+  agriclip index DIR --output photos.safetensors
+  agriclip search photos.safetensors --text "maize leaf with rust" [--image PHOTO] --top-k 10
   agriclip convert --clip openai/clip-vit-base-patch16 --dino facebook/dino-vitb16 --output agriclip-init
   agriclip tokenizer --output DIR
   agriclip card FOLDER [--eval-results results.json --run-dir runs]
@@ -69,8 +72,12 @@ outputs:
   table  one line per image and rank, aligned for reading
   csv    columns image,rank,label,score,error: one row per image and rank (best first), then one row per
          unreadable file with the reason in error (e.g. corrupt, truncated)
-  json   {"model", "embedding", "labels", "templates", "results": [{"image", "predictions": [{"label", "score"}]}],
+  json   {"model", "revision", "embedding", "fusion_weight", "labels", "templates", "calibration": {"file",
+         "temperature", "bias"} | null, "abstain_below", "agriclip_version",
+         "results": [{"image", "answer" (with --abstain-below), "predictions": [{"label", "score"}]}],
          "skipped": [{"image", "error"}]}
+  With --abstain-below, table and csv gain an answer column on each image's rank-1 row: its top label, or
+  "unknown" when the top probability is below P.
 """
 
 EXPORT_OUTPUTS = """\
@@ -101,6 +108,30 @@ both), each min-max scaled to [0, 1]:
                        <name>.backbone-attention.heads.png); it does not depend on the label
   backbone-grad-cam    ResNet/ConvNeXt backbone: Grad-CAM of the explained logit on the last stage's feature map
   clip-grad-attention  CLIP image tower: gradient-weighted attention relevance over all layers (Chefer et al. 2021)
+"""
+
+INDEX_OUTPUTS = """\
+index writes one .safetensors file: image_embeds, one L2-normalised row per readable image, and in its metadata under
+"agriclip_index" a JSON document: {"format_version", "model" (a folder as its absolute path), "revision" (the Hub
+commit; null for a folder), "embedding", "fusion_weight", "agriclip_version", "root" (DIR, absolute), "files":
+[{"path" (below root), "size", "mtime_ns"}] in row order, "skipped": [{"image", "error"}]}.
+Run it again with the same --output to update the index: only new files and files whose size or modification time
+changed are embedded, files that are gone are dropped and unreadable ones are tried again; the result is the index a
+fresh build writes. An index is updated only with the model (and revision) and embedding that built it: another is
+refused with exit code 2; an --output that is not an index exits with 9.
+"""
+
+SEARCH_OUTPUTS = """\
+search ranks the photos of INDEX by cosine similarity (in [-1, 1], not a probability) with each query: a text, or
+the embedding of a query image. The search is exact: in torch, or with --backend faiss in FAISS's brute-force kNN
+(IndexFlatIP's search), the same ranking (pip install "agriclip[search]"). The model is the index's; --model names it another way (a folder by
+another path): another model, or a Hub model whose revision moved since the index was built, is refused with exit
+code 2; a file that is not an index exits with 9.
+outputs:
+  table  one line per query and rank: query, rank, image, score
+  csv    columns query,rank,image,score,error; then one row per unreadable query image with the reason in error
+  json   {"index", "model", "revision", "embedding", "fusion_weight", "agriclip_version", "backend",
+         "results": [{"query", "matches": [{"image", "score"}]}], "skipped": [{"image", "error"}]}
 """
 
 
@@ -143,9 +174,21 @@ def resolve_templates(templates: Sequence[str] | None, dataset_template: str | N
         raise CLIError(ExitCode.LABELS, f"--template: {error}") from error
 
 
+def parse_hierarchy(labels_file: str | None):
+    """The two-level label file a `--labels-file` ending in .yaml or .yml is (`agriclip.labels`); None for another."""
+    if labels_file is None or not is_hierarchy_file(labels_file):
+        return None
+    try:
+        return load_hierarchy(labels_file)
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.LABELS, f"cannot read the label file {labels_file}: {error}") from error
+
+
 def check_labelled(args) -> None:
-    """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`."""
-    args.class_names = parse_labels(args.labels, args.labels_file)
+    """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`,
+    and a two-level label file's hierarchy into `args.hierarchy` (its labels, flat, are the class names)."""
+    args.hierarchy = parse_hierarchy(args.labels_file)
+    args.class_names = args.hierarchy.labels if args.hierarchy else parse_labels(args.labels, args.labels_file)
     args.templates = resolve_templates(args.template, args.dataset_template)
     if len(args.class_names) == 1:
         warn(SINGLE_LABEL_WARNING.format(label=args.class_names[0]))
@@ -198,6 +241,21 @@ def check_explain(args) -> None:
         raise CLIError(ExitCode.OUTPUT, f"--output {args.output} is a file; explain writes into a folder")
 
 
+def check_index(args) -> None:
+    """index: a folder to walk and a .safetensors output (a new file, or the index to update)."""
+    if not os.path.isdir(args.folder):
+        raise CLIError(ExitCode.NO_IMAGES, f"{args.folder} is not a folder")
+    if args.output.suffix.lower() != ".safetensors":
+        raise CLIError(ExitCode.USAGE, f"--output {args.output}: an index is a .safetensors file")
+
+
+def check_search(args) -> None:
+    if not args.index.is_file():
+        raise CLIError(
+            ExitCode.INPUT, f"{args.index}: no such index file (build one with: agriclip index DIR --output INDEX)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +300,34 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text}")
+    return value
+
+
+def _add_prediction_options(parser: argparse.ArgumentParser) -> None:
+    """predict and classify-folder: a task file's calibration, and abstention."""
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="Task file of `python -m evaluation.calibrate`: divides the logits by its fitted temperature (plus its "
+        "bias for a SigLIP model) and uses its image embedding; its templates replace the default ones. Refused for "
+        "labels or templates it was not fitted for.",
+    )
+    parser.add_argument(
+        "--abstain-below",
+        type=_probability,
+        default=None,
+        metavar="P",
+        help='Answer "unknown" for a photo whose top (calibrated, with --calibration) probability is below P: most '
+        "likely none of the labels. Adds an answer column (json: an answer per image).",
+    )
+
+
 def _add_model_positional(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -255,7 +341,12 @@ def _add_model_positional(parser: argparse.ArgumentParser) -> None:
 def _add_label_options(parser: argparse.ArgumentParser, required: bool) -> None:
     labels = parser.add_mutually_exclusive_group(required=required)
     labels.add_argument("--labels", help='Comma-separated class names, e.g. "leaf rust,healthy leaf".')
-    labels.add_argument("--labels-file", help="Text file of class names, one per line (blank lines ignored).")
+    labels.add_argument(
+        "--labels-file",
+        help="Text file of class names, one per line (blank lines ignored); for predict and classify-folder also a "
+        "two-level YAML label file (.yaml/.yml: groups such as crops -> their labels, templates per level; see "
+        "agriclip.labels): each photo is given its group first, then a label of that group.",
+    )
     templates = parser.add_mutually_exclusive_group()
     templates.add_argument(
         "--template",
@@ -301,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_options(predict, required=True)
     predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
     predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
+    _add_prediction_options(predict)
     _add_model_options(predict)
 
     folder = _command(
@@ -319,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument(
         "--format", choices=FORMATS, default=None, help="Output format (default: from the --output suffix, else csv)."
     )
+    _add_prediction_options(folder)
     _add_model_options(folder)
 
     embed = _command(
@@ -410,6 +503,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="Processes decoding images (default: up to 4, two cores spared; 0 for a single batch).",
     )
     explain.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
+    )
+
+    index = _command(
+        commands,
+        "index",
+        "Embed every image under a folder into a search index (.safetensors), or update the index with the files "
+        "added, changed and removed since.",
+        "modeling_agriclip.search:run_index",
+        check_index,
+        INDEX_OUTPUTS,
+        needs_model=True,
+    )
+    index.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
+    index.add_argument("--output", type=Path, required=True, help="Index file (.safetensors), created or updated.")
+    _add_model_options(index)
+
+    search = _command(
+        commands,
+        "search",
+        "Find the photos of an index nearest to a text or to query photos.",
+        "modeling_agriclip.search:run_search",
+        check_search,
+        SEARCH_OUTPUTS,
+    )
+    search.add_argument("index", type=Path, metavar="INDEX", help="Index file written by `agriclip index`.")
+    queries = search.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--text", action="append", help="Query text; repeat for several queries.")
+    queries.add_argument(
+        "--image", action="append", metavar="PHOTO", help="Query photo (file, folder or glob); repeat for several."
+    )
+    search.add_argument("--top-k", type=_positive_int, default=10, help="Photos shown per query (default: 10).")
+    search.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
+    search.add_argument(
+        "--backend",
+        choices=("torch", "faiss"),
+        default="torch",
+        help="Exact search in torch, or in FAISS (default: torch; see bench/bench_search.py).",
+    )
+    search.add_argument(
+        "--model", default=None, help="The index's model, by another path (default: the model the index names)."
+    )
+    search.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="Query photos per forward pass (default: 32)."
+    )
+    search.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda, then mps, else cpu)."
     )
 

@@ -167,6 +167,116 @@ def _retrieval_table(results: dict, dataset: str) -> str:
     return _table(header, rows)
 
 
+def _calibration_table(results: dict) -> str:
+    """ECE (%) per dataset and its mean: per model, a row before temperature fitting and one per k after it."""
+    calibration = results["calibration"]
+    datasets = list(calibration["datasets"])
+    shots = results.get("settings", {}).get("calibration_shots") or []
+    rows = []
+    for model, mean in calibration["mean"].items():
+        records = [calibration["datasets"][dataset].get(model) for dataset in datasets]
+        rows.append(
+            [f"{model}, zero-shot"]
+            + [_percent(record and record["before"]["ece"]) for record in records]
+            + [_percent(mean["ece_before"])]
+        )
+        for k in shots:
+            rows.append(
+                [f"{model}, T fitted on {k} shots"]
+                + [_percent(record and record["after"][str(k)]["ece"]) for record in records]
+                + [_percent(mean[f"ece_after_{k}"])]
+            )
+    return _table(["Model"] + [_display_name(results, dataset) for dataset in datasets] + ["Mean"], rows)
+
+
+def _abstention_table(results: dict) -> str:
+    """Per model, the means over tasks of the abstention scores (`evaluation.reliability`), with chance levels."""
+    abstention = results["abstention"]
+    chance = (abstention.get("chance") or {}).get("mean") or {}
+    columns = {
+        "auroc_max_probability": "AUROC top probability",
+        "auroc_calibrated": "AUROC calibrated",
+        "auroc_max_logit": "AUROC top logit",
+        "top1": "Top-1 (all)",
+        "accuracy_at_coverage": "Top-1 at 90 % coverage",
+        "other_abstained_at_threshold": "Other-domain photos answered unknown",
+    }
+    rows = [[model] + [_percent(mean.get(key)) for key in columns] for model, mean in abstention["mean"].items()]
+    # AUROC's chance is 50 %; the accuracies' a uniform guess's; the share answered unknown has none.
+    chance_of = {key: chance.get("auroc") if key.startswith("auroc") else chance.get("top1") for key in columns}
+    chance_of["other_abstained_at_threshold"] = None
+    rows.append([CHANCE_LABEL] + [_percent(chance_of[key]) for key in columns])
+    return _table(["Model (mean over tasks)"] + list(columns.values()), rows)
+
+
+def _selection_table(results: dict) -> str:
+    """Per dataset and model: the embeddings chosen from the shots (one per seed), the test top-1 of the choice,
+    of the best fixed mode of that task in hindsight and of the best candidate (oracle); then the means and the one
+    fixed mode best over all tasks in hindsight."""
+    selection = results["selection"]
+    info = results.get("dataset_info", {})
+    rows = []
+    for dataset, models in selection["datasets"].items():
+        chance = (info.get(dataset, {}).get("chance") or {}).get("top1")
+        for model, record in models.items():
+            chosen = ", ".join(run["chosen"] for run in record["selected"])
+            rows.append(
+                [
+                    _display_name(results, dataset),
+                    model,
+                    chosen,
+                    _percent(record["test_top1"]),
+                    f"{record['best_fixed']} {_percent(record['fixed'][record['best_fixed']])}",
+                    f"{record['oracle']} {_percent(record['oracle_top1'])}",
+                    _percent(chance),
+                ]
+            )
+    for model, mean in selection["mean"].items():
+        best = mean["best_fixed_in_hindsight"]
+        rows.append(
+            [
+                "Mean",
+                model,
+                f"one fixed mode in hindsight: {best} {_percent(mean['best_fixed_in_hindsight_top1'])}",
+                _percent(mean["selected_top1"]),
+                _percent(mean["best_fixed_per_task_top1"]),
+                _percent(mean["oracle_top1"]),
+                _percent((selection.get("chance") or {}).get("mean")),
+            ]
+        )
+    header = ["Task", "Model", "Chosen per seed", "Selected top-1", "Best fixed (per task)", "Oracle", CHANCE_LABEL]
+    return _table(header, rows)
+
+
+def _hierarchy_table(results: dict) -> str:
+    """Per dataset and model: flat and two-level top-1, the group accuracy of each, and their chance levels."""
+    rows = [
+        [
+            _display_name(results, dataset),
+            model,
+            _percent(record["top1_flat"]),
+            _percent(record["top1_hierarchical"]),
+            _percent(record["chance_top1"]),
+            _percent(record["flat_group_accuracy"]),
+            _percent(record["group_accuracy"]),
+            _percent(record["chance_group"]),
+        ]
+        for dataset, models in results["hierarchy"]["datasets"].items()
+        for model, record in models.items()
+    ]
+    header = [
+        "Task",
+        "Model",
+        "Flat top-1",
+        "Two-level top-1",
+        "Chance",
+        "Flat group",
+        "Two-level group",
+        "Group chance",
+    ]
+    return _table(header, rows)
+
+
 def _fine_grained_datasets(results: dict) -> list[str]:
     """The classification datasets the suite marks fine-grained, by display name."""
     info = results.get("dataset_info", {})
@@ -226,6 +336,31 @@ def render_markdown_report(results: dict) -> str:
         parts += ["## Linear probe (top-1)", render_markdown_table(results, "top1", results["linear_probe"])]
     if results.get("few_shot"):
         parts += ["## k-shot linear probe (top-1, mean over datasets and seeds)", _few_shot_table(results)]
+    if results.get("calibration"):
+        parts += [
+            "## Calibration: expected calibration error (lower is better)",
+            "Zero-shot, then with a temperature (and a bias for a SigLIP model) fitted on k labelled shots per class "
+            "of the train split (a class with fewer train images gives them all), mean over seeds; measured on the "
+            "test images. Reliability diagrams: plots/reliability_*.png.",
+            _calibration_table(results),
+        ]
+    if results.get("abstention"):
+        parts += [
+            "## Abstention on photos of other domains",
+            "Each task's test photos against the test photos of the tasks of other domains, all scored with the "
+            "task's labels; AUROC of telling them apart (chance 50 %), and the top-1 on the 90 % of the task's "
+            "photos with the highest top probability. The last column is the share of other-domain photos the "
+            "--abstain-below threshold of 90 % coverage answers unknown.",
+            _abstention_table(results),
+        ]
+    if results.get("selection"):
+        parts += [
+            f"## Image embedding chosen per task from {results['selection']['shots']} shots per class",
+            "Chosen on train-split shots only; top-1 on the test images.",
+            _selection_table(results),
+        ]
+    if results.get("hierarchy"):
+        parts += ["## Hierarchical labels (group, then label within it)", _hierarchy_table(results)]
     if results.get("retrieval"):
         parts += [
             "## Image-text retrieval (recall@k)",
@@ -312,6 +447,40 @@ def confusion_matrix_figure(results: dict, dataset: str) -> Figure:
     return figure
 
 
+def reliability_figure(results: dict, dataset: str) -> Figure:
+    """Reliability diagrams of one dataset, one panel per model: the accuracy against the mean confidence of each
+    non-empty confidence bin, zero-shot and after temperature fitting with each k (the seeds' bins pooled), beside
+    the diagonal of perfect calibration."""
+    per_model = results["calibration"]["datasets"][dataset]
+    columns = min(len(per_model), CONFUSION_COLUMNS)
+    rows = -(-len(per_model) // columns)
+    figure = Figure(figsize=(4.0 * columns, 4.0 * rows), layout="constrained")
+    panels = np.atleast_1d(figure.subplots(rows, columns)).flatten()
+    for axes in panels[len(per_model) :]:
+        axes.set_axis_off()
+    for axes, (model, record) in zip(panels, per_model.items()):
+        curves = {f"zero-shot (ECE {_percent(record['before']['ece'])}%)": record["before"]["reliability"]}
+        curves |= {
+            f"T from {k} shots (ECE {_percent(after['ece'])}%)": after["reliability"]
+            for k, after in record["after"].items()
+        }
+        axes.plot([0, 1], [0, 1], color="grey", linestyle="dashed", linewidth=1)
+        for label, bins in curves.items():
+            counts = np.asarray(bins["count"], dtype=float)
+            shown = counts > 0
+            confidence = np.asarray(bins["sum_confidence"])[shown] / counts[shown]
+            accuracy = np.asarray(bins["sum_correct"])[shown] / counts[shown]
+            axes.plot(confidence, accuracy, marker="o", label=label)
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("Confidence (top probability)")
+        axes.set_ylabel("Accuracy")
+        axes.set_title(model, fontsize="medium")
+        axes.legend(fontsize="x-small")
+    figure.suptitle(f"Reliability: {_display_name(results, dataset)}")
+    return figure
+
+
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
 
@@ -340,6 +509,11 @@ def write_report(results: dict, output_dir) -> dict[str, Path]:
                 plots_dir / f"confusion_{_file_stem(dataset)}.png",
                 confusion_matrix_figure(results, dataset),
             )
+    for dataset in (results.get("calibration") or {}).get("datasets", {}):
+        figures[f"reliability/{dataset}"] = (
+            plots_dir / f"reliability_{_file_stem(dataset)}.png",
+            reliability_figure(results, dataset),
+        )
     with ExitStack() as renames:
         # Each temporary file is renamed over its target when the stack unwinds, in reverse order of entry.
         for path, text in texts.items():

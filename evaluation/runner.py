@@ -5,7 +5,7 @@ command line.
 
 import logging
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from agriclip.images import DecodeStats, decode_rows
 from agriclip.sources import load_image_text_dataset, load_labelled_dataset
 from agriclip.templates import fill_templates
-from modeling_agriclip.commands import hide_weight_loading_bars
+from modeling_agriclip.calibration import TaskFile, fit_calibration
+from modeling_agriclip.commands import hide_weight_loading_bars, model_revision, package_version
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 
-from .linear_probe import k_shot_probe, stratified_split
+from .hierarchy import hierarchy_record, load_task_hierarchy
+from .linear_probe import k_shot_probe, sample_k_shot, stratified_split
 from .linear_probe import linear_probe as fit_linear_probe
 from .metrics import (
     CHANCE_KEYS,
@@ -29,8 +31,10 @@ from .metrics import (
     classification_metrics,
     confusion_matrix,
 )
+from .reliability import abstention_record, calibration_record, fit_calibrations
 from .report import model_names, write_report
 from .retrieval import group_captions, retrieval_recall
+from .selection import FUSION_WEIGHTS, fused_features, mode_embedding, mode_name, select_embedding
 from .suite import DatasetSpec, ModelSpec, RetrievalSpec, load_suite_config, parse_embedding
 
 
@@ -354,6 +358,238 @@ def _retrieval(spec: RetrievalSpec, classifiers, batch_size: int) -> dict:
     return records
 
 
+@dataclass
+class TaskScores:
+    """One task's zero-shot logits per classifier on its probe split, kept for the sections that compare tasks
+    (abstention scores other tasks' photos with this task's labels)."""
+
+    spec: DatasetSpec
+    prompt_names: list[str]
+    data: ProbeData
+
+    def logits(self, name: str, classifier: ZeroShotClassifier, features: torch.Tensor) -> torch.Tensor:
+        """Logits of image `features` against this task's labels and templates."""
+        scores = classifier.embedding_logits(features, self.prompt_names, self.spec.templates)
+        check_finite(scores, _scored_by(name, classifier, self.spec.name), "images")
+        return scores
+
+
+def _calibration(task: TaskScores, classifiers, shots: Sequence[int], seeds: Sequence[int]) -> tuple[dict, dict]:
+    """Per classifier: the calibration record (`evaluation.reliability`) and the fits it made, by k."""
+    records, fits = {}, {}
+    for name, classifier in classifiers.items():
+        train_logits = task.logits(name, classifier, task.data.train_features[name])
+        test_logits = task.logits(name, classifier, task.data.test_features[name])
+        fits[name] = fit_calibrations(train_logits, task.data.train_labels, classifier.sigmoid_scores, shots, seeds)
+        records[name] = calibration_record(test_logits, task.data.test_labels, classifier.sigmoid_scores, fits[name])
+    return records, fits
+
+
+def _abstention(
+    task: TaskScores, tasks: Mapping[str, TaskScores], classifiers, fits: Mapping[str, dict]
+) -> dict | None:
+    """Per classifier, the task's test photos against the test photos of the tasks of other domains (None when
+    every task shares its domain)."""
+    others = [other for other in tasks.values() if other.spec.domain_name != task.spec.domain_name]
+    if not others:
+        return None
+    records = {}
+    for name, classifier in classifiers.items():
+        test_logits = task.logits(name, classifier, task.data.test_features[name])
+        other_logits = torch.cat([task.logits(name, classifier, other.data.test_features[name]) for other in others])
+        by_k = fits.get(name) or {}
+        calibrations = [calibration for calibration, _ in by_k[max(by_k)]] if by_k else []
+        records[name] = {
+            **abstention_record(
+                test_logits, task.data.test_labels, other_logits, classifier.sigmoid_scores, calibrations
+            ),
+            "other_tasks": [other.spec.name for other in others],
+        }
+    return records
+
+
+def _means(
+    per_dataset: Mapping[str, Mapping[str, Mapping]], read: Mapping[str, Callable[[Mapping], float | None]]
+) -> dict:
+    """Per model, the unweighted mean over datasets of each value `read[key](record)` (None where none has it)."""
+    means = {}
+    for model in model_names(per_dataset):
+        records = [models[model] for models in per_dataset.values() if models.get(model) is not None]
+        means[model] = {key: _fmean_or_none([get(record) for record in records]) for key, get in read.items()}
+        means[model]["n_datasets"] = len(records)
+    return means
+
+
+def _fmean_or_none(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _calibration_means(per_dataset: dict, shots: Sequence[int]) -> dict:
+    read = {"ece_before": lambda record: record["before"]["ece"], "nll_before": lambda record: record["before"]["nll"]}
+    for k in shots:
+        read[f"ece_after_{k}"] = lambda record, k=k: record["after"][str(k)]["ece"]
+        read[f"nll_after_{k}"] = lambda record, k=k: record["after"][str(k)]["nll"]
+    return _means(per_dataset, read)
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 under the ranking rule of `evaluation.metrics` (argmax: the lowest index wins a tie)."""
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def _embedding_pairs(classifiers: Mapping[str, ZeroShotClassifier]) -> dict[str, tuple[str, str, list[str]]]:
+    """Per AgriCLIP model evaluated with both its aligned and its CLIP embedding: its display name (before " ("),
+    the names of those two classifiers, and the names of all its classifiers (the fixed modes)."""
+    by_model = {}
+    for name, classifier in classifiers.items():
+        by_model.setdefault(id(classifier.model), []).append(name)
+    pairs = {}
+    for names in by_model.values():
+        modes = {classifiers[name].embedding: name for name in names if classifiers[name].fusion_weight is None}
+        if "aligned" in modes and "clip" in modes:
+            pairs[names[0].rsplit(" (", 1)[0]] = (modes["aligned"], modes["clip"], names)
+    return pairs
+
+
+def _selection(task: TaskScores, classifiers, shots: int, seeds: Sequence[int]) -> dict:
+    """Per AgriCLIP model (`_embedding_pairs`): the embedding `evaluation.selection` chooses from `shots` shots
+    per class of the train split for each seed, its test top-1, the test top-1 of each fixed mode the suite
+    evaluates and of every candidate (the per-task oracle)."""
+    data, records = task.data, {}
+    for model, (aligned, clip, names) in _embedding_pairs(classifiers).items():
+        classifier = classifiers[aligned]
+        candidates_test = {}
+        for weight in FUSION_WEIGHTS:
+            features = fused_features(data.test_features[clip], data.test_features[aligned], weight)
+            candidates_test[mode_name(weight)] = _top1(task.logits(model, classifier, features), data.test_labels)
+        runs = []
+        for seed in seeds:
+            shot_indices, _ = sample_k_shot(data.train_labels, shots, seed)
+            choice = select_embedding(
+                classifier,
+                data.train_features[clip][shot_indices],
+                data.train_features[aligned][shot_indices],
+                data.train_labels[shot_indices],
+                task.prompt_names,
+                task.spec.templates,
+            )
+            runs.append(
+                {
+                    "seed": seed,
+                    "chosen": choice["chosen"],
+                    "fusion_weight": choice["fusion_weight"],
+                    "shots_top1": choice["candidates"][choice["chosen"]]["top1"],
+                    "test_top1": candidates_test[choice["chosen"]],
+                    "n_shots": len(shot_indices),
+                }
+            )
+        fixed = {
+            name: _top1(task.logits(name, classifiers[name], data.test_features[name]), data.test_labels)
+            for name in names
+        }
+        oracle = max(candidates_test, key=candidates_test.get)
+        records[model] = {
+            "selected": runs,
+            "test_top1": statistics.fmean(run["test_top1"] for run in runs),
+            "fixed": fixed,
+            "best_fixed": max(fixed, key=fixed.get),
+            "candidates_test_top1": candidates_test,
+            "oracle": oracle,
+            "oracle_top1": candidates_test[oracle],
+            "n_test": len(data.test_labels),
+        }
+    return records
+
+
+def _selection_means(per_dataset: Mapping[str, Mapping[str, Mapping]]) -> dict:
+    """Per model, over the tasks: the mean test top-1 of the per-task selection, of each fixed mode, of the best
+    fixed mode per task and of the per-task oracle, and the one fixed mode best in hindsight (the best mean)."""
+    means = {}
+    for model in model_names(per_dataset):
+        records = [models[model] for models in per_dataset.values() if model in models]
+        fixed = {name: statistics.fmean(record["fixed"][name] for record in records) for name in records[0]["fixed"]}
+        best = max(fixed, key=fixed.get)
+        means[model] = {
+            "selected_top1": statistics.fmean(record["test_top1"] for record in records),
+            "fixed_top1": fixed,
+            "best_fixed_in_hindsight": best,
+            "best_fixed_in_hindsight_top1": fixed[best],
+            "best_fixed_per_task_top1": statistics.fmean(record["fixed"][record["best_fixed"]] for record in records),
+            "oracle_top1": statistics.fmean(record["oracle_top1"] for record in records),
+            "n_datasets": len(records),
+        }
+    return means
+
+
+def fit_task_file(
+    config_path,
+    dataset: str,
+    model: str,
+    shots: int,
+    seed: int = 0,
+    embedding: str | None = None,
+    select: bool = False,
+    batch_size: int = 32,
+    device=None,
+) -> TaskFile:
+    """The task file of one suite dataset (`python -m evaluation.calibrate`): with `select`, the image embedding
+    chosen from `shots` shots per class (`evaluation.selection`, the model's aligned and CLIP embeddings), then the
+    temperature (and SigLIP bias) fitted on the same shots. The shots come from the dataset's train split, or the
+    train half of the suite's seeded probe split."""
+    config = load_suite_config(config_path)
+    specs = {spec.name: spec for spec in config.datasets}
+    if dataset not in specs:
+        raise ValueError(f"{config.path}: no dataset {dataset!r}; its datasets: {sorted(specs)}")
+    spec = specs[dataset]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hide_weight_loading_bars()
+    base = ZeroShotClassifier.from_pretrained(model, batch_size=batch_size, device=device)
+    embeddings = ("aligned", "clip") if select else (embedding,)
+    classifiers = {str(name): base if name is None else base.with_embedding(name) for name in embeddings}
+    dataset_rows, class_names = load_labelled_dataset(spec.path, spec.split)
+    prompt_names = spec.prompt_names(class_names, f"{config.path}: dataset {spec.name!r}")
+    features, kept, _ = embed_images(dataset_rows, classifiers, batch_size, spec.name)
+    data = _probe_data(spec, class_names, features, _labels(dataset_rows, kept), classifiers, batch_size, seed)
+    shot_indices, _ = sample_k_shot(data.train_labels, shots, seed)
+    shot_labels = data.train_labels[shot_indices]
+    selection, fusion_weight = None, None
+    if select:
+        clip, aligned = (data.train_features[name][shot_indices] for name in ("clip", "aligned"))
+        selection = select_embedding(base, clip, aligned, shot_labels, prompt_names, spec.templates)
+        embedding, fusion_weight = mode_embedding(selection["fusion_weight"])
+        shot_features = fused_features(clip, aligned, selection["fusion_weight"])
+    else:
+        shot_features = data.train_features[str(embedding)][shot_indices]
+    logits = base.embedding_logits(shot_features, prompt_names, spec.templates)
+    calibration = fit_calibration(logits, shot_labels, base.sigmoid_scores)
+    return TaskFile(
+        labels=prompt_names,
+        templates=list(spec.templates),
+        objective="siglip" if base.sigmoid_scores else "infonce",
+        temperature=calibration.temperature,
+        bias=calibration.bias,
+        embedding=embedding or getattr(base.model.config, "image_embedding", None),
+        fusion_weight=fusion_weight,
+        model=str(model),
+        revision=model_revision(base),
+        shots_per_class=shots,
+        seed=seed,
+        selection=selection and {"on": "k-shot", "chosen": selection["chosen"], "candidates": selection["candidates"]},
+        agriclip_version=package_version(),
+    )
+
+
+ABSTENTION_MEAN_KEYS = (
+    "auroc_max_probability",
+    "auroc_calibrated",
+    "auroc_max_logit",
+    "top1",
+    "accuracy_at_coverage",
+    "other_abstained_at_threshold",
+)
+
+
 def run_suite(
     config_path,
     models: Mapping[str, "str | Path | ModelSpec | ZeroShotClassifier"],
@@ -363,6 +599,10 @@ def run_suite(
     linear_probe: bool = False,
     k_shots: Sequence[int] = (),
     seeds: Sequence[int] = (0,),
+    calibration_shots: Sequence[int] = (),
+    abstention: bool = False,
+    select_shots: int | None = None,
+    hierarchy: bool = False,
 ) -> dict:
     """Runs the suite of `config_path` on every model and writes the report into `output_dir`.
 
@@ -376,6 +616,12 @@ def run_suite(
         linear_probe: also fit a logistic-regression probe per dataset and model.
         k_shots: also run k-shot probes for these k.
         seeds: seeds of the k-shot samples (results are averaged); the first also seeds the probe splits.
+        calibration_shots: also fit a temperature (and SigLIP bias) per task from k shots per class for these k, and
+            report ECE and reliability bins before and after (`evaluation.reliability`).
+        abstention: also score each task's test photos against those of tasks of other domains.
+        select_shots: also choose each AgriCLIP model's embedding per task from this many shots per class
+            (`evaluation.selection`; the model must be evaluated with its aligned and clip embeddings).
+        hierarchy: also score the datasets with a `hierarchy` label file two-level, beside the flat labels.
 
     Returns:
         The results dictionary (schema in the module docstring).
@@ -389,6 +635,8 @@ def run_suite(
     classifiers, models_info = load_classifiers(models, batch_size=batch_size, device=device)
     results = {"datasets": {}, "mean": {}}
     dataset_info, probe_results, few_shot_results = {}, {}, {}
+    calibration_results, calibration_fits, tasks = {}, {}, {}
+    selection_results, hierarchy_results = {}, {}
     for spec in config.datasets:
         dataset, class_names = load_labelled_dataset(spec.path, spec.split)
         prompt_names = spec.prompt_names(class_names, f"{config.path}: dataset {spec.name!r}")
@@ -409,12 +657,28 @@ def run_suite(
         results["datasets"][spec.name] = _zero_shot(
             spec, class_names, prompt_names, features, labels, stats, classifiers
         )
-        if linear_probe or k_shots:
+        if hierarchy and spec.hierarchy is not None:
+            task_hierarchy = load_task_hierarchy(spec, class_names, prompt_names)
+            hierarchy_results[spec.name] = {
+                name: {
+                    **hierarchy_record(classifier, features[name], labels, task_hierarchy, spec.templates),
+                    "zero_shot_top1": results["datasets"][spec.name][name]["top1"],
+                }
+                for name, classifier in classifiers.items()
+            }
+        if linear_probe or k_shots or calibration_shots or abstention or select_shots:
             data = _probe_data(spec, class_names, features, labels, classifiers, batch_size, seeds[0])
             if linear_probe:
                 probe_results[spec.name] = _linear_probe(spec, data, classifiers, seeds[0])
             if k_shots:
                 few_shot_results[spec.name] = _few_shot(spec, data, classifiers, k_shots, seeds)
+            tasks[spec.name] = TaskScores(spec, prompt_names, data)
+            if calibration_shots:
+                calibration_results[spec.name], calibration_fits[spec.name] = _calibration(
+                    tasks[spec.name], classifiers, calibration_shots, seeds
+                )
+            if select_shots:
+                selection_results[spec.name] = _selection(tasks[spec.name], classifiers, select_shots, seeds)
     results.update(_summaries(results["datasets"], dataset_info, ZERO_SHOT_KEYS))
     if linear_probe:
         results["linear_probe"] = {"datasets": probe_results, **_summaries(probe_results, dataset_info, ZERO_SHOT_KEYS)}
@@ -424,6 +688,37 @@ def run_suite(
             "mean": _few_shot_means(few_shot_results, k_shots),
             "chance": {"mean": _few_shot_chance(few_shot_results, dataset_info, k_shots)},
         }
+    if calibration_shots:
+        results["calibration"] = {
+            "datasets": calibration_results,
+            "mean": _calibration_means(calibration_results, calibration_shots),
+        }
+    if abstention:
+        abstention_results = {}
+        for name, task in tasks.items():
+            records = _abstention(task, tasks, classifiers, calibration_fits.get(name, {}))
+            if records is not None:
+                abstention_results[name] = records
+        read = {key: lambda record, key=key: record.get(key) for key in ABSTENTION_MEAN_KEYS}
+        results["abstention"] = {
+            "datasets": abstention_results,
+            "mean": _means(abstention_results, read),
+            "chance": {
+                "mean": {
+                    "top1": _fmean_or_none(dataset_info[name]["chance"]["top1"] for name in abstention_results),
+                    "auroc": 0.5,
+                }
+            },
+        }
+    if select_shots:
+        results["selection"] = {
+            "shots": select_shots,
+            "datasets": selection_results,
+            "mean": _selection_means(selection_results),
+            "chance": {"mean": _fmean_or_none(dataset_info[name]["chance"]["top1"] for name in selection_results)},
+        }
+    if hierarchy:
+        results["hierarchy"] = {"datasets": hierarchy_results}
     if config.retrieval:
         results["retrieval"] = {"datasets": {}}
         for spec in config.retrieval:
@@ -438,6 +733,10 @@ def run_suite(
         "linear_probe": linear_probe,
         "k_shots": list(k_shots),
         "seeds": list(seeds),
+        "calibration_shots": list(calibration_shots),
+        "abstention": abstention,
+        "select_shots": select_shots,
+        "hierarchy": hierarchy,
     }
     write_report(results, output_dir)
     return results

@@ -8,7 +8,8 @@ Command line::
         --output reports/eval [--linear-probe] [--k-shot 1 2 4 8 16 --seeds 0 1 2]
 
 It writes ``results.json``, ``results.md`` and ``plots/*.png`` (see `evaluation.report`) and prints the
-top-1 table.
+top-1 table. ``--benchmark agriclip-20 --data-root DIR`` instead of ``--config`` runs a benchmark catalogue's tasks
+found under DIR (`evaluation.benchmarks`), writing its ``suite.yaml`` and ``benchmark.md`` into the output folder.
 
 Suite YAML (paths are relative to the YAML file)::
 
@@ -25,6 +26,10 @@ Suite YAML (paths are relative to the YAML file)::
         templates: leaf                        # a list of "{}" templates, or a name in
                                                # agriclip.templates.ZERO_SHOT_TEMPLATES (default: "default")
         fine_grained: true                     # optional (default: false): counted in the fine-grained mean
+        domain: leaf                           # optional (default: the name): --abstention scores a task's
+                                               # photos against those of the tasks of other domains
+        hierarchy: hierarchy/leaf.yaml         # optional: a two-level label file (`agriclip.labels`) over the
+                                               # dataset's classes; --hierarchy scores it beside the flat labels
     retrieval:                                 # image-text retrieval, optional
       - name: captions
         path: downstream/captions              # anything agriclip.sources.load_image_text_dataset reads
@@ -94,11 +99,23 @@ from pathlib import Path
 import yaml
 
 from agriclip import IMAGE_EMBEDDINGS
+from agriclip.atomic import write_text_atomically
 from agriclip.errors import SCRIPT_EXIT_CODES, run_command
 from agriclip.templates import get_templates
 
 
-DATASET_KEYS = ("name", "display_name", "path", "split", "train_split", "class_names", "templates", "fine_grained")
+DATASET_KEYS = (
+    "name",
+    "display_name",
+    "path",
+    "split",
+    "train_split",
+    "class_names",
+    "templates",
+    "fine_grained",
+    "domain",
+    "hierarchy",
+)
 RETRIEVAL_KEYS = ("name", "display_name", "path", "split")
 
 
@@ -114,6 +131,14 @@ class DatasetSpec:
     class_names: dict[str, str] = field(default_factory=dict)
     templates: list[str] = field(default_factory=lambda: get_templates("default"))
     fine_grained: bool = False
+    domain: str | None = None
+    hierarchy: Path | None = None
+
+    @property
+    def domain_name(self) -> str:
+        """The domain of its photos (`domain`; default its own name): abstention's other-domain photos are those of
+        the tasks of another domain."""
+        return self.domain or self.name
 
     def prompt_names(self, dataset_classes: Sequence[str], where) -> list[str]:
         """The name put into the templates for each dataset class."""
@@ -192,6 +217,8 @@ def load_suite_config(path) -> SuiteConfig:
                 class_names={str(key): str(value) for key, value in class_names.items()},
                 templates=templates,
                 fine_grained=fine_grained,
+                domain=None if entry.get("domain") is None else str(entry["domain"]),
+                hierarchy=None if entry.get("hierarchy") is None else path.parent / entry["hierarchy"],
             )
         )
     retrieval = [
@@ -276,9 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SCRIPT_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", required=True, type=Path, help="Suite YAML listing the datasets, class names and templates."
+    config = parser.add_mutually_exclusive_group(required=True)
+    config.add_argument("--config", type=Path, help="Suite YAML listing the datasets, class names and templates.")
+    config.add_argument(
+        "--benchmark",
+        help="A benchmark catalogue (python -m evaluation.benchmarks list), run over the tasks under --data-root: "
+        "its suite YAML and benchmark.md (the published numbers beside this run's, the missing tasks) go to --output.",
     )
+    parser.add_argument("--data-root", type=Path, help="With --benchmark: the folder holding the tasks' folders.")
     parser.add_argument(
         "--model",
         dest="models",
@@ -317,6 +349,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0],
         help="Seeds of the k-shot samples, averaged over; the first also seeds the probe splits (default: 0).",
     )
+    parser.add_argument(
+        "--calibrate",
+        dest="calibration_shots",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="Also fit a temperature (and a bias for a SigLIP model) per task from K shots per class of the train "
+        "split, and report ECE and reliability diagrams before and after, e.g. --calibrate 4 16 (mean over --seeds).",
+    )
+    parser.add_argument(
+        "--abstention",
+        action="store_true",
+        help="Also score each task's test photos against the photos of tasks of other domains (`domain`): AUROC of "
+        "the top probability and of the top logit, accuracy at 90%% coverage.",
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=("k-shot",),
+        default=None,
+        help="Also choose each AgriCLIP model's image embedding and fusion weight per task from --select-shots shots "
+        "per class of the train split, reported beside the best fixed embedding chosen in hindsight.",
+    )
+    parser.add_argument(
+        "--select-shots",
+        type=int,
+        default=16,
+        metavar="K",
+        help="Shots per class --select-on k-shot chooses from (default: 16).",
+    )
+    parser.add_argument(
+        "--hierarchy",
+        action="store_true",
+        help="Also score the tasks that have a `hierarchy` label file two-level (group, then label within it), "
+        "beside the flat labels.",
+    )
     return parser
 
 
@@ -330,6 +398,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if name in models:
             parser.error(f"--model: the name {name!r} is given twice")
         models[name] = spec
+    if (args.benchmark is None) != (args.data_root is None):
+        parser.error("--benchmark and --data-root go together")
+    if args.benchmark is not None:
+        from .benchmarks import load_benchmark, published_comparison, write_suite
+
+        benchmark = load_benchmark(args.benchmark)
+        args.config = args.output / "suite.yaml"
+        _, missing = write_suite(benchmark, args.data_root, args.config)
     # The heavy stack loads only once the options are valid: --help and argument errors answer at once.
     from .report import render_markdown_table
     from .runner import run_suite
@@ -343,8 +419,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         linear_probe=args.linear_probe,
         k_shots=args.k_shots,
         seeds=args.seeds,
+        calibration_shots=args.calibration_shots,
+        abstention=args.abstention,
+        select_shots=args.select_shots if args.select_on else None,
+        hierarchy=args.hierarchy,
     )
     print(render_markdown_table(results))
+    if args.benchmark is not None:
+        comparison = published_comparison(benchmark, results, missing)
+        write_text_atomically(args.output / "benchmark.md", comparison)
+        print("\n" + comparison)
     print(f"\nReport written to {args.output}")
     return results
 

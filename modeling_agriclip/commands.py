@@ -40,8 +40,11 @@ from agriclip.cli import MODEL_ENV
 from agriclip.errors import CLIError, ExitCode, SingleLabelWarning, warn
 from agriclip.files import check_folder_files, check_hub_id, parameter_counts
 from agriclip.images import DecodeStats, DecodingCollator, counted
+from agriclip.labels import LabelHierarchy
 from agriclip.templates import DEFAULT_TEMPLATES
 
+from .calibration import Calibration, TaskFile, answer
+from .hierarchy import hierarchy_templates, predict_hierarchical
 from .tokenizer import build_clip_tokenizer
 from .zero_shot import UnavailableModelError, ZeroShotClassifier, load_config, model_source_options
 
@@ -175,9 +178,14 @@ def hide_weight_loading_bars() -> None:
 
 
 def load_classifier(
-    model: str, device: torch.device, batch_size: int, embedding: str | None = None
+    model: str,
+    device: torch.device,
+    batch_size: int,
+    embedding: str | None = None,
+    fusion_weight: float | None = None,
 ) -> ZeroShotClassifier:
-    """A `ZeroShotClassifier` on `model` (an AgriCLIP or CLIP folder, or a Hub id), failing with exit code 3."""
+    """A `ZeroShotClassifier` on `model` (an AgriCLIP or CLIP folder, or a Hub id), failing with exit code 3; with
+    `embedding` (and, for "fused", optionally its `fusion_weight`) instead of the checkpoint's."""
     _check_model_path(model)
     hide_weight_loading_bars()
     try:
@@ -187,7 +195,7 @@ def load_classifier(
     if embedding is None:
         return classifier
     try:
-        return classifier.with_embedding(embedding)
+        return classifier.with_embedding(embedding, fusion_weight)
     except ValueError as error:
         raise CLIError(ExitCode.USAGE, f"--embedding {embedding}: {error}") from error
 
@@ -195,6 +203,13 @@ def load_classifier(
 def embedding_name(classifier: ZeroShotClassifier) -> str | None:
     """The image embedding a classifier uses: its own, else the checkpoint's (None for a single-embedding CLIP)."""
     return classifier.embedding or getattr(classifier.model.config, "image_embedding", None)
+
+
+def fusion_weight_of(classifier: ZeroShotClassifier) -> float | None:
+    """The weight of the CLIP image embedding in the classifier's fused embedding; None for another embedding."""
+    if embedding_name(classifier) != "fused":
+        return None
+    return classifier.model.config.fusion_weight if classifier.fusion_weight is None else classifier.fusion_weight
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,10 +279,12 @@ def image_batches(
 @dataclass
 class Classification:
     """Predictions of `classify_files`: `predictions[i]` is the top-k `{"label", "score"}` of `files[i]`, best first;
-    `stats` counts the decoded images and names the skipped files per reason."""
+    `answers[i]` its answer (the top label or "unknown") when the classification abstains, else None; `stats` counts
+    the decoded images and names the skipped files per reason."""
 
     files: list[str] = field(default_factory=list)
     predictions: list[list[dict]] = field(default_factory=list)
+    answers: list[str] | None = None
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
@@ -280,14 +297,29 @@ def classify_files(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = False,
+    calibration: Calibration | None = None,
+    abstain_below: float | None = None,
+    hierarchy: LabelHierarchy | None = None,
 ) -> Classification:
     """Zero-shot classifies image files in batches: the label embeddings are computed once (the classifier caches
     them across calls too), images are decoded and preprocessed by the DataLoader, and only the image tower runs per
-    batch."""
-    result = Classification()
+    batch.
+
+    `calibration` (fitted for these labels and templates) calibrates the scores; with `abstain_below` each image
+    also gets an answer, "unknown" where its top score is below it (`modeling_agriclip.calibration.answer`). With a
+    `hierarchy` (whose labels are `class_names`) the prediction is two-level (`modeling_agriclip.hierarchy`): the
+    top-k labels of each image's predicted group, with that group.
+    """
+    result = Classification(answers=None if abstain_below is None else [])
     for paths, pixel_values in image_batches(classifier, files, result.stats, batch_size, num_workers, progress):
         result.files += paths
-        result.predictions += classifier.predict(pixel_values, class_names, templates, top_k=top_k)
+        if hierarchy is None:
+            predictions = classifier.predict(pixel_values, class_names, templates, top_k, calibration)
+        else:
+            predictions = predict_hierarchical(classifier, pixel_values, hierarchy, templates, top_k)
+        result.predictions += predictions
+        if abstain_below is not None:
+            result.answers += [answer(image_predictions, abstain_below) for image_predictions in predictions]
     return result
 
 
@@ -337,45 +369,58 @@ def display_width(text: str) -> int:
     )
 
 
+def _answer_rows(result: Classification) -> Iterator[tuple[str, int, dict, str | None]]:
+    """(image, rank, prediction, the image's answer or None) per image and rank, best first."""
+    answers = result.answers if result.answers is not None else [None] * len(result.files)
+    for path, predictions, image_answer in zip(result.files, result.predictions, answers):
+        for rank, prediction in enumerate(predictions, start=1):
+            yield path, rank, prediction, image_answer
+
+
 def format_table(result: Classification) -> str:
-    """Image, rank, label and score columns, aligned by display width (file names and labels in CJK included)."""
-    rows = [("image", "rank", "label", "score")]
+    """Image, rank, label and score columns (then the answer, when the classification abstains), aligned by display
+    width (file names and labels in CJK included)."""
+    abstaining = result.answers is not None
+    rows = [("image", "rank", "label", "score") + (("answer",) if abstaining else ())]
     rows += [
         (path, str(rank), prediction["label"], f"{prediction['score']:.4f}")
-        for path, predictions in zip(result.files, result.predictions)
-        for rank, prediction in enumerate(predictions, start=1)
+        + ((image_answer if rank == 1 else "",) if abstaining else ())
+        for path, rank, prediction, image_answer in _answer_rows(result)
     ]
-    widths = [max(display_width(row[column]) for row in rows) for column in range(3)]
+    widths = [max(display_width(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
 
     def padding(text: str, column: int) -> str:
         return " " * (widths[column] - display_width(text))
 
-    return (
-        "\n".join(
-            f"{row[0]}{padding(row[0], 0)}  {padding(row[1], 1)}{row[1]}  {row[2]}{padding(row[2], 2)}  {row[3]}".rstrip()
-            for row in rows
-        )
-        + "\n"
-    )
+    def line(row) -> str:
+        cells = [f"{row[0]}{padding(row[0], 0)}", f"{padding(row[1], 1)}{row[1]}"]
+        cells += [f"{cell}{padding(cell, column)}" for column, cell in enumerate(row[2:-1], start=2)] + [row[-1]]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join(line(row) for row in rows) + "\n"
 
 
 def format_csv(result: Classification, skipped: Sequence[tuple[str, str]]) -> str:
+    """`CSV_COLUMNS`, plus an `answer` column (on each image's rank-1 row) when the classification abstains."""
+    abstaining = result.answers is not None
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for path, predictions in zip(result.files, result.predictions):
-        for rank, prediction in enumerate(predictions, start=1):
-            writer.writerow((path, rank, prediction["label"], repr(prediction["score"]), ""))
+    writer.writerow(CSV_COLUMNS + (("answer",) if abstaining else ()))
+    for path, rank, prediction, image_answer in _answer_rows(result):
+        row = (path, rank, prediction["label"], repr(prediction["score"]), "")
+        writer.writerow(row + ((image_answer if rank == 1 else "",) if abstaining else ()))
     for path, reason in skipped:
-        writer.writerow((path, "", "", "", reason))
+        writer.writerow((path, "", "", "", reason) + (("",) if abstaining else ()))
     return buffer.getvalue()
 
 
 def format_json(result: Classification, skipped, header: dict) -> str:
+    answers = result.answers if result.answers is not None else [None] * len(result.files)
     document = {
         **header,
         "results": [
-            {"image": path, "predictions": predictions} for path, predictions in zip(result.files, result.predictions)
+            {"image": path, **({} if image_answer is None else {"answer": image_answer}), "predictions": predictions}
+            for path, predictions, image_answer in zip(result.files, result.predictions, answers)
         ],
         "skipped": [{"image": path, "error": reason} for path, reason in skipped],
     }
@@ -413,31 +458,96 @@ def _write(writers: Mapping[Path, Callable[[io.BufferedWriter], object]]) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(args, images: Sequence[str]) -> tuple[ZeroShotClassifier, list[str]]:
+def _prepare(args, images: Sequence[str], fusion_weight: float | None = None) -> tuple[ZeroShotClassifier, list[str]]:
     """Finds the images and checks the device first, then loads the model (labels and templates are checked by
     `agriclip.cli` before this module is imported)."""
     files = collect_images(images)
     device = resolve_device(args.device)
-    return load_classifier(args.model, device, args.batch_size, args.embedding), files
+    return load_classifier(args.model, device, args.batch_size, args.embedding, fusion_weight), files
+
+
+def read_task_file(args) -> TaskFile | None:
+    """predict and classify-folder: the task file of `--calibration`, read before the model loads. Its templates
+    stand in for the default ones, its image embedding (and fusion weight) for the checkpoint's; labels, templates or
+    an `--embedding` other than those it was fitted for are refused (exit code 7 and 2)."""
+    if getattr(args, "calibration", None) is None:
+        return None
+    if args.hierarchy is not None:
+        raise CLIError(ExitCode.USAGE, "--calibration calibrates flat labels; it cannot be used with a YAML label file")
+    try:
+        task = TaskFile.load(args.calibration)
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.LABELS, f"--calibration: {error}") from error
+    if args.template is None and args.dataset_template is None:
+        args.templates = list(task.templates)
+    try:
+        task.check_task(args.calibration, args.class_names, args.templates)
+    except ValueError as error:
+        raise CLIError(ExitCode.LABELS, f"--calibration: {error}") from error
+    if args.embedding is not None and args.embedding != task.embedding:
+        raise CLIError(
+            ExitCode.USAGE,
+            f"--embedding {args.embedding}: {args.calibration} was fitted on the {task.embedding!r} image embedding",
+        )
+    args.embedding = task.embedding
+    return task
+
+
+def model_revision(classifier: ZeroShotClassifier) -> str | None:
+    """The Hub commit the model was loaded from; None for a local folder."""
+    return getattr(classifier.model.config, "_commit_hash", None)
+
+
+def prediction_header(args, classifier: ZeroShotClassifier, task: TaskFile | None) -> dict:
+    """The provenance a predictions file starts with: model and revision, image embedding (and fusion weight),
+    labels, templates, calibration (file, temperature and bias), abstention threshold and package version."""
+    calibration = None
+    if task is not None:
+        calibration = {"file": str(args.calibration), "temperature": task.temperature, "bias": task.bias}
+    hierarchy = None
+    if args.hierarchy is not None:
+        group_templates, label_templates = hierarchy_templates(args.hierarchy, args.templates)
+        hierarchy = {
+            "file": str(args.labels_file),
+            "levels": list(args.hierarchy.levels),
+            "groups": args.hierarchy.groups,
+            "templates": {args.hierarchy.levels[0]: group_templates, args.hierarchy.levels[1]: label_templates},
+        }
+    return {
+        "model": args.model,
+        "revision": model_revision(classifier),
+        "embedding": embedding_name(classifier),
+        "fusion_weight": fusion_weight_of(classifier),
+        "labels": args.class_names,
+        "templates": args.templates,
+        "hierarchy": hierarchy,
+        "calibration": calibration,
+        "abstain_below": args.abstain_below,
+        "agriclip_version": package_version(),
+    }
 
 
 def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classification, list[str], dict]:
-    classifier, files = _prepare(args, images)
-    class_names, templates = args.class_names, args.templates
+    task = read_task_file(args)
+    classifier, files = _prepare(args, images, None if task is None else task.fusion_weight)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingleLabelWarning)  # `agriclip.cli.check_labelled` said it already
         result = classify_files(
-            classifier, files, class_names, templates, args.top_k, args.batch_size, args.num_workers, progress
+            classifier,
+            files,
+            args.class_names,
+            args.templates,
+            args.top_k,
+            args.batch_size,
+            args.num_workers,
+            progress,
+            calibration=None if task is None else task.calibration,
+            abstain_below=args.abstain_below,
+            hierarchy=args.hierarchy,
         )
     _require_readable(result.stats)  # names the skipped files itself: the warning would name them twice
     _report_skipped(result.stats)
-    header = {
-        "model": args.model,
-        "embedding": embedding_name(classifier),
-        "labels": class_names,
-        "templates": templates,
-    }
-    return result, files, header
+    return result, files, prediction_header(args, classifier, task)
 
 
 def run_predict(args) -> ExitCode:

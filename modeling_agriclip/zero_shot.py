@@ -42,6 +42,7 @@ from agriclip.errors import SINGLE_LABEL_WARNING, SingleLabelWarning
 from agriclip.files import check_folder_files, weight_files
 from agriclip.templates import DEFAULT_TEMPLATES, fill_templates
 
+from .calibration import Calibration, probabilities
 from .processing_agriclip import AgriCLIPProcessor
 
 
@@ -441,7 +442,12 @@ class ZeroShotClassifier:
 
     @torch.inference_mode()
     def predict(
-        self, images: Images, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES, top_k: int = 5
+        self,
+        images: Images,
+        class_names: Sequence[str],
+        templates: Templates = DEFAULT_TEMPLATES,
+        top_k: int = 5,
+        calibration: Calibration | None = None,
     ) -> list[list[dict]]:
         """The `top_k` labels of each image with their scores, best first, as the transformers pipeline gives:
         ``[[{"label": ..., "score": ...}, ...], ...]``.
@@ -454,13 +460,17 @@ class ZeroShotClassifier:
         For a model trained with SigLIP's sigmoid loss (`sigmoid_scores`) each score is the sigmoid of its own logit,
         the probability that the image fits that label: each in [0, 1], independent of the other labels, not summing
         to 1 in general (a single label is a meaningful question then).
+
+        A `calibration` fitted for these labels and templates (`modeling_agriclip.calibration`) divides the logits by
+        its temperature (and adds its bias) first: the ranking stays, the scores are then calibrated probabilities.
         """
         sigmoid = self.sigmoid_scores
         if len(class_names) == 1 and not sigmoid:
             warnings.warn(SINGLE_LABEL_WARNING.format(label=class_names[0]), SingleLabelWarning, stacklevel=2)
         logits = self.logits(images, class_names, templates)
-        probabilities = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
-        scores, indices = probabilities.topk(min(top_k, len(class_names)), dim=-1)
+        if calibration is not None:
+            logits = calibration.apply(logits)
+        scores, indices = probabilities(logits, sigmoid).topk(min(top_k, len(class_names)), dim=-1)
         return [
             [{"label": class_names[index], "score": score} for score, index in zip(row_scores, row_indices)]
             for row_scores, row_indices in zip(scores.tolist(), indices.tolist())

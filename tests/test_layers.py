@@ -29,6 +29,8 @@ ENTRY_POINTS = [
             "info",
             "export",
             "explain",
+            "index",
+            "search",
             "convert",
             "tokenizer",
             "card",
@@ -77,8 +79,8 @@ def test_help_and_argument_errors_load_no_heavy_stack(tmp_path):
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert [result["heavy"] for result in results] == [[] for _ in ENTRY_POINTS], results
     codes = [result["code"] for result in results]
-    assert codes[:11] == [0] * 11 and codes[11] == 2 and codes[12] == 7  # help; missing --labels; bad template
-    assert codes[13:21] == [0] * 8 and codes[21:] == [2, 2]
+    assert codes[:13] == [0] * 13 and codes[13] == 2 and codes[14] == 7  # help; missing --labels; bad template
+    assert codes[15:23] == [0] * 8 and codes[23:] == [2, 2]
     assert "exactly one" in done.stderr and "the following arguments are required: --model, --output-dir" in done.stderr
 
 
@@ -90,8 +92,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The packages bottom to top: each imports only those before it. The light core (templates, decoding, atomic files,
 # errors, the data sources); the model and inference; evaluation (metrics, probes, the suite); the card builder and
-# publishing; training (data collators, objectives, the stages and the end-to-end run). `bench` and `tests` sit on top.
-LAYERS = ("agriclip", "modeling_agriclip", "evaluation", "model_card", "training")
+# publishing; training (data collators, objectives, the stages and the end-to-end run); the demo app. `bench` and
+# `tests` sit on top.
+LAYERS = ("agriclip", "modeling_agriclip", "evaluation", "model_card", "training", "app")
 
 # Inference: the model, processor, templates, image decoding, zero-shot and the `agriclip` command. The `card` and
 # `publish` subcommands are dispatched by module name (agriclip.cli) and load the card builder only when run.
@@ -103,8 +106,11 @@ INFERENCE = (
     "agriclip.images",
     "agriclip.templates",
     "modeling_agriclip",
+    "app.demo",  # the page a Space runs with copies of agriclip and modeling_agriclip only
 )
 NOT_FOR_INFERENCE = ("datasets", "agriclip.sources", "training", "evaluation", "model_card", "peft")
+# The app sits on top, yet is inference: its commands read suite YAMLs (evaluation.suite), never train or build cards.
+NOT_FOR_THE_APP = ("datasets", "agriclip.sources", "training", "model_card", "peft")
 
 
 def imports_of(path: Path, package: str) -> list[tuple[int, str]]:
@@ -154,6 +160,19 @@ def test_inference_imports_no_training_data_or_card_code():
         for module in inference
         for line, name in graph[module]
         if any(name == banned or name.startswith(banned + ".") for banned in NOT_FOR_INFERENCE)
+    ]
+    assert not leaks, "\n".join(leaks)
+
+
+def test_the_app_imports_no_training_data_or_card_code():
+    graph = module_imports()
+    app = [module for module in graph if module.split(".")[0] == "app"]
+    assert {"app.demo", "app.presets", "app.space", "app.__main__"} <= set(app)
+    leaks = [
+        f"{module}:{line} imports {name}"
+        for module in app
+        for line, name in graph[module]
+        if any(name == banned or name.startswith(banned + ".") for banned in NOT_FOR_THE_APP)
     ]
     assert not leaks, "\n".join(leaks)
 

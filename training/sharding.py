@@ -13,7 +13,15 @@
 - `register_feature_methods`: the feature methods (`get_text_features`, ...) run outside `forward`; FSDP2 gathers
   the root's parameters only around `forward`, so they are registered as forward methods (validation calls them).
 - `full_state_dict`: the model's full state dict, gathered on every process (each must join the gather), with the
-  scalar parameters back in their checkpoint shape; `training.runtime.export_atomically` saves it.
+  scalar parameters back in their checkpoint shape; `training.runtime.export_atomically` saves it. Under DeepSpeed
+  (training/configs/deepspeed_zero2.yaml) it is `accelerator.get_state_dict`, which would also gather ZeRO-3's
+  partitioned weights. Unverified: no GPU has run it yet, and a ZeRO-3 config is not shipped, since stage 1 logs
+  `logit_scale`, which ZeRO-3 partitions, outside the forward.
+
+DeepSpeed runs on GPUs only here: Accelerate 1.16 (accelerate/state.py, `PartialState.__init__`) initialises
+DeepSpeed's processes only without `cpu` (line 198) and, on a machine with no accelerator, with no backend, so that it
+then counts a single process (lines 285-287, `self.backend is None`); with ACCELERATE_USE_CPU=1 it skips DeepSpeed
+altogether and runs the launch as plain DDP (line 935, `AcceleratorState.__init__`: `... and not cpu`).
 """
 
 from __future__ import annotations
@@ -123,8 +131,11 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The prepared model's full state dict, gathered on every process (a collective: call it on all), with the
-    parameters `prepare_for_sharding` reshaped back to their checkpoint shape (scalars); None without FSDP (the
-    model's own state dict is then what `save_pretrained` writes)."""
+    parameters `prepare_for_sharding` reshaped back to their checkpoint shape (scalars); under DeepSpeed the weights
+    ZeRO-3 gathers onto the main process (None on the others); None without FSDP or DeepSpeed (the model's own
+    state dict is then what `save_pretrained` writes)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model) or None
     if not is_fsdp(accelerator):
         return None
     state = accelerator.get_state_dict(model)

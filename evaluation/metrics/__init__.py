@@ -22,7 +22,7 @@ new metric is one function and one row here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -204,15 +204,59 @@ def _macro_f1(summary: ScoreSummary) -> float:
 ECE_BINS = 15
 
 
-def _expected_calibration_error(summary: ScoreSummary) -> float:
-    """Expected calibration error (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017): the examples
-    binned by top-1 confidence into `ECE_BINS` equal-width bins ((m-1)/M, m/M], then sum_b |B_b|/N ·
-    |acc(B_b) - conf(B_b)| = sum_b |sum over B_b of (correct - confidence)| / N. 0 is perfectly calibrated."""
-    confidences = summary.confidences
-    correct = (summary.predictions == summary.labels).double()
+def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> dict[str, list[float]]:
+    """The examples binned by top-1 confidence into `ECE_BINS` equal-width bins ((m-1)/M, m/M] (a confidence of 0
+    in the first): per bin its count, and the sums of its confidences and of its correct predictions. Sums, not
+    means, so that bins of several runs (seeds) add up; a reliability diagram plots sum_correct / count against
+    sum_confidence / count."""
+    confidences, correct = confidences.double(), correct.double()
     bins = (torch.ceil(confidences * ECE_BINS).long() - 1).clamp(0, ECE_BINS - 1)
-    gaps = torch.bincount(bins, weights=correct - confidences, minlength=ECE_BINS)
-    return float(gaps.abs().sum()) / summary.n_examples
+    return {
+        "count": torch.bincount(bins, minlength=ECE_BINS).tolist(),
+        "sum_confidence": torch.bincount(bins, weights=confidences, minlength=ECE_BINS).tolist(),
+        "sum_correct": torch.bincount(bins, weights=correct, minlength=ECE_BINS).tolist(),
+    }
+
+
+def calibration_error(bins: Mapping[str, Sequence[float]]) -> float:
+    """Expected calibration error (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017) of
+    `reliability_bins`: sum_b |B_b|/N · |acc(B_b) - conf(B_b)| = sum_b |sum over B_b of (correct - confidence)| / N.
+    0 is perfectly calibrated."""
+    gaps = np.abs(np.asarray(bins["sum_correct"]) - np.asarray(bins["sum_confidence"]))
+    return float(gaps.sum() / np.sum(bins["count"]))
+
+
+def _expected_calibration_error(summary: ScoreSummary) -> float:
+    """`calibration_error` of the softmax confidences of the top-1 predictions."""
+    correct = summary.predictions == summary.labels
+    return calibration_error(reliability_bins(summary.confidences, correct))
+
+
+def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
+    """The area under the ROC curve of telling positives from negatives by a score (higher: more likely positive):
+    the probability that a random positive outscores a random negative, a tie counting half (Mann-Whitney U / n_pos
+    n_neg), from the average ranks of the pooled scores. 0.5 is chance, 1 a perfect separation."""
+    if not len(positive_scores) or not len(negative_scores):
+        raise ValueError("AUROC needs at least one positive and one negative score")
+    scores = torch.cat([positive_scores, negative_scores]).double()
+    check_finite(scores[:, None], unit="scores")
+    # 1-based ranks of the pooled scores, tied scores sharing the mean of theirs.
+    order = scores.argsort()
+    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
+    ranks = torch.empty_like(scores)
+    ranks[order] = (counts.cumsum(0).double() - (counts.double() - 1) / 2)[inverse]
+    n_pos, n_neg = len(positive_scores), len(negative_scores)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def selective_accuracy(confidences: torch.Tensor, correct: torch.Tensor, coverage: float) -> tuple[float, float]:
+    """The accuracy on the `coverage` share of examples with the highest confidence (the others abstained on), and
+    the confidence threshold that keeps them (the lowest kept confidence: `--abstain-below` at that coverage)."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1]; got {coverage}")
+    kept = max(1, round(coverage * len(confidences)))
+    order = torch.sort(confidences.double(), descending=True, stable=True).indices[:kept]
+    return float(correct.double()[order].mean()), float(confidences.double()[order[-1]])
 
 
 class ModuleInputs:
