@@ -16,7 +16,7 @@ from agriclip.images import DecodeStats, decode_rows
 from agriclip.sources import load_image_text_dataset, load_labelled_dataset
 from agriclip.templates import fill_templates
 from modeling_agriclip.calibration import TaskFile, fit_calibration
-from modeling_agriclip.commands import hide_weight_loading_bars, model_revision, package_version
+from modeling_agriclip.commands import fusion_weight_of, hide_weight_loading_bars, model_revision, package_version
 from modeling_agriclip.zero_shot import ZeroShotClassifier
 
 from .hierarchy import hierarchy_record, load_task_hierarchy
@@ -77,18 +77,10 @@ def load_classifiers(
             info[label] = {
                 "path": None if path is None else str(path),
                 "embedding": classifier.embedding,
-                "fusion_weight": _fusion_weight(classifier),
+                "fusion_weight": fusion_weight_of(classifier),
                 "model_type": classifier.model.config.model_type,
             }
     return classifiers, info
-
-
-def _fusion_weight(classifier: ZeroShotClassifier) -> float | None:
-    """The weight of the CLIP image embedding in the classifier's fused embedding; None when it uses another."""
-    config = classifier.model.config
-    if (classifier.embedding or getattr(config, "image_embedding", None)) != "fused":
-        return None
-    return config.fusion_weight if classifier.fusion_weight is None else classifier.fusion_weight
 
 
 def _scored_by(name: str, classifier: ZeroShotClassifier, dataset: str) -> str:
