@@ -209,7 +209,15 @@ def _abstention_table(results: dict) -> str:
     return _table(["Model (mean over tasks)"] + list(columns.values()), rows)
 
 
-def _selection_table(results: dict) -> str:
+SELECTION_NOTE = "Chosen on train-split shots only; top-1 on the test images."
+
+
+def selection_heading(results: dict) -> str:
+    """The title of the per-task selection's table (report and model card)."""
+    return f"Image embedding chosen per task from {results['selection']['shots']} shots per class"
+
+
+def selection_table(results: dict) -> str:
     """Per dataset and model: the embeddings chosen from the shots (one per seed), the test top-1 of the choice,
     of the best fixed mode of that task in hindsight and of the best candidate (oracle); then the means and the one
     fixed mode best over all tasks in hindsight."""
@@ -355,9 +363,9 @@ def render_markdown_report(results: dict) -> str:
         ]
     if results.get("selection"):
         parts += [
-            f"## Image embedding chosen per task from {results['selection']['shots']} shots per class",
-            "Chosen on train-split shots only; top-1 on the test images.",
-            _selection_table(results),
+            f"## {selection_heading(results)}",
+            SELECTION_NOTE,
+            selection_table(results),
         ]
     if results.get("hierarchy"):
         parts += ["## Hierarchical labels (group, then label within it)", _hierarchy_table(results)]

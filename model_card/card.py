@@ -48,7 +48,16 @@ from agriclip.atomic import atomic_path
 from agriclip.errors import CLIError, ExitCode
 from agriclip.files import parameter_counts
 from evaluation.metrics import HEADLINE_KEYS, METRICS
-from evaluation.report import ZERO_SHOT_METRICS, mean_summary, metric_heading, render_markdown_table, table_legend
+from evaluation.report import (
+    SELECTION_NOTE,
+    ZERO_SHOT_METRICS,
+    mean_summary,
+    metric_heading,
+    render_markdown_table,
+    selection_heading,
+    selection_table,
+    table_legend,
+)
 from modeling_agriclip import AgriCLIPConfig
 from modeling_agriclip.convert import names_random_weights
 from modeling_agriclip.lora_targets import default_target_modules
@@ -271,6 +280,8 @@ def build_model_card(
         eval_model = eval_model or select_eval_model(results, config, checkpoint_dir)
         eval_entries = model_index_results(results, eval_model)
         eval_tables = [(metric_heading(key), render_markdown_table(results, key)) for key in HEADLINE_KEYS]
+        if results.get("selection"):
+            eval_tables.append((selection_heading(results), f"{SELECTION_NOTE}\n\n{selection_table(results)}"))
         eval_notes = [
             note
             for note in (

@@ -24,6 +24,7 @@ embedding chosen per task from the shots (`selection`).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,6 +164,32 @@ class TaskFile:
             raise ValueError(f"{path}: task file version {document.get('version')!r}; this AgriCLIP reads version 1")
         _check_fields(path, document)
         return cls(**{key: document[key] for key in cls.__dataclass_fields__ if key in document})
+
+    def calibrate_model(self, model) -> None:
+        """Makes transformers' zero-shot pipeline score this task as `agriclip predict --calibration` does, in place:
+        the model's image embedding (and fusion weight) become the file's, and the temperature is folded into its
+        logit scale, since logits / T = exp(logit_scale - log T) · cos. Then call the pipeline with
+        ``candidate_labels=task.labels, hypothesis_template=task.templates[0]``.
+
+        Raises:
+            ValueError: for a file fitted with several templates (the pipeline fills one), or a SigLIP task (the
+                pipeline softmaxes AgriCLIP's logits rather than reading them as sigmoids: use `agriclip predict`).
+        """
+        if len(self.templates) != 1:
+            raise ValueError(
+                f"the zero-shot pipeline fills one template; this task file was fitted with {len(self.templates)}: "
+                "use `agriclip predict --calibration`"
+            )
+        if self.objective != "infonce":
+            raise ValueError(
+                "the zero-shot pipeline softmaxes the logits of a SigLIP task: use `agriclip predict --calibration`"
+            )
+        if self.embedding is not None:
+            model.config.image_embedding = self.embedding
+            if self.fusion_weight is not None:
+                model.config.fusion_weight = self.fusion_weight
+        with torch.no_grad():
+            model.logit_scale.sub_(math.log(self.temperature))
 
     def check_task(self, path, labels: Sequence[str], templates: Sequence[str]) -> None:
         """Refuses labels or templates other than those the file was fitted for, naming the file."""

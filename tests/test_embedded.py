@@ -50,11 +50,42 @@ def test_suite_config_format(built):
     names = [entry["name"] for entry in suite["datasets"]]
     assert names == ["leaf-condition", "leaf-spot", "crop-condition", "fish-species", "cattle-breed"]
     for entry in suite["datasets"]:
-        assert set(entry) == {"name", "display_name", "path", "class_names", "templates", "fine_grained"}
+        assert set(entry) - {"hierarchy"} == {
+            "name",
+            "display_name",
+            "path",
+            "class_names",
+            "templates",
+            "fine_grained",
+            "domain",
+        }
         assert get_templates(entry["templates"])
         dataset, classes = load_labelled_dataset(built / entry["path"])
         assert sorted(entry["class_names"]) == classes and len(dataset) >= len(classes)
         assert all(isinstance(name, str) and name for name in entry["class_names"].values())
+
+
+def test_the_suite_names_each_task_s_domain_and_groups_crop_condition_by_crop(built):
+    """Abstention scores a task's photos against the other domains' ones; the two-level labels of crop-condition are
+    its crops, each with the conditions of that crop's class folders."""
+    from evaluation.hierarchy import load_task_hierarchy
+    from evaluation.suite import load_suite_config
+
+    specs = load_suite_config(built / "suite.yaml").datasets
+    assert [spec.domain_name for spec in specs] == ["plant disease"] * 3 + ["fish species", "cattle breed"]
+    assert [spec.name for spec in specs if spec.hierarchy is not None] == ["crop-condition"]
+    spec = specs[2]
+    folders = sorted(path.name for path in spec.path.iterdir())
+    hierarchy, classes = load_task_hierarchy(spec, folders, [spec.class_names[folder] for folder in folders])
+    assert hierarchy.levels == ("crop", "condition") and sorted(hierarchy.groups) == [
+        "bean",
+        "grape",
+        "maize",
+        "tomato",
+    ]
+    for crop, prompts in hierarchy.groups.items():
+        assert len(prompts) == 2 and all(prompt.startswith(f"a {crop} leaf with ") for prompt in prompts)
+    assert sorted(classes) == list(range(len(folders)))
 
 
 def test_the_fine_grained_tasks_are_marked_in_the_suite(built):

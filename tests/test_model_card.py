@@ -535,3 +535,59 @@ def test_a_full_disk_leaves_the_previous_card_as_it_was(checkpoint, tmp_path, mo
     assert (folder / "README.md").read_bytes() == previous
     assert sorted(folder.rglob("*")) == entries  # no half-written temporary file left behind
     assert b"agri/second" in write(repo_id="agri/second").read_bytes()  # and the disk, freed, takes the new card
+
+
+def test_the_card_shows_the_embedding_chosen_per_task_beside_the_best_fixed_one_and_chance(checkpoint):
+    results = suite_results(checkpoint)
+    runs = [
+        {"seed": 0, "chosen": "clip", "fusion_weight": 1.0, "shots_top1": 0.5, "test_top1": 0.45, "n_shots": 16},
+        {"seed": 1, "chosen": "fused@0.3", "fusion_weight": 0.3, "shots_top1": 0.5, "test_top1": 0.41, "n_shots": 16},
+    ]
+    fixed = {"agriclip (aligned)": 0.3, "agriclip (clip)": 0.45, "agriclip (fused)": 0.44}
+    results["dataset_info"]["leaf-condition"]["chance"] = {"top1": 0.25}
+    results["selection"] = {
+        "shots": 4,
+        "datasets": {
+            "leaf-condition": {
+                "agriclip": {
+                    "selected": runs,
+                    "test_top1": 0.43,
+                    "fixed": fixed,
+                    "best_fixed": "agriclip (clip)",
+                    "oracle": "fused@0.8",
+                    "oracle_top1": 0.47,
+                    "n_test": 40,
+                }
+            }
+        },
+        "mean": {
+            "agriclip": {
+                "selected_top1": 0.43,
+                "fixed_top1": fixed,
+                "best_fixed_in_hindsight": "agriclip (clip)",
+                "best_fixed_in_hindsight_top1": 0.45,
+                "best_fixed_per_task_top1": 0.45,
+                "oracle_top1": 0.47,
+                "n_datasets": 1,
+            }
+        },
+        "chance": {"mean": 0.25},
+    }
+    text = build_model_card(checkpoint, eval_results=results).content
+    section = text.split("### Image embedding chosen per task from 4 shots per class", 1)[1].split("\n## ", 1)[0]
+    assert "Chosen on train-split shots only" in section
+    row = next(line for line in section.splitlines() if line.startswith("| Leaf condition"))
+    assert [cell.strip() for cell in row.strip("|").split("|")] == [
+        "Leaf condition",
+        "agriclip",
+        "clip, fused@0.3",
+        "43.0",
+        "agriclip (clip) 45.0",
+        "fused@0.8 47.0",
+        "25.0",
+    ]
+    assert "one fixed mode in hindsight: agriclip (clip) 45.0" in section
+    assert (
+        "Image embedding chosen per task"
+        not in build_model_card(checkpoint, eval_results=suite_results(checkpoint)).content
+    )

@@ -153,6 +153,8 @@ def test_sdpa_and_eager_attention_give_the_same_logits(backbone, saved, inputs):
     assert eager.dino_model.config._attn_implementation == ("sdpa" if has_attention else "eager")
 
 
+# torch compiles flex attention's kernels on first use: about 50 s on a CPU.
+@pytest.mark.slow
 def test_flex_attention_gives_the_same_logits_as_eager(saved, inputs):
     flex = AgriCLIPModel.from_pretrained(saved["dinov2"], attn_implementation="flex_attention").eval()
     eager = AgriCLIPModel.from_pretrained(saved["dinov2"], attn_implementation="eager").eval()

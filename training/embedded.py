@@ -700,10 +700,13 @@ class DownstreamTask:
 
     name: str
     display_name: str
+    domain: str
     drawings: dict[str, list[Drawing]]
     class_names: dict[str, str]
     templates: list[str] | str
     fine_grained: bool = False
+    # A two-level label file (`agriclip.labels`) over the class folders, as the YAML document written for it.
+    hierarchy: dict | None = None
 
 
 def _condition_class(key: str) -> dict:
@@ -762,6 +765,7 @@ def downstream_tasks() -> list[DownstreamTask]:
         DownstreamTask(
             "leaf-condition",
             "Leaf condition",
+            "plant disease",
             {key: _seen_leaf_drawings(key) for key in CONDITIONS},
             {key: ("a healthy leaf" if key == "healthy" else f"a leaf with {c.name}") for key, c in CONDITIONS.items()},
             ["a photo of {}.", "a close-up photo of {}.", "a crop photo showing {}."],
@@ -769,6 +773,7 @@ def downstream_tasks() -> list[DownstreamTask]:
         DownstreamTask(
             "leaf-spot",
             "Leaf spot diseases (fine-grained)",
+            "plant disease",
             {key: _seen_leaf_drawings(key) for key in spots},
             {key: CONDITIONS[key].name for key in spots},
             ["a photo of a leaf with {}.", "a close-up photo of a crop leaf with {}."],
@@ -777,14 +782,21 @@ def downstream_tasks() -> list[DownstreamTask]:
         DownstreamTask(
             "crop-condition",
             "Crop and condition (held-out pairs)",
+            "plant disease",
             {f"{crop}_{key}": [("leaf", (crop, key))] for crop, key in pairs},
             {f"{crop}_{key}": f"a {crop} leaf with {CONDITIONS[key].name}" for crop, key in pairs},
             ["a photo of {}.", "a close-up photo of {}."],
             fine_grained=True,
+            hierarchy={
+                "levels": ["crop", "condition"],
+                "templates": {"crop": ["a photo of a {} leaf.", "a close-up photo of a {} plant."]},
+                "groups": {crop: [f"{crop}_{key}" for pair_crop, key in pairs if pair_crop == crop] for crop in CROPS},
+            },
         ),
         DownstreamTask(
             "fish-species",
             "Fish species",
+            "fish species",
             {key: [("fish", (key,))] for key in FISH_SPECIES},
             {key: species.name for key, species in FISH_SPECIES.items()},
             "fish",
@@ -792,6 +804,7 @@ def downstream_tasks() -> list[DownstreamTask]:
         DownstreamTask(
             "cattle-breed",
             "Cattle breed",
+            "cattle breed",
             {key: [("cattle", (key,))] for key in CATTLE_BREEDS},
             {key: f"{breed.name} cow" for key, breed in CATTLE_BREEDS.items()},
             "livestock",
@@ -803,7 +816,7 @@ def downstream_tasks() -> list[DownstreamTask]:
 # Images per task sent to a render process: few enough that the progress bar moves, enough to amortise the transfer.
 RENDER_CHUNK = 32
 # What a build owns in its output folder; other files there are left alone.
-EMBEDDED_ENTRIES = ("pretrain", "downstream", "sources", "suite.yaml", "embedded.json")
+EMBEDDED_ENTRIES = ("pretrain", "downstream", "hierarchies", "sources", "suite.yaml", "embedded.json")
 
 
 def _stream(name: str) -> int:
@@ -857,8 +870,9 @@ def build_embedded_dataset(
         pretrain/{train,validation}/<source>/<class>_<n>.png + metadata.jsonl (file_name, caption, captions,
             source, label)
         downstream/<task>/<class>/<n>.png       one folder per class
+        hierarchies/<task>.yaml                 two-level label files (crop -> its conditions) of the suite's tasks
         sources/<source>.yaml                   the metadata each source's captions come from
-        suite.yaml                              the zero-shot suite (paths relative to it)
+        suite.yaml                              the zero-shot suite (paths relative to it), with each task's domain
         embedded.json                           what was built, with the held-out pairs and counts
 
     Every image has its own seed from (seed, stream, class, index), so the output is identical for a seed whatever
@@ -906,16 +920,20 @@ def build_embedded_dataset(
                 path = output_dir / "downstream" / task.name / folder / f"{index:04d}.png"
                 jobs.append((drawings, entropy, image_size, path))
         counts[f"downstream/{task.name}"] = per_class * len(task.drawings)
-        suite.append(
-            {
-                "name": task.name,
-                "display_name": task.display_name,
-                "path": f"downstream/{task.name}",
-                "class_names": dict(task.class_names),
-                "templates": task.templates if isinstance(task.templates, str) else list(task.templates),
-                "fine_grained": task.fine_grained,
-            }
-        )
+        entry = {
+            "name": task.name,
+            "display_name": task.display_name,
+            "path": f"downstream/{task.name}",
+            "class_names": dict(task.class_names),
+            "templates": task.templates if isinstance(task.templates, str) else list(task.templates),
+            "fine_grained": task.fine_grained,
+            "domain": task.domain,
+        }
+        if task.hierarchy is not None:
+            entry["hierarchy"] = f"hierarchies/{task.name}.yaml"
+            (output_dir / "hierarchies").mkdir(exist_ok=True)
+            (output_dir / entry["hierarchy"]).write_text(yaml.safe_dump(task.hierarchy, sort_keys=False))
+        suite.append(entry)
     (output_dir / "suite.yaml").write_text(yaml.safe_dump({"datasets": suite}, sort_keys=False))
 
     num_workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
