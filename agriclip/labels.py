@@ -88,6 +88,10 @@ def parse_hierarchy(raw, path) -> LabelHierarchy:
         _fail(path, f"templates must map the levels {list(levels)} to lists of templates; got {templates!r}")
     checked = {}
     for level, level_templates in templates.items():
+        if not isinstance(level_templates, (str, list)):
+            _fail(
+                path, f"templates.{level} must be a list of templates or a template set's name; got {level_templates!r}"
+            )
         try:
             checked[level] = get_templates(level_templates)
         except (KeyError, ValueError) as error:

@@ -62,5 +62,8 @@ def select_embedding(
             "top1": float((logits.argmax(dim=1) == labels).double().mean()),
             "nll": float(calibration_nll(calibration.apply(logits), labels, classifier.sigmoid_scores)),
         }
-    chosen = min(candidates, key=lambda name: (-candidates[name]["top1"], candidates[name]["nll"]))
+    chosen = min(
+        candidates,
+        key=lambda name: (-candidates[name]["top1"], candidates[name]["nll"], candidates[name]["fusion_weight"]),
+    )
     return {"chosen": chosen, "fusion_weight": candidates[chosen]["fusion_weight"], "candidates": candidates}

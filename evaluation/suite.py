@@ -63,6 +63,46 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
       "few_shot": {"datasets": {DATASET: {MODEL: {K: {"top1", "top1_std", "mean_per_class", "n_seeds"} | null}}},
                    "mean": {MODEL: {K: {"top1", "mean_per_class", "n_datasets"}}},
                    "chance": {"mean": {K: {"top1", "mean_per_class", "n_datasets"}}}},   # with --k-shot
+      "calibration": {                                                          # with --calibrate K ...
+          "datasets": {DATASET: {MODEL: {
+              "objective": "infonce" | "siglip" (how the logits are read: a softmax, or per-label sigmoids),
+              "before": {"ece", "nll", "reliability": {"count", "sum_confidence", "sum_correct"}},   # uncalibrated
+              "after": {K: {"ece" (mean over seeds), "ece_std", "nll", "temperature", "bias" (0 for InfoNCE),
+                            "n_shots" (shots the fits used, mean over seeds), "n_seeds",
+                            "reliability" (the seeds' bins, summed)}}}}},
+          "mean": {MODEL: {"ece_before", "nll_before", "ece_after_K", "nll_after_K" (one pair per K), "n_datasets"}}},
+      "abstention": {                                                           # with --abstention
+          "datasets": {DATASET: {MODEL: {            # only tasks that have tasks of another `domain`
+              "auroc_max_probability" (in-task vs other-domain photos by the top probability),
+              "auroc_calibrated" (the same, calibrated by each seed's fit of the largest K, averaged; with --calibrate),
+              "auroc_max_logit" (by the top logit), "top1",
+              "coverage" (0.9), "accuracy_at_coverage" (on the most confident 90 % of in-task photos),
+              "threshold_at_coverage" (the lowest top probability kept: --abstain-below at that coverage),
+              "other_abstained_at_threshold" (the share of other-domain photos below it, answered "unknown"),
+              "n_in_task", "n_other", "other_tasks": [DATASET]}}},
+          "mean": {MODEL: {"auroc_max_probability", "auroc_calibrated", "auroc_max_logit", "top1",
+                           "accuracy_at_coverage", "other_abstained_at_threshold", "n_datasets"}},
+          "chance": {"mean": {"top1" (mean 1/C of those tasks), "auroc": 0.5}}},
+      "selection": {                                                            # with --select-on k-shot
+          "shots": K (--select-shots, per class of the train split),
+          "datasets": {DATASET: {AGRICLIP: {        # per AgriCLIP model evaluated with both :aligned and :clip, by
+                                                    # its name without " (EMBEDDING)"
+              "selected": [{"seed", "chosen" ("aligned" | "clip" | "fused@W"), "fusion_weight", "shots_top1",
+                            "test_top1" (of the chosen mode), "n_shots"}],   # one per seed
+              "test_top1" (mean over seeds), "fixed": {MODEL: top1} (each of its evaluated embeddings),
+              "best_fixed" (the best of them on this task), "candidates_test_top1": {MODE: top1} (every fusion
+              weight), "oracle" (the best of those on the test images), "oracle_top1", "n_test"}}},
+          "mean": {AGRICLIP: {"selected_top1" (per-task selection), "fixed_top1": {MODEL: float},
+                              "best_fixed_in_hindsight" (the fixed embedding with the best mean),
+                              "best_fixed_in_hindsight_top1", "best_fixed_per_task_top1", "oracle_top1",
+                              "n_datasets"}},
+          "chance": {"mean": float (mean 1/C of the tasks)}},
+      "hierarchy": {"datasets": {DATASET: {MODEL: {                            # with --hierarchy; tasks with a
+          "top1_flat" (every label ranked, with the label templates),          # `hierarchy` file only
+          "top1_hierarchical" (the best group, then the best label within it),
+          "group_accuracy" (of the two-level prediction's group), "flat_group_accuracy" (the flat label's group),
+          "levels": [str, str], "n_groups", "n_images", "chance_top1" (1/C), "chance_group" (1/groups),
+          "zero_shot_top1" (the task's ordinary zero-shot top-1)}}}},
       "retrieval": {"datasets": {DATASET: {MODEL: {"image_to_text": {"R@1", "R@5", "R@10"},
                     "text_to_image": {...}, "n_images", "n_captions", "n_skipped", "skipped_files"}}}},
       "dataset_info": {DATASET: {"display_name", "path", "split", "class_names", "prompt_names", "templates",
@@ -71,7 +111,8 @@ Results (``results.json``, the dictionary `run_suite` returns). Accuracies are f
                                  "chance": {"top1", "top5" | null, "mean_per_class"}}},
       "models": {MODEL: {"path", "embedding", "fusion_weight" (the weight of the CLIP image embedding in a
                          fused one, null for other embeddings), "model_type"}},
-      "settings": {"config", "batch_size", "device", "linear_probe", "k_shots", "seeds"}
+      "settings": {"config", "batch_size", "device", "linear_probe", "k_shots", "seeds", "calibration_shots",
+                   "abstention", "select_shots" (null without --select-on), "hierarchy"}
     }
 
 Chance levels are those of a guess drawn uniformly from the dataset's classes (`evaluation.metrics.chance_levels`:
@@ -79,6 +120,12 @@ Chance levels are those of a guess drawn uniformly from the dataset's classes (`
 (for k-shot, of the datasets that have an entry for K). Retrieval has none: with several captions per image and
 groups of interchangeable images, a random ranking's recall@k depends on every image's number of matches, and a
 single k/n would misstate it.
+
+Calibration, abstention and selection score the images the probes test on (the evaluated split when there is a
+`train_split`, else the test half of the seeded probe split), and fit or choose on k shots per class drawn from the
+train images only (`evaluation.reliability`, `evaluation.selection`); hierarchy scores every evaluated image
+(`evaluation.hierarchy`). A MODE is a candidate embedding as `evaluation.selection.mode_name` names it; the MODEL
+keys of `fixed` are display names such as "agriclip (aligned)".
 
 K keys are strings (JSON object keys). A k-shot entry is null when no class has more than K training
 images, so no validation shots are left to choose the regularisation. Retrieval datasets' `dataset_info` holds
