@@ -72,12 +72,15 @@ outputs:
   table  one line per image and rank, aligned for reading
   csv    columns image,rank,label,score,error: one row per image and rank (best first), then one row per
          unreadable file with the reason in error (e.g. corrupt, truncated)
-  json   {"model", "revision", "embedding", "fusion_weight", "labels", "templates", "calibration": {"file",
-         "temperature", "bias"} | null, "abstain_below", "agriclip_version",
-         "results": [{"image", "answer" (with --abstain-below), "predictions": [{"label", "score"}]}],
+  json   {"model", "revision", "embedding", "fusion_weight", "labels", "templates", "hierarchy": {"file",
+         "levels", "groups", "templates"} | null, "calibration": {"file", "temperature", "bias"} | null,
+         "abstain_below", "abstain_below_similarity", "agriclip_version",
+         "results": [{"image", "answer" (when abstaining), "similarity" (with --abstain-below-similarity),
+                      "predictions": [{"label", "score"} (+ "group", "group_score" with a YAML label file)]}],
          "skipped": [{"image", "error"}]}
-  With --abstain-below, table and csv gain an answer column on each image's rank-1 row: its top label, or
-  "unknown" when the top probability is below P.
+  With --abstain-below (or --abstain-below-similarity), table and csv gain an answer column on each image's
+  rank-1 row: its top label, or "unknown" when the top probability is below P (its best label's cosine
+  similarity below S).
 """
 
 EXPORT_OUTPUTS = """\
@@ -188,6 +191,8 @@ def check_labelled(args) -> None:
     """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`,
     and a two-level label file's hierarchy into `args.hierarchy` (its labels, flat, are the class names)."""
     args.hierarchy = parse_hierarchy(args.labels_file)
+    if args.hierarchy is not None and getattr(args, "abstain_below_similarity", None) is not None:
+        raise CLIError(ExitCode.USAGE, "--abstain-below-similarity scores flat labels, not a YAML label file")
     args.class_names = args.hierarchy.labels if args.hierarchy else parse_labels(args.labels, args.labels_file)
     args.templates = resolve_templates(args.template, args.dataset_template)
     if len(args.class_names) == 1:
@@ -307,6 +312,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _similarity(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine similarity from -1 to 1, got {text}")
+    return value
+
+
 def _add_prediction_options(parser: argparse.ArgumentParser) -> None:
     """predict and classify-folder: a task file's calibration, and abstention."""
     parser.add_argument(
@@ -318,13 +330,24 @@ def _add_prediction_options(parser: argparse.ArgumentParser) -> None:
         "bias for a SigLIP model) and uses its image embedding; its templates replace the default ones. Refused for "
         "labels or templates it was not fitted for.",
     )
-    parser.add_argument(
+    abstention = parser.add_mutually_exclusive_group()
+    abstention.add_argument(
         "--abstain-below",
         type=_probability,
         default=None,
         metavar="P",
         help='Answer "unknown" for a photo whose top (calibrated, with --calibration) probability is below P: most '
-        "likely none of the labels. Adds an answer column (json: an answer per image).",
+        "likely none of the labels. Adds an answer column (json: an answer per image). A softmax over the labels "
+        "given can be confident on a photo far from all of them: for photos of other subjects see "
+        "--abstain-below-similarity.",
+    )
+    abstention.add_argument(
+        "--abstain-below-similarity",
+        type=_similarity,
+        default=None,
+        metavar="S",
+        help='Answer "unknown" for a photo whose cosine similarity to its best label is below S (-1 to 1; json also '
+        "gives each photo's similarity): a distance that falls for photos unlike every label. Flat labels only.",
     )
 
 

@@ -12,7 +12,8 @@ split (or the train half `evaluation.runner.probe_split` leaves), never from the
   the top probability (uncalibrated, and calibrated by the fits of the largest k), and by the top logit (the best
   label's cosine similarity, scaled: a distance-based score that ignores the other labels); the accuracy on the
   `COVERAGE` share of in-task photos the top probability is most confident on, the `--abstain-below` threshold that
-  keeps them, and the share of other-domain photos that threshold answers "unknown".
+  keeps them, and the share of other-domain photos that threshold answers "unknown"; the same three for the best
+  label's cosine similarity (the `--abstain-below-similarity` rule).
 """
 
 import statistics
@@ -93,13 +94,19 @@ def abstention_record(
     other_logits: torch.Tensor,
     sigmoid: bool,
     calibrations: Sequence[Calibration] = (),
+    logit_scale: float = 1.0,
+    logit_bias: float = 0.0,
 ) -> dict:
     """In-task test photos against other-domain photos (module docstring); `calibrations`: one fit per seed of the
-    largest k, whose AUROCs are averaged."""
+    largest k, whose AUROCs are averaged; `logit_scale` and `logit_bias`: what the logits are the cosine
+    similarities scaled by and shifted by (`ZeroShotClassifier.logit_scale`, `.logit_bias`)."""
     confidences, predictions = _abstention_scores(test_logits, sigmoid)
     other_confidences, _ = _abstention_scores(other_logits, sigmoid)
     correct = predictions == test_labels
     accuracy, threshold = selective_accuracy(confidences, correct, COVERAGE)
+    similarities = (test_logits.max(dim=1).values - logit_bias) / logit_scale
+    other_similarities = (other_logits.max(dim=1).values - logit_bias) / logit_scale
+    similarity_accuracy, similarity_threshold = selective_accuracy(similarities, correct, COVERAGE)
     record = {
         "auroc_max_probability": auroc(confidences, other_confidences),
         "auroc_max_logit": auroc(test_logits.max(dim=1).values, other_logits.max(dim=1).values),
@@ -108,6 +115,9 @@ def abstention_record(
         "accuracy_at_coverage": accuracy,
         "threshold_at_coverage": threshold,
         "other_abstained_at_threshold": float((other_confidences < threshold).double().mean()),
+        "accuracy_at_coverage_similarity": similarity_accuracy,
+        "similarity_threshold_at_coverage": similarity_threshold,
+        "other_abstained_at_similarity_threshold": float((other_similarities < similarity_threshold).double().mean()),
         "n_in_task": len(test_labels),
         "n_other": len(other_logits),
     }

@@ -200,11 +200,13 @@ def _abstention_table(results: dict) -> str:
         "top1": "Top-1 (all)",
         "accuracy_at_coverage": "Top-1 at 90 % coverage",
         "other_abstained_at_threshold": "Other-domain photos answered unknown",
+        "accuracy_at_coverage_similarity": "Top-1 at 90 % coverage (similarity)",
+        "other_abstained_at_similarity_threshold": "Other-domain photos answered unknown (similarity)",
     }
     rows = [[model] + [_percent(mean.get(key)) for key in columns] for model, mean in abstention["mean"].items()]
     # AUROC's chance is 50 %; the accuracies' a uniform guess's; the share answered unknown has none.
     chance_of = {key: chance.get("auroc") if key.startswith("auroc") else chance.get("top1") for key in columns}
-    chance_of["other_abstained_at_threshold"] = None
+    chance_of["other_abstained_at_threshold"] = chance_of["other_abstained_at_similarity_threshold"] = None
     rows.append([CHANCE_LABEL] + [_percent(chance_of[key]) for key in columns])
     return _table(["Model (mean over tasks)"] + list(columns.values()), rows)
 
@@ -357,8 +359,9 @@ def render_markdown_report(results: dict) -> str:
             "## Abstention on photos of other domains",
             "Each task's test photos against the test photos of the tasks of other domains, all scored with the "
             "task's labels; AUROC of telling them apart (chance 50 %), and the top-1 on the 90 % of the task's "
-            "photos with the highest top probability. The last column is the share of other-domain photos the "
-            "--abstain-below threshold of 90 % coverage answers unknown.",
+            "photos with the highest top probability, and the share of other-domain photos the --abstain-below "
+            "threshold of 90 % coverage answers unknown; then the same two for the best label's cosine similarity "
+            "(--abstain-below-similarity).",
             _abstention_table(results),
         ]
     if results.get("selection"):

@@ -393,7 +393,13 @@ def _abstention(
         calibrations = [calibration for calibration, _ in by_k[max(by_k)]] if by_k else []
         records[name] = {
             **abstention_record(
-                test_logits, task.data.test_labels, other_logits, classifier.sigmoid_scores, calibrations
+                test_logits,
+                task.data.test_labels,
+                other_logits,
+                classifier.sigmoid_scores,
+                calibrations,
+                classifier.logit_scale,
+                classifier.logit_bias,
             ),
             "other_tasks": [other.spec.name for other in others],
         }
@@ -579,6 +585,8 @@ ABSTENTION_MEAN_KEYS = (
     "top1",
     "accuracy_at_coverage",
     "other_abstained_at_threshold",
+    "accuracy_at_coverage_similarity",
+    "other_abstained_at_similarity_threshold",
 )
 
 

@@ -102,10 +102,11 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, sigmoid: bool, m
     return Calibration(temperature=temperature, bias=float(bias.detach()) if sigmoid else 0.0)
 
 
-def answer(predictions: Sequence[dict], abstain_below: float) -> str:
-    """The answer to one image from its predictions (best first): its top label, or `UNKNOWN_LABEL` when the top
-    (calibrated) probability is below `abstain_below`, the photo then most likely none of the labels."""
-    return predictions[0]["label"] if predictions[0]["score"] >= abstain_below else UNKNOWN_LABEL
+def answer(top_label: str, confidence: float, threshold: float) -> str:
+    """The answer to one image: its top label, or `UNKNOWN_LABEL` when its confidence (the top (calibrated)
+    probability for `--abstain-below`, the top cosine similarity for `--abstain-below-similarity`) is below
+    `threshold`, the photo then most likely none of the labels."""
+    return top_label if confidence >= threshold else UNKNOWN_LABEL
 
 
 @dataclass

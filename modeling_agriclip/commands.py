@@ -279,12 +279,14 @@ def image_batches(
 @dataclass
 class Classification:
     """Predictions of `classify_files`: `predictions[i]` is the top-k `{"label", "score"}` of `files[i]`, best first;
-    `answers[i]` its answer (the top label or "unknown") when the classification abstains, else None; `stats` counts
+    `answers[i]` its answer (the top label or "unknown") when the classification abstains, else None;
+    `similarities[i]` its top cosine similarity to a label when it abstains by similarity, else None; `stats` counts
     the decoded images and names the skipped files per reason."""
 
     files: list[str] = field(default_factory=list)
     predictions: list[list[dict]] = field(default_factory=list)
     answers: list[str] | None = None
+    similarities: list[float] | None = None
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
@@ -300,26 +302,43 @@ def classify_files(
     calibration: Calibration | None = None,
     abstain_below: float | None = None,
     hierarchy: LabelHierarchy | None = None,
+    abstain_below_similarity: float | None = None,
 ) -> Classification:
     """Zero-shot classifies image files in batches: the label embeddings are computed once (the classifier caches
     them across calls too), images are decoded and preprocessed by the DataLoader, and only the image tower runs per
     batch.
 
     `calibration` (fitted for these labels and templates) calibrates the scores; with `abstain_below` each image
-    also gets an answer, "unknown" where its top score is below it (`modeling_agriclip.calibration.answer`). With a
-    `hierarchy` (whose labels are `class_names`) the prediction is two-level (`modeling_agriclip.hierarchy`): the
-    top-k labels of each image's predicted group, with that group.
+    also gets an answer, "unknown" where its top score is below it (`modeling_agriclip.calibration.answer`), with
+    `abstain_below_similarity` where its top cosine similarity to a label is: a distance that, unlike a softmax over
+    the labels given, falls for a photo far from all of them. With a `hierarchy` (whose labels are `class_names`) the
+    prediction is two-level (`modeling_agriclip.hierarchy`): the top-k labels of each image's predicted group, with
+    that group.
     """
-    result = Classification(answers=None if abstain_below is None else [])
+    if hierarchy is not None and abstain_below_similarity is not None:
+        raise ValueError("abstention by similarity scores flat labels, not a label hierarchy")
+    abstaining = abstain_below is not None or abstain_below_similarity is not None
+    result = Classification(
+        answers=[] if abstaining else None, similarities=None if abstain_below_similarity is None else []
+    )
     for paths, pixel_values in image_batches(classifier, files, result.stats, batch_size, num_workers, progress):
         result.files += paths
         if hierarchy is None:
-            predictions = classifier.predict(pixel_values, class_names, templates, top_k, calibration)
+            image_embeds = classifier.image_embeddings(pixel_values)
+            predictions = classifier.embedding_predictions(image_embeds, class_names, templates, top_k, calibration)
         else:
             predictions = predict_hierarchical(classifier, pixel_values, hierarchy, templates, top_k)
         result.predictions += predictions
         if abstain_below is not None:
-            result.answers += [answer(image_predictions, abstain_below) for image_predictions in predictions]
+            result.answers += [answer(top[0]["label"], top[0]["score"], abstain_below) for top in predictions]
+        elif abstain_below_similarity is not None:
+            label_embeds = classifier.label_embeddings(class_names, templates)
+            similarities = (image_embeds @ label_embeds.T).max(dim=1).values.tolist()
+            result.similarities += similarities
+            result.answers += [
+                answer(top[0]["label"], similarity, abstain_below_similarity)
+                for top, similarity in zip(predictions, similarities)
+            ]
     return result
 
 
@@ -416,11 +435,19 @@ def format_csv(result: Classification, skipped: Sequence[tuple[str, str]]) -> st
 
 def format_json(result: Classification, skipped, header: dict) -> str:
     answers = result.answers if result.answers is not None else [None] * len(result.files)
+    similarities = result.similarities if result.similarities is not None else [None] * len(result.files)
     document = {
         **header,
         "results": [
-            {"image": path, **({} if image_answer is None else {"answer": image_answer}), "predictions": predictions}
-            for path, predictions, image_answer in zip(result.files, result.predictions, answers)
+            {
+                "image": path,
+                **({} if image_answer is None else {"answer": image_answer}),
+                **({} if similarity is None else {"similarity": similarity}),
+                "predictions": predictions,
+            }
+            for path, predictions, image_answer, similarity in zip(
+                result.files, result.predictions, answers, similarities
+            )
         ],
         "skipped": [{"image": path, "error": reason} for path, reason in skipped],
     }
@@ -523,6 +550,7 @@ def prediction_header(args, classifier: ZeroShotClassifier, task: TaskFile | Non
         "hierarchy": hierarchy,
         "calibration": calibration,
         "abstain_below": args.abstain_below,
+        "abstain_below_similarity": args.abstain_below_similarity,
         "agriclip_version": package_version(),
     }
 
@@ -544,6 +572,7 @@ def _classify(args, images: Sequence[str], progress: bool) -> tuple[Classificati
             calibration=None if task is None else task.calibration,
             abstain_below=args.abstain_below,
             hierarchy=args.hierarchy,
+            abstain_below_similarity=args.abstain_below_similarity,
         )
     _require_readable(result.stats)  # names the skipped files itself: the warning would name them twice
     _report_skipped(result.stats)

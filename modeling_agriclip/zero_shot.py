@@ -464,10 +464,23 @@ class ZeroShotClassifier:
         A `calibration` fitted for these labels and templates (`modeling_agriclip.calibration`) divides the logits by
         its temperature (and adds its bias) first: the ranking stays, the scores are then calibrated probabilities.
         """
-        sigmoid = self.sigmoid_scores
-        if len(class_names) == 1 and not sigmoid:
+        if len(class_names) == 1 and not self.sigmoid_scores:
             warnings.warn(SINGLE_LABEL_WARNING.format(label=class_names[0]), SingleLabelWarning, stacklevel=2)
-        logits = self.logits(images, class_names, templates)
+        return self.embedding_predictions(self.image_embeddings(images), class_names, templates, top_k, calibration)
+
+    @torch.inference_mode()
+    def embedding_predictions(
+        self,
+        image_embeds: torch.Tensor,
+        class_names: Sequence[str],
+        templates: Templates = DEFAULT_TEMPLATES,
+        top_k: int = 5,
+        calibration: Calibration | None = None,
+    ) -> list[list[dict]]:
+        """`predict` from image embeddings already computed by `image_embeddings` (without its single-label
+        warning)."""
+        sigmoid = self.sigmoid_scores
+        logits = self.embedding_logits(image_embeds, class_names, templates)
         if calibration is not None:
             logits = calibration.apply(logits)
         scores, indices = probabilities(logits, sigmoid).topk(min(top_k, len(class_names)), dim=-1)

@@ -184,6 +184,7 @@ def test_every_prediction_records_its_provenance(capsys, tiny_checkpoint, photos
         "hierarchy": None,
         "calibration": None,
         "abstain_below": None,
+        "abstain_below_similarity": None,
         "agriclip_version": importlib.metadata.version("agriclip"),
         "skipped": [],
     }
@@ -219,3 +220,38 @@ def test_calibrate_model_refuses_what_the_pipeline_cannot_score_as_fitted(tiny_m
         TaskFile(labels=LABELS, templates=TEMPLATES[:1], objective="siglip", temperature=2.0).calibrate_model(
             tiny_model
         )
+
+
+def test_abstain_below_similarity_answers_unknown_where_the_best_label_s_cosine_is_below_it(
+    capsys, tiny_checkpoint, photos, reference
+):
+    images = [open_image(path) for path in photos]
+    # An independent cosine: the image embeddings against the prompt-ensemble label embeddings.
+    cosines = reference.image_embeddings(images) @ reference.label_embeddings(LABELS, TEMPLATES).T
+    best = cosines.max(dim=1)
+    threshold = float(best.values.median())
+    argv = ["--labels", ",".join(LABELS), *[f"--template={template}" for template in TEMPLATES]]
+    document = predict_json(capsys, tiny_checkpoint, photos, *argv, "--abstain-below-similarity", threshold)
+    expected = [LABELS[index] if value >= threshold else UNKNOWN_LABEL for value, index in zip(*best)]
+    assert [result["answer"] for result in document["results"]] == expected
+    assert UNKNOWN_LABEL in expected and set(expected) != {UNKNOWN_LABEL}
+    assert [result["similarity"] for result in document["results"]] == pytest.approx(best.values.tolist(), abs=1e-5)
+    assert document["abstain_below_similarity"] == threshold and document["abstain_below"] is None
+
+
+def test_abstain_below_similarity_is_refused_with_a_yaml_label_file_or_out_of_range(
+    capsys, tiny_checkpoint, photos, tmp_path
+):
+    labels = tmp_path / "crops.yaml"
+    labels.write_text(yaml.safe_dump({"groups": {"wheat": LABELS}}))
+    argv = ["predict", photos[0], "--model", tiny_checkpoint, "--abstain-below-similarity", "0.2"]
+    assert main([str(arg) for arg in argv + ["--labels-file", labels]]) == ExitCode.USAGE
+    assert "scores flat labels, not a YAML label file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", str(photos[0]), "--labels", "a,b", "--abstain-below-similarity", "1.5"])
+    assert "must be a cosine similarity from -1 to 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(
+            ["predict", str(photos[0]), "--labels", "a,b", "--abstain-below", "0.5", "--abstain-below-similarity", "0"]
+        )
+    assert "not allowed with argument" in capsys.readouterr().err

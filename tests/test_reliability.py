@@ -115,7 +115,8 @@ def _synthetic_task(sigmoid: bool, seed: int = 0, n_in=60, n_other=40, classes=4
 def test_abstention_record_equals_independent_computations(sigmoid):
     test, labels, other = _synthetic_task(sigmoid)
     calibrations = [Calibration(2.5, -0.5 if sigmoid else 0.0), Calibration(0.7, 1.0 if sigmoid else 0.0)]
-    record = abstention_record(test, labels, other, sigmoid, calibrations)
+    scale, bias = 20.0, -3.0 if sigmoid else 0.0
+    record = abstention_record(test, labels, other, sigmoid, calibrations, scale, bias)
 
     read = _sigmoid if sigmoid else _softmax
     z_test, z_other, y = test.numpy(), other.numpy(), labels.numpy()
@@ -140,6 +141,12 @@ def test_abstention_record_equals_independent_computations(sigmoid):
     assert record["threshold_at_coverage"] == pytest.approx(threshold)
     assert record["other_abstained_at_threshold"] == pytest.approx(np.mean(other_confidences < threshold))
     assert record["auroc_calibrated"] == pytest.approx(calibrated)
+    # The similarity rule: the best label's cosine, the logit without the scale and bias.
+    similarities, other_similarities = (z_test.max(axis=1) - bias) / scale, (z_other.max(axis=1) - bias) / scale
+    accuracy, threshold = _by_hand_selective(list(similarities), list(correct), 0.9)
+    assert record["accuracy_at_coverage_similarity"] == pytest.approx(accuracy)
+    assert record["similarity_threshold_at_coverage"] == pytest.approx(threshold)
+    assert record["other_abstained_at_similarity_threshold"] == pytest.approx(np.mean(other_similarities < threshold))
     assert record["n_in_task"] == 60 and record["n_other"] == 40
     # The case has teeth: some in-task photos are wrong, some other-task photos answered, some abstained.
     assert 0 < correct.mean() < 1 and 0 < record["other_abstained_at_threshold"] < 1
@@ -177,10 +184,13 @@ def test_the_top_logit_tells_apart_other_task_photos_that_the_top_probability_ca
     other[:, 2] += 0.12  # every other-task photo near one label only (a fish photo that is "most like" one leaf)
     test_logits, other_logits = scale * in_task, scale * other
     assert (other_logits.max(dim=1).values < test_logits.max(dim=1).values.min()).all()  # farther from every label
-    record = abstention_record(test_logits, labels, other_logits, sigmoid=False)
+    record = abstention_record(test_logits, labels, other_logits, sigmoid=False, logit_scale=scale)
     top_probability = _softmax(test_logits.numpy()).max(axis=1), _softmax(other_logits.numpy()).max(axis=1)
     assert record["auroc_max_probability"] == pytest.approx(_pairwise_auroc(*top_probability))
     assert record["auroc_max_probability"] < 0.5
     assert record["auroc_max_logit"] == 1.0
-    # At 90 % coverage of the in-task photos the threshold answers every other-task photo: none abstained.
+    # At 90 % coverage of the in-task photos the threshold answers every other-task photo: none abstained. The
+    # similarity threshold of the same coverage, a cosine, answers each of them unknown.
     assert record["other_abstained_at_threshold"] == 0.0
+    assert record["other_abstained_at_similarity_threshold"] == 1.0
+    assert 0.2 < record["similarity_threshold_at_coverage"] < 0.4
