@@ -189,6 +189,7 @@ def _two_process_worker(rank, port, sizes, out_path):
     finish_distributed_worker(stats.state_dict(), f"{out_path}.{rank}")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -714,3 +714,14 @@ def test_crop_and_flip_draws_per_image_for_the_global_batch_and_follows_the_seed
     assert len({tuple(view.flatten()[:20].tolist()) for view in same_image}) == 6  # a crop per image
     with pytest.raises(ValueError, match="rows must give the place of each"):
         augment(images[:3], rows=torch.arange(3), global_batch_size=2)
+
+
+def test_param_groups_read_the_shape_of_a_zero3_partitioned_weight():
+    """Under DeepSpeed ZeRO-3 a weight is an empty partition with its shape in `ds_shape`: it still decays."""
+    layer = torch.nn.Linear(4, 3)
+    full_shapes = {"weight": layer.weight.shape, "bias": layer.bias.shape}
+    for name, parameter in layer.named_parameters():
+        parameter.data = torch.empty(0)  # what ZeRO-3 leaves on a process between gathers
+        parameter.ds_shape = full_shapes[name]
+    decay, no_decay = param_groups_without_decay(layer, weight_decay=0.1)
+    assert decay["params"] == [layer.weight] and no_decay["params"] == [layer.bias]

@@ -201,7 +201,8 @@ print(json.dumps(sorted(name for name in sys.modules if name in banned or name.s
 """
 
 
-@pytest.mark.parametrize("command", ["predict", "classify-folder"])
+# classify-folder goes through the same code as predict past the folder walk: its run (7 s of subprocess) is slow.
+@pytest.mark.parametrize("command", ["predict", pytest.param("classify-folder", marks=pytest.mark.slow)])
 def test_a_prediction_loads_no_training_data_or_card_code(tmp_path, tiny_checkpoint, command):
     photo = tmp_path / "photos" / "leaf.png"
     photo.parent.mkdir()

@@ -43,7 +43,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import full_state_dict, full_value, prepare_for_sharding, register_feature_methods
+from training.sharding import full_state_dict, parameter_values, prepare_for_sharding, register_feature_methods
 
 
 RUN = "stage1_contrastive"
@@ -244,12 +244,11 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     accelerator.print(run_summary(args, accelerator.num_processes))
 
     def step_logs(loss, step: int) -> dict:
-        logs = {
-            "loss": loss.item(),
-            "temperature": (-full_value(logit_scale.detach()).clamp(max=loss_fn.max_logit_scale)).exp().item(),
-        }
-        if loss_fn.uses_logit_bias:
-            logs["logit_bias"] = full_value(logit_bias.detach()).item()
+        # Read outside the forward, where FSDP2 and ZeRO-3 hold them sharded: `parameter_values` gathers them.
+        scale, *bias = parameter_values(accelerator, logit_scale, *([logit_bias] if loss_fn.uses_logit_bias else []))
+        logs = {"loss": loss.item(), "temperature": (-scale.clamp(max=loss_fn.max_logit_scale)).exp().item()}
+        if bias:
+            logs["logit_bias"] = bias[0].item()
         if args.eval_every and (step + 1) % args.eval_every == 0:
             logs.update(validation_recall(model, val_loader, accelerator, val_captions))
         return logs

@@ -632,7 +632,9 @@ def param_groups_without_decay(model: nn.Module, weight_decay: float) -> list[di
         for parameter in module.parameters(recurse=False):
             if not parameter.requires_grad:
                 continue
-            (no_decay if parameter.ndim <= 1 or holds_embeddings else decay).append(parameter)
+            # A model built under DeepSpeed ZeRO-3 holds each weight as an empty partition; `ds_shape` is its shape.
+            ndim = len(getattr(parameter, "ds_shape", parameter.shape))
+            (no_decay if ndim <= 1 or holds_embeddings else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,27 +1,49 @@
-"""Sharded training (FSDP2 through Accelerate's plugin) of the AgriCLIP model: what the training scripts do around
-`accelerator.prepare` so that `accelerate launch --config_file training/configs/fsdp2.yaml` works.
+"""Sharded training (FSDP2 or DeepSpeed ZeRO through Accelerate's plugins) of the AgriCLIP model: what the training
+scripts do around `accelerator.prepare` so that `accelerate launch --config_file training/configs/fsdp2.yaml` works
+(and deepspeed_zero2.yaml / deepspeed_zero3.yaml, as far as the end of this docstring says).
 
 - `enable_fsdp_on_cpu`: Accelerate runs an FSDP config on CPU processes (ACCELERATE_USE_CPU=1, gloo) as plain DDP
   (`MULTI_CPU`) and says nothing; here such a launch gets the FSDP plugin the config asked for (PyTorch's
   `fully_shard` runs on gloo), so a sharded run can be checked on CPUs before it goes to GPUs.
 - `prepare_for_sharding`, before the optimizer is built and the model prepared: `fully_shard` refuses 0-dimensional
-  parameters ("Change logit_scale to a 1D tensor with numel equal to 1"), so `logit_scale` and `logit_bias` become
-  1-element tensors of shape (1,) for the run (the same values and the same arithmetic: they only broadcast); and
-  the wrap policy gets the model's blocks without the text embeddings, which Accelerate shards as a unit of their
-  own (`get_input_embeddings`) and cannot also shard inside a wrapped `CLIPTextEmbeddings`.
-  The exported model keeps the scalar parameters of the checkpoint format (`full_state_dict`).
+  parameters ("Change logit_scale to a 1D tensor with numel equal to 1"), and so does DeepSpeed 0.19 at any ZeRO stage
+  (it broadcasts and partitions each parameter as `param.data.view(torch.uint8)`: "self.dim() cannot be 0 to view
+  Float as Byte"), so `logit_scale` and `logit_bias` become 1-element tensors of shape (1,) for the run (the same
+  values and the same arithmetic: they only broadcast); under FSDP the wrap policy gets the model's blocks without
+  the text embeddings, which Accelerate shards as a unit of their own (`get_input_embeddings`) and cannot also shard
+  inside a wrapped `CLIPTextEmbeddings`. The exported model keeps the scalar parameters of the checkpoint format
+  (`full_state_dict`).
 - `register_feature_methods`: the feature methods (`get_text_features`, ...) run outside `forward`; FSDP2 gathers
   the root's parameters only around `forward`, so they are registered as forward methods (validation calls them).
+  ZeRO-3 needs nothing here: it gathers each submodule's parameters around that submodule's own call, and the root's
+  only parameters are `logit_scale` and `logit_bias`, which the feature methods do not read.
+- `parameter_values`: parameters read outside the forward (stage 1 logs the temperature and the bias after each step)
+  are sharded there under FSDP2 (DTensors) and under ZeRO-3 (an empty tensor unless DeepSpeed keeps the parameter
+  whole: `stage3_param_persistence_threshold`, 1e5 elements by default); it returns them whole. The loss needs no such
+  help: it reads `logit_scale` from the forward's output, which FSDP2's hook here (`_own_scalars`) and ZeRO-3 itself
+  (a parameter a module returns is gathered as an "external" parameter) keep whole through the backward.
 - `full_state_dict`: the model's full state dict, gathered on every process (each must join the gather), with the
   scalar parameters back in their checkpoint shape; `training.runtime.export_atomically` saves it. Under DeepSpeed
-  (training/configs/deepspeed_zero2.yaml) it is `accelerator.get_state_dict`, which would also gather ZeRO-3's
-  partitioned weights. Unverified: no GPU has run it yet, and a ZeRO-3 config is not shipped, since stage 1 logs
-  `logit_scale`, which ZeRO-3 partitions, outside the forward.
+  (training/configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml) it is `accelerator.get_state_dict`, which gathers
+  ZeRO-3's partitioned weights (the config's `zero3_save_16bit_model: true`).
 
-DeepSpeed runs on GPUs only here: Accelerate 1.16 (accelerate/state.py, `PartialState.__init__`) initialises
-DeepSpeed's processes only without `cpu` (line 198) and, on a machine with no accelerator, with no backend, so that it
-then counts a single process (lines 285-287, `self.backend is None`); with ACCELERATE_USE_CPU=1 it skips DeepSpeed
-altogether and runs the launch as plain DDP (line 935, `AcceleratorState.__init__`: `... and not cpu`).
+DeepSpeed under the stage scripts runs on GPUs only: Accelerate 1.16 (accelerate/state.py, `PartialState.__init__`)
+initialises DeepSpeed's processes only without `cpu` (line 198) and, on a machine with no accelerator, with no
+backend, so that it then counts a single process (lines 285-287, `self.backend is None`); with ACCELERATE_USE_CPU=1 it
+skips DeepSpeed altogether and runs the launch as plain DDP (line 935, `AcceleratorState.__init__`: `... and not
+cpu`). An Accelerator given `InitProcessGroupKwargs(backend="gloo")`, without ACCELERATE_USE_CPU, does run DeepSpeed
+on CPU processes (DeepSpeed picks its CPU accelerator); the scripts' Accelerator (`training.runtime.make_accelerator`)
+is not made so, but tests/test_gpu_sharding.py runs stage 1's step that way.
+
+What is verified, on 2 CPU processes over gloo (tests/test_gpu_sharding.py, DeepSpeed 0.19.8): under the ZeRO-3
+config, with every parameter partitioned, stage 1's step (`contrastive_forward`, `train_step`) gives the one-process
+loss and update on the global batch, `parameter_values` reads the partitioned `logit_scale`, and `full_state_dict`
+returns it whole in its checkpoint shape. The ZeRO-2 config ran the same step by hand (not a test). Not verified: any
+DeepSpeed run on a GPU, bf16 under DeepSpeed, the stage scripts end to end under DeepSpeed (checkpoints, resume,
+validation, export), and stages other than 1. Known wrong under ZeRO-3: Accelerate 1.16 tells transformers that
+ZeRO-3 is on whatever `zero3_init_flag` says, so a model built or loaded after the Accelerator (as the scripts do) is
+partitioned as it is made, and `training.dino.param_groups_without_decay`, which tells weights from biases by
+`parameter.ndim`, then sees 1-dimensional (empty) tensors and decays none of the partitioned weights.
 """
 
 from __future__ import annotations
@@ -72,10 +94,17 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def is_zero3(accelerator: Accelerator) -> bool:
+    """Whether DeepSpeed partitions the parameters (ZeRO stage 3)."""
+    return (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+
+
 def prepare_for_sharding(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """Makes `model` (an `AgriCLIPModel`, not yet prepared, before its optimizer is built) shardable by FSDP2; a
-    no-op without FSDP. See the module's docstring."""
-    if not is_fsdp(accelerator):
+    """Makes `model` (an `AgriCLIPModel`, not yet prepared, before its optimizer is built) shardable by FSDP2 or
+    DeepSpeed; a no-op without either. See the module's docstring."""
+    if not (is_fsdp(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED):
         return model
     for name in SCALAR_PARAMETERS:
         parameter = getattr(model, name, None)
@@ -83,6 +112,8 @@ def prepare_for_sharding(accelerator: Accelerator, model: torch.nn.Module) -> to
             setattr(
                 model, name, torch.nn.Parameter(parameter.detach().reshape(1), requires_grad=parameter.requires_grad)
             )
+    if not is_fsdp(accelerator):
+        return model
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap is None and hasattr(model, "get_input_embeddings"):
         # Accelerate shards the input embedding on its own; the module holding it must not be a unit too.
@@ -129,17 +160,31 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if full_tensor is not None else tensor
 
 
+def parameter_values(accelerator: Accelerator, *parameters: torch.nn.Parameter) -> list[torch.Tensor]:
+    """Whole, detached values of parameters of the prepared model, read outside its forward (the logs): under FSDP2
+    a DTensor's full tensor; under ZeRO-3 the parameter gathered for the read where it is partitioned (a parameter
+    of DeepSpeed's persistence threshold or smaller stays whole, so that the gather is mostly skipped). A collective
+    under both: call it on every process."""
+    if not is_zero3(accelerator):
+        return [full_value(parameter.detach()) for parameter in parameters]
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # Every process holds the same parameters in the same state, so that all join the same gather.
+    partitioned = [parameter for parameter in parameters if parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    with GatheredParameters(partitioned):
+        return [parameter.detach().clone() for parameter in parameters]
+
+
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The prepared model's full state dict, gathered on every process (a collective: call it on all), with the
     parameters `prepare_for_sharding` reshaped back to their checkpoint shape (scalars); under DeepSpeed the weights
-    ZeRO-3 gathers onto the main process (None on the others); None without FSDP or DeepSpeed (the model's own
-    state dict is then what `save_pretrained` writes)."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.get_state_dict(model) or None
-    if not is_fsdp(accelerator):
+    gathered onto the main process (None on the others; ZeRO-3 needs `zero3_save_16bit_model: true`); None without
+    FSDP or DeepSpeed (the model's own state dict is then what `save_pretrained` writes)."""
+    if not (is_fsdp(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED):
         return None
     state = accelerator.get_state_dict(model)
-    if state is None:
+    if not state:
         return None
     return {
         key: value.reshape(()) if key.split(".")[-1] in SCALAR_PARAMETERS and value.numel() == 1 else value
