@@ -23,6 +23,8 @@ from agriclip.templates import DEFAULT_TEMPLATES, ZERO_SHOT_TEMPLATES, get_templ
 MODEL_ENV = "AGRICLIP_MODEL"
 FORMATS = ("table", "csv", "json")
 EMBEDDING_SUFFIXES = (".safetensors", ".npy")
+# `--abstain-below-similarity` given no value: the threshold of the `--calibration` task file.
+TASK_SIMILARITY = "task"
 
 DESCRIPTION = f"""\
 Zero-shot classification and embeddings of field photos, checkpoints and publishing, from a terminal.
@@ -187,13 +189,30 @@ def parse_hierarchy(labels_file: str | None):
         raise CLIError(ExitCode.LABELS, f"cannot read the label file {labels_file}: {error}") from error
 
 
+def task_file_labels(path) -> list[str]:
+    """The labels of a `--calibration` task file, for predict and classify-folder given no labels of their own."""
+    if path is None:
+        raise CLIError(
+            ExitCode.USAGE, "give --labels or --labels-file (or --calibration: its task file has the labels)"
+        )
+    from modeling_agriclip.calibration import TaskFile
+
+    try:
+        return TaskFile.load(path).labels
+    except (OSError, ValueError) as error:
+        raise CLIError(ExitCode.LABELS, f"--calibration: {error}") from error
+
+
 def check_labelled(args) -> None:
     """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`,
     and a two-level label file's hierarchy into `args.hierarchy` (its labels, flat, are the class names)."""
     args.hierarchy = parse_hierarchy(args.labels_file)
     if args.hierarchy is not None and getattr(args, "abstain_below_similarity", None) is not None:
         raise CLIError(ExitCode.USAGE, "--abstain-below-similarity scores flat labels, not a YAML label file")
-    args.class_names = args.hierarchy.labels if args.hierarchy else parse_labels(args.labels, args.labels_file)
+    if args.labels is None and args.labels_file is None:
+        args.class_names = task_file_labels(getattr(args, "calibration", None))
+    else:
+        args.class_names = args.hierarchy.labels if args.hierarchy else parse_labels(args.labels, args.labels_file)
     args.templates = resolve_templates(args.template, args.dataset_template)
     if len(args.class_names) == 1:
         warn(SINGLE_LABEL_WARNING.format(label=args.class_names[0]))
@@ -312,7 +331,9 @@ def _probability(text: str) -> float:
     return value
 
 
-def _similarity(text: str) -> float:
+def _similarity(text: str) -> float | str:
+    if text == TASK_SIMILARITY:  # argparse converts the option's `const` too
+        return text
     value = float(text)
     if not -1.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a cosine similarity from -1 to 1, got {text}")
@@ -344,10 +365,13 @@ def _add_prediction_options(parser: argparse.ArgumentParser) -> None:
     abstention.add_argument(
         "--abstain-below-similarity",
         type=_similarity,
+        nargs="?",
+        const=TASK_SIMILARITY,
         default=None,
         metavar="S",
         help='Answer "unknown" for a photo whose cosine similarity to its best label is below S (-1 to 1; json also '
-        "gives each photo's similarity): a distance that falls for photos unlike every label. Flat labels only.",
+        "gives each photo's similarity): a distance that falls for photos unlike every label. Given no S, the "
+        "--calibration task file's threshold, which keeps 90 %% of its labelled shots. Flat labels only.",
     )
 
 
@@ -412,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         needs_model=True,
     )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="Image files, folders or glob patterns.")
-    _add_label_options(predict, required=True)
+    _add_label_options(predict, required=False)  # a --calibration task file holds labels too
     predict.add_argument("--top-k", type=_positive_int, default=5, help="Labels shown per image (default: 5).")
     predict.add_argument("--format", choices=FORMATS, default="table", help="Output format (default: table).")
     _add_prediction_options(predict)
@@ -428,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         needs_model=True,
     )
     folder.add_argument("folder", metavar="DIR", help="Folder walked recursively.")
-    _add_label_options(folder, required=True)
+    _add_label_options(folder, required=False)
     folder.add_argument("--output", type=Path, required=True, help="Predictions file (.csv or .json).")
     folder.add_argument("--top-k", type=_positive_int, default=1, help="Labels kept per image (default: 1).")
     folder.add_argument(

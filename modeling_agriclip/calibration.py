@@ -122,6 +122,8 @@ class TaskFile:
         model, revision: the checkpoint it was fitted on, as given and its Hub commit (None for a local folder).
         shots_per_class, seed: the labelled shots per class the fit drew from the task's train split, and the seed.
         selection: how `embedding` was chosen from the shots (candidates and their shot scores), or None.
+        similarity_threshold: the best label's cosine similarity that keeps 90 % of the shots, what
+            `--abstain-below-similarity` given no value abstains below (photos unlike the task's own); or None.
         agriclip_version: the package that wrote it.
     """
 
@@ -137,6 +139,7 @@ class TaskFile:
     shots_per_class: int | None = None
     seed: int | None = None
     selection: dict | None = None
+    similarity_threshold: float | None = None
     agriclip_version: str | None = None
 
     @property
@@ -223,6 +226,11 @@ def _check_fields(path, document: dict) -> None:
         isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1
     ):
         fail("fusion_weight", "null or a number from 0 to 1")
+    threshold = document.get("similarity_threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1
+    ):
+        fail("similarity_threshold", "null or a cosine similarity from -1 to 1")
     if document.get("embedding") not in (None, "aligned", "clip", "fused"):
         fail("embedding", "null, 'aligned', 'clip' or 'fused'")
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from agriclip.atomic import atomic_open, write_json_atomically
-from agriclip.cli import MODEL_ENV
+from agriclip.cli import MODEL_ENV, TASK_SIMILARITY
 from agriclip.errors import CLIError, ExitCode, SingleLabelWarning, warn
 from agriclip.files import check_folder_files, check_hub_id, parameter_counts
 from agriclip.images import DecodeStats, DecodingCollator, counted
@@ -495,9 +495,12 @@ def _prepare(args, images: Sequence[str], fusion_weight: float | None = None) ->
 
 def read_task_file(args) -> TaskFile | None:
     """predict and classify-folder: the task file of `--calibration`, read before the model loads. Its templates
-    stand in for the default ones, its image embedding (and fusion weight) for the checkpoint's; labels, templates or
-    an `--embedding` other than those it was fitted for are refused (exit code 7 and 2)."""
+    stand in for the default ones, its image embedding (and fusion weight) for the checkpoint's, its similarity
+    threshold for a valueless `--abstain-below-similarity`; labels, templates or an `--embedding` other than those
+    it was fitted for are refused (exit code 7 and 2)."""
     if getattr(args, "calibration", None) is None:
+        if getattr(args, "abstain_below_similarity", None) == TASK_SIMILARITY:
+            raise CLIError(ExitCode.USAGE, "--abstain-below-similarity needs a value S, or a --calibration task file")
         return None
     if args.hierarchy is not None:
         raise CLIError(ExitCode.USAGE, "--calibration calibrates flat labels; it cannot be used with a YAML label file")
@@ -517,6 +520,14 @@ def read_task_file(args) -> TaskFile | None:
             f"--embedding {args.embedding}: {args.calibration} was fitted on the {task.embedding!r} image embedding",
         )
     args.embedding = task.embedding
+    if args.abstain_below_similarity == TASK_SIMILARITY:
+        if task.similarity_threshold is None:
+            raise CLIError(
+                ExitCode.USAGE,
+                f"--abstain-below-similarity: {args.calibration} records no similarity threshold (refit it with "
+                "python -m evaluation.calibrate); give S",
+            )
+        args.abstain_below_similarity = task.similarity_threshold
     return task
 
 

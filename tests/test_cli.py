@@ -556,7 +556,9 @@ def test_unwritable_output(capsys, photos, tiny_checkpoint, tmp_path):
 
 
 def test_argparse_usage_errors_exit_with_2(capsys, tiny_checkpoint):
-    bad = (["--labels", "a", "--top-k", "0"], ["--labels", "a", "--labels-file", "f"], [])  # top-k 0, both, no labels
+    # top-k 0, both kinds of labels (no labels at all is a usage error too, once a --calibration file could give
+    # them: tests/test_predict_options.py)
+    bad = (["--labels", "a", "--top-k", "0"], ["--labels", "a", "--labels-file", "f"])
     for argv in (["predict", "x.png", *options] for options in bad):
         with pytest.raises(SystemExit) as exit_info:
             main(argv + ["--model", str(tiny_checkpoint)])

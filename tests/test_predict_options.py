@@ -255,3 +255,29 @@ def test_abstain_below_similarity_is_refused_with_a_yaml_label_file_or_out_of_ra
             ["predict", str(photos[0]), "--labels", "a,b", "--abstain-below", "0.5", "--abstain-below-similarity", "0"]
         )
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_task_file_gives_predict_its_labels_and_its_similarity_threshold(
+    capsys, tiny_checkpoint, photos, reference, tmp_path
+):
+    images = [open_image(path) for path in photos]
+    best = (reference.image_embeddings(images) @ reference.label_embeddings(LABELS, TEMPLATES).T).max(dim=1)
+    threshold = float(best.values.median())
+    path = tmp_path / "task.json"
+    TaskFile(LABELS, TEMPLATES, "infonce", 1.0, similarity_threshold=threshold).save(path)
+    document = predict_json(capsys, tiny_checkpoint, photos, "--calibration", path, "--abstain-below-similarity")
+    assert document["labels"] == LABELS and document["abstain_below_similarity"] == threshold
+    expected = [LABELS[index] if value >= threshold else UNKNOWN_LABEL for value, index in zip(*best)]
+    assert [result["answer"] for result in document["results"]] == expected
+
+
+def test_a_valueless_abstain_below_similarity_needs_a_task_file_with_a_threshold(
+    capsys, tiny_checkpoint, photos, task_file
+):
+    base = ["predict", photos[0], "--model", tiny_checkpoint, "--abstain-below-similarity"]
+    assert main([str(arg) for arg in base + ["--labels", "a,b"]]) == ExitCode.USAGE
+    assert "needs a value S, or a --calibration task file" in capsys.readouterr().err
+    assert main([str(arg) for arg in base + ["--calibration", task_file]]) == ExitCode.USAGE
+    assert f"{task_file} records no similarity threshold" in capsys.readouterr().err
+    assert main(["predict", str(photos[0]), "--model", str(tiny_checkpoint)]) == ExitCode.USAGE
+    assert "give --labels or --labels-file (or --calibration" in capsys.readouterr().err

@@ -315,12 +315,17 @@ def test_a_task_file_selects_and_calibrates_on_train_shots_only(split_task, clas
     shots = F.normalize(weight * calls[0]["clip"] + (1 - weight) * calls[0]["aligned"], dim=-1)
     logits = classifier.embedding_logits(shots, task.labels, task.templates)
     assert task.temperature == pytest.approx(fit_calibration(logits, calls[0]["labels"], False).temperature, rel=1e-4)
+    # The similarity threshold keeps 90 % of the shots: the round(0.9 n)-th highest best-label cosine.
+    cosines = (shots @ classifier.label_embeddings(task.labels, task.templates).T).max(dim=1).values
+    kept = round(0.9 * len(cosines))
+    assert task.similarity_threshold == pytest.approx(float(cosines.sort(descending=True).values[kept - 1]), abs=1e-6)
     _rewrite_test_split(split_task)
     again = fit_task_file(split_task, "leaves", "runs/tiny", shots=3, seed=1, select=True, device="cpu")
     assert all(torch.equal(calls[0][key], calls[1][key]) for key in calls[0])
     assert again.selection == task.selection
-    assert (again.temperature, again.embedding, again.fusion_weight) == (
+    assert (again.temperature, again.embedding, again.fusion_weight, again.similarity_threshold) == (
         task.temperature,
         task.embedding,
         task.fusion_weight,
+        task.similarity_threshold,
     )
