@@ -13,7 +13,9 @@ split (or the train half `evaluation.runner.probe_split` leaves), never from the
   label's cosine similarity, scaled: a distance-based score that ignores the other labels); the accuracy on the
   `COVERAGE` share of in-task photos the top probability is most confident on, the `--abstain-below` threshold that
   keeps them, and the share of other-domain photos that threshold answers "unknown"; the same three for the best
-  label's cosine similarity (the `--abstain-below-similarity` rule).
+  label's cosine similarity (the `--abstain-below-similarity` rule). These thresholds are read off the test photos
+  (an operating point); `shot_threshold` is the rule as a user gets it: the similarity threshold fitted on k train
+  shots per class (as `python -m evaluation.calibrate` writes it into a task file), applied to the test photos.
 """
 
 import statistics
@@ -88,6 +90,11 @@ def _abstention_scores(logits: torch.Tensor, sigmoid: bool, calibration: Calibra
     return probabilities(calibrated, sigmoid).max(dim=1)
 
 
+def _mean_or_none(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return statistics.fmean(values) if values else None
+
+
 def abstention_record(
     test_logits: torch.Tensor,
     test_labels: torch.Tensor,
@@ -96,16 +103,22 @@ def abstention_record(
     calibrations: Sequence[Calibration] = (),
     logit_scale: float = 1.0,
     logit_bias: float = 0.0,
+    shots: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> dict:
     """In-task test photos against other-domain photos (module docstring); `calibrations`: one fit per seed of the
     largest k, whose AUROCs are averaged; `logit_scale` and `logit_bias`: what the logits are the cosine
-    similarities scaled by and shifted by (`ZeroShotClassifier.logit_scale`, `.logit_bias`)."""
+    similarities scaled by and shifted by (`ZeroShotClassifier.logit_scale`, `.logit_bias`); `shots`: the (logits,
+    labels) of the train shots of each seed, from which `shot_threshold` fits the similarity threshold a task file
+    records (keeping `COVERAGE` of the shots) and applies it to the test photos, means over seeds."""
+
+    def best_similarity(logits: torch.Tensor) -> torch.Tensor:
+        return (logits.max(dim=1).values - logit_bias) / logit_scale
+
     confidences, predictions = _abstention_scores(test_logits, sigmoid)
     other_confidences, _ = _abstention_scores(other_logits, sigmoid)
     correct = predictions == test_labels
     accuracy, threshold = selective_accuracy(confidences, correct, COVERAGE)
-    similarities = (test_logits.max(dim=1).values - logit_bias) / logit_scale
-    other_similarities = (other_logits.max(dim=1).values - logit_bias) / logit_scale
+    similarities, other_similarities = best_similarity(test_logits), best_similarity(other_logits)
     similarity_accuracy, similarity_threshold = selective_accuracy(similarities, correct, COVERAGE)
     record = {
         "auroc_max_probability": auroc(confidences, other_confidences),
@@ -121,6 +134,22 @@ def abstention_record(
         "n_in_task": len(test_labels),
         "n_other": len(other_logits),
     }
+    if shots:
+        runs = []
+        for shot_logits, shot_labels in shots:
+            shot_correct = shot_logits.argmax(dim=1) == shot_labels
+            _, fitted = selective_accuracy(best_similarity(shot_logits), shot_correct, COVERAGE)
+            answered = similarities >= fitted
+            runs.append(
+                {
+                    "similarity": fitted,
+                    "in_task_answered": float(answered.double().mean()),
+                    "accuracy_answered": float(correct[answered].double().mean()) if answered.any() else None,
+                    "other_abstained": float((other_similarities < fitted).double().mean()),
+                }
+            )
+        record["shot_threshold"] = {key: _mean_or_none(run[key] for run in runs) for key in runs[0]}
+        record["shot_threshold"]["n_shots"] = [len(labels) for _, labels in shots]
     if calibrations:
         record["auroc_calibrated"] = statistics.fmean(
             auroc(_abstention_scores(test_logits, sigmoid, fit)[0], _abstention_scores(other_logits, sigmoid, fit)[0])

@@ -208,7 +208,27 @@ def _abstention_table(results: dict) -> str:
     chance_of = {key: chance.get("auroc") if key.startswith("auroc") else chance.get("top1") for key in columns}
     chance_of["other_abstained_at_threshold"] = chance_of["other_abstained_at_similarity_threshold"] = None
     rows.append([CHANCE_LABEL] + [_percent(chance_of[key]) for key in columns])
-    return _table(["Model (mean over tasks)"] + list(columns.values()), rows)
+    table = _table(["Model (mean over tasks)"] + list(columns.values()), rows)
+    fitted = {
+        "shot_threshold_in_task_answered": "In-task photos answered",
+        "shot_threshold_accuracy_answered": "Their top-1",
+        "shot_threshold_other_abstained": "Other-domain photos answered unknown",
+    }
+    means = abstention["mean"]
+    if not any(mean.get(key) is not None for mean in means.values() for key in fitted):
+        return table
+    shots = max(results.get("settings", {}).get("calibration_shots") or [0])
+    rows = [[model] + [_percent(mean.get(key)) for key in fitted] for model, mean in means.items()]
+    rows.append([CHANCE_LABEL, "–", _percent(chance.get("top1")), "–"])
+    return "\n\n".join(
+        [
+            table,
+            f"--abstain-below-similarity with the threshold fitted on {shots} train shots per class (keeping 90 % of "
+            "them, as `python -m evaluation.calibrate` writes it into a task file), on the test photos, mean over "
+            "seeds:",
+            _table(["Model (mean over tasks)"] + list(fitted.values()), rows),
+        ]
+    )
 
 
 SELECTION_NOTE = "Chosen on train-split shots only; top-1 on the test images."

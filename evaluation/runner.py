@@ -379,10 +379,16 @@ def _calibration(task: TaskScores, classifiers, shots: Sequence[int], seeds: Seq
 
 
 def _abstention(
-    task: TaskScores, tasks: Mapping[str, TaskScores], classifiers, fits: Mapping[str, dict]
+    task: TaskScores,
+    tasks: Mapping[str, TaskScores],
+    classifiers,
+    fits: Mapping[str, dict],
+    shots: int | None,
+    seeds: Sequence[int],
 ) -> dict | None:
     """Per classifier, the task's test photos against the test photos of the tasks of other domains (None when
-    every task shares its domain)."""
+    every task shares its domain); with `shots`, the similarity threshold fitted on that many train shots per class
+    of each seed too."""
     others = [other for other in tasks.values() if other.spec.domain_name != task.spec.domain_name]
     if not others:
         return None
@@ -392,6 +398,12 @@ def _abstention(
         other_logits = torch.cat([task.logits(name, classifier, other.data.test_features[name]) for other in others])
         by_k = fits.get(name) or {}
         calibrations = [calibration for calibration, _ in by_k[max(by_k)]] if by_k else []
+        shot_sets = []
+        if shots:
+            train_logits = task.logits(name, classifier, task.data.train_features[name])
+            for seed in seeds:
+                indices, _ = sample_k_shot(task.data.train_labels, shots, seed)
+                shot_sets.append((train_logits[indices], task.data.train_labels[indices]))
         records[name] = {
             **abstention_record(
                 test_logits,
@@ -401,6 +413,7 @@ def _abstention(
                 calibrations,
                 classifier.logit_scale,
                 classifier.logit_bias,
+                shot_sets,
             ),
             "other_tasks": [other.spec.name for other in others],
         }
@@ -700,10 +713,16 @@ def run_suite(
     if abstention:
         abstention_results = {}
         for name, task in tasks.items():
-            records = _abstention(task, tasks, classifiers, calibration_fits.get(name, {}))
+            records = _abstention(
+                task, tasks, classifiers, calibration_fits.get(name, {}), max(calibration_shots, default=None), seeds
+            )
             if records is not None:
                 abstention_results[name] = records
         read = {key: lambda record, key=key: record.get(key) for key in ABSTENTION_MEAN_KEYS}
+        read |= {
+            f"shot_threshold_{key}": lambda record, key=key: (record.get("shot_threshold") or {}).get(key)
+            for key in ("in_task_answered", "accuracy_answered", "other_abstained")
+        }
         results["abstention"] = {
             "datasets": abstention_results,
             "mean": _means(abstention_results, read),

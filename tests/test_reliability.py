@@ -5,10 +5,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from evaluation.metrics import auroc, selective_accuracy
 from evaluation.reliability import COVERAGE, abstention_record
+from evaluation.runner import run_suite
 from modeling_agriclip.calibration import Calibration
+from modeling_agriclip.zero_shot import ZeroShotClassifier
 
 
 def _pairwise_auroc(positives, negatives) -> float:
@@ -194,3 +198,76 @@ def test_the_top_logit_tells_apart_other_task_photos_that_the_top_probability_ca
     assert record["other_abstained_at_threshold"] == 0.0
     assert record["other_abstained_at_similarity_threshold"] == 1.0
     assert 0.2 < record["similarity_threshold_at_coverage"] < 0.4
+
+
+def test_a_similarity_threshold_fitted_on_shots_is_applied_to_the_test_photos():
+    """`shot_threshold`: per seed, the best-label cosine keeping 90 % of that seed's shots (as a task file records
+    it), then on the test photos the share of in-task photos answered, their top-1, and the share of other-domain
+    photos answered unknown; means over the seeds."""
+    test, labels, other = _synthetic_task(sigmoid=False, seed=4)
+    scale = 10.0
+    shots = []
+    for seed in (5, 6):
+        shot_logits, shot_labels, _ = _synthetic_task(sigmoid=False, seed=seed, n_in=12)
+        shots.append((shot_logits, shot_labels))
+    record = abstention_record(test, labels, other, False, logit_scale=scale, shots=shots)["shot_threshold"]
+
+    best, other_best = test.numpy().max(axis=1) / scale, other.numpy().max(axis=1) / scale
+    correct = test.numpy().argmax(axis=1) == labels.numpy()
+    runs = []
+    for shot_logits, shot_labels in shots:
+        shot_correct = list(shot_logits.numpy().argmax(axis=1) == shot_labels.numpy())
+        _, threshold = _by_hand_selective(list(shot_logits.numpy().max(axis=1) / scale), shot_correct, 0.9)
+        answered = best >= threshold
+        runs.append([threshold, answered.mean(), correct[answered].mean(), np.mean(other_best < threshold)])
+    expected = np.mean(runs, axis=0)
+    assert [record[key] for key in ("similarity", "in_task_answered", "accuracy_answered", "other_abstained")] == (
+        pytest.approx(expected.tolist())
+    )
+    assert record["n_shots"] == [12, 12]
+    assert 0 < record["in_task_answered"] < 1 and 0 < record["other_abstained"] < 1  # the case has teeth
+
+
+def _write_task(root, classes, seed, train=4, test=3):
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("test", test)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(image).save(root / split / name / f"{index}.png")
+
+
+def test_the_suite_scores_a_task_s_photos_against_other_domains_and_fits_calibration_and_threshold(
+    tmp_path, tiny_model, tiny_processor
+):
+    """Through `run_suite`: the leaf task's test photos against the fish task's (another domain), all with the leaf
+    labels; the AUROC of the top logit equals a pairwise count over the classifier's own logits."""
+    _write_task(tmp_path / "leaves", ["rust", "blight", "healthy"], seed=0)
+    _write_task(tmp_path / "fish", ["carp", "eel"], seed=1)
+    entries = [
+        {"name": name, "path": name, "split": "test", "train_split": "train", "templates": "generic", "domain": name}
+        for name in ("leaves", "fish")
+    ]
+    config = tmp_path / "suite.yaml"
+    config.write_text(yaml.safe_dump({"datasets": entries}))
+    classifier = ZeroShotClassifier(tiny_model, tiny_processor, embedding="clip")
+    results = run_suite(
+        config, {"agri": classifier}, tmp_path / "out", calibration_shots=[2], abstention=True, seeds=[0, 1]
+    )
+    record = results["abstention"]["datasets"]["leaves"]["agri"]
+    assert record["other_tasks"] == ["fish"] and (record["n_in_task"], record["n_other"]) == (9, 6)
+
+    def photos(task):
+        return [Image.open(path).convert("RGB") for path in sorted((tmp_path / task / "test").rglob("*.png"))]
+
+    names, templates = ["rust", "blight", "healthy"], results["dataset_info"]["leaves"]["templates"]
+    in_task = classifier.logits(photos("leaves"), names, templates).max(dim=1).values
+    other = classifier.logits(photos("fish"), names, templates).max(dim=1).values
+    assert record["auroc_max_logit"] == pytest.approx(_pairwise_auroc(in_task.tolist(), other.tolist()), abs=1e-6)
+    assert record["shot_threshold"]["n_shots"] == [6, 6]  # 2 shots per class, per seed
+    calibration = results["calibration"]["datasets"]["leaves"]["agri"]
+    assert {"before", "after"} <= set(calibration)
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "## Abstention on photos of other domains" in report
+    assert "threshold fitted on 2 train shots per class" in report
