@@ -207,6 +207,11 @@ def stage1_step(config: AgriCLIPConfig, accelerator: Accelerator, keep_autocast:
     model, optimizer = accelerator.prepare(model, optimizer)
     if not keep_autocast:
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return update_step(accelerator, model, optimizer)
+
+
+def update_step(accelerator: Accelerator, model, optimizer):
+    """The stage-1 script's update of a prepared model and optimizer, as a function of the batch."""
     loss_fn = ContrastiveLoss()
     checkpoints, position = CheckpointManager(accelerator, "unused-bench-dir"), TrainingPosition()
 

@@ -41,13 +41,13 @@ from accelerate.utils import DistributedType
 from torch.utils.flop_counter import FlopCounterMode
 
 from agriclip.atomic import write_json_atomically
-from bench.bench_stage1 import BETAS, EPS, LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY, bench_config, make_batches
+from bench.bench_stage1 import BETAS, EPS, LEARNING_RATE, WEIGHT_DECAY, bench_config, make_batches, update_step
 from modeling_agriclip import AgriCLIPConfig, AgriCLIPModel
 from modeling_agriclip.convert import PRESETS
 from training.contrastive import contrastive_forward, trainable_clip
 from training.dino import param_groups_without_decay
 from training.losses import ContrastiveLoss
-from training.runtime import CheckpointManager, TrainingPosition, adamw, train_step
+from training.runtime import adamw
 from training.sharding import prepare_for_sharding, register_feature_methods
 
 
@@ -136,22 +136,7 @@ def engine_step(config: AgriCLIPConfig, accelerator: Accelerator, batch_size: in
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     register_feature_methods(accelerator, model)
-    loss_fn = ContrastiveLoss()
-    checkpoints, position = CheckpointManager(accelerator, "unused-bench-dir"), TrainingPosition()
-
-    def step(batch):
-        train_step(
-            accelerator,
-            model,
-            optimizer,
-            lambda: contrastive_forward(model, batch, loss_fn),
-            LEARNING_RATE,
-            MAX_GRAD_NORM,
-            position,
-            checkpoints,
-        )
-
-    return step
+    return update_step(accelerator, model, optimizer)
 
 
 def worker(args) -> None:
