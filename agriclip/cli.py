@@ -189,20 +189,6 @@ def parse_hierarchy(labels_file: str | None):
         raise CLIError(ExitCode.LABELS, f"cannot read the label file {labels_file}: {error}") from error
 
 
-def task_file_labels(path) -> list[str]:
-    """The labels of a `--calibration` task file, for predict and classify-folder given no labels of their own."""
-    if path is None:
-        raise CLIError(
-            ExitCode.USAGE, "give --labels or --labels-file (or --calibration: its task file has the labels)"
-        )
-    from modeling_agriclip.calibration import TaskFile
-
-    try:
-        return TaskFile.load(path).labels
-    except (OSError, ValueError) as error:
-        raise CLIError(ExitCode.LABELS, f"--calibration: {error}") from error
-
-
 def check_labelled(args) -> None:
     """predict and classify-folder: the labels and templates, resolved into `args.class_names`, `args.templates`,
     and a two-level label file's hierarchy into `args.hierarchy` (its labels, flat, are the class names)."""
@@ -210,11 +196,13 @@ def check_labelled(args) -> None:
     if args.hierarchy is not None and getattr(args, "abstain_below_similarity", None) is not None:
         raise CLIError(ExitCode.USAGE, "--abstain-below-similarity scores flat labels, not a YAML label file")
     if args.labels is None and args.labels_file is None:
-        args.class_names = task_file_labels(getattr(args, "calibration", None))
+        if getattr(args, "calibration", None) is None:
+            raise CLIError(ExitCode.USAGE, "give --labels or --labels-file (or --calibration: its task file has them)")
+        args.class_names = None  # the task file's (`modeling_agriclip.commands.read_task_file`)
     else:
         args.class_names = args.hierarchy.labels if args.hierarchy else parse_labels(args.labels, args.labels_file)
     args.templates = resolve_templates(args.template, args.dataset_template)
-    if len(args.class_names) == 1:
+    if args.class_names is not None and len(args.class_names) == 1:
         warn(SINGLE_LABEL_WARNING.format(label=args.class_names[0]))
 
 

@@ -510,6 +510,8 @@ def read_task_file(args) -> TaskFile | None:
         raise CLIError(ExitCode.LABELS, f"--calibration: {error}") from error
     if args.template is None and args.dataset_template is None:
         args.templates = list(task.templates)
+    if args.class_names is None:  # no --labels: the task file's
+        args.class_names = list(task.labels)
     try:
         task.check_task(args.calibration, args.class_names, args.templates)
     except ValueError as error:
