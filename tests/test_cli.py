@@ -482,6 +482,7 @@ def test_an_unreachable_hub_fails_at_once_and_suggests_offline_mode(capsys, phot
     )
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model: 7-10 s
 def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_cannot_be_reached(photos, tiny_checkpoint, tmp_path):
     """In the field: the Hub out of reach, the model in the Hugging Face cache. It loads from there, saying so."""
     import socket
@@ -566,6 +567,7 @@ def test_argparse_usage_errors_exit_with_2(capsys, tiny_checkpoint):
     assert "--top-k: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model: 7-10 s
 def test_module_entry_point_exit_code(tmp_path):
     """The installed entry point (`agriclip = agriclip.cli:main`) runs the same main; here through -m."""
     repo = Path(__file__).resolve().parents[1]
@@ -871,6 +873,7 @@ print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])]))
 """
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model: 7-10 s
 def test_a_fifo_in_a_checkpoint_is_never_opened(tiny_checkpoint, photos, tmp_path):
     """Opening a FIFO for reading blocks until a writer comes: forever, and inside safetensors' Rust code no signal
     interrupts it. So the commands run in a child process, killed (and the test failed) if it hangs."""

@@ -94,6 +94,7 @@ def reference(caption_folder, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model: 7-10 s
 def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(
     reference, caption_folder, tmp_path
 ):

@@ -204,3 +204,102 @@ def test_fsdp2_lora_matches_one_process(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(weights["fsdp"][key], weights["one"][key], atol=1e-5, rtol=1e-4, msg=key)
     results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "fsdp")}
     assert results["fsdp"]["adapted"]["top1"] == results["one"]["adapted"]["top1"]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def run_deepspeed(config, module_args, processes=2, timeout=300):
+    """`python -m <module> ...` under `accelerate launch` with a shipped DeepSpeed config on CPU processes: without
+    ACCELERATE_USE_CPU (Accelerate would run the launch as plain DDP) and without CUDA, so that the scripts'
+    Accelerator initialises DeepSpeed over gloo (`training.runtime.deepspeed_on_cpu_kwargs`)."""
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "0",
+        "-m",
+        *module_args,
+    ]
+    return run_subprocess(command, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_stage1_on_cpu_processes_matches_one_process_resumes_exactly_and_exports(
+    config, caption_folder, tmp_path
+):
+    """Stage 1 under a shipped DeepSpeed config on 2 CPU processes x batch 4 equals 1 process x batch 8 in losses and
+    exported weights (1e-5); a run killed before its last checkpoint resumes from DeepSpeed's checkpoint to the same
+    losses and weights bit for bit; the export has the scalar parameters in their checkpoint shape, and loads.
+
+    The one-process reference of ZeRO-2 is a plain run. That of ZeRO-3 is a one-process run under the same config:
+    Accelerate tells transformers that ZeRO-3 is on, and transformers then initialises a model built from a config
+    (the tiny preset) otherwise than a plain run does, with other random weights from the same seed."""
+    pytest.importorskip("deepspeed")
+    common = [
+        "training.stage1_contrastive",
+        "--model",
+        "tiny",
+        "--train-data",
+        str(caption_folder),
+        "--max-steps",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--log-with",
+        "none",
+        "--learning-rate",
+        "1e-3",
+    ]
+    sharded = run_deepspeed(config, [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "ds")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "4 x 2 process(es)" in sharded.stdout, sharded.stderr[-3000:]
+    checkpoint = tmp_path / "ds" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model").is_dir() and (checkpoint / "latest").is_file(), "not DeepSpeed's checkpoint"
+    one_args = [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")]
+    one = run_script(one_args) if config == "deepspeed_zero2.yaml" else run_deepspeed(config, one_args, processes=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "8 x 1 process(es)" in one.stdout, one.stderr[-3000:]
+
+    losses = {
+        name: [row["loss"] for row in read_metrics(tmp_path / name, RUN) if "loss" in row] for name in ("one", "ds")
+    }
+    assert len(losses["one"]) == 3
+    assert losses["ds"] == pytest.approx(losses["one"], abs=1e-5)
+    weights_one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    weights_ds = load_file(tmp_path / "ds" / "final" / "model.safetensors")
+    assert weights_one.keys() == weights_ds.keys()
+    for key in weights_one:
+        assert weights_one[key].shape == weights_ds[key].shape, key
+        torch.testing.assert_close(weights_ds[key], weights_one[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert all(weights_ds[name].dim() == 0 for name in SCALAR_PARAMETERS)
+
+    loaded, info = AgriCLIPModel.from_pretrained(tmp_path / "ds" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(getattr(loaded, name).dim() == 0 for name in SCALAR_PARAMETERS)
+    state = loaded.state_dict()
+    shared = [key for key in weights_ds if key in state]
+    assert len(shared) > len(weights_ds) // 2 and "logit_scale" in shared
+    for key in shared:
+        assert torch.equal(state[key], weights_ds[key]), key
+
+    kill_before_last_checkpoint(tmp_path / "ds", last_step=3)
+    resumed = run_deepspeed(
+        config, [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "ds"), "--resume", "latest"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoint}" in resumed.stdout
+    rows = [row for row in read_metrics(tmp_path / "ds", RUN) if "loss" in row]
+    assert [row["loss"] for row in rows[-1:]] == losses["ds"][-1:]
+    final = load_file(tmp_path / "ds" / "final" / "model.safetensors")
+    assert final.keys() == weights_ds.keys()
+    for key in final:
+        assert torch.equal(final[key], weights_ds[key]), key

@@ -33,6 +33,7 @@ from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     gather_object,
     load,
@@ -128,6 +129,7 @@ def make_accelerator(args, run_name: str) -> Accelerator:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=deepspeed_on_cpu_kwargs(),
     )
     enable_fsdp_on_cpu(accelerator)
     check_world_size(accelerator)
@@ -135,12 +137,26 @@ def make_accelerator(args, run_name: str) -> Accelerator:
     return accelerator
 
 
+def deepspeed_on_cpu_kwargs() -> list[InitProcessGroupKwargs]:
+    """gloo for a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) on a machine without CUDA; nothing otherwise.
+
+    Accelerate 1.16 (accelerate/state.py, `PartialState.__init__`) takes the process group's backend from the device
+    (`_prepare_backend`): without an accelerator it has none, so it initialises DeepSpeed's processes with no backend
+    and then counts a single process (`if self.backend is None`). Given `backend="gloo"`, it initialises them over
+    gloo (`deepspeed.comm.init_distributed(dist_backend="gloo")`), and DeepSpeed runs on its CPU accelerator. The
+    launch must leave ACCELERATE_USE_CPU unset: with it Accelerate runs a DeepSpeed config as plain DDP (see
+    training/sharding.py)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
 def check_world_size(accelerator: Accelerator) -> None:
     """Refuses processes that a launcher started together but Accelerate runs one by one.
 
-    torchrun on CPU, or `accelerate launch` with a DeepSpeed config on CPU, starts N processes (and may initialise
-    torch.distributed) while Accelerate falls back to a single process (an FSDP2 config on CPU processes runs
-    sharded: `training.sharding.enable_fsdp_on_cpu`): the contrastive loss would
+    torchrun on CPU starts N processes (and may initialise torch.distributed) while Accelerate falls back to a single
+    process (an FSDP2 config on CPU processes runs sharded: `training.sharding.enable_fsdp_on_cpu`; a DeepSpeed one
+    runs over gloo: `deepspeed_on_cpu_kwargs`): the contrastive loss would
     still gather across processes, but gradients would not be synchronised and every process would write the same
     checkpoints.
     """
@@ -154,8 +170,8 @@ def check_world_size(accelerator: Accelerator) -> None:
             f"Accelerate runs each alone (distributed type {accelerator.distributed_type}): gradients would not be "
             "synchronised and every process would write the same checkpoints. For CPU processes set "
             "ACCELERATE_USE_CPU=1 and launch with `accelerate launch --multi_gpu --num_processes N` or with an FSDP2 "
-            "config (training/configs/fsdp2.yaml; a DeepSpeed config, or torchrun alone, leaves Accelerate "
-            "single-process on CPU); on GPUs, check that every process sees a device."
+            "config (training/configs/fsdp2.yaml; torchrun alone leaves Accelerate single-process on CPU), or with "
+            "a DeepSpeed config and ACCELERATE_USE_CPU unset; on GPUs, check that every process sees a device."
         )
 
 

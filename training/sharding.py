@@ -15,8 +15,9 @@ scripts do around `accelerator.prepare` so that `accelerate launch --config_file
   (`full_state_dict`).
 - `register_feature_methods`: the feature methods (`get_text_features`, ...) run outside `forward`; FSDP2 gathers
   the root's parameters only around `forward`, so they are registered as forward methods (validation calls them).
-  ZeRO-3 needs nothing here: it gathers each submodule's parameters around that submodule's own call, and the root's
-  only parameters are `logit_scale` and `logit_bias`, which the feature methods do not read.
+  ZeRO-3 gathers each submodule's parameters around that submodule's own call (the root's only parameters are
+  `logit_scale` and `logit_bias`, which the feature methods do not read), but for tables a module reads before calling
+  them (see below).
 - `parameter_values`: parameters read outside the forward (stage 1 logs the temperature and the bias after each step)
   are sharded there under FSDP2 (DTensors) and under ZeRO-3 (an empty tensor unless DeepSpeed keeps the parameter
   whole: `stage3_param_persistence_threshold`, 1e5 elements by default); it returns them whole. The loss needs no such
@@ -27,23 +28,29 @@ scripts do around `accelerator.prepare` so that `accelerate launch --config_file
   (training/configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml) it is `accelerator.get_state_dict`, which gathers
   ZeRO-3's partitioned weights (the config's `zero3_save_16bit_model: true`).
 
-DeepSpeed under the stage scripts runs on GPUs only: Accelerate 1.16 (accelerate/state.py, `PartialState.__init__`)
-initialises DeepSpeed's processes only without `cpu` (line 198) and, on a machine with no accelerator, with no
-backend, so that it then counts a single process (lines 285-287, `self.backend is None`); with ACCELERATE_USE_CPU=1 it
-skips DeepSpeed altogether and runs the launch as plain DDP (line 935, `AcceleratorState.__init__`: `... and not
-cpu`). An Accelerator given `InitProcessGroupKwargs(backend="gloo")`, without ACCELERATE_USE_CPU, does run DeepSpeed
-on CPU processes (DeepSpeed picks its CPU accelerator); the scripts' Accelerator (`training.runtime.make_accelerator`)
-is not made so, but tests/test_gpu_sharding.py runs stage 1's step that way.
+DeepSpeed under the stage scripts also runs on CPU processes, over gloo (DeepSpeed picks its CPU accelerator):
+    CUDA_VISIBLE_DEVICES= accelerate launch --config_file training/configs/deepspeed_zero2.yaml --num_processes 2 \
+        -m training.stage1_contrastive ...
+(or deepspeed_zero3.yaml), with ACCELERATE_USE_CPU unset and the config's `use_cpu: false`. Accelerate 1.16
+(accelerate/state.py, `PartialState.__init__`) would initialise DeepSpeed's processes there with no backend and then
+count a single process (`self.backend is None`), so the scripts' Accelerator is given gloo for a DeepSpeed launch
+without CUDA (`training.runtime.deepspeed_on_cpu_kwargs`); with ACCELERATE_USE_CPU=1 Accelerate skips DeepSpeed
+altogether and runs the launch as plain DDP (`AcceleratorState.__init__`: `... and not cpu`).
+`register_feature_methods` registers, under ZeRO-3, the position tables that transformers' CLIP embeddings read
+before calling them (`_register_read_tables`): partitioned, they read as 0 rows, and validation failed so after a
+resume.
 
-What is verified, on 2 CPU processes over gloo (tests/test_gpu_sharding.py, DeepSpeed 0.19.8): under the ZeRO-3
-config, with every parameter partitioned, stage 1's step (`contrastive_forward`, `train_step`) gives the one-process
-loss and update on the global batch, `parameter_values` reads the partitioned `logit_scale`, and `full_state_dict`
-returns it whole in its checkpoint shape. The ZeRO-2 config ran the same step by hand (not a test). Not verified: any
-DeepSpeed run on a GPU, bf16 under DeepSpeed, the stage scripts end to end under DeepSpeed (checkpoints, resume,
-validation, export), and stages other than 1. Known wrong under ZeRO-3: Accelerate 1.16 tells transformers that
-ZeRO-3 is on whatever `zero3_init_flag` says, so a model built or loaded after the Accelerator (as the scripts do) is
-partitioned as it is made, and `training.dino.param_groups_without_decay`, which tells weights from biases by
-`parameter.ndim`, then sees 1-dimensional (empty) tensors and decays none of the partitioned weights.
+What is verified, on 2 CPU processes over gloo (DeepSpeed 0.19.8): tests/test_sharding.py runs stage 1 end to end
+(`--model tiny`) under both configs against one process on the same global batch: losses and exported weights to
+1e-5, a resume from DeepSpeed's checkpoint (`accelerator.save_state`) exact bit for bit, and an export that loads with
+the scalar parameters in their checkpoint shape; tests/test_gpu_sharding.py checks `parameter_values` on a
+`logit_scale` that ZeRO-3 partitions (the stage's config leaves it whole). Not verified: any DeepSpeed run on a GPU,
+bf16 under DeepSpeed, and stages other than 1. Known wrong under ZeRO-3: Accelerate 1.16 tells transformers that
+ZeRO-3 is on whatever `zero3_init_flag` says, so that (a) a model built from a config after the Accelerator (the
+tiny preset) gets other random weights from the same seed than without ZeRO-3 (the test compares such a run with a
+one-process run under the same config), and (b) a model loaded with `from_pretrained` after the Accelerator (a
+converted checkpoint: `--model DIR`) is partitioned as it is made, which fails on its 0-dimensional `logit_scale`
+("self.dim() cannot be 0 to view Float as Byte"): stage 1 under ZeRO-3 runs from the presets only.
 """
 
 from __future__ import annotations
@@ -143,7 +150,11 @@ def _own_scalars(module, args, kwargs, output):
 
 def register_feature_methods(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Lets the prepared FSDP2 `model`'s feature methods gather its parameters as `forward` does, and keeps the
-    parameters the forward returns readable after it (`_own_scalars`)."""
+    parameters the forward returns readable after it (`_own_scalars`); under ZeRO-3, registers the position tables
+    that a module reads before calling them (`_register_read_tables`)."""
+    if is_zero3(accelerator):
+        _register_read_tables(model)
+        return
     if not (is_fsdp(accelerator) and accelerator.is_fsdp2):
         return
     from torch.distributed.fsdp import register_fsdp_forward_method
@@ -152,6 +163,20 @@ def register_feature_methods(accelerator: Accelerator, model: torch.nn.Module) -
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     model.register_forward_hook(_own_scalars, with_kwargs=True, prepend=True)
+
+
+def _register_read_tables(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters around its call, a submodule's around the submodule's call: transformers'
+    `CLIPTextEmbeddings.forward` reads `self.position_embedding.weight.shape[0]` (the longest sequence) before calling
+    `position_embedding`, and sees 0 where the table is partitioned ("Sequence length must be less than
+    max_position_embeddings ... max_position_embeddings: 0"; seen in validation after a resume). Registered as an
+    external parameter of the embeddings module, the table is gathered around that module's call as well."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for module in model.modules():
+        table = getattr(module, "position_embedding", None)
+        if isinstance(table, torch.nn.Embedding) and hasattr(table.weight, "ds_id"):
+            register_external_parameter(module, table.weight)
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
