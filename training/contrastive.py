@@ -43,7 +43,13 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import full_state_dict, parameter_values, prepare_for_sharding, register_feature_methods
+from training.sharding import (
+    full_state_dict,
+    parameter_values,
+    prepare_for_sharding,
+    register_feature_methods,
+    whole_construction,
+)
 
 
 RUN = "stage1_contrastive"
@@ -191,7 +197,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     )
     if validation.notice:
         accelerator.print(validation.notice)
-    model, processor = load_model_and_processor(args.model)
+    with whole_construction(accelerator):
+        model, processor = load_model_and_processor(args.model)
     loss_fn = create_loss(args.loss)
     if loss_fn.adopt(model):
         accelerator.print(

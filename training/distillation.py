@@ -55,7 +55,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import is_fsdp, prepare_for_sharding
+from training.sharding import is_fsdp, prepare_for_sharding, whole_construction
 from training.stage2_dino import recipe_settings
 
 
@@ -227,7 +227,8 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
 
 
 def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
-    model, processor = load_model_and_processor(args.model)
+    with whole_construction(accelerator):
+        model, processor = load_model_and_processor(args.model)
     config = model.config
     backbone = load_backbone(args, model)
     args = resolve_recipe(args, backbone.config.model_type)

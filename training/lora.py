@@ -57,7 +57,14 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import full_state_dict, gathered, is_fsdp, prepare_for_sharding, submodule_state_dict
+from training.sharding import (
+    full_state_dict,
+    gathered,
+    is_fsdp,
+    prepare_for_sharding,
+    submodule_state_dict,
+    whole_construction,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -424,7 +431,8 @@ def run(args, resume_hint: str = RESUME_HINT) -> Path:
 
 
 def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str) -> Path:
-    base_model, processor = load_model_and_processor(args.model)
+    with whole_construction(accelerator):
+        base_model, processor = load_model_and_processor(args.model)
     base_model = prepare_for_sharding(accelerator, base_model)
     embedding = objective_embedding(args.towers)
     embedding_name = embedding or base_model.config.image_embedding

@@ -41,16 +41,12 @@ before calling them (`_register_read_tables`): partitioned, they read as 0 rows,
 resume.
 
 What is verified, on 2 CPU processes over gloo (DeepSpeed 0.19.8): tests/test_sharding.py runs stage 1 end to end
-(`--model tiny`) under both configs against one process on the same global batch: losses and exported weights to
-1e-5, a resume from DeepSpeed's checkpoint (`accelerator.save_state`) exact bit for bit, and an export that loads with
-the scalar parameters in their checkpoint shape; tests/test_gpu_sharding.py checks `parameter_values` on a
-`logit_scale` that ZeRO-3 partitions (the stage's config leaves it whole). Not verified: any DeepSpeed run on a GPU,
-bf16 under DeepSpeed, and stages other than 1. Known wrong under ZeRO-3: Accelerate 1.16 tells transformers that
-ZeRO-3 is on whatever `zero3_init_flag` says, so that (a) a model built from a config after the Accelerator (the
-tiny preset) gets other random weights from the same seed than without ZeRO-3 (the test compares such a run with a
-one-process run under the same config), and (b) a model loaded with `from_pretrained` after the Accelerator (a
-converted checkpoint: `--model DIR`) is partitioned as it is made, which fails on its 0-dimensional `logit_scale`
-("self.dim() cannot be 0 to view Float as Byte"): stage 1 under ZeRO-3 runs from the presets only.
+from a saved folder under both configs against a plain one-process run on the same global batch: losses and exported
+weights to 1e-5, a resume from DeepSpeed's checkpoint (`accelerator.save_state`) exact bit for bit, and an export that
+loads with the scalar parameters in their checkpoint shape; tests/test_gpu_sharding.py checks `parameter_values` on a
+`logit_scale` that ZeRO-3 partitions (the stage's config leaves it whole). The model is built whole and partitioned at
+`prepare` (`whole_construction`). Not verified: any DeepSpeed run on a GPU, bf16 under DeepSpeed, and stages other
+than 1 (stage 2 and LoRA build their models through `whole_construction` too, untested under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -106,6 +102,26 @@ def is_zero3(accelerator: Accelerator) -> bool:
     return (
         accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     )
+
+
+@contextmanager
+def whole_construction(accelerator: Accelerator):
+    """Builds or loads the model inside whole under ZeRO-3 with `zero3_init_flag: false`; DeepSpeed partitions it at
+    `prepare`. Accelerate 1.16 registers its DeepSpeed config with transformers whatever the flag says
+    (`DeepSpeedPlugin.set_deepspeed_weakref`), so transformers would otherwise partition the model as it is made: a
+    saved folder then fails on its 0-dimensional `logit_scale` ("self.dim() cannot be 0 to view Float as Byte") and
+    a preset draws other random weights from the same seed than without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin if is_zero3(accelerator) else None
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def prepare_for_sharding(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
