@@ -301,3 +301,194 @@ def test_deepspeed_stage1_on_cpu_processes_matches_one_process_resumes_exactly_a
     assert final.keys() == weights_ds.keys()
     for key in final:
         assert torch.equal(final[key], weights_ds[key]), key
+
+
+STAGE2_ARGS = [
+    "training.stage2_dino",
+    "--model",
+    "tiny",
+    "--max-steps",
+    "2",
+    "--epochs",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--out-dim",
+    "128",
+    "--head-hidden-dim",
+    "32",
+    "--head-bottleneck-dim",
+    "16",
+    "--num-local-crops",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--freeze-last-layer-epochs",
+    "0",
+    "--log-with",
+    "none",
+]
+
+
+def write_partitioning_zero3_config(folder: Path) -> Path:
+    """training/configs/deepspeed_zero3.yaml with DeepSpeed's `stage3_param_persistence_threshold` at 0, so that
+    ZeRO-3 partitions every parameter of the tiny model (by default, parameters of at most 1e5 elements stay whole,
+    which is all of them)."""
+    (folder / "zero3.json").write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                },
+            }
+        )
+    )
+    text = (CONFIGS / "deepspeed_zero3.yaml").read_text()
+    head, _ = text.split("deepspeed_config:")
+    # Accelerate refuses a config file alongside the launcher's own DeepSpeed settings, `mixed_precision` among them.
+    head = "".join(line for line in head.splitlines(keepends=True) if not line.startswith("mixed_precision:"))
+    config = folder / "zero3.yaml"
+    config.write_text(
+        f"{head}deepspeed_config:\n  deepspeed_config_file: {folder / 'zero3.json'}\n  zero3_init_flag: false\n"
+    )
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "zero3 partitioning all"])
+def test_deepspeed_stage2_matches_one_process_and_exports_the_teacher(config, caption_folder, tmp_path):
+    """Stage 2 under a DeepSpeed config on 2 CPU processes x batch 4 equals 1 process x batch 8: losses, and the
+    exported model and backbone (the EMA teacher, updated from the student's parameters, which ZeRO-3 partitions
+    where `write_partitioning_zero3_config` says so: `training.sharding.gathered_parameters`). The last layer is not
+    frozen: DeepSpeed cannot (the next test)."""
+    pytest.importorskip("deepspeed")
+    if config == "zero3 partitioning all":
+        config = write_partitioning_zero3_config(tmp_path)
+    common = [*STAGE2_ARGS, "--train-data", str(caption_folder)]
+    sharded = run_deepspeed(config, [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "ds")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert (tmp_path / "ds" / "checkpoints" / "checkpoint-2" / "pytorch_model").is_dir(), "not DeepSpeed's checkpoint"
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = {
+        name: [row for row in read_metrics(tmp_path / name, "stage2_dino") if "loss" in row] for name in ("one", "ds")
+    }
+    assert len(rows["one"]) == len(rows["ds"]) == 2
+    for row_one, row_ds in zip(rows["one"], rows["ds"]):
+        for key in ("loss", "teacher_entropy", "teacher_student_kl"):
+            assert row_ds[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-6), key
+    for folder in ("final", "backbone"):
+        weights = [load_file(tmp_path / name / folder / "model.safetensors") for name in ("one", "ds")]
+        assert weights[0].keys() == weights[1].keys()
+        for key in weights[0]:
+            assert weights[0][key].shape == weights[1][key].shape, key
+            torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_deepspeed_stage2_refuses_to_freeze_the_last_layer(caption_folder, tmp_path):
+    """Under DeepSpeed the optimizer steps inside Accelerate's `backward`, before the last layer's gradients could
+    be dropped: a run asked to freeze it stops with a message before its first step."""
+    pytest.importorskip("deepspeed")
+    args = [*STAGE2_ARGS, "--train-data", str(caption_folder), "--batch-size", "4", "--output-dir", str(tmp_path)]
+    args[args.index("--freeze-last-layer-epochs") + 1] = "1"
+    result = run_deepspeed("deepspeed_zero2.yaml", args)
+    assert result.returncode != 0
+    assert "cannot be frozen under DeepSpeed" in result.stderr, result.stderr[-3000:]
+
+
+def lora_classification_args(tiny_checkpoint, folder):
+    return [
+        "training.lora_finetune",
+        "--model",
+        str(tiny_checkpoint),
+        "--train-data",
+        str(folder),
+        "--templates",
+        "a photo of a {} leaf.",
+        "--learning-rate",
+        "1e-2",
+        "--shots",
+        "4",  # 16 images: two whole global batches of 8
+        "--max-steps",
+        "2",
+        "--log-with",
+        "none",
+    ]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_lora_matches_one_process(tiny_checkpoint, tmp_path):
+    """LoRA (classification) under ZeRO-2 on 2 CPU processes x batch 4 equals 1 process x batch 8: the adapter
+    weights and the held-out top-1."""
+    pytest.importorskip("deepspeed")
+    common = lora_classification_args(tiny_checkpoint, write_labelled_folder(tmp_path / "colours"))
+    sharded = run_deepspeed(
+        "deepspeed_zero2.yaml", [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "ds")]
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "4 x 2 process(es)" in sharded.stdout, sharded.stderr[-3000:]
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "ds")}
+    assert weights["one"].keys() == weights["ds"].keys() and weights["one"]
+    for key in weights["one"]:
+        torch.testing.assert_close(weights["ds"][key], weights["one"][key], atol=1e-5, rtol=1e-4, msg=key)
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "ds")}
+    assert results["ds"]["adapted"]["top1"] == results["one"]["adapted"]["top1"]
+
+
+@pytest.mark.slow
+def test_fsdp2_contrastive_lora_of_the_backbone_with_the_aligner_refit_matches_one_process(
+    tiny_checkpoint, caption_folder, tmp_path
+):
+    """LoRA of the backbone with the contrastive objective on image-caption pairs, the aligner re-fit after, under
+    FSDP2 on 2 processes x batch 4 equals 1 process x batch 8: the adapter weights and the held-out metrics."""
+    common = [
+        "training.lora_finetune",
+        "--model",
+        str(tiny_checkpoint),
+        "--objective",
+        "contrastive",
+        "--towers",
+        "backbone",
+        "--refit-aligner",
+        # 32 images, 48 backbone features: without a ridge the least-squares re-fit is underdetermined, and the two
+        # runs' rounding moves its weights (of up to 10) by ~1e-3, the metrics alike.
+        "--aligner-ridge",
+        "0.1",
+        "--train-data",
+        str(caption_folder),
+        "--eval-data",
+        str(write_labelled_folder(tmp_path / "colours")),
+        "--templates",
+        "a photo of a {} leaf.",
+        "--learning-rate",
+        "1e-2",
+        "--max-steps",
+        "2",
+        "--log-with",
+        "none",
+    ]
+    sharded = run_fsdp2([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp")])
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "4 x 2 process(es)" in sharded.stdout, sharded.stderr[-3000:]
+    one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "fsdp")}
+    assert weights["one"].keys() == weights["fsdp"].keys() and weights["one"]
+    for key in weights["one"]:
+        torch.testing.assert_close(weights["fsdp"][key], weights["one"][key], atol=1e-5, rtol=1e-4, msg=key)
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "fsdp")}
+    assert results["one"]["n_train"] == results["fsdp"]["n_train"] == 32
+    for section in ("zero_shot", "adapted_before_refit", "adapted", "aligner_refit"):
+        for key, value in results["one"][section].items():
+            if isinstance(value, float):
+                assert results["fsdp"][section][key] == pytest.approx(value, rel=1e-5, abs=1e-5), (section, key)
+            else:
+                assert results["fsdp"][section][key] == value, (section, key)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from transformers import AutoModel
 
@@ -55,7 +56,7 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import is_fsdp, prepare_for_sharding, whole_construction
+from training.sharding import gathered_parameters, is_fsdp, is_zero3, prepare_for_sharding, whole_construction
 from training.stage2_dino import recipe_settings
 
 
@@ -326,6 +327,16 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     # From the processor's normalisation to the backbone's, as `AgriCLIPModel.get_backbone_features` converts.
     normalise = model.dino_pixel_renorm.to(accelerator.device)
     position = checkpoints.start(args.resume, checkpoint_options(args, accelerator), args.allow_changed_config)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and position.step < min(
+        freeze_last_layer_steps, max_steps
+    ):
+        # Accelerate's DeepSpeed `backward` also runs the engine's optimizer step (DeepSpeedEngineWrapper.backward),
+        # so `cancel_gradients_last_layer`, which runs after the backward, would freeze nothing; and a zero gradient
+        # is not DINO's skipped parameter (AdamW would still decay it and count the step).
+        raise ValueError(
+            f"the DINO head's last layer cannot be frozen under DeepSpeed (here for {freeze_last_layer_steps} "
+            "steps): pass --freeze-last-layer-epochs 0, or train under FSDP2 (training/configs/fsdp2.yaml)"
+        )
     init_run_trackers(accelerator, RUN, args, position.step, checkpoints.resumed_from)
     random_start = starts_random(args)
     initial_knn = None  # evaluated at step 0 only: a resumed run reports no start
@@ -379,7 +390,9 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
         )
 
     def step_logs(output: StudentLoss, step: int) -> dict:
-        update_teacher(accelerator.unwrap_model(student), teacher, float(momentum_schedule[step]))
+        # Under ZeRO-3 the student's parameters are partitioned: gathered for the EMA (every process joins).
+        with gathered_parameters(accelerator, accelerator.unwrap_model(student)) as whole_student:
+            update_teacher(whole_student, teacher, float(momentum_schedule[step]))
         # Means over the global batch, so every process logs and judges collapse on the same numbers.
         values = [output.loss.detach(), output.teacher_entropy, output.teacher_student_kl]
         if output.koleo is not None:
@@ -445,8 +458,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     accelerator.print(summary_line(report))
     report_decode_stats(accelerator, decode_stats)
     final_weights = None
-    if is_fsdp(accelerator):
-        # The model's backbone is the student's, sharded: the export takes the (full, replicated) teacher's weights
+    if is_fsdp(accelerator) or is_zero3(accelerator):
+        # The model's backbone is the student's, sharded (FSDP2) or partitioned (ZeRO-3): the export takes the (full, replicated) teacher's weights
         # and the model's own for the rest.
         final_weights = {key: value for key, value in model.state_dict().items() if not key.startswith("dino_model.")}
         final_weights |= {f"dino_model.{key}": value for key, value in teacher.backbone.state_dict().items()}

@@ -185,6 +185,17 @@ def aligner_copy(peft_model: PeftModel) -> nn.Linear:
     return peft_model.get_base_model().aligner.modules_to_save[peft_model.active_adapter]
 
 
+@torch.no_grad()
+def write_into_shards(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Writes the whole `values` (by parameter name) into `module`'s FSDP2-sharded parameters (DTensors), each
+    process its own shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, parameter in module.named_parameters():
+        shard = distribute_tensor(values[name].to(parameter.dtype), parameter.device_mesh, parameter.placements)
+        parameter.to_local().copy_(shard.to_local())
+
+
 def trainable_parameters(peft_model: PeftModel) -> tuple[int, int]:
     """(trainable, total) parameter counts, LoRA weights included in the total."""
     total = sum(parameter.numel() for parameter in peft_model.parameters())
@@ -575,6 +586,7 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
             results["adapted"] = held_out_metrics(peft_model, processor, held_out_loader, task, embedding, accelerator)
         if args.refit_aligner:
             results["aligner_refit"] = refit_aligner(peft_model, refit_loader, accelerator, args.aligner_ridge)
+            refit = {name: value.detach().clone() for name, value in aligner_copy(peft_model).named_parameters()}
             accelerator.print(
                 "aligner re-fit on the adapted backbone: "
                 + " ".join(f"{k}={v:.4f}" for k, v in results["aligner_refit"].items())
@@ -584,6 +596,11 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
                 results["adapted"] = held_out_metrics(
                     peft_model, processor, held_out_loader, task, embedding, accelerator
                 )
+    if args.refit_aligner and is_fsdp(accelerator):
+        # FSDP2's `unshard` gathers the root's parameters into buffers of their own: the re-fit wrote the aligner
+        # there (the evaluation above read it), and the reshard dropped it, leaving the shards, which the adapter
+        # saves, at the old aligner. The re-fit goes into the shards as well.
+        write_into_shards(aligner_copy(peft_model), refit)
     if task is not None:
         final = {f"eval/{k}": v for k, v in results["adapted"].items() if v is not None}
         final |= {f"eval/zero_shot_{k}": v for k, v in results["zero_shot"].items() if v is not None}

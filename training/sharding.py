@@ -44,9 +44,15 @@ What is verified, on 2 CPU processes over gloo (DeepSpeed 0.19.8): tests/test_sh
 from a saved folder under both configs against a plain one-process run on the same global batch: losses and exported
 weights to 1e-5, a resume from DeepSpeed's checkpoint (`accelerator.save_state`) exact bit for bit, and an export that
 loads with the scalar parameters in their checkpoint shape; tests/test_gpu_sharding.py checks `parameter_values` on a
-`logit_scale` that ZeRO-3 partitions (the stage's config leaves it whole). The model is built whole and partitioned at
-`prepare` (`whole_construction`). Not verified: any DeepSpeed run on a GPU, bf16 under DeepSpeed, and stages other
-than 1 (stage 2 and LoRA build their models through `whole_construction` too, untested under DeepSpeed).
+`logit_scale` that ZeRO-3 partitions (the stage's config leaves it whole). Stage 2 under ZeRO-2, ZeRO-3, and ZeRO-3
+with `stage3_param_persistence_threshold: 0` (every parameter of the tiny model partitioned; the EMA teacher reads
+the student through `gathered_parameters`) equals one process in losses, teacher entropy and KL, and the exported
+model and backbone (1e-5), with `--freeze-last-layer-epochs 0`: under DeepSpeed the optimizer steps inside
+Accelerate's `backward`, so stage 2 refuses to freeze the DINO head's last layer there. LoRA (classification) under
+ZeRO-2 equals one process in adapter weights and held-out top-1; contrastive LoRA of the backbone with the aligner
+re-fit, under FSDP2, in adapter weights (the re-fit aligner included) and held-out metrics. The model is built whole
+and partitioned at `prepare` (`whole_construction`). Not verified: any DeepSpeed run on a GPU, bf16 under DeepSpeed,
+a stage 2 resume under DeepSpeed, and LoRA under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -215,6 +221,27 @@ def parameter_values(accelerator: Accelerator, *parameters: torch.nn.Parameter) 
     partitioned = [parameter for parameter in parameters if parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     with GatheredParameters(partitioned):
         return [parameter.detach().clone() for parameter in parameters]
+
+
+@contextmanager
+def gathered_parameters(accelerator: Accelerator, module: torch.nn.Module):
+    """`module`'s parameters whole for the duration, for reading outside its forward (stage 2's EMA teacher reads
+    the student's): under ZeRO-3 those DeepSpeed partitions (an empty tensor each otherwise) are gathered, read-only
+    (`GatheredParameters` without a modifier rank: they are partitioned again on exit, unchanged); a no-op otherwise
+    (FSDP2's DTensors are gathered by `full_value`). A collective under ZeRO-3: enter it on every process."""
+    if not is_zero3(accelerator):
+        yield module
+        return
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = [
+        parameter
+        for parameter in module.parameters()
+        if getattr(parameter, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+    ]
+    with GatheredParameters(partitioned):
+        yield module
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
