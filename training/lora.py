@@ -61,7 +61,9 @@ from training.sharding import (
     full_state_dict,
     gathered,
     is_fsdp,
+    leave_inference_mode,
     prepare_for_sharding,
+    register_read_tables,
     submodule_state_dict,
     whole_construction,
 )
@@ -407,6 +409,7 @@ def held_out_metrics(peft_model, processor, loader, task: LabelledTask, embeddin
         return {"scores": logits.to(accelerator.device), "labels": batch["labels"]}
 
     outputs = embed_batches(loader, accelerator, scored, gather=True)
+    leave_inference_mode(accelerator, peft_model)
     adapters_train_mode(peft_model)
     labels = outputs["labels"]
     return {**classification_metrics(outputs["scores"], labels, len(task.class_names)), "n_images": len(labels)}
@@ -505,6 +508,7 @@ def adapt(args, accelerator, checkpoints: CheckpointManager, base_reference: str
         param_groups_without_decay(objective, args.weight_decay), accelerator.device, lr=args.learning_rate
     )
     objective, optimizer, train_loader = accelerator.prepare(objective, optimizer, train_loader)
+    register_read_tables(accelerator, objective)
     checkpoint_trainable_weights_only(accelerator)
     held_out_loader = refit_loader = None
     if task is not None:

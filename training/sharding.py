@@ -37,7 +37,7 @@ count a single process (`self.backend is None`), so the scripts' Accelerator is 
 without CUDA (`training.runtime.deepspeed_on_cpu_kwargs`); with ACCELERATE_USE_CPU=1 Accelerate skips DeepSpeed
 altogether and runs the launch as plain DDP (`AcceleratorState.__init__`: `... and not cpu`).
 `register_feature_methods` registers, under ZeRO-3, the position tables that transformers' CLIP embeddings read
-before calling them (`_register_read_tables`): partitioned, they read as 0 rows, and validation failed so after a
+before calling them (`register_read_tables`): partitioned, they read as 0 rows, and validation failed so after a
 resume.
 
 What is verified, on 2 CPU processes over gloo (DeepSpeed 0.19.8): tests/test_sharding.py runs stage 1 end to end
@@ -49,10 +49,13 @@ with `stage3_param_persistence_threshold: 0` (every parameter of the tiny model 
 the student through `gathered_parameters`) equals one process in losses, teacher entropy and KL, and the exported
 model and backbone (1e-5), with `--freeze-last-layer-epochs 0`: under DeepSpeed the optimizer steps inside
 Accelerate's `backward`, so stage 2 refuses to freeze the DINO head's last layer there. LoRA (classification) under
-ZeRO-2 equals one process in adapter weights and held-out top-1; contrastive LoRA of the backbone with the aligner
+ZeRO-2 and ZeRO-3 equals one process in adapter weights and held-out top-1 (`register_read_tables`,
+`leave_inference_mode`); contrastive LoRA of the backbone with the aligner
 re-fit, under FSDP2, in adapter weights (the re-fit aligner included) and held-out metrics. The model is built whole
 and partitioned at `prepare` (`whole_construction`). Not verified: any DeepSpeed run on a GPU, bf16 under DeepSpeed,
-a stage 2 resume under DeepSpeed, and LoRA under ZeRO-3.
+a stage 2 resume under DeepSpeed. Known wrong: LoRA under ZeRO-3 with every parameter partitioned
+(`stage3_param_persistence_threshold: 0`) still fails after its held-out scoring ("Setting requires_grad=True on
+inference tensor outside InferenceMode").
 """
 
 from __future__ import annotations
@@ -173,9 +176,9 @@ def _own_scalars(module, args, kwargs, output):
 def register_feature_methods(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Lets the prepared FSDP2 `model`'s feature methods gather its parameters as `forward` does, and keeps the
     parameters the forward returns readable after it (`_own_scalars`); under ZeRO-3, registers the position tables
-    that a module reads before calling them (`_register_read_tables`)."""
+    that a module reads before calling them (`register_read_tables`)."""
     if is_zero3(accelerator):
-        _register_read_tables(model)
+        register_read_tables(accelerator, model)
         return
     if not (is_fsdp(accelerator) and accelerator.is_fsdp2):
         return
@@ -187,12 +190,14 @@ def register_feature_methods(accelerator: Accelerator, model: torch.nn.Module) -
     model.register_forward_hook(_own_scalars, with_kwargs=True, prepend=True)
 
 
-def _register_read_tables(model: torch.nn.Module) -> None:
+def register_read_tables(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """ZeRO-3 gathers a module's own parameters around its call, a submodule's around the submodule's call: transformers'
     `CLIPTextEmbeddings.forward` reads `self.position_embedding.weight.shape[0]` (the longest sequence) before calling
     `position_embedding`, and sees 0 where the table is partitioned ("Sequence length must be less than
     max_position_embeddings ... max_position_embeddings: 0"; seen in validation after a resume). Registered as an
     external parameter of the embeddings module, the table is gathered around that module's call as well."""
+    if not is_zero3(accelerator):
+        return
     from deepspeed.runtime.zero import register_external_parameter
 
     for module in model.modules():
@@ -242,6 +247,18 @@ def gathered_parameters(accelerator: Accelerator, module: torch.nn.Module):
     ]
     with GatheredParameters(partitioned):
         yield module
+
+
+def leave_inference_mode(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Under ZeRO-3, turns the parameters that DeepSpeed partitioned again inside `torch.inference_mode` (where the
+    zero-shot classifier runs) back into normal tensors: the placeholder a partitioned parameter keeps is then made
+    there, an inference tensor, on which PEFT can no longer set requires_grad ("Setting requires_grad=True on
+    inference tensor outside InferenceMode"). The partitions themselves (`ds_tensor`) are untouched."""
+    if not is_zero3(accelerator):
+        return
+    for parameter in model.parameters():
+        if parameter.data.is_inference():
+            parameter.data = parameter.data.clone()
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
