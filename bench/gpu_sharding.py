@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch.utils.flop_counter import FlopCounterMode
 
 from agriclip.atomic import write_json_atomically
@@ -48,7 +47,7 @@ from training.contrastive import contrastive_forward, trainable_clip
 from training.dino import param_groups_without_decay
 from training.losses import ContrastiveLoss
 from training.runtime import adamw
-from training.sharding import prepare_for_sharding, register_feature_methods
+from training.sharding import is_deepspeed, prepare_for_sharding, register_feature_methods
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +130,7 @@ def engine_step(config: AgriCLIPConfig, accelerator: Accelerator, batch_size: in
     optimizer = adamw(
         param_groups_without_decay(model, WEIGHT_DECAY), accelerator.device, lr=LEARNING_RATE, betas=BETAS, eps=EPS
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if is_deepspeed(accelerator):
         # DeepSpeed reads its batch size from the loader `prepare` is given; the batches here come without one.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
     model, optimizer = accelerator.prepare(model, optimizer)

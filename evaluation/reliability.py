@@ -90,6 +90,13 @@ def _abstention_scores(logits: torch.Tensor, sigmoid: bool, calibration: Calibra
     return probabilities(calibrated, sigmoid).max(dim=1)
 
 
+def fit_similarity_threshold(shot_similarities: torch.Tensor) -> float:
+    """The best-label cosine similarity that keeps `COVERAGE` of the labelled shots (`selective_accuracy`'s
+    threshold): what a task file records for `--abstain-below-similarity`."""
+    _, threshold = selective_accuracy(shot_similarities, torch.ones_like(shot_similarities, dtype=torch.bool), COVERAGE)
+    return threshold
+
+
 def _mean_or_none(values) -> float | None:
     values = [value for value in values if value is not None]
     return statistics.fmean(values) if values else None
@@ -136,9 +143,8 @@ def abstention_record(
     }
     if shots:
         runs = []
-        for shot_logits, shot_labels in shots:
-            shot_correct = shot_logits.argmax(dim=1) == shot_labels
-            _, fitted = selective_accuracy(best_similarity(shot_logits), shot_correct, COVERAGE)
+        for shot_logits, _ in shots:
+            fitted = fit_similarity_threshold(best_similarity(shot_logits))
             answered = similarities >= fitted
             runs.append(
                 {

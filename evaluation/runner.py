@@ -30,9 +30,8 @@ from .metrics import (
     check_finite,
     classification_metrics,
     confusion_matrix,
-    selective_accuracy,
 )
-from .reliability import COVERAGE, abstention_record, calibration_record, fit_calibrations
+from .reliability import abstention_record, calibration_record, fit_calibrations, fit_similarity_threshold
 from .report import model_names, write_report
 from .retrieval import group_captions, retrieval_recall
 from .selection import FUSION_WEIGHTS, fused_features, mode_embedding, mode_name, select_embedding
@@ -575,8 +574,7 @@ def fit_task_file(
         shot_features = data.train_features[str(embedding)][shot_indices]
     logits = base.embedding_logits(shot_features, prompt_names, spec.templates)
     calibration = fit_calibration(logits, shot_labels, base.sigmoid_scores)
-    similarities = (shot_features @ base.label_embeddings(prompt_names, spec.templates).T).max(dim=1).values
-    _, similarity_threshold = selective_accuracy(similarities, logits.argmax(dim=1) == shot_labels, COVERAGE)
+    similarities = base.embedding_similarities(shot_features, prompt_names, spec.templates).amax(dim=1)
     return TaskFile(
         labels=prompt_names,
         templates=list(spec.templates),
@@ -590,7 +588,7 @@ def fit_task_file(
         shots_per_class=shots,
         seed=seed,
         selection=selection and {"on": "k-shot", "chosen": selection["chosen"], "candidates": selection["candidates"]},
-        similarity_threshold=similarity_threshold,
+        similarity_threshold=fit_similarity_threshold(similarities),
         agriclip_version=package_version(),
     )
 

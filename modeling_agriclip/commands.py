@@ -332,8 +332,7 @@ def classify_files(
         if abstain_below is not None:
             result.answers += [answer(top[0]["label"], top[0]["score"], abstain_below) for top in predictions]
         elif abstain_below_similarity is not None:
-            label_embeds = classifier.label_embeddings(class_names, templates)
-            similarities = (image_embeds @ label_embeds.T).max(dim=1).values.tolist()
+            similarities = classifier.embedding_similarities(image_embeds, class_names, templates).amax(dim=1).tolist()
             result.similarities += similarities
             result.answers += [
                 answer(top[0]["label"], similarity, abstain_below_similarity)

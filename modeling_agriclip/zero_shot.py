@@ -425,6 +425,13 @@ class ZeroShotClassifier:
         return torch.cat(embeddings)
 
     @torch.inference_mode()
+    def embedding_similarities(
+        self, image_embeds: torch.Tensor, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
+    ) -> torch.Tensor:
+        """Cosine similarities (N, C) of image embeddings computed by `image_embeddings` and the class embeddings."""
+        return image_embeds @ self.label_embeddings(class_names, templates).T
+
+    @torch.inference_mode()
     def embedding_logits(
         self, image_embeds: torch.Tensor, class_names: Sequence[str], templates: Templates = DEFAULT_TEMPLATES
     ) -> torch.Tensor:

@@ -302,3 +302,34 @@ def kill_before_last_checkpoint(run_dir: Path, last_step: int, output: str = "fi
     `checkpoint-<last_step>` removed, so that `--resume` continues from the checkpoint before."""
     shutil.rmtree(run_dir / output)
     shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{last_step}")
+
+
+# Stage 2 with a small DINO head and two local crops, fast enough for the tests that train it.
+SMALL_HEAD = [
+    "--out-dim",
+    "128",
+    "--head-hidden-dim",
+    "32",
+    "--head-bottleneck-dim",
+    "16",
+    "--num-local-crops",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--log-with",
+    "none",
+]
+
+# Stage 2 of the tiny preset for two steps, as the multi-process runs and their one-process references train it.
+STAGE2_ARGS = [
+    "training.stage2_dino",
+    "--model",
+    "tiny",
+    "--max-steps",
+    "2",
+    "--epochs",
+    "2",
+    "--checkpoint-every",
+    "2",
+    *SMALL_HEAD,
+]

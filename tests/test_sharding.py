@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from modeling_agriclip import AgriCLIPModel
 from training.sharding import SCALAR_PARAMETERS, full_state_dict, plain_class, prepare_for_sharding
 
-from conftest import kill_before_last_checkpoint, read_metrics, run_script, run_subprocess, write_labelled_folder
+from conftest import (
+    STAGE2_ARGS,
+    kill_before_last_checkpoint,
+    read_metrics,
+    run_script,
+    run_subprocess,
+    write_labelled_folder,
+)
 
 
 RUN = "stage1_contrastive"
@@ -131,32 +138,6 @@ def test_fsdp2_stage1_matches_one_process_resumes_exactly_and_exports_full_weigh
     for key in final:
         assert torch.equal(final[key], weights_fsdp[key]), key
     assert json.loads((tmp_path / "fsdp" / "final" / "config.json").read_text())["model_type"] == "agriclip"
-
-
-# Stage 2 of the tiny preset for two steps, as the sharded runs and their one-process references train it.
-STAGE2_ARGS = [
-    "training.stage2_dino",
-    "--model",
-    "tiny",
-    "--max-steps",
-    "2",
-    "--epochs",
-    "2",
-    "--checkpoint-every",
-    "2",
-    "--out-dim",
-    "128",
-    "--head-hidden-dim",
-    "32",
-    "--head-bottleneck-dim",
-    "16",
-    "--num-local-crops",
-    "2",
-    "--warmup-epochs",
-    "1",
-    "--log-with",
-    "none",
-]
 
 
 def assert_stage2_runs_agree(one: Path, sharded: Path) -> None:

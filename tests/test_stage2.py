@@ -24,6 +24,8 @@ from training.stage2_dino import RECIPES, build_parser, main, parse_command_line
 
 from conftest import (
     COLOURS,
+    SMALL_HEAD,
+    STAGE2_ARGS,
     assert_same_tensors,
     kill_before_last_checkpoint,
     read_metrics,
@@ -33,20 +35,6 @@ from conftest import (
 
 
 RUN = "stage2_dino"
-SMALL_HEAD = [
-    "--out-dim",
-    "128",
-    "--head-hidden-dim",
-    "32",
-    "--head-bottleneck-dim",
-    "16",
-    "--num-local-crops",
-    "2",
-    "--warmup-epochs",
-    "1",
-    "--log-with",
-    "none",
-]
 
 
 def run_stage2(data, output, *flags):
@@ -132,20 +120,7 @@ def test_two_processes_match_one_on_the_same_global_batch(corrupt_image, caption
         shutil.copytree(caption_folder, data)
         corrupted = data / "train" / "25.png"  # in the first global batch under seed 0, on process 0
         corrupted.write_bytes(corrupted.read_bytes()[:100])
-    common = [
-        "training.stage2_dino",
-        "--model",
-        "tiny",
-        "--train-data",
-        str(data),
-        "--max-steps",
-        "2",
-        "--epochs",
-        "2",
-        "--checkpoint-every",
-        "2",
-        *SMALL_HEAD,
-    ]
+    common = [*STAGE2_ARGS, "--train-data", str(data)]
     two = run_script([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], processes=2)
     assert "4 x 2 process(es)" in two.stdout, two.stderr[-3000:]
     one = run_script([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from transformers import AutoModel
 
@@ -56,7 +55,14 @@ from training.runtime import (
     run_options,
     run_steps,
 )
-from training.sharding import gathered_parameters, is_fsdp, is_zero3, prepare_for_sharding, whole_construction
+from training.sharding import (
+    gathered_parameters,
+    is_deepspeed,
+    is_fsdp,
+    is_zero3,
+    prepare_for_sharding,
+    whole_construction,
+)
 from training.stage2_dino import recipe_settings
 
 
@@ -327,9 +333,7 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     # From the processor's normalisation to the backbone's, as `AgriCLIPModel.get_backbone_features` converts.
     normalise = model.dino_pixel_renorm.to(accelerator.device)
     position = checkpoints.start(args.resume, checkpoint_options(args, accelerator), args.allow_changed_config)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and position.step < min(
-        freeze_last_layer_steps, max_steps
-    ):
+    if is_deepspeed(accelerator) and position.step < min(freeze_last_layer_steps, max_steps):
         # Accelerate's DeepSpeed `backward` also runs the engine's optimizer step (DeepSpeedEngineWrapper.backward),
         # so `cancel_gradients_last_layer`, which runs after the backward, would freeze nothing; and a zero gradient
         # is not DINO's skipped parameter (AdamW would still decay it and count the step).
@@ -459,8 +463,8 @@ def train(args, accelerator, checkpoints: CheckpointManager) -> Path:
     report_decode_stats(accelerator, decode_stats)
     final_weights = None
     if is_fsdp(accelerator) or is_zero3(accelerator):
-        # The model's backbone is the student's, sharded (FSDP2) or partitioned (ZeRO-3): the export takes the (full, replicated) teacher's weights
-        # and the model's own for the rest.
+        # The model's backbone is the student's, sharded (FSDP2) or partitioned (ZeRO-3): the export takes the
+        # (full, replicated) teacher's weights and the model's own for the rest.
         final_weights = {key: value for key, value in model.state_dict().items() if not key.startswith("dino_model.")}
         final_weights |= {f"dino_model.{key}": value for key, value in teacher.backbone.state_dict().items()}
     else:

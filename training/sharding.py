@@ -106,11 +106,13 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def is_zero3(accelerator: Accelerator) -> bool:
     """Whether DeepSpeed partitions the parameters (ZeRO stage 3)."""
-    return (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    )
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 @contextmanager
@@ -136,7 +138,7 @@ def whole_construction(accelerator: Accelerator):
 def prepare_for_sharding(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """Makes `model` (an `AgriCLIPModel`, not yet prepared, before its optimizer is built) shardable by FSDP2 or
     DeepSpeed; a no-op without either. See the module's docstring."""
-    if not (is_fsdp(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED):
+    if not (is_fsdp(accelerator) or is_deepspeed(accelerator)):
         return model
     for name in SCALAR_PARAMETERS:
         parameter = getattr(model, name, None)
@@ -219,33 +221,33 @@ def parameter_values(accelerator: Accelerator, *parameters: torch.nn.Parameter) 
     under both: call it on every process."""
     if not is_zero3(accelerator):
         return [full_value(parameter.detach()) for parameter in parameters]
+    with _gathered_partitions(parameters):
+        return [parameter.detach().clone() for parameter in parameters]
+
+
+@contextmanager
+def _gathered_partitions(parameters):
+    """Under ZeRO-3, the ones of `parameters` that DeepSpeed holds partitioned gathered for the duration, read-only
+    (`GatheredParameters` without a modifier rank: partitioned again on exit, unchanged). Every process holds the
+    same parameters in the same state, so that all join the same gather."""
     from deepspeed.runtime.zero import GatheredParameters
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    # Every process holds the same parameters in the same state, so that all join the same gather.
-    partitioned = [parameter for parameter in parameters if parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    partitioned = [p for p in parameters if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
     with GatheredParameters(partitioned):
-        return [parameter.detach().clone() for parameter in parameters]
+        yield
 
 
 @contextmanager
 def gathered_parameters(accelerator: Accelerator, module: torch.nn.Module):
     """`module`'s parameters whole for the duration, for reading outside its forward (stage 2's EMA teacher reads
     the student's): under ZeRO-3 those DeepSpeed partitions (an empty tensor each otherwise) are gathered, read-only
-    (`GatheredParameters` without a modifier rank: they are partitioned again on exit, unchanged); a no-op otherwise
-    (FSDP2's DTensors are gathered by `full_value`). A collective under ZeRO-3: enter it on every process."""
+    (`_gathered_partitions`); a no-op otherwise (FSDP2's DTensors are gathered by `full_value`). A collective under
+    ZeRO-3: enter it on every process."""
     if not is_zero3(accelerator):
         yield module
         return
-    from deepspeed.runtime.zero import GatheredParameters
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    partitioned = [
-        parameter
-        for parameter in module.parameters()
-        if getattr(parameter, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
-    ]
-    with GatheredParameters(partitioned):
+    with _gathered_partitions(list(module.parameters())):
         yield module
 
 
@@ -266,7 +268,7 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     parameters `prepare_for_sharding` reshaped back to their checkpoint shape (scalars); under DeepSpeed the weights
     gathered onto the main process (None on the others; ZeRO-3 needs `zero3_save_16bit_model: true`); None without
     FSDP or DeepSpeed (the model's own state dict is then what `save_pretrained` writes)."""
-    if not (is_fsdp(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED):
+    if not (is_fsdp(accelerator) or is_deepspeed(accelerator)):
         return None
     state = accelerator.get_state_dict(model)
     if not state:
